@@ -1,41 +1,176 @@
-"""Python API: the functions the CLI calls, usable directly."""
+"""Python API: the functions the CLI calls, usable directly.
+
+    import larosa
+    lm = larosa.load_model("smollm2-135m")
+    rot = larosa.calibrate(lm, nsamples=16, seqlen=2048)
+    cfg = larosa.LarosaConfig(form="fused", plan=larosa.SparsityPlan.from_nominal(0.4))
+    larosa.apply(lm.model, cfg, rot)
+    larosa.save(lm.model, lm.tokenizer, "smollm2-larosa-40", cfg)
+    same = larosa.load("smollm2-larosa-40")
+"""
 
 from __future__ import annotations
 
+import copy
 import os
+import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
-from .data import load_wikitext, tokenize_source
+from .arch import projection_shapes, spec_for
+from .calibrate import CalibrationConfig, Rotations, calibrate as _calibrate, model_fingerprint
+from .data import calibration_batches, load_wikitext, tokenize_source
+from .errors import LarosaError
 from .evaluate import perplexity_from_ids
-from .models import load_model
+from .models import LoadedModel, cache_dir, load_model
 from .record import run_record, write_json
 from .report import markdown_table
+from .sparsity import SparsityPlan, parameter_weighted
+from .transform import LarosaConfig, apply as _apply, set_plan
+
+
+def calibration_source(split: str | None, data_dir=None):
+    """WikiText-2 train when available, else validation (never test)."""
+    if split is not None:
+        return load_wikitext(split, data_dir)
+    try:
+        return load_wikitext("train", data_dir)
+    except LarosaError:
+        print("calibration: no WikiText-2 train split here; using validation (evaluation uses test)",
+              file=sys.stderr)
+        return load_wikitext("validation", data_dir)
+
+
+def calibrate(lm: LoadedModel, nsamples: int = 16, seqlen: int = 2048, seed: int = 0,
+              split: str | None = None, data_dir=None, progress: bool = True) -> Rotations:
+    """Calibrate rotations on the dense model `lm` (see larosa.calibrate for the algorithm)."""
+    source = calibration_source(split, data_dir)
+    cfg = CalibrationConfig(nsamples=nsamples, seqlen=seqlen, seed=seed, split=source.split)
+    ids = tokenize_source(lm.tokenizer, source)
+    batches = calibration_batches(ids, nsamples, seqlen, seed)
+    return _calibrate(lm.model, batches, cfg, progress=progress, data=source.describe())
+
+
+def cached_rotations(lm: LoadedModel, nsamples: int = 16, seqlen: int = 2048, seed: int = 0,
+                     split: str | None = None, data_dir=None, path=None, progress: bool = True) -> Rotations:
+    """Rotations from `path`, else from the user cache, else calibrated now (and cached)."""
+    if path is not None:
+        return Rotations.load(path, lm.model)
+    fp = model_fingerprint(lm.model, spec_for(lm.model))
+    key = f"{fp['class']}-{fp['norm_hash']}-{nsamples}x{seqlen}-seed{seed}-{split or 'auto'}.safetensors"
+    cached = cache_dir() / "rotations" / key
+    if cached.is_file():
+        return Rotations.load(cached, lm.model)
+    rot = calibrate(lm, nsamples, seqlen, seed, split, data_dir, progress)
+    rot.save(cached)
+    return rot
+
+
+def sparsity_report(model, plan: SparsityPlan) -> dict:
+    shapes = projection_shapes(model, spec_for(model))
+    return {"nominal": plan.nominal, "unweighted": round(plan.unweighted(), 4),
+            "param_weighted": round(parameter_weighted(plan, shapes), 4),
+            "sites": {k: round(v, 4) for k, v in plan.sites.items()}}
+
+
+def apply(model, cfg: LarosaConfig, rotations: Rotations | None):
+    """Transform `model` in place (see larosa.transform)."""
+    if cfg.form in ("official", "fused") and rotations is None:
+        raise LarosaError(f"the {cfg.form} form needs rotations: run larosa.calibrate first")
+    return _apply(model, cfg, rotations)
+
+
+def make_plan(sparsity: float, split: tuple[float, float] = (0.8, 1.2), sites: dict | None = None,
+              tie_rule: str = "exact", dense_prefill: bool = False) -> SparsityPlan:
+    if sites:
+        return SparsityPlan(dict(sites), tie_rule=tie_rule, dense_prefill=dense_prefill)
+    return SparsityPlan.from_nominal(sparsity, split, tie_rule=tie_rule, dense_prefill=dense_prefill)
 
 
 def evaluate_ppl(model: str = "smollm2-135m", windows: int | None = None, seqlen: int = 2048,
                  batch_size: int = 1, split: str = "test", device: str = "auto", dtype: str = "auto",
                  data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
-                 progress: bool = True, loaded=None) -> dict:
-    """Dense (or saved sparsified) model perplexity; writes a JSON run record when `out` is given."""
+                 progress: bool = True, forms: tuple[str, ...] = ("dense",),
+                 sparsities: tuple[float, ...] = (0.0,), rotation: str = "layer",
+                 split_coef: tuple[float, float] = (0.8, 1.2), rotations_path=None,
+                 cal_samples: int = 16, cal_seqlen: int = 2048, cal_seed: int = 0,
+                 dense_prefill: bool = False, loaded: LoadedModel | None = None) -> dict:
+    """Perplexity of the dense model and/or LaRoSA forms at several sparsities, one table."""
     t0 = time.perf_counter()
     source = load_wikitext(split, data_dir)
-    lm = loaded or load_model(model, device=device, dtype=dtype)
+    base = loaded or load_model(model, device=device, dtype=dtype)
     load_s = time.perf_counter() - t0
-    ids = tokenize_source(lm.tokenizer, source)
-    res = perplexity_from_ids(lm.model, ids, seqlen=seqlen, n_windows=windows,
-                              batch_size=batch_size, progress=progress)
-    row = {"model": model, "windows": f"{res.windows_used} of {res.windows_total}",
-           "seqlen": res.seqlen, "tokens": res.tokens_scored, "dtype": lm.info.get("dtype"),
-           "device": lm.info.get("device"), "ppl": round(res.ppl, 4), "eval_s": round(res.seconds, 1)}
+    ids = tokenize_source(base.tokenizer, source)
+    rot = None
+    if any(f in ("official", "fused") for f in forms):
+        rot = cached_rotations(base, cal_samples, cal_seqlen, cal_seed, None, data_dir, rotations_path,
+                               progress)
+    rows, results = [], []
+    for form in forms:
+        levels = [0.0] if form == "dense" else list(sparsities)
+        transformed = None
+        for p in levels:
+            if form == "dense":
+                net, plan = base.model, SparsityPlan.dense()
+            else:
+                tie = "ge" if form == "official" else "exact"
+                plan = make_plan(p, split_coef, tie_rule=tie, dense_prefill=dense_prefill)
+                if transformed is None:
+                    transformed = apply(copy.deepcopy(base.model), LarosaConfig(form, rotation, plan), rot)
+                else:
+                    set_plan(transformed, plan)
+                net = transformed
+            res = perplexity_from_ids(net, ids, seqlen=seqlen, n_windows=windows, batch_size=batch_size,
+                                      progress=progress)
+            rep = sparsity_report(base.model, plan)
+            label = form if form in ("dense", "official", "topk") else f"fused/{rotation}"
+            rows.append({"form": label, "p": p, "unweighted": rep["unweighted"],
+                         "param_weighted": rep["param_weighted"],
+                         "windows": f"{res.windows_used} of {res.windows_total}", "ppl": round(res.ppl, 4),
+                         "eval_s": round(res.seconds, 1)})
+            results.append({"form": form, "rotation": rotation, "plan": plan.to_dict(), "sparsity": rep,
+                            "result": res.to_dict()})
+        del transformed
     record = run_record(
         "eval ppl",
         {"model": model, "windows": windows, "seqlen": seqlen, "batch_size": batch_size, "split": split,
-         "device": lm.info.get("device"), "dtype": lm.info.get("dtype")},
+         "device": base.info.get("device"), "dtype": base.info.get("dtype"), "forms": list(forms),
+         "sparsities": list(sparsities), "rotation": rotation, "split_coef": list(split_coef),
+         "dense_prefill": dense_prefill,
+         "calibration": rot.meta if rot is not None else None},
         protocol="wikitext2 raw, rows joined with '\\n\\n', non-overlapping windows, mean NLL over all "
-                 "predicted tokens",
-        model=lm.describe(), data=source.describe(), result=res.to_dict(),
+                 "predicted tokens, every position sparsified" + (" except prefill" if dense_prefill else ""),
+        model=base.describe(), data=source.describe(), rows=rows, results=results,
         load_seconds=load_s, wall_seconds=time.perf_counter() - t0,
     )
     path = write_json(out, record) if out is not None else None
-    return {"result": res, "record": record, "table": markdown_table([row]), "path": path}
+    header = f"{model} | {base.info.get('dtype')} on {base.info.get('device')} | WikiText-2 {split}"
+    return {"rows": rows, "record": record, "table": header + "\n" + markdown_table(rows), "path": path,
+            "loaded": base, "rotations": rot}
+
+
+def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: str = "fused",
+             rotation: str = "layer", split_coef: tuple[float, float] = (0.8, 1.2), sites: dict | None = None,
+             rotations_path=None, cal_samples: int = 16, cal_seqlen: int = 2048, cal_seed: int = 0,
+             dense_prefill: bool = False, device: str = "auto", dtype: str = "auto", data_dir=None,
+             progress: bool = True) -> dict:
+    """Calibrate (or reuse rotations), transform and save a model folder."""
+    lm = load_model(model, device=device, dtype=dtype)
+    tie = "ge" if form == "official" else "exact"
+    plan = make_plan(sparsity, split_coef, sites, tie_rule=tie, dense_prefill=dense_prefill)
+    rot = None
+    if form in ("official", "fused"):
+        rot = cached_rotations(lm, cal_samples, cal_seqlen, cal_seed, None, data_dir, rotations_path, progress)
+    report = sparsity_report(lm.model, plan)
+    cfg = LarosaConfig(form, rotation, plan, provenance={
+        "base_model": lm.describe(), "calibration": rot.meta if rot else None, "sparsity": report})
+    apply(lm.model, cfg, rot)
+    path = _save(lm.model, lm.tokenizer, out, cfg)
+    return {"path": path, "config": cfg, "sparsity": report, "loaded": lm}
+
+
+def _save(model, tokenizer, out, cfg):
+    from .io import save
+
+    return save(model, tokenizer, out, cfg)

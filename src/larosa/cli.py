@@ -47,6 +47,35 @@ def models_cmd() -> None:
     typer.echo(markdown_table(model_table(), ["name", "installed", "notes", "install"]))
 
 
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise LarosaError(f"{what} must be numbers separated by commas, got {text!r}") from None
+
+
+def _sites(text: Optional[str]) -> Optional[dict]:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, val = part.partition("=")
+        if not val:
+            raise LarosaError(f"--sites must look like attn_in=0.3,attn_out=0.5,...; got {part!r}")
+        out[name.strip()] = float(val)
+    return out
+
+
+FormsOpt = typer.Option("dense", "--form", help="comma list of: dense, official, fused, topk")
+SparsityOpt = typer.Option("0.4", "--sparsity", "-p", help="nominal sparsity p (comma list for a sweep)")
+RotationOpt = typer.Option("layer", help="fused form rotation level: layer | block | model")
+SplitOpt = typer.Option("0.8,1.2", "--split", help="sparsity split (h1/h3, h2/h4) as multiples of p")
+RotFileOpt = typer.Option(None, "--rotations", help="rotations file from `larosa calibrate` "
+                          "(default: cached calibration, computed on first use)")
+CalSamplesOpt = typer.Option(16, help="calibration sequences")
+CalSeqlenOpt = typer.Option(2048, help="calibration sequence length")
+
+
 @eval_app.command("ppl")
 def eval_ppl(
     model: str = ModelOpt,
@@ -54,18 +83,36 @@ def eval_ppl(
     seqlen: int = typer.Option(2048, help="window length (capped at the model's context)"),
     batch_size: int = typer.Option(1, help="windows per forward pass"),
     split: str = typer.Option("test", help="WikiText-2 split"),
+    form: str = FormsOpt,
+    sparsity: str = SparsityOpt,
+    rotation: str = RotationOpt,
+    split_coef: str = SplitOpt,
+    rotations: Optional[Path] = RotFileOpt,
+    cal_samples: int = CalSamplesOpt,
+    cal_seqlen: int = CalSeqlenOpt,
+    dense_prefill: bool = typer.Option(False, help="leave multi-token (prefill) calls dense"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
     out: Optional[Path] = typer.Option(None, help="result JSON (default runs/ppl-<model>-<time>.json)"),
 ) -> None:
-    """WikiText-2 perplexity, paper protocol: non-overlapping windows, mean NLL over all tokens."""
+    """WikiText-2 perplexity, paper protocol; dense and/or LaRoSA forms at one or more sparsities."""
     try:
         from .api import evaluate_ppl
 
+        forms = tuple(f.strip() for f in form.split(",") if f.strip())
+        for f in forms:
+            if f not in ("dense", "official", "fused", "topk"):
+                raise LarosaError(f"unknown form {f!r}; use dense, official, fused or topk")
+        coef = _floats(split_coef, "--split")
+        if len(coef) != 2:
+            raise LarosaError("--split takes two numbers, e.g. 0.8,1.2")
         res = evaluate_ppl(model=model, windows=windows, seqlen=seqlen, batch_size=batch_size,
                            split=split, device=device, dtype=dtype, data_dir=data_dir,
-                           out=out or _default_out("ppl", model))
+                           out=out or _default_out("ppl", model), forms=forms,
+                           sparsities=_floats(sparsity, "--sparsity"), rotation=rotation,
+                           split_coef=coef, rotations_path=rotations, cal_samples=cal_samples,
+                           cal_seqlen=cal_seqlen, dense_prefill=dense_prefill)
     except LarosaError as exc:
         _fail(exc)
         return
@@ -73,15 +120,91 @@ def eval_ppl(
     typer.echo(f"wrote {res['path']}")
 
 
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = ModelOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="rotations file to write (.safetensors)"),
+    nsamples: int = CalSamplesOpt,
+    seqlen: int = CalSeqlenOpt,
+    seed: int = typer.Option(0, help="seed for picking calibration windows"),
+    split: Optional[str] = typer.Option(None, help="train (default when available) or validation; never test"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+) -> None:
+    """Compute the PCA rotations of every layer (float64 X^T X, 1 % damping, eigh) and save them."""
+    try:
+        from .api import calibrate
+        from .models import load_model
+        from .record import run_record, write_json
+
+        lm = load_model(model, device=device, dtype=dtype)
+        rot = calibrate(lm, nsamples, seqlen, seed, split, data_dir)
+        path = rot.save(out)
+        rec = write_json(Path(str(out) + ".json"), run_record("calibrate", {"model": model, "device": lm.info["device"],
+                         "dtype": lm.info["dtype"]}, model=lm.describe(), rotations=rot.meta))
+    except LarosaError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"wrote {path} ({len(rot.q)} rotations, {rot.meta['tokens_per_layer']} tokens/layer, "
+               f"{rot.meta['seconds']} s) and {rec}")
+
+
+@app.command("sparsify")
+def sparsify_cmd(
+    model: str = ModelOpt,
+    out: Path = typer.Option(..., "--out", "-o", help="output model folder"),
+    sparsity: float = typer.Option(0.4, "--sparsity", "-p", help="nominal sparsity p"),
+    form: str = typer.Option("fused", help="fused (deployable) | official (simulation) | topk (no rotation)"),
+    rotation: str = RotationOpt,
+    split_coef: str = SplitOpt,
+    sites: Optional[str] = typer.Option(None, help="explicit per-site sparsities, e.g. "
+                                        "attn_in=0.3,attn_out=0.5,mlp_in=0.3,mlp_out=0.5 (overrides -p)"),
+    rotations: Optional[Path] = RotFileOpt,
+    cal_samples: int = CalSamplesOpt,
+    cal_seqlen: int = CalSeqlenOpt,
+    dense_prefill: bool = typer.Option(False, help="leave multi-token (prefill) calls dense"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+) -> None:
+    """Calibrate, transform and save a LaRoSA model as an HF-style folder (safetensors + config)."""
+    try:
+        from .api import sparsify
+
+        coef = _floats(split_coef, "--split")
+        res = sparsify(model, out, sparsity, form, rotation, coef, _sites(sites), rotations, cal_samples,
+                       cal_seqlen, dense_prefill=dense_prefill, device=device, dtype=dtype, data_dir=data_dir)
+    except LarosaError as exc:
+        _fail(exc)
+        return
+    rep = res["sparsity"]
+    typer.echo(f"wrote {res['path']}: form={form} rotation={rotation} sites={rep['sites']} "
+               f"unweighted={rep['unweighted']} parameter-weighted={rep['param_weighted']}")
+
+
 @app.command("demo")
 def demo(
     model: str = ModelOpt,
     windows: int = typer.Option(2, help="evaluation windows of 2048 tokens"),
+    sparsity: float = typer.Option(0.4, "--sparsity", "-p", help="nominal sparsity p"),
+    cal_samples: int = CalSamplesOpt,
+    prompt: str = typer.Option("The history of the Roman Empire", help="prompt for the generated sample"),
     data_dir: Optional[Path] = DataDirOpt,
 ) -> None:
-    """The main job on the embedded default model (dense perplexity for now)."""
-    eval_ppl(model=model, windows=windows, seqlen=2048, batch_size=1, split="test", device="auto",
-             dtype="auto", data_dir=data_dir, out=None)
+    """The LaRoSA demo: calibrate, sparsify, dense vs sparse perplexity, a generated sample."""
+    try:
+        from .api import evaluate_ppl
+        from .demo import generate_side_by_side
+
+        res = evaluate_ppl(model=model, windows=windows, data_dir=data_dir, forms=("dense", "official", "fused"),
+                           sparsities=(sparsity,), cal_samples=cal_samples,
+                           out=_default_out("demo", model))
+        typer.echo(res["table"])
+        typer.echo(f"wrote {res['path']}")
+        typer.echo(generate_side_by_side(res["loaded"], res["rotations"], sparsity, prompt))
+    except LarosaError as exc:
+        _fail(exc)
 
 
 def main() -> None:  # pragma: no cover - console entry point
