@@ -78,7 +78,8 @@ def test_cli_ppl_on_tiny_hf_dir(tmp_path, monkeypatch):
                                    "--data-dir", str(tmp_path / "data"), "--out", str(out)])
     assert res.exit_code == 0, res.output
     rec = json.loads(out.read_text())
-    assert rec["result"]["windows_used"] == 2 and rec["result"]["windows_total"] > 2
+    res0 = rec["results"][0]["result"]
+    assert res0["windows_used"] == 2 and res0["windows_total"] > 2
     assert rec["data"]["origin"].startswith("local:") and len(rec["data"]["sha256_joined"]) == 64
     assert rec["versions"]["torch"] and "wall_seconds" in rec
     assert "2 of" in res.output
