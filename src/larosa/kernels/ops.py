@@ -1,0 +1,114 @@
+"""`torch.library` custom ops around the Triton kernels, with fake implementations.
+
+    torch.ops.larosa.topk_linear(x, wt, k, bias)        y = TopK_k(x) @ wt (+ bias)
+    torch.ops.larosa.topk_gate_up(x, wt_gate, wt_up, k)  h = silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up)
+    torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
+
+`wt` is the weight stored input-major (W^T, shape d_in x d_out, contiguous). x may have any leading
+shape; rows are flattened. Up to `max_kernel_rows()` rows run the Triton kernel with per-row selection;
+more rows (prefill) take the exact same selection in PyTorch followed by a dense cuBLAS matmul, which
+is faster there (see benchmarks/NOTES.md for the measured crossover). fp32 inputs and devices where
+Triton cannot run use the PyTorch reference. Every path computes the same function.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from . import reference as ref
+
+try:
+    import triton  # noqa: F401
+
+    from . import triton_gemv
+
+    HAVE_TRITON = True
+except Exception:  # pragma: no cover - triton missing or broken
+    HAVE_TRITON = False
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+_DEFAULT_MAX_ROWS = 4
+
+
+def max_kernel_rows() -> int:
+    return int(os.environ.get("LAROSA_KERNEL_MAX_ROWS", _DEFAULT_MAX_ROWS))
+
+
+def _use_kernel(x: torch.Tensor, rows: int) -> bool:
+    if not HAVE_TRITON or x.dtype not in KERNEL_DTYPES or rows > max_kernel_rows():
+        return False
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check(x: torch.Tensor, wt: torch.Tensor, k: int) -> None:
+    if wt.dim() != 2 or x.shape[-1] != wt.shape[0]:
+        raise ValueError(f"x (..., {x.shape[-1]}) does not match wt {tuple(wt.shape)} (expected d_in x d_out)")
+    if not 1 <= k:
+        raise ValueError(f"k must be >= 1, got {k}")
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("larosa::topk_linear", mutates_args=())
+def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    _check(x, wt, k)
+    x2 = _rows(x)
+    if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
+        return ref.topk_gemv_ref(x2, wt, k, bias).view(*x.shape[:-1], wt.shape[1])
+    y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
+    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias)
+    return y.view(*x.shape[:-1], wt.shape[1])
+
+
+@topk_linear.register_fake
+def _(x, wt, k, bias=None):
+    return x.new_empty(*x.shape[:-1], wt.shape[1])
+
+
+@torch.library.custom_op("larosa::topk_gate_up", mutates_args=())
+def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k: int) -> torch.Tensor:
+    _check(x, wt_gate, k)
+    if wt_up.shape != wt_gate.shape:
+        raise ValueError(f"gate {tuple(wt_gate.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
+    x2 = _rows(x)
+    if not _use_kernel(x2, x2.shape[0]):
+        return ref.topk_gate_up_ref(x2, wt_gate, wt_up, k).view(*x.shape[:-1], wt_gate.shape[1])
+    y = torch.empty(x2.shape[0], wt_gate.shape[1], dtype=x.dtype, device=x.device)
+    kk = min(k, x.shape[-1])
+    triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(),
+                       mode=0 if kk < x.shape[-1] else 2)
+    return y.view(*x.shape[:-1], wt_gate.shape[1])
+
+
+@topk_gate_up.register_fake
+def _(x, wt_gate, wt_up, k):
+    return x.new_empty(*x.shape[:-1], wt_gate.shape[1])
+
+
+@torch.library.custom_op("larosa::threshold_linear", mutates_args=())
+def threshold_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
+    _check(x, wt, 1)
+    x2 = _rows(x)
+    if not _use_kernel(x2, x2.shape[0]):
+        return ref.threshold_gemv_ref(x2, wt, threshold).view(*x.shape[:-1], wt.shape[1])
+    y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
+    triton_gemv.launch(x2, wt.contiguous(), y, 1, threshold=threshold, mode=1)
+    return y.view(*x.shape[:-1], wt.shape[1])
+
+
+@threshold_linear.register_fake
+def _(x, wt, threshold):
+    return x.new_empty(*x.shape[:-1], wt.shape[1])
+
+
+def dense_linear_kernel(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """The same kernel with selection off (MODE 2): used to compare against cuBLAS at sparsity 0."""
+    x2 = _rows(x)
+    y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
+    triton_gemv.launch(x2, wt, y, x.shape[-1], mode=2)
+    return y.view(*x.shape[:-1], wt.shape[1])

@@ -1,0 +1,108 @@
+"""Triton kernels vs the plain PyTorch reference, run under TRITON_INTERPRET=1 on the CPU."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from larosa.kernels import (HAVE_TRITON, threshold_gemv_ref, threshold_linear, topk_gate_up,  # noqa: E402
+                            topk_gate_up_ref, topk_gemv_ref, topk_keep_mask, topk_linear)
+from larosa.kernels import ops  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _kernel_used(monkeypatch):
+    calls = []
+    real = ops.triton_gemv.launch
+    monkeypatch.setattr(ops.triton_gemv, "launch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_in,d_out,k", [(96, 40, 17), (300, 70, 1), (1100, 33, 600), (2049, 65, 1024),
+                                          (128, 96, 127)])
+def test_topk_linear_matches_reference(monkeypatch, dtype, d_in, d_out, k):
+    calls = _kernel_used(monkeypatch)
+    x = torch.randn(2, d_in).to(dtype)
+    wt = torch.randn(d_in, d_out).to(dtype)
+    y = topk_linear(x, wt, k)
+    assert calls, "the Triton kernel did not run"
+    ref64 = torch.where(topk_keep_mask(x, k), x, 0).double() @ wt.double()
+    assert _rel(y, ref64) < 1e-2
+    assert _rel(y, topk_gemv_ref(x, wt, k)) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_selection_is_exact_k_with_ties(dtype):
+    # identity weights expose the kept entries; low-precision random data has many ties
+    for d, k in ((64, 1), (64, 13), (200, 100), (200, 199), (64, 64)):
+        x = (torch.randn(3, d) * 4).round().to(dtype)  # integers: heavy ties
+        y = topk_linear(x, torch.eye(d, dtype=dtype), k)
+        mask = topk_keep_mask(x, k)
+        assert torch.equal(y, torch.where(mask, x, 0)), (d, k)
+        assert ((y != 0) | (x == 0)).sum(-1).ge(k).all()
+
+
+def test_bias_and_leading_shape():
+    x = torch.randn(1, 2, 150).bfloat16()
+    wt = torch.randn(150, 37).bfloat16()
+    b = torch.randn(37).bfloat16()
+    y = topk_linear(x, wt, 60, b)
+    assert y.shape == (1, 2, 37)
+    assert _rel(y, topk_gemv_ref(x, wt, 60, b)) < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+def test_any_batch_is_correct(monkeypatch, rows):
+    calls = _kernel_used(monkeypatch)
+    x = torch.randn(rows, 130).half()
+    wt = torch.randn(130, 48).half()
+    assert _rel(topk_linear(x, wt, 50), topk_gemv_ref(x, wt, 50)) < 1e-2
+    assert bool(calls) == (rows <= ops.max_kernel_rows())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gate_up_fused_epilogue(dtype):
+    x = torch.randn(2, 200).to(dtype)
+    g, u = torch.randn(200, 72).to(dtype), torch.randn(200, 72).to(dtype)
+    for k in (1, 77, 200):
+        assert _rel(topk_gate_up(x, g, u, k), topk_gate_up_ref(x, g, u, k)) < 1e-2
+
+
+def test_threshold_kernel():
+    x = torch.randn(2, 333).bfloat16()
+    wt = torch.randn(333, 40).bfloat16()
+    assert _rel(threshold_linear(x, wt, 0.6), threshold_gemv_ref(x, wt, 0.6)) < 1e-2
+
+
+def test_dense_mode_matches_matmul():
+    x = torch.randn(1, 257).bfloat16()
+    wt = torch.randn(257, 31).bfloat16()
+    assert _rel(ops.dense_linear_kernel(x, wt), x.double() @ wt.double()) < 1e-2
+
+
+def test_fp32_and_bad_shapes_use_reference_or_fail():
+    x = torch.randn(2, 50)
+    wt = torch.randn(50, 7)
+    torch.testing.assert_close(topk_linear(x, wt, 10), topk_gemv_ref(x, wt, 10))
+    with pytest.raises(ValueError, match="does not match"):
+        topk_linear(x, torch.randn(49, 7), 10)
+
+
+def test_opcheck_and_compile_fullgraph():
+    x = torch.randn(1, 64).bfloat16()
+    wt = torch.randn(64, 16).bfloat16()
+    torch.library.opcheck(torch.ops.larosa.topk_linear.default, (x, wt, 20, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.larosa.topk_gate_up.default, (x, wt, wt, 20),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda a, w: torch.ops.larosa.topk_linear(a, w, 20, None) * 2, fullgraph=True,
+                       backend="aot_eager")
+    torch.testing.assert_close(fn(x, wt), topk_gemv_ref(x, wt, 20) * 2, rtol=1e-2, atol=1e-2)
