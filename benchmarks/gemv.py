@@ -117,7 +117,8 @@ def bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, rows=1, sparsities=SPAR
             return lambda: F.linear(x, ws[i])
     t_dense = graph_time_us([dense_call(i) for i in range(copies)])
     if kind == "adapter":
-        t_kernel_dense = graph_time_us([(lambda i=i: ops.dense_linear_kernel(x, wts[i])) for i in range(copies)])
+        t_kernel_dense = graph_time_us([(lambda i=i: triton_gemv_call(x, wts[i], d_in, cfg, mode=2))
+                                        for i in range(copies)])
         ideal = mat_bytes / bw * 1e6
         return [{"shape": name, "d_in": d_in, "d_out": d_out, "rows": rows, "sparsity": 0.0, "k": d_in,
                  "cublas_us": t_dense, "ours_us": t_kernel_dense, "teal_us": None, "ideal_us": ideal}]
@@ -128,11 +129,12 @@ def bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, rows=1, sparsities=SPAR
         ideal = kept_bytes / bw * 1e6
         thr = torch.quantile(x.float().abs().flatten(), s).item() if s > 0 else -1.0
         if kind == "gate_up":
-            ours = [(lambda i=i: ops.topk_gate_up(x, wts[2 * i], wts[2 * i + 1], k)) for i in range(copies)]
+            ours = [(lambda i=i: triton_gemv_call(x, wts[2 * i], k, cfg, mode=0 if s > 0 else 2,
+                                                  wt2=wts[2 * i + 1])) for i in range(copies)]
             teal = None
         else:
             if s == 0:  # dispatch at sparsity 0: the raw kernel (selection off) and the op (cuBLAS)
-                ours = [(lambda i=i: ops.dense_linear_kernel(x, wts[i])) for i in range(copies)]
+                ours = [(lambda i=i: triton_gemv_call(x, wts[i], d_in, cfg, mode=2)) for i in range(copies)]
             else:
                 ours = [(lambda i=i: triton_gemv_call(x, wts[i], k, cfg)) for i in range(copies)]
             teal = [(lambda i=i: teal_call(x, wts[i], thr, cfg)) for i in range(copies)]
@@ -145,15 +147,26 @@ def bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, rows=1, sparsities=SPAR
     return out
 
 
-def triton_gemv_call(x, wt, k, cfg):
+_COUNTERS: dict = {}
+
+
+def _counters(x):
+    # one persistent zeroed counter buffer, as a decode engine would own it (the kernel re-zeroes it)
+    key = x.device
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(1 << 16, dtype=torch.int32, device=x.device)
+    return _COUNTERS[key]
+
+
+def triton_gemv_call(x, wt, k, cfg, mode=0, wt2=None):
     y = torch.empty(x.shape[0], wt.shape[1], device=x.device, dtype=x.dtype)
-    triton_gemv.launch(x, wt, y, k, **(cfg or {}))
+    triton_gemv.launch(x, wt, y, k, mode=mode, wt2=wt2, counters=_counters(x), **(cfg or {}))
     return y
 
 
 def teal_call(x, wt, thr, cfg):
     y = torch.empty(x.shape[0], wt.shape[1], device=x.device, dtype=x.dtype)
-    triton_gemv.launch(x, wt, y, 1, threshold=thr, mode=1, **(cfg or {}))
+    triton_gemv.launch(x, wt, y, 1, threshold=thr, mode=1, counters=_counters(x), **(cfg or {}))
     return y
 
 
@@ -164,10 +177,10 @@ def tune(d_in, d_out, dtype, s=0.5):
     k = int((1 - s) * d_in)
     best = None
     results = []
-    for bn, bk, nw, ns in itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (3, 4)):
-        if bn * bk > 128 * 256 or bn * bk < 32 * 32:
+    for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (16, 32, 64), (128, 256, 512, 1024), (4, 8)):
+        if bn * bk > 512 * 32 or rps < bk:
             continue
-        cfg = {"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
+        cfg = {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3}
         try:
             t = graph_time_us([(lambda i=i: triton_gemv_call(x, wts[i], k, cfg)) for i in range(copies)], reps=20)
         except Exception as exc:  # a config that does not compile (resources): skip it
@@ -190,7 +203,7 @@ def batch_crossover(dtype, d_in=4096, d_out=11008, s=0.5):
     for rows in (1, 2, 3, 4, 6, 8, 16, 32):
         x = torch.randn(rows, d_in, device="cuda", dtype=dtype)
         t_k = graph_time_us([(lambda i=i: triton_gemv_call(x, wts[i], k, None)) for i in range(copies)], reps=20)
-        t_f = graph_time_us([(lambda i=i: reference.topk_gemv_ref(x, wts[i], k)) for i in range(copies)], reps=20)
+        t_f = graph_time_us([(lambda i=i: ops._dense_fallback(x, wts[i], k, None)) for i in range(copies)], reps=20)
         t_d = graph_time_us([(lambda i=i: x @ wts[i]) for i in range(copies)], reps=20)
         rows_out.append({"rows": rows, "kernel_us": t_k, "select_plus_cublas_us": t_f, "dense_cublas_us": t_d})
     del wts

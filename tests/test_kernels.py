@@ -106,3 +106,10 @@ def test_opcheck_and_compile_fullgraph():
     fn = torch.compile(lambda a, w: torch.ops.larosa.topk_linear(a, w, 20, None) * 2, fullgraph=True,
                        backend="aot_eager")
     torch.testing.assert_close(fn(x, wt), topk_gemv_ref(x, wt, 20) * 2, rtol=1e-2, atol=1e-2)
+
+
+def test_select_mask_matches_reference_and_prefill_path():
+    x = (torch.randn(7, 300) * 3).round().bfloat16()
+    assert torch.equal(ops.select_mask(x, 111), topk_keep_mask(x, 111))
+    wt = torch.randn(300, 20).bfloat16()
+    assert _rel(ops._dense_fallback(x, wt, 111, None), topk_gemv_ref(x, wt, 111)) < 1e-2

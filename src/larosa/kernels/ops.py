@@ -43,6 +43,23 @@ def _use_kernel(x: torch.Tensor, rows: int) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def select_mask(x2: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact-k keep mask of 2-D x: the Triton select kernel where it runs, else the reference."""
+    if HAVE_TRITON and x2.dtype in KERNEL_DTYPES and (x2.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        sel = triton_gemv.select(x2, k)
+        bits = x2.view(torch.int16).to(torch.int32) & 0x7FFF
+        idx = torch.arange(x2.shape[1], device=x2.device)
+        t, cut = sel[:, :1], sel[:, 1:]
+        return (bits > t) | ((bits == t) & (idx < cut))
+    return ref.topk_keep_mask(x2, k)
+
+
+def _dense_fallback(x2, wt, k, bias):
+    """Many rows (prefill): the same exact selection, then one dense cuBLAS matmul."""
+    xs = torch.where(select_mask(x2, k), x2, torch.zeros_like(x2))
+    return xs @ wt if bias is None else torch.addmm(bias, xs, wt)
+
+
 def _check(x: torch.Tensor, wt: torch.Tensor, k: int) -> None:
     if wt.dim() != 2 or x.shape[-1] != wt.shape[0]:
         raise ValueError(f"x (..., {x.shape[-1]}) does not match wt {tuple(wt.shape)} (expected d_in x d_out)")
@@ -61,6 +78,8 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
     if k >= x.shape[-1] and x.is_cuda:  # nothing to skip: cuBLAS
         y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)
         return y.view(*x.shape[:-1], wt.shape[1])
+    if k < x.shape[-1] and x.is_cuda and x.dtype in KERNEL_DTYPES and x2.shape[0] > max_kernel_rows():
+        return _dense_fallback(x2, wt, k, bias).view(*x.shape[:-1], wt.shape[1])
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
         return ref.topk_gemv_ref(x2, wt, k, bias).view(*x.shape[:-1], wt.shape[1])
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
