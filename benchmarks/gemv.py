@@ -177,8 +177,8 @@ def tune(d_in, d_out, dtype, s=0.5):
     k = int((1 - s) * d_in)
     best = None
     results = []
-    for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (16, 32, 64), (128, 256, 512, 1024), (4, 8)):
-        if bn * bk > 512 * 32 or rps < bk:
+    for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64), (128, 256, 512), (4, 8)):
+        if bn * bk > 256 * 32 or rps < bk:
             continue
         cfg = {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3}
         try:
@@ -211,6 +211,19 @@ def batch_crossover(dtype, d_in=4096, d_out=11008, s=0.5):
     return rows_out
 
 
+def select_sweep(dtype):
+    """Time the select kernel alone for each d_in and warp count."""
+    out = []
+    for d_in in (4096, 11008, 14336):
+        xs = [torch.randn(1, d_in, device="cuda", dtype=dtype) for _ in range(8)]
+        k = d_in // 2
+        for nw in (1, 2, 4, 8, 16):
+            t = graph_time_us([(lambda x=x: triton_gemv.select(x, k, nw)) for x in xs], reps=20)
+            out.append({"d_in": d_in, "num_warps": nw, "us": t})
+            print(f"# select d_in={d_in} warps={nw}: {t:.2f} us", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
@@ -227,6 +240,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"{args.dtype}, batch 1, CUDA graphs, torch {torch.__version__}, triton {__import__('triton').__version__}")
+    sel_sweep = select_sweep(dtype)
     shapes = {n: v for n, v in SHAPES.items()
               if args.shapes == "all" or any(n.startswith(p) for p in args.shapes.split(","))}
     tuned = {}
@@ -263,7 +277,7 @@ def main() -> None:
            "batch": 1, "timing": "CUDA graph replay, median per call, weights cycled over copies > 4x L2",
            "activations": "random normal", "torch": torch.__version__,
            "triton": __import__("triton").__version__, "rows": rows, "batch_crossover": cross,
-           "tuning": tune_log, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "tuning": tune_log, "select_sweep": sel_sweep, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rec, indent=2) + "\n")
     print(f"wrote {args.out}")

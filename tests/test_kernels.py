@@ -18,6 +18,11 @@ def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture(autouse=True)
+def _multi_row_kernel(monkeypatch):
+    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "4")
+
+
 def _kernel_used(monkeypatch):
     calls = []
     real = ops.triton_gemv.launch
@@ -29,6 +34,7 @@ def _kernel_used(monkeypatch):
 @pytest.mark.parametrize("d_in,d_out,k", [(96, 40, 17), (300, 70, 1), (1100, 33, 600), (2049, 65, 1024),
                                           (128, 96, 127)])
 def test_topk_linear_matches_reference(monkeypatch, dtype, d_in, d_out, k):
+    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "4")  # per-row kernel for both rows
     calls = _kernel_used(monkeypatch)
     x = torch.randn(2, d_in).to(dtype)
     wt = torch.randn(d_in, d_out).to(dtype)
@@ -66,6 +72,14 @@ def test_any_batch_is_correct(monkeypatch, rows):
     wt = torch.randn(130, 48).half()
     assert _rel(topk_linear(x, wt, 50), topk_gemv_ref(x, wt, 50)) < 1e-2
     assert bool(calls) == (rows <= ops.max_kernel_rows())
+
+
+def test_kernel_rows_override(monkeypatch):
+    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "8")
+    calls = _kernel_used(monkeypatch)
+    x = torch.randn(5, 130).half()
+    wt = torch.randn(130, 48).half()
+    assert _rel(topk_linear(x, wt, 50), topk_gemv_ref(x, wt, 50)) < 1e-2 and calls
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -30,7 +30,7 @@ except Exception:  # pragma: no cover - triton missing or broken
     HAVE_TRITON = False
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
-_DEFAULT_MAX_ROWS = 4
+_DEFAULT_MAX_ROWS = 1  # measured crossover on the H200: see benchmarks/NOTES.md
 
 
 def max_kernel_rows() -> int:

@@ -67,8 +67,9 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
         cutoff = tl.load(sel_ptr + row * 2 + 1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < d_out
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # 2-D accumulators: one cross-thread reduction at the end instead of one per iteration
+    acc_t = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc2_t = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     start = pid_s * ROWS_PER_SPLIT
     for k0 in range(start, start + ROWS_PER_SPLIT, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
@@ -85,10 +86,12 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
         wmask = keep[:, None] & cmask[None, :]
         w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
         w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
-        acc += tl.sum(xf[:, None] * w.to(tl.float32), axis=0)
+        acc_t += xf[:, None] * w.to(tl.float32)
         if GATED:
             w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
-            acc2 += tl.sum(xf[:, None] * w2.to(tl.float32), axis=0)
+            acc2_t += xf[:, None] * w2.to(tl.float32)
+    acc = tl.sum(acc_t, axis=0)
+    acc2 = tl.sum(acc2_t, axis=0)
     # split-K reduction: partials to the workspace, the last program of this column block sums them
     n_parts = 2 if GATED else 1
     part_row = part_ptr + (row * n_parts * n_splits) * d_out
@@ -116,16 +119,22 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
 
 def default_config(d_in: int, d_out: int) -> dict:
     """Tile sizes from the H200 sweep of benchmarks/gemv.py --tune (benchmarks/NOTES.md)."""
-    return {"block_n": 256, "block_k": 32, "rows_per_split": 256, "num_warps": 4, "num_stages": 3}
+    if d_out <= 4096 and d_in <= 4096:
+        return {"block_n": 64, "block_k": 64, "rows_per_split": 256, "num_warps": 4, "num_stages": 3}
+    return {"block_n": 256, "block_k": 32, "rows_per_split": 128, "num_warps": 8, "num_stages": 3}
 
 
-def select(x: torch.Tensor, k: int) -> torch.Tensor:
+def select_warps(block_d: int) -> int:
+    return 4 if block_d <= 4096 else 8
+
+
+def select(x: torch.Tensor, k: int, num_warps: int | None = None) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k."""
     rows, d_in = x.shape
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = triton.next_power_of_2(d_in)
     select_kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d,
-                           num_warps=4 if block_d <= 2048 else (8 if block_d <= 8192 else 16))
+                           num_warps=num_warps or select_warps(block_d))
     return sel
 
 
