@@ -83,3 +83,29 @@ def test_cli_ppl_on_tiny_hf_dir(tmp_path, monkeypatch):
     assert rec["data"]["origin"].startswith("local:") and len(rec["data"]["sha256_joined"]) == 64
     assert rec["versions"]["torch"] and "wall_seconds" in rec
     assert "2 of" in res.output
+
+
+def test_cli_sparsify_then_eval_saved_folder(tmp_path, monkeypatch):
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    text = " \n" + " w1 w2 w3 w4 w5 w6 \n" * 300
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        (data / name).write_text(text)
+    nbytes = rows_num_bytes(rows_from_raw(text))
+    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
+    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "sparse"
+    common = ["--data-dir", str(tmp_path / "data")]
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "-p", "0.4",
+                                   "--cal-samples", "2", "--cal-seqlen", "32", *common])
+    assert res.exit_code == 0, res.output
+    assert "parameter-weighted" in res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["larosa"]["form"] == "fused" and cfg["larosa"]["plan"]["nominal"] == 0.4
+    res = CliRunner().invoke(app, ["eval", "ppl", "--model", str(out), "--seqlen", "64", "--windows", "1",
+                                   "--out", str(tmp_path / "r.json"), *common])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "-p", "1.5",
+                                   "--cal-samples", "2", "--cal-seqlen", "32", *common])
+    assert res.exit_code == 2 and "must be in [0, 1)" in res.output
