@@ -34,3 +34,21 @@ def test_eight_windows_match_reference(smollm):
     res = perplexity_from_ids(smollm.model, ids, seqlen=2048, n_windows=8, progress=False)
     assert res.windows_total == 148
     assert res.ppl == pytest.approx(19.134, abs=2e-3)
+
+
+def test_fused_at_sparsity_zero_reproduces_smollm2_logits(smollm):
+    import copy
+
+    import torch
+
+    from larosa import LarosaConfig, SparsityPlan, apply
+    from larosa.calibrate import calibrate
+
+    ids = tokenize_source(smollm.tokenizer, load_wikitext("validation"))
+    rot = calibrate(smollm.model, ids[:512].view(4, 128), progress=False)
+    fused = apply(copy.deepcopy(smollm.model), LarosaConfig("fused", "layer", SparsityPlan.dense()), rot)
+    test_ids = tokenize_source(smollm.tokenizer, load_wikitext("test"))[:256][None]
+    with torch.no_grad():
+        ref, out = smollm.model(test_ids).logits, fused(test_ids).logits
+    assert (out - ref).abs().max().item() < 1e-3
+    assert fused.lm_head.weight.data_ptr() != fused.model.embed_tokens.weight.data_ptr()  # untied
