@@ -74,6 +74,7 @@ RotFileOpt = typer.Option(None, "--rotations", help="rotations file from `larosa
                           "(default: cached calibration, computed on first use)")
 CalSamplesOpt = typer.Option(16, help="calibration sequences")
 CalSeqlenOpt = typer.Option(2048, help="calibration sequence length")
+DensePrefillOpt = typer.Option(False, help="leave multi-token (prefill) calls dense")
 
 
 @eval_app.command("ppl")
@@ -90,7 +91,7 @@ def eval_ppl(
     rotations: Optional[Path] = RotFileOpt,
     cal_samples: int = CalSamplesOpt,
     cal_seqlen: int = CalSeqlenOpt,
-    dense_prefill: bool = typer.Option(False, help="leave multi-token (prefill) calls dense"),
+    dense_prefill: bool = DensePrefillOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -163,7 +164,7 @@ def sparsify_cmd(
     rotations: Optional[Path] = RotFileOpt,
     cal_samples: int = CalSamplesOpt,
     cal_seqlen: int = CalSeqlenOpt,
-    dense_prefill: bool = typer.Option(False, help="leave multi-token (prefill) calls dense"),
+    dense_prefill: bool = DensePrefillOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
