@@ -166,11 +166,11 @@ def triton_gemv_call(x, wt, k, cfg, mode=0, wt2=None):
 
 def teal_call(x, wt, thr, cfg):
     y = torch.empty(x.shape[0], wt.shape[1], device=x.device, dtype=x.dtype)
-    triton_gemv.launch(x, wt, y, 1, threshold=thr, mode=1, counters=_counters(x), **(cfg or {}))
+    triton_gemv.launch(x, wt, y, 1, threshold=thr, mode=1, counters=_counters(x), **(cfg or {}))  # select args unused
     return y
 
 
-def tune(d_in, d_out, dtype, s=0.5):
+def tune(d_in, d_out, dtype, s=0.5, sel=None):
     copies = n_copies(d_in * d_out * 2)
     wts = [torch.randn(d_in, d_out, device="cuda", dtype=dtype) for _ in range(copies)]
     x = torch.randn(1, d_in, device="cuda", dtype=dtype)
@@ -180,7 +180,7 @@ def tune(d_in, d_out, dtype, s=0.5):
     for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64), (128, 256, 512), (4, 8)):
         if bn * bk > 256 * 32 or rps < bk:
             continue
-        cfg = {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3}
+        cfg = {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3, **(sel or {})}
         try:
             t = graph_time_us([(lambda i=i: triton_gemv_call(x, wts[i], k, cfg)) for i in range(copies)], reps=20)
         except Exception as exc:  # a config that does not compile (resources): skip it
@@ -212,16 +212,19 @@ def batch_crossover(dtype, d_in=4096, d_out=11008, s=0.5):
 
 
 def select_sweep(dtype):
-    """Time the select kernel alone for each d_in and warp count."""
-    out = []
+    """Time the select kernel alone for each d_in, implementation and warp count; best per d_in."""
+    out, best = [], {}
     for d_in in (4096, 11008, 14336):
         xs = [torch.randn(1, d_in, device="cuda", dtype=dtype) for _ in range(8)]
         k = d_in // 2
-        for nw in (1, 2, 4, 8, 16):
-            t = graph_time_us([(lambda x=x: triton_gemv.select(x, k, nw)) for x in xs], reps=20)
-            out.append({"d_in": d_in, "num_warps": nw, "us": t})
-            print(f"# select d_in={d_in} warps={nw}: {t:.2f} us", flush=True)
-    return out
+        for impl in triton_gemv.SELECT_IMPLS:
+            for nw in (4, 8, 16):
+                t = graph_time_us([(lambda x=x: triton_gemv.select(x, k, nw, impl)) for x in xs], reps=20)
+                out.append({"d_in": d_in, "impl": impl, "num_warps": nw, "us": t})
+                print(f"# select d_in={d_in} {impl} warps={nw}: {t:.2f} us", flush=True)
+                if d_in not in best or t < best[d_in][1]:
+                    best[d_in] = ({"select_impl": impl, "select_num_warps": nw}, t)
+    return out, {d: b[0] for d, b in best.items()}
 
 
 def main() -> None:
@@ -240,7 +243,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"{args.dtype}, batch 1, CUDA graphs, torch {torch.__version__}, triton {__import__('triton').__version__}")
-    sel_sweep = select_sweep(dtype)
+    sel_sweep, sel_best = select_sweep(dtype)
     shapes = {n: v for n, v in SHAPES.items()
               if args.shapes == "all" or any(n.startswith(p) for p in args.shapes.split(","))}
     tuned = {}
@@ -250,13 +253,13 @@ def main() -> None:
             if kind != "linear" or (d_in, d_out) in tuned:
                 continue
             t0 = time.time()
-            best, log = tune(d_in, d_out, dtype)
+            best, log = tune(d_in, d_out, dtype, sel=sel_best.get(d_in, {}))
             tuned[(d_in, d_out)] = best[0]
             tune_log[f"{d_in}x{d_out}"] = {"best": best[0], "best_us": best[1], "all": log}
             print(f"# tuned {d_in}->{d_out}: {best[0]} {best[1]:.2f} us ({time.time() - t0:.0f} s)", flush=True)
     rows = []
     for name, (d_in, d_out, kind) in shapes.items():
-        cfg = tuned.get((d_in, d_out))
+        cfg = tuned.get((d_in, d_out)) or dict(sel_best.get(d_in, {}))
         rows += bench_shape(name, d_in, d_out, kind, dtype, bw, cfg)
         print(f"# done {name}", flush=True)
     cross = [] if args.no_crossover else batch_crossover(dtype)
@@ -277,7 +280,7 @@ def main() -> None:
            "batch": 1, "timing": "CUDA graph replay, median per call, weights cycled over copies > 4x L2",
            "activations": "random normal", "torch": torch.__version__,
            "triton": __import__("triton").__version__, "rows": rows, "batch_crossover": cross,
-           "tuning": tune_log, "select_sweep": sel_sweep, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+           "tuning": tune_log, "select_sweep": sel_sweep, "select_best": {str(k): v for k, v in sel_best.items()}, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rec, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -28,7 +28,7 @@ def main(path: str) -> None:
         ax.plot(s, [r["ours_us"] for r in rs], "o-", label="ours (exact Top-K, selection incl.)")
         if rs[0]["teal_us"] is not None:
             ax.plot(s, [r["teal_us"] for r in rs], "s-", label="TEAL-style threshold (same kernel)")
-        ax.plot(s, [r["ideal_us"] for r in rs], ":", label="ideal (kept bytes / copy BW)")
+        ax.plot(s, [r["ideal_us"] for r in rs], "g:", label="ideal (kept bytes / copy BW)")
         ax.set_title(shape, fontsize=9)
         ax.set_xlabel("sparsity")
         ax.set_ylabel("us per call")

@@ -127,3 +127,14 @@ def test_select_mask_matches_reference_and_prefill_path():
     assert torch.equal(ops.select_mask(x, 111), topk_keep_mask(x, 111))
     wt = torch.randn(300, 20).bfloat16()
     assert _rel(ops._dense_fallback(x, wt, 111, None), topk_gemv_ref(x, wt, 111)) < 1e-2
+
+
+@pytest.mark.parametrize("impl", ops.triton_gemv.SELECT_IMPLS)
+def test_select_implementations_agree(impl):
+    for d, k in ((64, 1), (300, 111), (300, 300), (1025, 512)):
+        x = (torch.randn(3, d) * 3).round().bfloat16()
+        sel = ops.triton_gemv.select(x, k, impl=impl)
+        bits = x.view(torch.int16).to(torch.int32) & 0x7FFF
+        idx = torch.arange(d)
+        mask = (bits > sel[:, :1]) | ((bits == sel[:, :1]) & (idx < sel[:, 1:]))
+        assert torch.equal(mask, topk_keep_mask(x, k)), (impl, d, k)

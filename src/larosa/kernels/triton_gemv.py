@@ -50,6 +50,27 @@ def select_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def select_bisect_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
+    """Same output as `select_kernel`, found bit by bit: 15 counting reductions instead of histograms."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < d_in
+    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
+    t = 0
+    for b in tl.static_range(14, -1, -1):
+        cand = t | (1 << b)
+        if tl.sum((bits >= cand).to(tl.int32), 0) >= k:
+            t = cand
+    need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
+    eq = (bits == t).to(tl.int32)
+    rank = tl.cumsum(eq, 0)
+    cutoff = tl.max(tl.where((eq > 0) & (rank == need_eq), offs + 1, 0), 0)
+    tl.store(sel_ptr + row * 2, t)
+    tl.store(sel_ptr + row * 2 + 1, cutoff)
+
+
+@triton.jit
 def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_ptr, cnt_ptr,
                        d_in, d_out, threshold, stride_x, stride_y, n_splits,
                        MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold (TEAL-style), 2: dense
@@ -128,18 +149,22 @@ def select_warps(block_d: int) -> int:
     return 4 if block_d <= 4096 else 8
 
 
-def select(x: torch.Tensor, k: int, num_warps: int | None = None) -> torch.Tensor:
+SELECT_IMPLS = ("hist", "bisect")
+
+
+def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = "hist") -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k."""
     rows, d_in = x.shape
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = triton.next_power_of_2(d_in)
-    select_kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d,
-                           num_warps=num_warps or select_warps(block_d))
+    kernel = select_kernel if impl == "hist" else select_bisect_kernel
+    kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d))
     return sel
 
 
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
-           counters: torch.Tensor | None = None, block_k: int | None = None, block_n: int | None = None,
+           counters: torch.Tensor | None = None, select_impl: str = "hist", select_num_warps: int | None = None,
+           block_k: int | None = None, block_n: int | None = None,
            rows_per_split: int | None = None, num_warps: int | None = None,
            num_stages: int | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
@@ -156,7 +181,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     rps = max(block_k, min(rps, triton.next_power_of_2(d_in)))
     n_blocks = triton.cdiv(d_out, block_n)
     n_splits = triton.cdiv(d_in, rps)
-    sel = select(x, k) if mode == 0 else x
+    sel = select(x, k, select_num_warps, select_impl) if mode == 0 else x
     n_parts = 2 if wt2 is not None else 1
     part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     if counters is None:
