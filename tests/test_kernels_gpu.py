@@ -62,3 +62,16 @@ def test_opcheck_on_gpu():
     wt = torch.randn(256, 128, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.larosa.topk_linear.default, (x, wt, 100, None),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("impl", ["hist", "bisect"])
+def test_select_impls_on_gpu(impl):
+    from larosa.kernels import triton_gemv
+
+    for d, k in ((4096, 1), (4096, 2048), (11008, 5504), (14336, 100), (18944, 9000)):
+        x = (torch.randn(2, d, device="cuda") * 3).round().bfloat16()
+        sel = triton_gemv.select(x, k, impl=impl)
+        bits = x.view(torch.int16).to(torch.int32) & 0x7FFF
+        idx = torch.arange(d, device="cuda")
+        mask = (bits > sel[:, :1]) | ((bits == sel[:, :1]) & (idx < sel[:, 1:]))
+        assert torch.equal(mask, topk_keep_mask(x, k))
