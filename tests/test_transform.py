@@ -7,7 +7,7 @@ from larosa import LarosaConfig, SparsityPlan, apply, load, save
 from larosa.arch import REGISTRY, spec_for
 from larosa.calibrate import calibrate
 from larosa.errors import LarosaError
-from larosa.modules import OfficialSite, SiteInput, TopKLinear
+from larosa.modules import OfficialSite, SiteInput, SparseLinear
 from larosa.sparsity import topk
 from larosa.transform import set_plan
 
@@ -117,7 +117,7 @@ def test_unrotated_topk_form():
     model, ids, _ = _setup()
     t = apply(copy.deepcopy(model), LarosaConfig("topk", "layer", SparsityPlan.from_nominal(0.4)), None)
     assert isinstance(t.model.layers[0].input_layernorm, SiteInput)
-    assert isinstance(t.model.layers[0].mlp.down_proj, TopKLinear)
+    assert isinstance(t.model.layers[0].mlp.down_proj, SparseLinear)
     assert not torch.allclose(t(ids).logits, model(ids).logits)
 
 

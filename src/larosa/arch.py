@@ -34,6 +34,7 @@ class ArchSpec:
     attn_out: str = "self_attn.o_proj"
     mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out: str = "mlp.down_proj"
+    act_fn: str = "mlp.act_fn"  # act(gate), CATS thresholds its output
     # whether x -> x Q on the residual stream commutes with every block (RMSNorm before each block only)
     rotation_invariant: bool = True
     why_not_invariant: str = ""

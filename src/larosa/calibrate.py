@@ -175,6 +175,32 @@ def _layer_inputs(model: nn.Module, spec: ArchSpec, batches: torch.Tensor, devic
     return hidden0, call_args
 
 
+def stream_layers(model: nn.Module, batches: torch.Tensor, attach, finish, progress: bool = True,
+                  desc: str = "layers") -> None:
+    """Run calibration sequences through the dense model one decoder layer at a time.
+
+    For layer i, `attach(i, layer)` registers measuring hooks and returns their handles; every sequence
+    goes through the layer (its output becomes the next layer's input); the hooks are removed and
+    `finish(i)` turns what they gathered into results.
+    """
+    spec = spec_for(model)
+    device = next(model.parameters()).device
+    hidden, call_args = _layer_inputs(model, spec, batches, device)
+    layers = decoder_layers(model, spec)
+    for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
+        layer = layers[i]
+        hooks = attach(i, layer)
+        args, kwargs = call_args[i]
+        try:
+            with torch.no_grad():
+                for s, h in enumerate(hidden):
+                    hidden[s] = _first(layer(h.to(device), *args, **kwargs)).cpu()
+        finally:
+            for hk in hooks:
+                hk.remove()
+        finish(i)
+
+
 class _Accumulator:
     def __init__(self, d: int, device):
         self.h = {b: torch.zeros(d, d, dtype=torch.float64, device=device) for b in BASES}
@@ -200,19 +226,17 @@ def calibrate(model: nn.Module, batches: torch.Tensor, config: CalibrationConfig
     spec = spec_for(model)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    hidden, call_args = _layer_inputs(model, spec, batches, device)
-    layers = decoder_layers(model, spec)
     d = model.config.hidden_size
     q: dict[str, torch.Tensor] = {}
     eig: dict[str, torch.Tensor] = {}
     model_h = torch.zeros(d, d, dtype=torch.float64)
-    tokens = 0
-    bar = tqdm(range(len(layers)), desc="calibrate", unit="layer", disable=not progress)
-    for i in bar:
-        layer = layers[i]
-        accs = {site: _Accumulator(d, device) for site in CAL_SITES}
+    accs: dict[str, _Accumulator] = {}
+
+    def attach(i: int, layer: nn.Module) -> list:
+        accs.clear()
         hooks = []
         for site in CAL_SITES:
+            accs[site] = _Accumulator(d, device)
             norm = get_submodule(layer, spec.site_norm(site))
             eps = norm_eps(norm, spec)
 
@@ -220,20 +244,19 @@ def calibrate(model: nn.Module, batches: torch.Tensor, config: CalibrationConfig
                 acc.add(output, _free_norm(inputs[0], eps))
 
             hooks.append(norm.register_forward_hook(hook))
-        args, kwargs = call_args[i]
-        try:
-            for s, h in enumerate(hidden):
-                hidden[s] = _first(layer(h.to(device), *args, **kwargs)).cpu()
-        finally:
-            for hk in hooks:
-                hk.remove()
+        return hooks
+
+    def finish(i: int) -> None:
+        nonlocal model_h
         for site in CAL_SITES:
             for basis in BASES:
                 vals, vecs = pca(accs[site].h[basis], config.damping)
                 key = f"{i}.{site}.{basis}"
                 q[key], eig[key] = vecs.float().cpu(), vals.float().cpu()
             model_h += accs[site].h["free"].cpu()
-        tokens = accs["attn_in"].tokens
+
+    stream_layers(model, batches, attach, finish, progress, "calibrate")
+    tokens = batches.numel()
     vals, vecs = pca(model_h, config.damping)
     q["model.free"], eig["model.free"] = vecs.float(), vals.float()
     meta = {"format_version": FORMAT_VERSION, "config": asdict(config), "model": model_fingerprint(model, spec),

@@ -184,6 +184,35 @@ def sparsify_cmd(
                f"unweighted={rep['unweighted']} parameter-weighted={rep['param_weighted']}")
 
 
+@app.command("compare")
+def compare_cmd(
+    model: str = ModelOpt,
+    methods: str = typer.Option("dense,larosa-official,larosa-fused,topk,teal,cats", help="comma list of: "
+                                "dense, larosa-official, larosa-fused, topk, teal, cats"),
+    targets: str = typer.Option("0.25,0.4,0.5", help="parameter-weighted sparsities"),
+    windows: Optional[int] = typer.Option(40, help="evaluation windows (first N)"),
+    seqlen: int = typer.Option(2048, help="window length"),
+    out: Path = typer.Option(..., "--out", "-o", help="output folder (cells/, results.json, table.md, ppl.png)"),
+    cal_samples: int = CalSamplesOpt,
+    cal_seqlen: int = CalSeqlenOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    data_dir: Optional[Path] = DataDirOpt,
+) -> None:
+    """Dense, LaRoSA, un-rotated Top-K, TEAL and CATS at equal parameter-weighted sparsity (resumable)."""
+    try:
+        from .compare import run_compare
+
+        res = run_compare(model, tuple(m.strip() for m in methods.split(",") if m.strip()),
+                          _floats(targets, "--targets"), out, windows, seqlen, cal_samples, cal_seqlen,
+                          data_dir=data_dir, device=device, dtype=dtype)
+    except LarosaError as exc:
+        _fail(exc)
+        return
+    typer.echo(res["table"])
+    typer.echo(f"wrote {res['out']}/results.json, table.md, ppl.png")
+
+
 @app.command("demo")
 def demo(
     model: str = ModelOpt,

@@ -50,7 +50,7 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, n_windows: int | None = None,
-                        batch_size: int = 1, progress: bool = True) -> PPLResult:
+                        batch_size: int = 1, progress: bool = True, on_window=None) -> PPLResult:
     """Paper-protocol perplexity of `model` on a 1-D token stream."""
     ctx = model_context(model)
     if ctx is not None and seqlen > ctx:
@@ -71,6 +71,8 @@ def perplexity_from_ids(model, ids: torch.Tensor, seqlen: int = 2048, n_windows:
         batch = wins[i : i + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         nll_sum += float(window_nll(logits, batch).sum())
+        if on_window is not None:
+            on_window()
         bar.update(batch.shape[0])
         bar.set_postfix(ppl=f"{math.exp(nll_sum / ((i + batch.shape[0]) * (seqlen - 1))):.3f}")
     bar.close()

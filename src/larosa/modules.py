@@ -6,7 +6,9 @@ original module as `inner`. Nothing is monkey-patched.
   TopK          keep the k largest |x| per token (optionally only for single-token calls)
   SiteInput     norm -> [rotate by A] -> TopK: the shared sparse input of q/k/v or gate/up
   OfficialSite  norm -> (fp64) rotate by Q -> TopK -> rotate back: METHOD.md 5A, the released code
-  TopKLinear    TopK -> linear: o_proj and down_proj inputs
+  SparseLinear  sparsifier -> linear: o_proj and down_proj inputs
+  Threshold     keep |x| > t (TEAL-style), with optional realised-sparsity metering
+  CatsAct       act(gate) with |act(gate)| <= t zeroed (CATS): skips up rows and down columns
   AdaptedLayer  decoder layer -> x R: the residual adapter Q_l^T Q_{l+1} of the fused form
 """
 
@@ -18,10 +20,46 @@ from torch import nn
 from .sparsity import topk
 
 
+class SparsityMeter:
+    """Realised parameter-weighted sparsity per token: sparsifiers report skipped weight entries.
+
+    Attached to a model by `attach_meter`; `flush()` after each forward pass closes a batch of tokens.
+    """
+
+    def __init__(self, total_weights: int):
+        self.total = total_weights
+        self.current: torch.Tensor | None = None
+        self.per_token: list[torch.Tensor] = []
+
+    def add(self, skipped: torch.Tensor) -> None:
+        skipped = skipped.reshape(-1).double().cpu()
+        self.current = skipped if self.current is None else self.current + skipped
+
+    def flush(self) -> None:
+        if self.current is not None:
+            self.per_token.append(self.current / self.total)
+        self.current = None
+
+    def summary(self) -> dict:
+        if not self.per_token:
+            return {}
+        v = torch.cat(self.per_token)
+        q = torch.quantile(v, torch.tensor([0.01, 0.5, 0.99], dtype=v.dtype))
+        return {"tokens": v.numel(), "mean": v.mean().item(), "std": v.std().item(), "min": v.min().item(),
+                "p01": q[0].item(), "median": q[1].item(), "p99": q[2].item(), "max": v.max().item()}
+
+
+def _meter(module: nn.Module, zeros: torch.Tensor) -> None:
+    if module.meter is not None:
+        module.meter.add(zeros.to(torch.float64) * module.weight_per_channel)
+
+
 class TopK(nn.Module):
     def __init__(self, k: int, d: int, tie_rule: str = "exact", dense_prefill: bool = False):
         super().__init__()
         self.k, self.d, self.tie_rule, self.dense_prefill = int(k), int(d), tie_rule, dense_prefill
+        self.meter: SparsityMeter | None = None
+        self.weight_per_channel = 0
 
     def extra_repr(self) -> str:
         return f"k={self.k}, d={self.d}, tie_rule={self.tie_rule}, dense_prefill={self.dense_prefill}"
@@ -32,13 +70,47 @@ class TopK(nn.Module):
         return not (self.dense_prefill and x.dim() >= 2 and x.shape[-2] > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return topk(x, self.k, self.tie_rule) if self.active(x) else x
+        y = topk(x, self.k, self.tie_rule) if self.active(x) else x
+        if self.meter is not None:
+            _meter(self, (y == 0).sum(-1))
+        return y
+
+
+class Threshold(nn.Module):
+    """TEAL-style magnitude threshold: keep |x| > t."""
+
+    def __init__(self, threshold: float, d: int, dense_prefill: bool = False):
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self.d, self.dense_prefill = int(d), dense_prefill
+        self.meter: SparsityMeter | None = None
+        self.weight_per_channel = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_prefill and x.dim() >= 2 and x.shape[-2] > 1:
+            return x
+        keep = x.abs() > self.threshold
+        if self.meter is not None:
+            _meter(self, (~keep).sum(-1))
+        return x * keep
+
+
+class CatsAct(nn.Module):
+    """CATS: the MLP activation with |act(gate)| <= t zeroed, so up rows and down columns are skipped."""
+
+    def __init__(self, act: nn.Module, threshold: float, d: int):
+        super().__init__()
+        self.inner = act
+        self.sparsifier = Threshold(threshold, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sparsifier(self.inner(x))
 
 
 class SiteInput(nn.Module):
     """Fused-form block input: (gamma-free) norm, optional in-layer rotation A, then Top-K."""
 
-    def __init__(self, norm: nn.Module, sparsifier: TopK, rotate: torch.Tensor | None = None):
+    def __init__(self, norm: nn.Module, sparsifier: nn.Module, rotate: torch.Tensor | None = None):
         super().__init__()
         self.inner = norm
         self.sparsifier = sparsifier
@@ -71,10 +143,10 @@ class OfficialSite(nn.Module):
         return (z @ self.q.T).to(h.dtype)
 
 
-class TopKLinear(nn.Module):
-    """Top-K of the input, then the original linear layer (o_proj, down_proj)."""
+class SparseLinear(nn.Module):
+    """A sparsifier (Top-K or threshold) on the input, then the original linear layer (o_proj, down_proj)."""
 
-    def __init__(self, linear: nn.Linear, sparsifier: TopK):
+    def __init__(self, linear: nn.Linear, sparsifier: nn.Module):
         super().__init__()
         self.inner = linear
         self.sparsifier = sparsifier

@@ -26,7 +26,7 @@ from .arch import (ArchSpec, decoder_layers, get_submodule, layer_body, require_
                    spec_for)
 from .calibrate import Rotations
 from .errors import LarosaError
-from .modules import AdaptedLayer, OfficialSite, SiteInput, TopK, TopKLinear
+from .modules import AdaptedLayer, OfficialSite, SiteInput, TopK, SparseLinear
 from .sparsity import SparsityPlan
 
 FORMS = ("official", "fused", "topk")
@@ -71,7 +71,7 @@ def _linear_in(layer: nn.Module, path: str) -> int:
 def _wrap_mid_sites(layer: nn.Module, spec: ArchSpec, plan: SparsityPlan, i: int) -> None:
     for site, path in (("attn_out", spec.attn_out), ("mlp_out", spec.mlp_out)):
         lin = get_submodule(layer, path)
-        set_submodule(layer, path, TopKLinear(lin, _topk(plan, site, lin.in_features, i)))
+        set_submodule(layer, path, SparseLinear(lin, _topk(plan, site, lin.in_features, i)))
 
 
 def _q(rot: Rotations | None, i: int, site: str, basis: str, level: str, d: int) -> torch.Tensor:

@@ -1,0 +1,162 @@
+"""`larosa compare`: every method on one model, one protocol, at equal parameter-weighted sparsity.
+
+Methods: dense, larosa-official, larosa-fused, topk (un-rotated Top-K), teal (uniform thresholds),
+cats (MLP only). For each target parameter-weighted sparsity the method's own knob is solved for:
+LaRoSA's nominal p under the paper split (bisection), TEAL's uniform s (= target), CATS' s (only up
+rows and down columns are skippable, so high targets are out of its reach and reported as such).
+Each (method, target) cell is written to `<out>/cells/` as soon as it is done; a re-run skips finished
+cells, so an interrupted comparison resumes. Outputs: `results.json`, `table.md`, `ppl.png`.
+Realised sparsity is metered per token on the evaluation data (Top-K is constant by construction,
+thresholds drift).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .baselines import (apply_cats, apply_teal, attach_meter, cats_sparsity_for, collect_thresholds,
+                        larosa_plan_for, projection_weights, Thresholds)
+from .calibrate import model_fingerprint
+from .data import calibration_batches, load_wikitext, tokenize_source
+from .errors import LarosaError
+from .evaluate import perplexity_from_ids
+from .modules import SparsityMeter
+from .record import run_record, write_json
+from .report import markdown_table
+from .sparsity import SITES
+from .transform import LarosaConfig, apply
+
+METHODS = ("dense", "larosa-official", "larosa-fused", "topk", "teal", "cats")
+
+
+def _thresholds(lm, nsamples, seqlen, seed, data_dir, progress):
+    from .api import calibration_source
+    from .arch import spec_for
+    from .models import cache_dir
+
+    fp = model_fingerprint(lm.model, spec_for(lm.model))
+    path = cache_dir() / "thresholds" / f"{fp['class']}-{fp['norm_hash']}-{nsamples}x{seqlen}-seed{seed}.safetensors"
+    if path.is_file():
+        return Thresholds.load(path, lm.model)
+    source = calibration_source(None, data_dir)
+    ids = tokenize_source(lm.tokenizer, source)
+    thr = collect_thresholds(lm.model, calibration_batches(ids, nsamples, seqlen, seed), seed=seed,
+                             progress=progress, data=source.describe())
+    thr.save(path)
+    return thr
+
+
+def build(method: str, base, target: float, rot, thr):
+    """(model, description) for one cell; model is None when the target is out of the method's reach."""
+    if method == "dense":
+        return base, {"knob": None}
+    if method in ("larosa-official", "larosa-fused", "topk"):
+        form = {"larosa-official": "official", "larosa-fused": "fused", "topk": "topk"}[method]
+        plan = larosa_plan_for(base, target, tie_rule="ge" if form == "official" else "exact")
+        net = apply(copy.deepcopy(base), LarosaConfig(form, "layer", plan), rot)
+        return net, {"knob": f"p={plan.nominal:.4f}", "sites": plan.sites}
+    if method == "teal":
+        sites = {s: target for s in SITES}
+        return apply_teal(copy.deepcopy(base), thr, sites), {"knob": f"s={target:.4f}", "sites": sites}
+    if method == "cats":
+        s = cats_sparsity_for(base, target)
+        if s is None:
+            return None, {"knob": "out of reach (only up rows + down columns are skippable)"}
+        return apply_cats(copy.deepcopy(base), thr, s), {"knob": f"s={s:.4f}", "sites": {"mlp_act": s}}
+    raise LarosaError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...], out_dir: str | Path,
+                windows: int | None = 40, seqlen: int = 2048, cal_samples: int = 16, cal_seqlen: int = 2048,
+                cal_seed: int = 0, data_dir=None, device: str = "auto", dtype: str = "auto",
+                progress: bool = True) -> dict:
+    from .api import cached_rotations
+    from .models import load_model
+
+    for m in methods:
+        if m not in METHODS:
+            raise LarosaError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    out = Path(out_dir)
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    setup = {"model": model, "windows": windows, "seqlen": seqlen, "cal_samples": cal_samples,
+             "cal_seqlen": cal_seqlen, "cal_seed": cal_seed, "protocol": "paper ppl (non-overlapping windows)"}
+    setup_file = out / "setup.json"
+    if setup_file.is_file() and json.loads(setup_file.read_text()) != setup:
+        raise LarosaError(f"{out} holds a comparison with another setup ({setup_file}); use another --out")
+    write_json(setup_file, setup)
+
+    todo = [(m, t) for m in methods for t in ((0.0,) if m == "dense" else targets)]
+    pending = [(m, t) for m, t in todo if not (cells_dir / f"{m}-{t:.3f}.json").is_file()]
+    lm = ids = rot = thr = None
+    if pending:
+        lm = load_model(model, device=device, dtype=dtype)
+        ids = tokenize_source(lm.tokenizer, load_wikitext("test", data_dir))
+        if any(m.startswith("larosa") for m, _ in pending):
+            rot = cached_rotations(lm, cal_samples, cal_seqlen, cal_seed, None, data_dir, None, progress)
+        if any(m in ("teal", "cats") for m, _ in pending):
+            thr = _thresholds(lm, cal_samples, cal_seqlen, cal_seed, data_dir, progress)
+        weights = projection_weights(lm.model)["total"]
+    for m, t in tqdm(pending, desc="compare", unit="cell", disable=not progress):
+        t0 = time.perf_counter()
+        net, desc = build(m, lm.model, t, rot, thr)
+        cell = {"method": m, "target_pw": t, **desc}
+        if net is None:
+            cell.update({"ppl": None})
+        else:
+            meter = attach_meter(net, SparsityMeter(weights))
+            res = perplexity_from_ids(net, ids, seqlen=seqlen, n_windows=windows, progress=progress,
+                                      on_window=meter.flush)
+            real = meter.summary()
+            cell.update({"ppl": res.ppl, "windows": f"{res.windows_used} of {res.windows_total}",
+                         "realised_pw": real, "seconds": round(time.perf_counter() - t0, 1)})
+            if net is not lm.model:
+                del net
+        write_json(cells_dir / f"{m}-{t:.3f}.json", cell)
+    cells = [json.loads((cells_dir / f"{m}-{t:.3f}.json").read_text()) for m, t in todo]
+    rows = []
+    for c in cells:
+        r = c.get("realised_pw") or {}
+        rows.append({"method": c["method"], "target_pw": c["target_pw"], "knob": c["knob"],
+                     "realised_pw_mean": round(r["mean"], 4) if r else 0.0,
+                     "per_token_p01-p99": f"{r['p01']:.3f}-{r['p99']:.3f}" if r else "-",
+                     "ppl": round(c["ppl"], 3) if c["ppl"] is not None else "n/a"})
+    table = markdown_table(rows)
+    (out / "table.md").write_text(table + "\n")
+    record = run_record("compare", setup, cells=cells)
+    write_json(out / "results.json", record)
+    plot(cells, out / "ppl.png", model)
+    return {"rows": rows, "table": table, "out": out}
+
+
+def plot(cells: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    dense = next((c["ppl"] for c in cells if c["method"] == "dense"), None)
+    for m in METHODS[1:]:
+        pts = [(c["realised_pw"]["mean"], c["ppl"]) for c in cells
+               if c["method"] == m and c["ppl"] is not None and c.get("realised_pw")]
+        if pts:
+            ax.plot(*zip(*sorted(pts)), "o-", label=m)
+    if dense is not None:
+        ax.axhline(dense, color="k", ls="--", label="dense")
+    ax.set_xlabel("realised parameter-weighted sparsity")
+    ax.set_ylabel("WikiText-2 PPL")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

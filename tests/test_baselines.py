@@ -1,0 +1,129 @@
+import copy
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from larosa import LarosaConfig, SparsityPlan, apply
+from larosa.baselines import (Thresholds, apply_cats, apply_teal, attach_meter, cats_sparsity_for,
+                              collect_thresholds, larosa_plan_for, projection_weights)
+from larosa.calibrate import calibrate
+from larosa.cli import app
+from larosa.data import rows_from_raw, rows_num_bytes
+from larosa.modules import CatsAct, SparsityMeter, Threshold
+from larosa.sparsity import SITES, parameter_weighted
+
+from tiny import save_tiny_hf_dir, tiny_model
+
+
+def test_threshold_is_the_s_quantile_of_magnitudes():
+    # |x| uniform on a known grid: the s-quantile of |x| is s * max
+    grid = torch.linspace(0, 2.0, 1001)
+    thr = Thresholds(torch.stack([grid] * 5)[None].float(), {})
+    for s in (0.25, 0.4, 0.5, 0.9):
+        assert thr.threshold(0, "attn_in", s) == pytest.approx(2.0 * s, abs=1e-5)
+    assert thr.threshold(0, "attn_in", 0.0) < 0  # sparsity 0 keeps zeros too
+
+
+def test_collected_thresholds_give_the_target_sparsity_on_calibration_data():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (4, 32))
+    thr = collect_thresholds(model, ids, progress=False)
+    teal = apply_teal(copy.deepcopy(model), thr, {s: 0.5 for s in SITES})
+    meter = attach_meter(teal, SparsityMeter(projection_weights(model)["total"]))
+    with torch.no_grad():
+        teal(ids)
+    meter.flush()
+    assert meter.summary()["mean"] == pytest.approx(0.5, abs=0.03)
+    # the per-site threshold is the quantile: half of layer-0 o_proj inputs fall below it
+    seen = []
+    h = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(ids)
+    h.remove()
+    frac = (seen[0].abs() <= thr.threshold(0, "attn_out", 0.5)).float().mean().item()
+    assert frac == pytest.approx(0.5, abs=0.02)
+
+
+def test_cats_touches_only_the_mlp():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    thr = collect_thresholds(model, ids, progress=False)
+    cats = apply_cats(copy.deepcopy(model), thr, 0.5)
+    layer = cats.model.layers[0]
+    assert isinstance(layer.mlp.act_fn, CatsAct)
+    for name, mod in cats.named_modules():
+        if "self_attn" in name or "layernorm" in name:
+            assert not isinstance(mod, (Threshold, CatsAct)), name
+    # attention outputs identical to dense, MLP outputs differ
+    outs = {}
+    for tag, net in (("dense", model), ("cats", cats)):
+        hooks = [net.model.layers[0].self_attn.register_forward_hook(lambda m, a, o, t=tag: outs.setdefault(t + "a", o[0])),
+                 net.model.layers[0].mlp.register_forward_hook(lambda m, a, o, t=tag: outs.setdefault(t + "m", o))]
+        with torch.no_grad():
+            net(ids)
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(outs["densea"], outs["catsa"])
+    assert not torch.allclose(outs["densem"], outs["catsm"])
+
+
+def test_equal_footing_arithmetic():
+    model = tiny_model("llama")
+    for target in (0.25, 0.4):
+        plan = larosa_plan_for(model, target)
+        from larosa.arch import projection_shapes, spec_for
+
+        pw = parameter_weighted(plan, projection_shapes(model, spec_for(model)))
+        assert pw == pytest.approx(target, abs=0.03)  # tiny dims: k is coarse
+    w = projection_weights(model)
+    assert cats_sparsity_for(model, 0.25) == pytest.approx(0.25 * w["total"] / w["cats"])
+    assert cats_sparsity_for(model, 0.9) is None
+
+
+def test_topk_meter_is_constant_per_token():
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    rot = calibrate(model, ids, progress=False)
+    plan = SparsityPlan.from_nominal(0.4)
+    net = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", plan), rot)
+    meter = attach_meter(net, SparsityMeter(projection_weights(model)["total"]))
+    with torch.no_grad():
+        net(ids)
+    meter.flush()
+    s = meter.summary()
+    from larosa.arch import projection_shapes, spec_for
+
+    assert s["std"] < 1e-12 and s["tokens"] == 60
+    assert s["mean"] == pytest.approx(parameter_weighted(plan, projection_shapes(model, spec_for(model))))
+
+
+def test_compare_is_resumable(tmp_path, monkeypatch):
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    text = " \n" + " w1 w2 w3 w4 w5 w6 w7 \n" * 300
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        (data / name).write_text(text)
+    nbytes = rows_num_bytes(rows_from_raw(text))
+    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
+    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "cmp"
+    args = ["compare", "--model", str(d), "--out", str(out), "--methods", "dense,larosa-fused,teal,cats",
+            "--targets", "0.25,0.9", "--windows", "2", "--seqlen", "32", "--cal-samples", "2",
+            "--cal-seqlen", "32", "--data-dir", str(tmp_path / "data")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert len(cells) == 7 and (out / "table.md").is_file() and (out / "results.json").is_file()
+    assert json.loads((out / "cells" / "cats-0.900.json").read_text())["ppl"] is None
+    stamp = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    (out / "cells" / "teal-0.250.json").unlink()
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    again = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    changed = {n for n in again if again[n] != stamp.get(n)}
+    assert changed == {"teal-0.250.json"}  # only the missing cell was recomputed
+    bad = CliRunner().invoke(app, [a if a != "2" else "3" for a in args])
+    assert bad.exit_code == 2 and "another setup" in bad.output
