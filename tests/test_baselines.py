@@ -127,3 +127,32 @@ def test_compare_is_resumable(tmp_path, monkeypatch):
     assert changed == {"teal-0.250.json"}  # only the missing cell was recomputed
     bad = CliRunner().invoke(app, [a if a != "2" else "3" for a in args])
     assert bad.exit_code == 2 and "another setup" in bad.output
+
+
+def test_compare_with_zeroshot_cells(tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from pathlib import Path
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not (shared / "piqa").is_dir():
+        pytest.skip("shared/data not present")
+    from larosa.compare import run_compare
+
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    data = tmp_path / "data"
+    (data / "wikitext2").mkdir(parents=True)
+    text = " \n" + " w1 w2 w3 w4 w5 w6 w7 \n" * 300
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        (data / "wikitext2" / name).write_text(text)
+    for task in ("piqa", "arc_easy", "arc_challenge", "boolq", "openbookqa", "winogrande", "hellaswag"):
+        (data / task).symlink_to(shared / task)
+    nbytes = rows_num_bytes(rows_from_raw(text))
+    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
+    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    res = run_compare(str(d), ("dense", "teal"), (0.4,), tmp_path / "cmp", windows=1, seqlen=32, cal_samples=2,
+                      cal_seqlen=32, data_dir=data, progress=False, zeroshot_limit=2, zeroshot_batch=4)
+    zs = json.loads((tmp_path / "cmp" / "cells" / "teal-0.400-limit2.json".replace("teal", "zs-teal")).read_text())
+    assert set(zs["zeroshot"]["tasks"]) == {"piqa", "arc_easy", "arc_challenge", "boolq", "openbookqa",
+                                            "winogrande", "hellaswag"}
+    assert all(r["items"] == 2 for r in zs["zeroshot"]["tasks"].values())
+    assert "0-shot mean (limit 2)" in res["rows"][0]

@@ -193,6 +193,8 @@ def compare_cmd(
     windows: Optional[int] = typer.Option(40, help="evaluation windows (first N)"),
     seqlen: int = typer.Option(2048, help="window length"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder (cells/, results.json, table.md, ppl.png)"),
+    zeroshot_limit: int = typer.Option(0, help="also score the 7 zero-shot tasks through lm-eval on the first "
+                                       "N items of each (0: skip)"),
     cal_samples: int = CalSamplesOpt,
     cal_seqlen: int = CalSeqlenOpt,
     device: str = DeviceOpt,
@@ -205,7 +207,7 @@ def compare_cmd(
 
         res = run_compare(model, tuple(m.strip() for m in methods.split(",") if m.strip()),
                           _floats(targets, "--targets"), out, windows, seqlen, cal_samples, cal_seqlen,
-                          data_dir=data_dir, device=device, dtype=dtype)
+                          data_dir=data_dir, device=device, dtype=dtype, zeroshot_limit=zeroshot_limit)
     except LarosaError as exc:
         _fail(exc)
         return

@@ -75,7 +75,7 @@ def build(method: str, base, target: float, rot, thr):
 def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...], out_dir: str | Path,
                 windows: int | None = 40, seqlen: int = 2048, cal_samples: int = 16, cal_seqlen: int = 2048,
                 cal_seed: int = 0, data_dir=None, device: str = "auto", dtype: str = "auto",
-                progress: bool = True) -> dict:
+                progress: bool = True, zeroshot_limit: int = 0, zeroshot_batch: int = 8) -> dict:
     from .api import cached_rotations
     from .models import load_model
 
@@ -93,7 +93,9 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
     write_json(setup_file, setup)
 
     todo = [(m, t) for m in methods for t in ((0.0,) if m == "dense" else targets)]
-    pending = [(m, t) for m, t in todo if not (cells_dir / f"{m}-{t:.3f}.json").is_file()]
+    zs_name = lambda m, t: f"zs-{m}-{t:.3f}-limit{zeroshot_limit}.json"  # noqa: E731
+    pending = [(m, t) for m, t in todo if not (cells_dir / f"{m}-{t:.3f}.json").is_file()
+               or (zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file())]
     lm = ids = rot = thr = None
     if pending:
         lm = load_model(model, device=device, dtype=dtype)
@@ -107,6 +109,14 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
         t0 = time.perf_counter()
         net, desc = build(m, lm.model, t, rot, thr)
         cell = {"method": m, "target_pw": t, **desc}
+        if zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file():
+            from .zeroshot import evaluate_zeroshot
+
+            zs = None if net is None else evaluate_zeroshot(net, lm.tokenizer, limit=zeroshot_limit,
+                                                            batch_size=zeroshot_batch, data_dir=data_dir)
+            write_json(cells_dir / zs_name(m, t), {"method": m, "target_pw": t, "zeroshot": zs})
+        if (cells_dir / f"{m}-{t:.3f}.json").is_file():
+            continue
         if net is None:
             cell.update({"ppl": None})
         else:
@@ -120,6 +130,10 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
                 del net
         write_json(cells_dir / f"{m}-{t:.3f}.json", cell)
     cells = [json.loads((cells_dir / f"{m}-{t:.3f}.json").read_text()) for m, t in todo]
+    for c, (m, t) in zip(cells, todo):
+        zf = cells_dir / zs_name(m, t)
+        if zeroshot_limit > 0 and zf.is_file():
+            c["zeroshot"] = json.loads(zf.read_text())["zeroshot"]
     rows = []
     for c in cells:
         r = c.get("realised_pw") or {}
@@ -127,6 +141,9 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
                      "realised_pw_mean": round(r["mean"], 4) if r else 0.0,
                      "per_token_p01-p99": f"{r['p01']:.3f}-{r['p99']:.3f}" if r else "-",
                      "ppl": round(c["ppl"], 3) if c["ppl"] is not None else "n/a"})
+        if zeroshot_limit > 0:
+            zs = c.get("zeroshot")
+            rows[-1][f"0-shot mean (limit {zeroshot_limit})"] = round(100 * zs["mean"], 2) if zs else "n/a"
     table = markdown_table(rows)
     (out / "table.md").write_text(table + "\n")
     record = run_record("compare", setup, cells=cells)
