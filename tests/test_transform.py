@@ -172,3 +172,41 @@ def test_load_rejects_mismatched_weights(tmp_path):
     (out / "model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(LarosaError, match="truncated or corrupted"):
         load(out)
+
+
+def test_weighted_selection_ranks_by_column_norm(tmp_path):
+    model, ids, rot = _setup()
+    plan = SparsityPlan.from_nominal(0.5)
+    cfg = LarosaConfig("fused", "layer", plan, selection="weighted")
+    net = apply(copy.deepcopy(model), cfg, rot)
+    body = net.model.layers[0].inner
+    site = body.input_layernorm
+    w = torch.cat([body.self_attn.q_proj.weight, body.self_attn.k_proj.weight, body.self_attn.v_proj.weight])
+    torch.testing.assert_close(site.sparsifier.score_scale, w.norm(dim=0))
+    x = torch.randn(4, 32)
+    h = site.inner(x)
+    k = plan.k("attn_in", 32)
+    ref = h * topk_mask_ref(h * w.norm(dim=0), k)
+    torch.testing.assert_close(site(x), ref)
+    assert not torch.equal(site(x), topk(h, k))  # differs from plain magnitude ranking
+    out = save(net, tiny_tokenizer(), tmp_path / "w", cfg)
+    torch.testing.assert_close(load(out).model(ids).logits, net(ids).logits, rtol=0, atol=0)
+    set_plan(net, SparsityPlan.from_nominal(0.25))
+    assert site.sparsifier.score_scale is not None and site.sparsifier.k == 25  # survives a plan change
+    with pytest.raises(LarosaError, match="weighted selection"):
+        LarosaConfig("official", "layer", plan, selection="weighted")
+
+
+def test_fused_with_gamma_basis_q_is_still_invariant():
+    model, ids, rot = _setup(tie=True)
+    net = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", SparsityPlan.dense(), q_basis="gamma"), rot)
+    ref = model(ids).logits
+    assert (net(ids).logits - ref).abs().max() / ref.abs().max() < 1e-5
+    free = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", SparsityPlan.dense()), rot)
+    assert not torch.allclose(net.model.embed_tokens.weight, free.model.embed_tokens.weight)
+
+
+def topk_mask_ref(score, k):
+    from larosa.sparsity import topk_mask
+
+    return topk_mask(score, k)

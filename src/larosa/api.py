@@ -95,7 +95,8 @@ def evaluate_ppl(model: str = "smollm2-135m", windows: int | None = None, seqlen
                  sparsities: tuple[float, ...] = (0.0,), rotation: str = "layer",
                  split_coef: tuple[float, float] = (0.8, 1.2), rotations_path=None,
                  cal_samples: int = 16, cal_seqlen: int = 2048, cal_seed: int = 0,
-                 dense_prefill: bool = False, loaded: LoadedModel | None = None) -> dict:
+                 dense_prefill: bool = False, loaded: LoadedModel | None = None, selection: str = "magnitude",
+                 q_basis: str = "free") -> dict:
     """Perplexity of the dense model and/or LaRoSA forms at several sparsities, one table."""
     t0 = time.perf_counter()
     source = load_wikitext(split, data_dir)
@@ -117,7 +118,8 @@ def evaluate_ppl(model: str = "smollm2-135m", windows: int | None = None, seqlen
                 tie = "ge" if form == "official" else "exact"
                 plan = make_plan(p, split_coef, tie_rule=tie, dense_prefill=dense_prefill)
                 if transformed is None:
-                    transformed = apply(copy.deepcopy(base.model), LarosaConfig(form, rotation, plan), rot)
+                    cfg = LarosaConfig(form, rotation, plan, selection=selection, q_basis=q_basis)
+                    transformed = apply(copy.deepcopy(base.model), cfg, rot)
                 else:
                     set_plan(transformed, plan)
                 net = transformed
@@ -125,6 +127,10 @@ def evaluate_ppl(model: str = "smollm2-135m", windows: int | None = None, seqlen
                                       progress=progress)
             rep = sparsity_report(base.model, plan)
             label = form if form in ("dense", "official", "topk") else f"fused/{rotation}"
+            if form != "dense" and selection != "magnitude":
+                label += f"/{selection}"
+            if form == "fused" and q_basis != "free":
+                label += f"/Q-{q_basis}"
             rows.append({"form": label, "p": p, "unweighted": rep["unweighted"],
                          "param_weighted": rep["param_weighted"],
                          "windows": f"{res.windows_used} of {res.windows_total}", "ppl": round(res.ppl, 4),
@@ -137,6 +143,7 @@ def evaluate_ppl(model: str = "smollm2-135m", windows: int | None = None, seqlen
         {"model": model, "windows": windows, "seqlen": seqlen, "batch_size": batch_size, "split": split,
          "device": base.info.get("device"), "dtype": base.info.get("dtype"), "forms": list(forms),
          "sparsities": list(sparsities), "rotation": rotation, "split_coef": list(split_coef),
+         "selection": selection, "q_basis": q_basis,
          "dense_prefill": dense_prefill,
          "calibration": rot.meta if rot is not None else None},
         protocol="wikitext2 raw, rows joined with '\\n\\n', non-overlapping windows, mean NLL over all "
@@ -154,7 +161,7 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
              rotation: str = "layer", split_coef: tuple[float, float] = (0.8, 1.2), sites: dict | None = None,
              rotations_path=None, cal_samples: int = 16, cal_seqlen: int = 2048, cal_seed: int = 0,
              dense_prefill: bool = False, device: str = "auto", dtype: str = "auto", data_dir=None,
-             progress: bool = True) -> dict:
+             progress: bool = True, selection: str = "magnitude", q_basis: str = "free") -> dict:
     """Calibrate (or reuse rotations), transform and save a model folder."""
     lm = load_model(model, device=device, dtype=dtype)
     tie = "ge" if form == "official" else "exact"
@@ -164,7 +171,8 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
         rot = cached_rotations(lm, cal_samples, cal_seqlen, cal_seed, None, data_dir, rotations_path, progress)
     report = sparsity_report(lm.model, plan)
     cfg = LarosaConfig(form, rotation, plan, provenance={
-        "base_model": lm.describe(), "calibration": rot.meta if rot else None, "sparsity": report})
+        "base_model": lm.describe(), "calibration": rot.meta if rot else None, "sparsity": report},
+        selection=selection, q_basis=q_basis)
     apply(lm.model, cfg, rot)
     path = _save(lm.model, lm.tokenizer, out, cfg)
     return {"path": path, "config": cfg, "sparsity": report, "loaded": lm}

@@ -75,6 +75,8 @@ RotFileOpt = typer.Option(None, "--rotations", help="rotations file from `larosa
 CalSamplesOpt = typer.Option(16, help="calibration sequences")
 CalSeqlenOpt = typer.Option(2048, help="calibration sequence length")
 DensePrefillOpt = typer.Option(False, help="leave multi-token (prefill) calls dense")
+SelectionOpt = typer.Option("magnitude", help="magnitude (paper) | weighted (|x_i| x consumer column norm)")
+QBasisOpt = typer.Option("free", help="fused form: Q from the gamma-free (free) or gamma-scaled (gamma) input")
 
 
 @eval_app.command("ppl")
@@ -92,6 +94,8 @@ def eval_ppl(
     cal_samples: int = CalSamplesOpt,
     cal_seqlen: int = CalSeqlenOpt,
     dense_prefill: bool = DensePrefillOpt,
+    selection: str = SelectionOpt,
+    q_basis: str = QBasisOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -113,7 +117,8 @@ def eval_ppl(
                            out=out or _default_out("ppl", model), forms=forms,
                            sparsities=_floats(sparsity, "--sparsity"), rotation=rotation,
                            split_coef=coef, rotations_path=rotations, cal_samples=cal_samples,
-                           cal_seqlen=cal_seqlen, dense_prefill=dense_prefill)
+                           cal_seqlen=cal_seqlen, dense_prefill=dense_prefill, selection=selection,
+                           q_basis=q_basis)
     except LarosaError as exc:
         _fail(exc)
         return
@@ -165,6 +170,8 @@ def sparsify_cmd(
     cal_samples: int = CalSamplesOpt,
     cal_seqlen: int = CalSeqlenOpt,
     dense_prefill: bool = DensePrefillOpt,
+    selection: str = SelectionOpt,
+    q_basis: str = QBasisOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -175,7 +182,8 @@ def sparsify_cmd(
 
         coef = _floats(split_coef, "--split")
         res = sparsify(model, out, sparsity, form, rotation, coef, _sites(sites), rotations, cal_samples,
-                       cal_seqlen, dense_prefill=dense_prefill, device=device, dtype=dtype, data_dir=data_dir)
+                       cal_seqlen, dense_prefill=dense_prefill, device=device, dtype=dtype, data_dir=data_dir,
+                       selection=selection, q_basis=q_basis)
     except LarosaError as exc:
         _fail(exc)
         return

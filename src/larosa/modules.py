@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .sparsity import topk
+from .sparsity import topk, topk_mask
 
 
 class SparsityMeter:
@@ -60,9 +60,15 @@ class TopK(nn.Module):
         self.k, self.d, self.tie_rule, self.dense_prefill = int(k), int(d), tie_rule, dense_prefill
         self.meter: SparsityMeter | None = None
         self.weight_per_channel = 0
+        self.register_buffer("score_scale", None)
+
+    def set_score_scale(self, scale: torch.Tensor) -> None:
+        """Rank entries by |x_i| * scale_i (WINA-style: scale = column norms of the consumer weights)."""
+        self.score_scale = scale.detach().clone()
 
     def extra_repr(self) -> str:
-        return f"k={self.k}, d={self.d}, tie_rule={self.tie_rule}, dense_prefill={self.dense_prefill}"
+        weighted = ", weighted" if self.score_scale is not None else ""
+        return f"k={self.k}, d={self.d}, tie_rule={self.tie_rule}, dense_prefill={self.dense_prefill}{weighted}"
 
     def active(self, x: torch.Tensor) -> bool:
         if self.k >= self.d:
@@ -70,7 +76,12 @@ class TopK(nn.Module):
         return not (self.dense_prefill and x.dim() >= 2 and x.shape[-2] > 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = topk(x, self.k, self.tie_rule) if self.active(x) else x
+        if not self.active(x):
+            y = x
+        elif self.score_scale is None:
+            y = topk(x, self.k, self.tie_rule)
+        else:
+            y = x * topk_mask(x * self.score_scale.to(x.dtype), self.k, self.tie_rule)
         if self.meter is not None:
             _meter(self, (y == 0).sum(-1))
         return y

@@ -31,6 +31,7 @@ from .sparsity import SparsityPlan
 
 FORMS = ("official", "fused", "topk")
 ROTATION_LEVELS = ("layer", "block", "model")
+SELECTIONS = ("magnitude", "weighted")
 
 
 @dataclass
@@ -41,8 +42,16 @@ class LarosaConfig:
     rotation: str = "layer"
     plan: SparsityPlan = field(default_factory=SparsityPlan.dense)
     provenance: dict = field(default_factory=dict)
+    selection: str = "magnitude"  # or "weighted": rank by |z_i| * ||column i of the consumer weights||
+    q_basis: str = "free"  # fused form: Q from the gamma-free ("free") or gamma-scaled ("gamma") input
 
     def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise LarosaError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
+        if self.q_basis not in ("free", "gamma"):
+            raise LarosaError(f"unknown Q basis {self.q_basis!r}; choose free or gamma")
+        if self.selection == "weighted" and self.form == "official":
+            raise LarosaError("weighted selection is defined for the fused and topk forms only")
         if self.form not in FORMS:
             raise LarosaError(f"unknown form {self.form!r}; choose one of {', '.join(FORMS)}")
         if self.rotation not in ROTATION_LEVELS:
@@ -145,7 +154,8 @@ def _ones(norm: nn.Module) -> None:
         norm.weight.fill_(1.0)
 
 
-def apply_fused(model: nn.Module, rot: Rotations | None, plan: SparsityPlan, level: str = "layer") -> nn.Module:
+def apply_fused(model: nn.Module, rot: Rotations | None, plan: SparsityPlan, level: str = "layer",
+                q_basis: str = "free") -> nn.Module:
     """Rewrite weights (when `rot` is given) and swap in the fused-form modules."""
     spec = spec_for(model)
     require_invariant(spec)
@@ -153,8 +163,8 @@ def apply_fused(model: nn.Module, rot: Rotations | None, plan: SparsityPlan, lev
     layers = decoder_layers(model, spec)
     n = len(layers)
     _untie(model, spec)
-    qa = [_q(rot, i, "attn_in", "free", level, d) for i in range(n)]
-    qm = [_q(rot, i, "mlp_in", "free", level, d) for i in range(n)] if level == "block" else qa
+    qa = [_q(rot, i, "attn_in", q_basis, level, d) for i in range(n)]
+    qm = [_q(rot, i, "mlp_in", q_basis, level, d) for i in range(n)] if level == "block" else qa
     if rot is not None:
         with torch.no_grad():
             emb = get_submodule(model, spec.embed)
@@ -195,8 +205,31 @@ def apply(model: nn.Module, cfg: LarosaConfig, rot: Rotations | None) -> nn.Modu
     if cfg.form == "official":
         return apply_official(model, rot, cfg.plan)
     if cfg.form == "fused":
-        return apply_fused(model, rot, cfg.plan, cfg.rotation)
-    return apply_topk_only(model, cfg.plan)
+        apply_fused(model, rot, cfg.plan, cfg.rotation, cfg.q_basis)
+    else:
+        apply_topk_only(model, cfg.plan)
+    if cfg.selection == "weighted":
+        attach_scores(model)
+    return model
+
+
+@torch.no_grad()
+def attach_scores(model: nn.Module) -> None:
+    """WINA-style selection: every sparsifier ranks by |x_i| * ||column i of its consumers' weights||.
+
+    Computed once from the (already fused) weights; for a structure-only model the values are
+    placeholders that loading overwrites.
+    """
+    spec = spec_for(model)
+    for layer in decoder_layers(model, spec):
+        body = layer_body(layer)
+        for site in ("attn_in", "mlp_in"):
+            w = torch.cat([get_submodule(body, p).weight.detach().float() for p in spec.consumers(site)], 0)
+            site_mod = get_submodule(body, spec.site_norm(site))
+            site_mod.sparsifier.set_score_scale(w.norm(dim=0))
+        for path in (spec.attn_out, spec.mlp_out):
+            mod = get_submodule(body, path)
+            mod.sparsifier.set_score_scale(mod.inner.weight.detach().float().norm(dim=0))
 
 
 def build_structure(model: nn.Module, cfg: LarosaConfig) -> nn.Module:
@@ -208,9 +241,8 @@ def set_plan(model: nn.Module, plan: SparsityPlan) -> None:
     spec = spec_for(model)
     for i, layer in enumerate(decoder_layers(model, spec)):
         layer = layer_body(layer)
-        for site in ("attn_in", "mlp_in"):
-            mod = get_submodule(layer, spec.site_norm(site))
-            mod.sparsifier = _topk(plan, site, mod.sparsifier.d, i)
-        for site, path in (("attn_out", spec.attn_out), ("mlp_out", spec.mlp_out)):
-            mod = get_submodule(layer, path)
-            mod.sparsifier = _topk(plan, site, mod.inner.in_features, i)
+        mods = [(site, get_submodule(layer, spec.site_norm(site))) for site in ("attn_in", "mlp_in")]
+        mods += [("attn_out", get_submodule(layer, spec.attn_out)), ("mlp_out", get_submodule(layer, spec.mlp_out))]
+        for site, mod in mods:  # k changes in place: score scales and meters stay attached
+            sp = mod.sparsifier
+            sp.k, sp.tie_rule, sp.dense_prefill = plan.k(site, sp.d, i), plan.tie_rule, plan.dense_prefill
