@@ -137,8 +137,9 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
     rows = []
     for c in cells:
         r = c.get("realised_pw") or {}
+        realised = round(r["mean"], 4) if r else (0.0 if c["method"] == "dense" else "n/a")
         rows.append({"method": c["method"], "target_pw": c["target_pw"], "knob": c["knob"],
-                     "realised_pw_mean": round(r["mean"], 4) if r else 0.0,
+                     "realised_pw_mean": realised,
                      "per_token_p01-p99": f"{r['p01']:.3f}-{r['p99']:.3f}" if r else "-",
                      "ppl": round(c["ppl"], 3) if c["ppl"] is not None else "n/a"})
         if zeroshot_limit > 0:
@@ -170,7 +171,8 @@ def plot(cells: list[dict], path: Path, title: str) -> Path | None:
     if dense is not None:
         ax.axhline(dense, color="k", ls="--", label="dense")
     ax.set_xlabel("realised parameter-weighted sparsity")
-    ax.set_ylabel("WikiText-2 PPL")
+    ax.set_ylabel("WikiText-2 PPL (log scale)")
+    ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
