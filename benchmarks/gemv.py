@@ -15,7 +15,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from larosa.kernels import ops, reference  # noqa: E402
+from larosa.kernels import ops  # noqa: E402
 from larosa.kernels import triton_gemv  # noqa: E402
 
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.75, 0.9)
@@ -263,7 +262,7 @@ def main() -> None:
         rows += bench_shape(name, d_in, d_out, kind, dtype, bw, cfg)
         print(f"# done {name}", flush=True)
     cross = [] if args.no_crossover else batch_crossover(dtype)
-    hdr = f"| shape | s | k | cuBLAS us | ours us | TEAL-style us | ideal us | ours/ideal | speed-up vs cuBLAS |"
+    hdr = "| shape | s | k | cuBLAS us | ours us | TEAL-style us | ideal us | ours/ideal | speed-up vs cuBLAS |"
     print(hdr)
     print("|" + "---|" * 9)
     for r in rows:

@@ -61,7 +61,6 @@ def test_fused_sparsifies_every_projection_input_exactly():
     plan = SparsityPlan({"attn_in": 0.5, "attn_out": 0.25, "mlp_in": 0.5, "mlp_out": 0.75})
     fused = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", plan), rot)
     layer = fused.model.layers[0].inner
-    d, f = 32, 48
     for lin, k in ((layer.self_attn.q_proj, 16), (layer.self_attn.k_proj, 16), (layer.self_attn.v_proj, 16),
                    (layer.self_attn.o_proj.inner, 24), (layer.mlp.gate_proj, 16), (layer.mlp.up_proj, 16),
                    (layer.mlp.down_proj.inner, 12)):

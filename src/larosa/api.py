@@ -15,8 +15,6 @@ import copy
 import os
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
 
 from .arch import projection_shapes, spec_for
 from .calibrate import CalibrationConfig, Rotations, calibrate as _calibrate, model_fingerprint

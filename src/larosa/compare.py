@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from .baselines import (apply_cats, apply_teal, attach_meter, cats_sparsity_for, collect_thresholds,

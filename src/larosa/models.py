@@ -266,7 +266,6 @@ class LoadedModel:
 
 def load_model(spec: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     """Load a causal LM and its tokenizer from any accepted --model form."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
