@@ -64,7 +64,7 @@ def test_opcheck_on_gpu():
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
-@pytest.mark.parametrize("impl", ["hist", "bisect"])
+@pytest.mark.parametrize("impl", ["hist", "bisect", "bisect2"])
 def test_select_impls_on_gpu(impl):
     from larosa.kernels import triton_gemv
 

@@ -71,6 +71,37 @@ def select_bisect_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
 
 
 @triton.jit
+def select_bisect2_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
+    """Bisection two bits at a time: the three candidate counts of a bit pair travel packed in one int64
+    (20 bits each, counts < 2^20), so 8 block reductions replace 15."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < d_in
+    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
+    t = 0
+    if tl.sum((bits >= (1 << 14)).to(tl.int32), 0) >= k:
+        t = 1 << 14
+    for b in tl.static_range(13, 0, -2):  # bit pairs (13, 12), (11, 10), ..., (1, 0)
+        c1 = t | (1 << (b - 1))
+        c2 = t | (2 << (b - 1))
+        c3 = t | (3 << (b - 1))
+        packed = (bits >= c1).to(tl.int64) + ((bits >= c2).to(tl.int64) << 20) + ((bits >= c3).to(tl.int64) << 40)
+        tot = tl.sum(packed, 0)
+        n1 = tot & 0xFFFFF
+        n2 = (tot >> 20) & 0xFFFFF
+        n3 = tot >> 40
+        j = (n1 >= k).to(tl.int32) + (n2 >= k).to(tl.int32) + (n3 >= k).to(tl.int32)
+        t = t | (j << (b - 1))
+    need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
+    eq = (bits == t).to(tl.int32)
+    rank = tl.cumsum(eq, 0)
+    cutoff = tl.max(tl.where((eq > 0) & (rank == need_eq), offs + 1, 0), 0)
+    tl.store(sel_ptr + row * 2, t)
+    tl.store(sel_ptr + row * 2 + 1, cutoff)
+
+
+@triton.jit
 def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_ptr, cnt_ptr,
                        d_in, d_out, threshold, stride_x, stride_y, n_splits,
                        MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold (TEAL-style), 2: dense
@@ -151,7 +182,7 @@ def select_warps(block_d: int) -> int:
     return 4 if block_d <= 4096 else 8
 
 
-SELECT_IMPLS = ("hist", "bisect")
+SELECT_IMPLS = ("hist", "bisect", "bisect2")
 
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = "bisect") -> torch.Tensor:
@@ -159,7 +190,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = "b
     rows, d_in = x.shape
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = triton.next_power_of_2(d_in)
-    kernel = select_kernel if impl == "hist" else select_bisect_kernel
+    kernel = {"hist": select_kernel, "bisect": select_bisect_kernel, "bisect2": select_bisect2_kernel}[impl]
     kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d))
     return sel
 
