@@ -52,3 +52,44 @@ def test_fused_at_sparsity_zero_reproduces_smollm2_logits(smollm):
         ref, out = smollm.model(test_ids).logits, fused(test_ids).logits
     assert (out - ref).abs().max().item() < 1e-3
     assert fused.lm_head.weight.data_ptr() != fused.model.embed_tokens.weight.data_ptr()  # untied
+
+
+def _hf_greedy(model, ids, n):
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        import torch
+
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)[:, ids.shape[1]:]
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
+def test_engine_reproduces_smollm2_greedy_dense_and_fused(smollm):
+    """Issue 5's CPU check: the engine's greedy tokens and logits equal HF's on the real model, dense and
+    LaRoSA fused (against the plain PyTorch sparse model the transform builds)."""
+    import copy
+
+    import torch
+
+    from larosa import LarosaConfig, SparsityPlan, apply
+    from larosa.calibrate import calibrate
+    from larosa.engine import DecodeEngine, from_hf
+
+    ids = smollm.tokenizer("The history of the Roman Empire", return_tensors="pt").input_ids
+    n = 16
+    cal = tokenize_source(smollm.tokenizer, load_wikitext("validation"))[:1024].view(4, 256)
+    fused = apply(copy.deepcopy(smollm.model), LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.4)),
+                  calibrate(smollm.model, cal, progress=False))
+    for net in (smollm.model, fused):
+        ref = _hf_greedy(net, ids, n)
+        eng = DecodeEngine(from_hf(net), max_len=ids.shape[1] + n + 1)
+        assert torch.equal(eng.generate(ids, n).tokens, ref)
+        with torch.no_grad():
+            full = net(torch.cat([ids, ref], 1)).logits
+        torch.testing.assert_close(eng.prefill(ids), full[:, ids.shape[1] - 1], atol=2e-4, rtol=1e-4)
+        eng.tok.copy_(ref[:, :1])
+        for j in range(1, n):
+            eng.step()
+            torch.testing.assert_close(eng.logits, full[:, ids.shape[1] + j - 1], atol=2e-4, rtol=1e-4)

@@ -35,6 +35,8 @@ class ArchSpec:
     mlp_in: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out: str = "mlp.down_proj"
     act_fn: str = "mlp.act_fn"  # act(gate), CATS thresholds its output
+    rotary: str = "model.rotary_emb"  # holds inv_freq and attention_scaling (read by the decode engine)
+    qk_norm: tuple[str, str] | None = None  # per-head RMSNorm on q and k outputs (Qwen 3)
     # whether x -> x Q on the residual stream commutes with every block (RMSNorm before each block only)
     rotation_invariant: bool = True
     why_not_invariant: str = ""
@@ -54,7 +56,8 @@ REGISTRY: dict[str, ArchSpec] = {
     "LlamaForCausalLM": LLAMA,
     "MistralForCausalLM": ArchSpec("mistral"),
     "Qwen2ForCausalLM": ArchSpec("qwen2"),  # q/k/v biases are rotated with the weights' outputs
-    "Qwen3ForCausalLM": ArchSpec("qwen3"),  # q/k norms act on projection outputs: unaffected
+    "Qwen3ForCausalLM": ArchSpec(  # q/k norms act on projection outputs: unaffected by rotations
+        "qwen3", qk_norm=("self_attn.q_norm", "self_attn.k_norm")),
     "Gemma3ForCausalLM": ArchSpec(
         "gemma3", mlp_norm="pre_feedforward_layernorm", rotation_invariant=False,
         why_not_invariant="Gemma 3 normalises each block's output (post_attention_layernorm, "

@@ -247,6 +247,70 @@ def demo(
         _fail(exc)
 
 
+@app.command("generate")
+def generate_cmd(
+    model: str = ModelOpt,
+    prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", "-n", help="tokens to generate"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, help="sample from the k most likely tokens (0 = all)"),
+    seed: int = typer.Option(0, help="sampling seed"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", "-p", help="sparsify on the fly: LaRoSA fused "
+                                             "at nominal p (cached rotations); a saved model needs none"),
+    cal_samples: int = typer.Option(4, help="calibration sequences when --sparsity calibrates"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+) -> None:
+    """Stream a continuation of --prompt from the decode engine (dense, a saved LaRoSA/TEAL model, or -p)."""
+    try:
+        from .generate import stream_generate
+
+        stats = stream_generate(model, prompt, max_new_tokens, temperature, top_k, seed, sparsity, cal_samples,
+                                device, dtype, write=lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+    except LarosaError as exc:
+        _fail(exc)
+        return
+    typer.secho(f"\n[{stats['tokens']} tokens, {stats['tok_s']:.1f} tok/s decode, prefill {stats['prefill_ms']:.0f} ms, "
+                f"{stats['what']}]", fg=typer.colors.BRIGHT_BLACK, err=True)
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("decode")
+def bench_decode_cmd(
+    shape: Optional[str] = typer.Option(None, help="random weights at a real shape: llama2-7b | llama3-8b | "
+                                        "mistral-7b | qwen2.5-7b"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="or a real (small) model by name/path"),
+    methods: str = typer.Option("dense,larosa,teal", help="comma list of dense, larosa, topk, teal"),
+    sparsities: str = typer.Option("0.25,0.4,0.5,0.75", help="nominal LaRoSA sparsities (TEAL at the same "
+                                   "parameter-weighted sparsity)"),
+    prompt_len: int = typer.Option(128, help="prompt tokens (random ids)"),
+    gen_lens: str = typer.Option("128", help="generation lengths, comma list"),
+    batch: int = typer.Option(1, help="batch size"),
+    dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
+    device: str = DeviceOpt,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for results.json, table.md, decode.png"),
+) -> None:
+    """Decode tokens/s, p50/p99 latency, GB/s vs copy bandwidth: dense vs LaRoSA vs TEAL."""
+    try:
+        from .bench import bench_decode
+
+        res = bench_decode(shape, model, tuple(m.strip() for m in methods.split(",") if m.strip()),
+                           _floats(sparsities, "--sparsities"), prompt_len,
+                           tuple(int(x) for x in _floats(gen_lens, "--gen-lens")), batch, dtype, device, out)
+    except LarosaError as exc:
+        _fail(exc)
+        return
+    from .bench import _header
+
+    typer.echo(_header(res["setup"]))
+    typer.echo(res["table"])
+    if out is not None:
+        typer.echo(f"wrote {out}/results.json, table.md, decode.png")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     try:
         app()

@@ -1,0 +1,616 @@
+"""A lean decode engine: static KV cache, prefill, then a compiled, graph-captured decode step.
+
+The engine holds plain tensors (no HF modules) and one pure function per decoder layer, so the same
+code runs every model the package produces:
+
+  dense         F.linear on the original (or fused) weights
+  LaRoSA fused  Top-K sparse GEMV kernels (`larosa::topk_linear`, `larosa::topk_gate_up`) on the
+                rotated weights, residual adapters R_l between layers, optional in-layer rotation
+  un-rotated    the same kernels without rotations
+  TEAL          magnitude thresholds applied in the producer (fused by the compiler) and the
+                threshold-mode kernel skipping the zeroed inputs
+
+Models come from an HF model (dense or transformed by `larosa.transform`, read through the `ArchSpec`
+registry) or from a shape with random weights (`larosa.shapes`), for speed work where only shapes matter.
+
+On CUDA the per-layer function is compiled with `torch.compile` (one graph reused by every layer with
+the same static signature) and the whole decode step (embedding, layers, head, sampling, cache write,
+position update) is captured in one CUDA graph: generating n tokens is n graph replays, no host sync
+per token. On the CPU everything runs eagerly (tests); the custom ops fall back to their PyTorch
+references there, so the CPU path is the plain-PyTorch reference of the GPU path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .arch import decoder_layers, get_submodule, layer_body, spec_for
+from .errors import LarosaError
+from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.larosa.*)
+
+MODES = ("dense", "topk", "threshold")
+
+
+class Site(NamedTuple):
+    """Static sparsity of one site: mode and kept inputs (Top-K) per token."""
+
+    mode: str = "dense"
+    k: int = 0
+
+
+class LayerStatic(NamedTuple):
+    """Everything about a layer that is a Python constant (the compiled function specialises on it)."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    eps: float
+    attn_in: Site
+    attn_out: Site
+    mlp_in: Site
+    mlp_out: Site
+    qk_norm: bool
+    rotate_mlp: bool
+    adapter: bool
+    q_size: int
+    kv_size: int
+
+
+@dataclass
+class LayerWeights:
+    """Tensors of one layer. Projection weights are (d_out, d_in) for dense sites and input-major
+    (d_in, d_out) for sparse sites (a kept input channel is one contiguous row)."""
+
+    attn_norm: torch.Tensor
+    wqkv: torch.Tensor
+    bqkv: Optional[torch.Tensor]
+    wo: torch.Tensor
+    bo: Optional[torch.Tensor]
+    mlp_norm: torch.Tensor
+    wgate: torch.Tensor
+    wup: torch.Tensor
+    wdown: torch.Tensor
+    q_norm: Optional[torch.Tensor] = None
+    k_norm: Optional[torch.Tensor] = None
+    rotate_mlp: Optional[torch.Tensor] = None
+    adapter: Optional[torch.Tensor] = None
+    # TEAL: thresholds of (attn_in, attn_out, mlp_in, mlp_out) as a tensor, so layers share one graph
+    thresholds: Optional[torch.Tensor] = None
+    # weighted selection: x -> x * s before ranking (the weights' input rows were divided by s)
+    scale_attn_out: Optional[torch.Tensor] = None
+    scale_mlp_out: Optional[torch.Tensor] = None
+
+    def tensors(self) -> tuple:
+        return (self.attn_norm, self.wqkv, self.bqkv, self.wo, self.bo, self.mlp_norm, self.wgate, self.wup,
+                self.wdown, self.q_norm, self.k_norm, self.rotate_mlp, self.adapter, self.thresholds,
+                self.scale_attn_out, self.scale_mlp_out)
+
+    def to(self, device=None, dtype=None) -> "LayerWeights":
+        def mv(t):
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype if t.is_floating_point() and t.dim() > 0 else t.dtype)
+        return LayerWeights(*[mv(t) for t in self.tensors()])
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm arithmetic: normalise in fp32, cast back, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H, hd); cos/sin (T, hd): HF's rotate-half convention."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+
+
+def _apply_threshold(x: torch.Tensor, thr: Optional[torch.Tensor], i: int, site: Site) -> torch.Tensor:
+    if site.mode != "threshold":
+        return x
+    return x * (x.abs() > thr[i]).to(x.dtype)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site) -> torch.Tensor:
+    if site.mode == "dense":
+        return F.linear(x, w, b)
+    if site.mode == "topk":
+        return torch.ops.larosa.topk_linear(x, w, site.k, b)
+    y = torch.ops.larosa.threshold_linear(x, w, 0.0)  # inputs already thresholded: skip the zeros
+    return y if b is None else y + b
+
+
+def _gate_up(h: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, site: Site) -> torch.Tensor:
+    if site.mode == "dense":
+        return F.silu(F.linear(h, wg)) * F.linear(h, wu)
+    if site.mode == "topk":
+        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k)
+    return F.silu(torch.ops.larosa.threshold_linear(h, wg, 0.0)) * torch.ops.larosa.threshold_linear(h, wu, 0.0)
+
+
+def _attention(q, kc, vc, mask, st: LayerStatic) -> torch.Tensor:
+    """q (B, T, H, hd) against the whole static cache (B, KVH, L, hd); GQA without repeating K/V:
+    the G query heads of a KV head are laid out as G*T query rows of that head."""
+    b, t = q.shape[0], q.shape[1]
+    g = st.heads // st.kv_heads
+    qg = q.view(b, t, st.kv_heads, g, st.head_dim).permute(0, 2, 3, 1, 4).reshape(b, st.kv_heads, g * t,
+                                                                                  st.head_dim)
+    m = mask.repeat(g, 1)[None, None]
+    o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=m, scale=st.scaling)
+    return o.view(b, st.kv_heads, g, t, st.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, st.heads * st.head_dim)
+
+
+def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                  kc: torch.Tensor, vc: torch.Tensor, w: tuple, st: LayerStatic,
+                  probe: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+    """One decoder layer on x (B, T, D) at positions `pos` (T,), writing K/V into the cache in place.
+
+    `probe(site_index, x)` (eager use only) sees the four site inputs before sparsification."""
+    (attn_norm, wqkv, bqkv, wo, bo, mlp_norm, wgate, wup, wdown, q_norm, k_norm, rotate_mlp, adapter, thr,
+     s_ao, s_mo) = w
+    b, t, _ = x.shape
+    h = _rms(x, attn_norm, st.eps)
+    if probe is not None:
+        probe(0, h)
+    h = _apply_threshold(h, thr, 0, st.attn_in)
+    qkv = _linear(h, wqkv, bqkv, st.attn_in)
+    q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
+    q = q.view(b, t, st.heads, st.head_dim)
+    k = k.view(b, t, st.kv_heads, st.head_dim)
+    v = v.view(b, t, st.kv_heads, st.head_dim)
+    if st.qk_norm:
+        q, k = _rms(q, q_norm, st.eps), _rms(k, k_norm, st.eps)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    kc.index_copy_(2, pos, k.transpose(1, 2))
+    vc.index_copy_(2, pos, v.transpose(1, 2))
+    a = _attention(q, kc, vc, mask, st)
+    if s_ao is not None:
+        a = a * s_ao
+    if probe is not None:
+        probe(1, a)
+    a = _apply_threshold(a, thr, 1, st.attn_out)
+    x = x + _linear(a, wo, bo, st.attn_out)
+    h = _rms(x, mlp_norm, st.eps)
+    if st.rotate_mlp:
+        h = h @ rotate_mlp
+    if probe is not None:
+        probe(2, h)
+    h = _apply_threshold(h, thr, 2, st.mlp_in)
+    act = _gate_up(h, wgate, wup, st.mlp_in)
+    if s_mo is not None:
+        act = act * s_mo
+    if probe is not None:
+        probe(3, act)
+    act = _apply_threshold(act, thr, 3, st.mlp_out)
+    x = x + _linear(act, wdown, None, st.mlp_out)
+    if st.adapter:
+        x = x @ adapter
+    return x
+
+
+@dataclass
+class ModelWeights:
+    """A whole model for the engine: embedding, layers, final norm, head, rotary tables."""
+
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    statics: list[LayerStatic]
+    final_norm: torch.Tensor
+    final_eps: float
+    head: torch.Tensor
+    inv_freq: torch.Tensor
+    rope_scaling: float = 1.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    def to(self, device=None, dtype=None) -> "ModelWeights":
+        return replace(self, embed=self.embed.to(device=device, dtype=dtype),
+                       layers=[lw.to(device, dtype) for lw in self.layers],
+                       final_norm=self.final_norm.to(device=device, dtype=dtype),
+                       head=self.head.to(device=device, dtype=dtype), inv_freq=self.inv_freq.to(device))
+
+    def bytes_per_token(self, context: int = 0) -> dict:
+        """Bytes one decode step reads: kept weight rows of every projection, norms, adapters, head,
+        one embedding row, and `context` positions of the KV cache."""
+        elt = self.embed.element_size()
+        weights = 0
+        for lw, st in zip(self.layers, self.statics):
+            for site, ws in ((st.attn_in, [lw.wqkv]), (st.attn_out, [lw.wo]), (st.mlp_in, [lw.wgate, lw.wup]),
+                             (st.mlp_out, [lw.wdown])):
+                full = sum(w.numel() for w in ws)
+                d_in = ws[0].shape[0] if site.mode != "dense" else ws[0].shape[1]
+                frac = site.k / d_in if site.mode == "topk" else 1.0
+                weights += int(full * frac) * elt
+            extra = [lw.attn_norm, lw.mlp_norm, lw.bqkv, lw.bo, lw.q_norm, lw.k_norm, lw.rotate_mlp, lw.adapter]
+            weights += sum(t.numel() * t.element_size() for t in extra if t is not None)
+        head = self.head.numel() * elt
+        st = self.statics[0]
+        kv = 2 * len(self.layers) * st.kv_heads * st.head_dim * context * elt
+        adapters = sum(lw.adapter.numel() * elt for lw in self.layers if lw.adapter is not None)
+        return {"weights": weights + head + self.embed.shape[1] * elt, "adapters": adapters, "head": head,
+                "kv": kv, "total": weights + head + self.embed.shape[1] * elt + kv}
+
+
+# ---------- reading an HF model (dense or transformed) ------------------------------------------------
+
+def _site_of(sparsifier: Optional[nn.Module], d: int, layer: int, what: str) -> tuple[Site, Optional[float],
+                                                                                     Optional[torch.Tensor]]:
+    """(Site, threshold, score scale) of a sparsifier module (None: dense)."""
+    from .modules import Threshold, TopK
+
+    if sparsifier is None:
+        return Site("dense", d), None, None
+    if isinstance(sparsifier, TopK):
+        if sparsifier.k >= d:
+            return Site("dense", d), None, None
+        return Site("topk", sparsifier.k), None, sparsifier.score_scale
+    if isinstance(sparsifier, Threshold):
+        return Site("threshold", 0), float(sparsifier.threshold), None
+    raise LarosaError(f"layer {layer} {what}: the engine cannot run a {type(sparsifier).__name__} sparsifier")
+
+
+def _unwrap_site(mod: nn.Module, layer: int, what: str):
+    from .modules import OfficialSite, SiteInput
+
+    if isinstance(mod, OfficialSite):
+        raise LarosaError("the official form is a float64 simulation, not deployable: build the fused form "
+                          "(larosa sparsify --form fused) to run it in the engine")
+    if isinstance(mod, SiteInput):
+        return mod.inner, mod.sparsifier, mod.rotate
+    return mod, None, None
+
+
+def _lin(body: nn.Module, path: str):
+    from .modules import SparseLinear
+
+    mod = get_submodule(body, path)
+    if isinstance(mod, SparseLinear):
+        return mod.inner, mod.sparsifier
+    return mod, None
+
+
+def _orient(w: torch.Tensor, site: Site, in_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(d_out, d_in) HF weight -> the engine layout of `site`; weighted selection divides input rows."""
+    w = w.detach()
+    if in_scale is not None:
+        w = (w.double() / in_scale.double()[None, :]).to(w.dtype)
+    return w.contiguous() if site.mode == "dense" else w.t().contiguous()
+
+
+@torch.no_grad()
+def from_hf(model: nn.Module) -> ModelWeights:
+    """Engine weights of an HF causal LM (dense, LaRoSA fused, un-rotated Top-K or TEAL)."""
+    from .modules import CatsAct
+
+    spec = spec_for(model)
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
+        raise LarosaError(f"the engine's gated MLP is SiLU-gated; {type(model).__name__} uses {cfg.hidden_act}")
+    if not spec.rotation_invariant:
+        raise LarosaError(f"the engine supports Llama-layout decoders only: {spec.why_not_invariant}")
+    layers, statics = [], []
+    dense_prefill = False
+    for i, layer in enumerate(decoder_layers(model, spec)):
+        body = layer_body(layer)
+        if isinstance(get_submodule(body, spec.act_fn), CatsAct):
+            raise LarosaError("CATS is a simulation baseline here; the engine runs dense, LaRoSA and TEAL")
+        a_norm, a_sp, _ = _unwrap_site(get_submodule(body, spec.attn_norm), i, "attn_in")
+        m_norm, m_sp, rot = _unwrap_site(get_submodule(body, spec.mlp_norm), i, "mlp_in")
+        lins = [_lin(body, p) for p in spec.attn_in]
+        o_lin, o_sp = _lin(body, spec.attn_out)
+        g_lin, _ = _lin(body, spec.mlp_in[0])
+        u_lin, _ = _lin(body, spec.mlp_in[1])
+        d_lin, d_sp = _lin(body, spec.mlp_out)
+        d = lins[0][0].in_features
+        s_ai, t_ai, sc_ai = _site_of(a_sp, d, i, "attn_in")
+        s_ao, t_ao, sc_ao = _site_of(o_sp, o_lin.in_features, i, "attn_out")
+        s_mi, t_mi, sc_mi = _site_of(m_sp, d, i, "mlp_in")
+        s_mo, t_mo, sc_mo = _site_of(d_sp, d_lin.in_features, i, "mlp_out")
+        attn = get_submodule(body, spec.attn_in[0].rpartition(".")[0])
+        head_dim = int(getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        scaling = float(getattr(attn, "scaling", head_dim ** -0.5))
+        qn = kn = None
+        if spec.qk_norm is not None:
+            qn = get_submodule(body, spec.qk_norm[0]).weight.detach()
+            kn = get_submodule(body, spec.qk_norm[1]).weight.detach()
+        from .arch import norm_eps
+
+        a_gamma = a_norm.weight.detach()
+        m_gamma = m_norm.weight.detach()
+        if sc_ai is not None:  # fold the score scale into the norm output: x' = x * s, W' = W / s
+            a_gamma = (a_gamma.double() * sc_ai.double()).to(a_gamma.dtype)
+        dense_prefill = dense_prefill or any(getattr(sp, "dense_prefill", False) for sp in (a_sp, o_sp, m_sp, d_sp))
+        if sc_mi is not None:
+            if rot is not None:
+                raise LarosaError("weighted selection with an in-layer rotation is not supported by the engine")
+            m_gamma = (m_gamma.double() * sc_mi.double()).to(m_gamma.dtype)
+        wqkv = torch.cat([lin.weight.detach() for lin, _ in lins], 0)
+        biases = [lin.bias for lin, _ in lins]
+        bqkv = torch.cat([b.detach() for b in biases], 0) if all(b is not None for b in biases) else None
+        if bqkv is None and any(b is not None for b in biases):
+            raise LarosaError("q/k/v must all have biases or none")
+        thr = None
+        if "threshold" in (s_ai.mode, s_ao.mode, s_mi.mode, s_mo.mode):
+            thr = torch.tensor([t if t is not None else -1.0 for t in (t_ai, t_ao, t_mi, t_mo)],
+                               dtype=a_gamma.dtype)
+        lw = LayerWeights(
+            attn_norm=a_gamma, wqkv=_orient(wqkv, s_ai, sc_ai), bqkv=bqkv,
+            wo=_orient(o_lin.weight, s_ao, sc_ao), bo=None if o_lin.bias is None else o_lin.bias.detach(),
+            mlp_norm=m_gamma, wgate=_orient(g_lin.weight, s_mi, sc_mi), wup=_orient(u_lin.weight, s_mi, sc_mi),
+            wdown=_orient(d_lin.weight, s_mo, sc_mo), q_norm=qn, k_norm=kn,
+            rotate_mlp=None if rot is None else rot.detach(),
+            adapter=layer.adapter.detach() if hasattr(layer, "adapter") else None, thresholds=thr,
+            scale_attn_out=None if sc_ao is None else sc_ao.to(a_gamma.dtype),
+            scale_mlp_out=None if sc_mo is None else sc_mo.to(a_gamma.dtype))
+        if any(getattr(lin, "bias", None) is not None for lin in (g_lin, u_lin, d_lin)):
+            raise LarosaError("MLP biases are not supported by the engine")
+        statics.append(LayerStatic(
+            heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads, head_dim=head_dim, scaling=scaling,
+            eps=norm_eps(a_norm, spec), attn_in=s_ai, attn_out=s_ao, mlp_in=s_mi, mlp_out=s_mo,
+            qk_norm=qn is not None, rotate_mlp=rot is not None, adapter=lw.adapter is not None,
+            q_size=cfg.num_attention_heads * head_dim, kv_size=cfg.num_key_value_heads * head_dim))
+        layers.append(lw)
+    rotary = get_submodule(model, spec.rotary)
+    inv_freq = rotary.inv_freq.detach().float().clone()
+    fnorm = get_submodule(model, spec.final_norm)
+    return ModelWeights(
+        embed=get_submodule(model, spec.embed).weight.detach(), layers=layers, statics=statics,
+        final_norm=fnorm.weight.detach(), final_eps=norm_eps(fnorm, spec),
+        head=get_submodule(model, spec.head).weight.detach(), inv_freq=inv_freq,
+        rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+        meta={"source": type(model).__name__, "sliding_window": _sliding_window(cfg),
+              "dense_prefill": dense_prefill})
+
+
+def _sliding_window(cfg) -> Optional[int]:
+    types = getattr(cfg, "layer_types", None) or []
+    if any(t == "sliding_attention" for t in types) and getattr(cfg, "sliding_window", None):
+        return int(cfg.sliding_window)
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        return int(cfg.sliding_window)
+    return None
+
+
+def _all_inputs_kept(st: LayerStatic, w: tuple) -> LayerStatic:
+    """The same layer with every sparse site keeping all of its inputs (dense prefill)."""
+    wqkv, wo, wgate, wdown = w[1], w[3], w[6], w[8]
+    def kept(site: Site, wt: torch.Tensor) -> Site:
+        return site if site.mode == "dense" else Site("topk", wt.shape[0])
+    return st._replace(attn_in=kept(st.attn_in, wqkv), attn_out=kept(st.attn_out, wo),
+                       mlp_in=kept(st.mlp_in, wgate), mlp_out=kept(st.mlp_out, wdown))
+
+
+# ---------- the engine ----------------------------------------------------------------------------
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # (B, n_new) generated ids
+    prefill_s: float
+    step_ms: list[float]  # per decode step (CUDA events on the GPU, wall clock on the CPU)
+
+
+class DecodeEngine:
+    """Static-cache decoder for `ModelWeights`: `prefill`, then `step` one token at a time.
+
+    compile: None = on CUDA only. graphs: None = on CUDA only (the decode step is one CUDA graph).
+    """
+
+    def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
+                 graphs: Optional[bool] = None):
+        self.w = weights
+        self.device = weights.device
+        self.dtype = weights.dtype
+        cuda = self.device.type == "cuda"
+        self.compile = cuda if compile is None else compile
+        self.graphs = cuda if graphs is None else graphs
+        if self.graphs and not cuda:
+            raise LarosaError("CUDA graphs need a CUDA device")
+        sw = weights.meta.get("sliding_window")
+        if sw is not None and max_len > sw:
+            raise LarosaError(f"this model uses sliding-window attention ({sw} tokens); the engine supports "
+                              f"contexts up to the window only (asked for {max_len})")
+        self.max_len, self.batch = int(max_len), int(batch)
+        st = weights.statics[0]
+        shape = (self.batch, st.kv_heads, self.max_len, st.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in weights.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in weights.layers]
+        pos = torch.arange(self.max_len, device=self.device, dtype=torch.float32)
+        freqs = torch.outer(pos, weights.inv_freq.to(self.device).float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * weights.rope_scaling).to(self.dtype)
+        self.sin = (emb.sin() * weights.rope_scaling).to(self.dtype)
+        self.positions = torch.arange(self.max_len, device=self.device)
+        self._tensors = [lw.tensors() for lw in weights.layers]
+        self._layer_fn: Callable = decoder_layer
+        if self.compile:
+            # one graph per distinct LayerStatic (k values, adapters); raise dynamo's default limit of 8
+            # so a benchmark sweeping many sparsities in one process never falls back to eager
+            import torch._dynamo as dynamo
+
+            for name in ("recompile_limit", "cache_size_limit"):
+                if getattr(dynamo.config, name, 1 << 30) < 256:
+                    setattr(dynamo.config, name, 256)
+            self._layer_fn = torch.compile(decoder_layer, fullgraph=True, dynamic=False)
+        # decode-step state (static buffers, so a captured graph can read and update them)
+        self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.out = torch.zeros(self.batch, self.max_len, dtype=torch.long, device=self.device)
+        self.logits = torch.zeros(self.batch, weights.head.shape[0], dtype=torch.float32, device=self.device)
+        self._graph = None
+        self._graph_key = None
+
+    # -- forward ------------------------------------------------------------------------------------
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, layer_fn: Callable, dense: bool = False,
+                 probe=None):
+        """Logits of the last position; ids (B, T) at positions pos (T,)."""
+        x = F.embedding(ids, self.w.embed)
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = self.positions[None, :] <= pos[:, None]
+        for i, (lw, st, kc, vc) in enumerate(zip(self._tensors, self.w.statics, self.k_cache, self.v_cache)):
+            if dense:
+                st = _all_inputs_kept(st, lw)
+            layer_probe = None if probe is None else (lambda site, t, i=i: probe(i, site, t))
+            x = layer_fn(x, pos, cos, sin, mask, kc, vc, lw, st, layer_probe)
+        h = _rms(x[:, -1:], self.w.final_norm, self.w.final_eps)
+        return F.linear(h, self.w.head)[:, 0].float()
+
+    def reset(self) -> None:
+        for c in self.k_cache + self.v_cache:
+            c.zero_()
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, probe=None) -> torch.Tensor:
+        """Run the prompt (B, T) through the model from position 0; returns last-position logits.
+
+        Plans made with `dense_prefill` run the prompt with every input kept. `probe(layer, site, x)`
+        sees the site inputs (calibration of TEAL thresholds on random-weight shapes)."""
+        ids = ids.to(self.device)
+        if ids.dim() != 2 or ids.shape[0] != self.batch:
+            raise LarosaError(f"prompt must be (batch={self.batch}, T), got {tuple(ids.shape)}")
+        if ids.shape[1] >= self.max_len:
+            raise LarosaError(f"prompt of {ids.shape[1]} tokens does not fit max_len={self.max_len}")
+        self.reset()
+        logits = self._forward(ids, self.positions[: ids.shape[1]], decoder_layer,
+                               dense=bool(self.w.meta.get("dense_prefill")), probe=probe)
+        self.pos.fill_(ids.shape[1])
+        self.out[:, : ids.shape[1]] = ids
+        return logits
+
+    def _sample(self, logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+        if temperature <= 0:
+            return logits.argmax(-1, keepdim=True)
+        logits = logits / temperature
+        if top_k:
+            v = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = torch.where(logits < v, torch.full_like(logits, -float("inf")), logits)
+        probs = torch.softmax(logits, dim=-1)
+        # exponential race: argmax p_i / E_i with E_i ~ Exp(1) samples from p, without a host sync
+        return (probs / torch.empty_like(probs).exponential_(1)).argmax(-1, keepdim=True)
+
+    def _step_body(self, temperature: float, top_k: int) -> None:
+        """Decode the token in `self.tok` at `self.pos`; write the next token; advance pos."""
+        logits = self._forward(self.tok, self.pos, self._layer_fn)
+        self.logits.copy_(logits)
+        nxt = self._sample(logits, temperature, top_k)
+        self.tok.copy_(nxt)
+        self.out.index_copy_(1, self.pos + 1, nxt)
+        self.pos.add_(1)
+
+    def _capture(self, temperature: float, top_k: int) -> None:
+        key = (temperature, top_k)
+        if self._graph is not None and self._graph_key == key:
+            return
+        saved = (self.tok.clone(), self.pos.clone(), self.out.clone(), [c.clone() for c in self.k_cache],
+                 [c.clone() for c in self.v_cache])
+        self.pos.zero_()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # compile + warm up outside the graph
+                self._step_body(temperature, top_k)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._step_body(temperature, top_k)
+        self._graph, self._graph_key = g, key
+        self.tok.copy_(saved[0])
+        self.pos.copy_(saved[1])
+        self.out.copy_(saved[2])
+        for c, v in zip(self.k_cache + self.v_cache, saved[3] + saved[4]):
+            c.copy_(v)
+
+    @torch.no_grad()
+    def step(self, temperature: float = 0.0, top_k: int = 0) -> None:
+        if self.graphs:
+            self._capture(temperature, top_k)
+            self._graph.replay()
+        else:
+            self._step_body(temperature, top_k)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 seed: Optional[int] = None, on_tokens: Optional[Callable[[torch.Tensor], bool]] = None,
+                 chunk: int = 16, timing: bool = False) -> GenerationResult:
+        """Prefill `ids` (B, T), then decode `max_new_tokens` tokens.
+
+        `on_tokens(new_ids)` is called every `chunk` tokens (every token on the CPU) with the ids
+        produced since the last call; returning True stops early (e.g. all rows hit EOS). With
+        `timing`, per-step latencies are measured (CUDA events; no sync until the end).
+        """
+        import time
+
+        if max_new_tokens < 1:
+            raise LarosaError("max_new_tokens must be >= 1")
+        t = ids.shape[1]
+        if t + max_new_tokens > self.max_len:
+            raise LarosaError(f"prompt ({t}) + new tokens ({max_new_tokens}) exceed max_len={self.max_len}")
+        if seed is not None:
+            torch.manual_seed(seed)
+        cuda = self.device.type == "cuda"
+        if self.graphs:
+            self._capture(temperature, top_k)
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        first = self._sample(logits, temperature, top_k)
+        self.tok.copy_(first)
+        self.out[:, t] = first[:, 0]
+        if cuda:
+            torch.cuda.synchronize()
+        prefill_s = time.perf_counter() - t0
+        step_ms: list[float] = []
+        events = []
+        done_upto = t
+        if on_tokens is not None and on_tokens(self.out[:, t:t + 1].cpu().clone()):
+            return GenerationResult(self.out[:, t:t + 1].cpu().clone(), prefill_s, step_ms)
+        done_upto = t + 1
+        chunk = chunk if cuda else 1
+        n = 1
+        while n < max_new_tokens:
+            if timing and cuda:
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+            w0 = time.perf_counter()
+            self.step(temperature, top_k)
+            if timing and cuda:
+                e1.record()
+                events.append((e0, e1))
+            elif timing:
+                step_ms.append(1000 * (time.perf_counter() - w0))
+            n += 1
+            if on_tokens is not None and (n % chunk == 0 or n == max_new_tokens):
+                new = self.out[:, done_upto:t + n].cpu().clone()
+                done_upto = t + n
+                if on_tokens(new):
+                    break
+        if cuda:
+            torch.cuda.synchronize()
+            step_ms = [a.elapsed_time(b) for a, b in events]
+        return GenerationResult(self.out[:, t:t + n].cpu().clone(), prefill_s, step_ms)
+
+
+def engine_for(model: nn.Module, max_len: int, batch: int = 1, **kw) -> DecodeEngine:
+    """An engine over an HF model's weights (shared storage where the layout already matches)."""
+    return DecodeEngine(from_hf(model), max_len, batch, **kw)
+
+
+def roofline_tok_s(bytes_per_token: float, bandwidth: float) -> float:
+    return bandwidth / bytes_per_token if bytes_per_token else math.inf

@@ -1,0 +1,81 @@
+"""`larosa bench decode` and the random-shape models on the CPU (tiny shape; the numbers are meaningless
+here, the arithmetic is not)."""
+
+import json
+
+import pytest
+import torch
+
+from larosa.bench import bench_decode, param_weighted
+from larosa.engine import DecodeEngine
+from larosa.errors import LarosaError
+from larosa.shapes import SHAPES, random_base, sparse_variant, teal_thresholds
+from larosa.sparsity import SparsityPlan, k_for
+
+
+def test_sparse_variant_k_and_adapters():
+    base = random_base("tiny", torch.float32)
+    w = sparse_variant(base, "larosa", 0.5)
+    sh = SHAPES["tiny"]
+    plan = SparsityPlan.from_nominal(0.5)
+    st = w.statics[0]
+    assert st.attn_in.k == k_for(plan.sites["attn_in"], sh.hidden)
+    assert st.mlp_out.k == k_for(plan.sites["mlp_out"], sh.intermediate)
+    assert [lw.adapter is not None for lw in w.layers] == [True] * (sh.layers - 1) + [False]
+    a = w.layers[0].adapter
+    torch.testing.assert_close(a @ a.T, torch.eye(sh.hidden), atol=1e-5, rtol=0)
+    # input-major copies: a kept input channel is one contiguous row
+    assert w.layers[0].wqkv.shape == (sh.hidden, base.layers[0].wqkv.shape[0])
+    assert sparse_variant(base, "topk", 0.5).layers[0].adapter is None
+
+
+def test_param_weighted_matches_plan_arithmetic():
+    base = random_base("tiny", torch.float32)
+    assert param_weighted(base) == 0.0
+    sh = SHAPES["tiny"]
+    d, f, q, kv = sh.hidden, sh.intermediate, sh.hidden, sh.kv_heads * sh.head_dim
+    plan = SparsityPlan.from_nominal(0.4)
+    sizes = {"attn_in": d * (q + 2 * kv), "attn_out": q * d, "mlp_in": 2 * d * f, "mlp_out": f * d}
+    dims = {"attn_in": d, "attn_out": q, "mlp_in": d, "mlp_out": f}
+    kept = sum(sizes[s] * k_for(plan.sites[s], dims[s]) / dims[s] for s in sizes)
+    assert param_weighted(sparse_variant(base, "larosa", 0.4)) == pytest.approx(1 - kept / sum(sizes.values()))
+
+
+def test_teal_thresholds_hit_their_sparsity_on_the_calibration_prompt():
+    base = random_base("tiny", torch.float32)
+    prompt = torch.randint(0, SHAPES["tiny"].vocab, (1, 64))
+    thr = teal_thresholds(base, 0.5, prompt)
+    w = sparse_variant(base, "teal", 0.5, thresholds=thr)
+    assert torch.equal(w.layers[1].thresholds, thr[1])
+    seen = []
+    eng = DecodeEngine(base, max_len=80, compile=False)
+    # on the dense model's activations (what they were computed from) each threshold cuts exactly half
+    eng.prefill(prompt, probe=lambda i, s, x: seen.append((x.abs() <= thr[i, s]).float().mean().item()))
+    assert len(seen) == 4 * SHAPES["tiny"].layers
+    assert all(abs(v - 0.5) < 0.005 for v in seen), seen
+
+
+def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
+    res = bench_decode(shape="tiny", methods=("dense", "larosa", "teal"), sparsities=(0.5,), prompt_len=8,
+                       gen_lens=(12,), dtype="float32", device="cpu", out=tmp_path, progress=False)
+    rec = json.loads((tmp_path / "results.json").read_text())
+    rows = rec["rows"]
+    assert [r["method"] for r in rows] == ["dense", "larosa", "teal"]
+    dense, lar = rows[0], rows[1]
+    assert dense["speedup"] == 1.0 and lar["steps_timed"] == 11
+    # byte model: dense bytes / larosa bytes, from the kept rows
+    assert lar["byte_model_limit"] == pytest.approx(dense["bytes_per_token"]["weights"]
+                                                    / lar["bytes_per_token"]["weights"])
+    assert lar["bytes_per_token"]["adapters"] > 0 and dense["bytes_per_token"]["adapters"] == 0
+    assert rows[2]["param_weighted"] == pytest.approx(lar["param_weighted"])
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "decode.png").is_file()
+    assert "larosa" in res["table"]
+
+
+def test_bench_decode_argument_errors():
+    with pytest.raises(LarosaError, match="exactly one"):
+        bench_decode(progress=False)
+    with pytest.raises(LarosaError, match="unknown shape"):
+        bench_decode(shape="gpt5", progress=False, device="cpu")
+    with pytest.raises(LarosaError, match="unknown method"):
+        bench_decode(shape="tiny", methods=("cats",), progress=False, device="cpu")

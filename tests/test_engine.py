@@ -1,0 +1,142 @@
+"""The decode engine against the HF model it was read from (CPU, eager: the plain PyTorch path)."""
+
+import copy
+
+import pytest
+import torch
+
+from larosa import LarosaConfig, SparsityPlan, apply
+from larosa.baselines import apply_cats, apply_teal, collect_thresholds
+from larosa.calibrate import calibrate
+from larosa.engine import DecodeEngine, from_hf
+from larosa.errors import LarosaError
+
+from tiny import tiny_model
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def _hf_greedy(model, ids, n):
+    """HF's own greedy generate (no EOS: a tiny random model may emit token 2 at any point)."""
+    saved = model.generation_config.eos_token_id, model.config.eos_token_id
+    model.generation_config.eos_token_id = model.config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+    finally:
+        model.generation_config.eos_token_id, model.config.eos_token_id = saved
+    assert out.shape[1] == ids.shape[1] + n
+    return out[:, ids.shape[1]:]
+
+
+def _hf_logits(model, seq):
+    with torch.no_grad():
+        return model(seq).logits.float()
+
+
+def _check_against(model, ids, n=8, atol=1e-4):
+    """Engine greedy tokens == HF greedy tokens, and every step's logits match HF's full forward."""
+    eng = DecodeEngine(from_hf(model), max_len=ids.shape[1] + n + 3, batch=ids.shape[0])
+    res = eng.generate(ids, n)
+    ref = _hf_greedy(model, ids, n)
+    assert torch.equal(res.tokens, ref), (res.tokens, ref)
+    full = _hf_logits(model, torch.cat([ids, ref], 1))
+    # prefill logits, then the logits of each decode step
+    torch.testing.assert_close(eng.prefill(ids), full[:, ids.shape[1] - 1], atol=atol, rtol=1e-4)
+    eng.tok.copy_(ref[:, :1])
+    for j in range(1, n):
+        eng.step()
+        torch.testing.assert_close(eng.logits, full[:, ids.shape[1] + j - 1], atol=atol, rtol=1e-4)
+    return eng
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_engine_reproduces_hf_greedy(arch):
+    model = tiny_model(arch, seed=1, tie_word_embeddings=arch == "qwen2")
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    _check_against(model, ids)
+
+
+@pytest.mark.parametrize("level", ["layer", "block", "model"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_larosa_engine_matches_sparse_reference(arch, level):
+    model = tiny_model(arch, seed=2)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    fused = apply(copy.deepcopy(model), LarosaConfig("fused", level, SparsityPlan.from_nominal(0.4)), rot)
+    ids = torch.randint(3, model.config.vocab_size, (1, 7))
+    eng = _check_against(fused, ids)
+    w = eng.w
+    assert all(st.attn_in.mode == "topk" and st.mlp_out.mode == "topk" for st in w.statics)
+    assert sum(lw.adapter is not None for lw in w.layers) == (0 if level == "model" else len(w.layers) - 1)
+    assert all((lw.rotate_mlp is not None) == (level == "block") for lw in w.layers)
+
+
+def test_weighted_selection_and_topk_form_in_engine():
+    model = tiny_model("llama", seed=3)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    for cfg in (LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.5), selection="weighted"),
+                LarosaConfig("topk", "layer", SparsityPlan.from_nominal(0.5))):
+        net = apply(copy.deepcopy(model), cfg, rot)
+        _check_against(net, ids, atol=2e-4)
+
+
+def test_teal_engine_matches_threshold_reference():
+    model = tiny_model("llama", seed=4)
+    thr = collect_thresholds(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    teal = apply_teal(copy.deepcopy(model), thr, {s: 0.4 for s in ("attn_in", "attn_out", "mlp_in", "mlp_out")})
+    ids = torch.randint(3, model.config.vocab_size, (1, 6))
+    eng = _check_against(teal, ids)
+    assert all(st.mlp_in.mode == "threshold" for st in eng.w.statics)
+    assert eng.w.layers[0].thresholds is not None
+
+
+def test_dense_prefill_plan_runs_prompt_dense():
+    model = tiny_model("llama", seed=5)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    plan = SparsityPlan.from_nominal(0.5, dense_prefill=True)
+    net = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", plan), rot)
+    ids = torch.randint(3, model.config.vocab_size, (1, 8))
+    eng = DecodeEngine(from_hf(net), max_len=16)
+    assert eng.w.meta["dense_prefill"]
+    with torch.no_grad():
+        ref = net(ids).logits[:, -1]  # HF with dense_prefill: a multi-token call is dense
+    torch.testing.assert_close(eng.prefill(ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = tiny_model("llama", seed=6)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    eng = DecodeEngine(from_hf(model), max_len=32)
+    a = eng.generate(ids, 12, temperature=1.0, seed=7).tokens
+    b = eng.generate(ids, 12, temperature=1.0, seed=7).tokens
+    c = eng.generate(ids, 12, temperature=1.0, seed=8).tokens
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    greedy = eng.generate(ids, 12).tokens
+    assert torch.equal(eng.generate(ids, 12, temperature=0.7, top_k=1, seed=3).tokens, greedy)
+
+
+def test_streaming_callback_and_early_stop():
+    model = tiny_model("llama", seed=6)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    eng = DecodeEngine(from_hf(model), max_len=32)
+    seen = []
+    res = eng.generate(ids, 10, on_tokens=lambda t: seen.append(t) or len(seen) == 4)
+    assert res.tokens.shape == (1, 4) and torch.equal(torch.cat(seen, 1), res.tokens)
+    assert torch.equal(res.tokens, eng.generate(ids, 10).tokens[:, :4])
+
+
+def test_engine_refuses_what_it_cannot_run():
+    model = tiny_model("llama", seed=0)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (2, 16)), progress=False)
+    off = apply(copy.deepcopy(model), LarosaConfig("official", "layer", SparsityPlan.from_nominal(0.4)), rot)
+    with pytest.raises(LarosaError, match="official form"):
+        from_hf(off)
+    thr = collect_thresholds(model, torch.randint(0, model.config.vocab_size, (2, 16)), progress=False)
+    with pytest.raises(LarosaError, match="CATS"):
+        from_hf(apply_cats(copy.deepcopy(model), thr, 0.3))
+    eng = DecodeEngine(from_hf(model), max_len=8)
+    with pytest.raises(LarosaError, match="exceed max_len"):
+        eng.generate(torch.ones(1, 6, dtype=torch.long), 4)
+    with pytest.raises(LarosaError, match="CUDA graphs"):
+        DecodeEngine(from_hf(model), max_len=8, graphs=True)
