@@ -233,7 +233,13 @@ def main() -> None:
     ap.add_argument("--tune", action="store_true", help="pick the best tile config per shape first")
     ap.add_argument("--shapes", default="all", help="comma list of shape-name prefixes, or all")
     ap.add_argument("--no-crossover", action="store_true")
+    ap.add_argument("--gather", type=int, choices=[0, 1], default=None,
+                    help="1: compact the kept rows first (v6), 0: masked loads (v4); default: the package default")
+    ap.add_argument("--sparsities", default=None, help="comma list (default 0,0.25,0.4,0.5,0.75,0.9)")
+    ap.add_argument("--no-select-sweep", action="store_true")
     args = ap.parse_args()
+    gather = triton_gemv.GATHER if args.gather is None else bool(args.gather)
+    sparsities = tuple(float(v) for v in args.sparsities.split(",")) if args.sparsities else SPARSITIES
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gemv.py needs a CUDA GPU")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
@@ -242,7 +248,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, {props.multi_processor_count} SMs, copy bandwidth {bw / 1e12:.2f} TB/s, "
           f"{args.dtype}, batch 1, CUDA graphs, torch {torch.__version__}, triton {__import__('triton').__version__}")
-    sel_sweep, sel_best = select_sweep(dtype)
+    sel_sweep, sel_best = ([], {}) if args.no_select_sweep else select_sweep(dtype)
     shapes = {n: v for n, v in SHAPES.items()
               if args.shapes == "all" or any(n.startswith(p) for p in args.shapes.split(","))}
     tuned = {}
@@ -252,14 +258,14 @@ def main() -> None:
             if kind != "linear" or (d_in, d_out) in tuned:
                 continue
             t0 = time.time()
-            best, log = tune(d_in, d_out, dtype, sel=sel_best.get(d_in, {}))
+            best, log = tune(d_in, d_out, dtype, sel={**sel_best.get(d_in, {}), "gather": gather})
             tuned[(d_in, d_out)] = best[0]
             tune_log[f"{d_in}x{d_out}"] = {"best": best[0], "best_us": best[1], "all": log}
             print(f"# tuned {d_in}->{d_out}: {best[0]} {best[1]:.2f} us ({time.time() - t0:.0f} s)", flush=True)
     rows = []
     for name, (d_in, d_out, kind) in shapes.items():
-        cfg = tuned.get((d_in, d_out)) or dict(sel_best.get(d_in, {}))
-        rows += bench_shape(name, d_in, d_out, kind, dtype, bw, cfg)
+        cfg = tuned.get((d_in, d_out)) or {**sel_best.get(d_in, {}), "gather": gather}
+        rows += bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, sparsities=sparsities)
         print(f"# done {name}", flush=True)
     cross = [] if args.no_crossover else batch_crossover(dtype)
     hdr = "| shape | s | k | cuBLAS us | ours us | TEAL-style us | ideal us | ours/ideal | speed-up vs cuBLAS |"
@@ -277,7 +283,7 @@ def main() -> None:
             print(f"| {c['rows']} | {c['kernel_us']:.2f} | {c['select_plus_cublas_us']:.2f} | {c['dense_cublas_us']:.2f} |")
     rec = {"gpu": props.name, "sms": props.multi_processor_count, "copy_bandwidth_Bps": bw, "dtype": args.dtype,
            "batch": 1, "timing": "CUDA graph replay, median per call, weights cycled over copies > 4x L2",
-           "activations": "random normal", "torch": torch.__version__,
+           "activations": "random normal", "torch": torch.__version__, "gather": gather,
            "triton": __import__("triton").__version__, "rows": rows, "batch_crossover": cross,
            "tuning": tune_log, "select_sweep": sel_sweep, "select_best": {str(k): v for k, v in sel_best.items()}, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

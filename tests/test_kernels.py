@@ -138,3 +138,27 @@ def test_select_implementations_agree(impl):
         idx = torch.arange(d)
         mask = (bits > sel[:, :1]) | ((bits == sel[:, :1]) & (idx < sel[:, 1:]))
         assert torch.equal(mask, topk_keep_mask(x, k)), (impl, d, k)
+
+
+def test_select_compact_lists_exactly_the_kept_entries_in_order():
+    for d, k in ((64, 1), (300, 111), (300, 300), (1025, 512)):
+        x = (torch.randn(3, d) * 3).round().bfloat16()  # heavy ties
+        idx, xv = ops.triton_gemv.select_compact(x, k)
+        mask = topk_keep_mask(x, k)
+        for r in range(3):
+            want = mask[r].nonzero().flatten().to(torch.int32)
+            assert torch.equal(idx[r], want), (d, k, r)
+            assert torch.equal(xv[r], x[r, want.long()].float())
+
+
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("gated", [False, True])
+def test_masked_and_gather_modes_agree_with_reference(gather, gated):
+    for d_in, d_out, k in ((300, 70, 1), (1100, 33, 600), (257, 130, 256)):
+        x = torch.randn(2, d_in).bfloat16()
+        wt = torch.randn(d_in, d_out).bfloat16()
+        wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
+        y = torch.empty(2, d_out, dtype=torch.bfloat16)
+        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, gather=gather)
+        ref = topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)
+        assert _rel(y, ref) < 1e-2, (gather, gated, d_in, k)

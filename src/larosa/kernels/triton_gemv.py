@@ -71,6 +71,28 @@ def select_bisect_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
 
 
 @triton.jit
+def select_compact_kernel(x_ptr, idx_ptr, xv_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
+    """Bisection select, then compaction: the k kept positions (ascending) and their values (fp32)
+    are written to idx[row, :k] and xv[row, :k], so the GEMV walks only kept rows (gather mode)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < d_in
+    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
+    t = 0
+    for b in tl.static_range(14, -1, -1):
+        cand = t | (1 << b)
+        if tl.sum((bits >= cand).to(tl.int32), 0) >= k:
+            t = cand
+    need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
+    eq = (bits == t).to(tl.int32)
+    keep = (bits > t) | ((eq > 0) & (tl.cumsum(eq, 0) <= need_eq))
+    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
+    tl.store(idx_ptr + row * k + pos, offs, mask=keep)
+    tl.store(xv_ptr + row * k + pos, x.to(tl.float32), mask=keep)
+
+
+@triton.jit
 def select_bisect2_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
     """Bisection two bits at a time: the three candidate counts of a bit pair travel packed in one int64
     (20 bits each, counts < 2^20), so 8 block reductions replace 15."""
@@ -104,7 +126,8 @@ def select_bisect2_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constex
 @triton.jit
 def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_ptr, cnt_ptr,
                        d_in, d_out, threshold, stride_x, stride_y, n_splits,
-                       MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold (TEAL-style), 2: dense
+                       MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold (TEAL-style), 2: dense,
+                       # 3: gather (x_ptr = compacted fp32 values, sel_ptr = their int32 indices, d_in = k)
                        GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -126,22 +149,33 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
     for k0 in range(start, start + ROWS_PER_SPLIT, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
         valid = offs < d_in
-        xv = tl.load(x_row + offs, mask=valid, other=0.0)
-        if MODE == 0:
-            bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
-            keep = valid & ((bits > t) | ((bits == t) & (offs < cutoff)))
-        elif MODE == 1:
-            keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
+        if MODE == 3:
+            ii = tl.load(sel_ptr + row * stride_x + offs, mask=valid, other=0)
+            xf = tl.load(x_row + offs, mask=valid, other=0.0)
+            wmask = valid[:, None] & cmask[None, :]
+            w_off = ii.to(tl.int64)[:, None] * d_out + cols[None, :]
+            w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
+            acc_t += xf[:, None] * w.to(tl.float32)
+            if GATED:
+                w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
+                acc2_t += xf[:, None] * w2.to(tl.float32)
         else:
-            keep = valid
-        xf = tl.where(keep, xv.to(tl.float32), 0.0)
-        wmask = keep[:, None] & cmask[None, :]
-        w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
-        w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
-        acc_t += xf[:, None] * w.to(tl.float32)
-        if GATED:
-            w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
-            acc2_t += xf[:, None] * w2.to(tl.float32)
+            xv = tl.load(x_row + offs, mask=valid, other=0.0)
+            if MODE == 0:
+                bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+                keep = valid & ((bits > t) | ((bits == t) & (offs < cutoff)))
+            elif MODE == 1:
+                keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
+            else:
+                keep = valid
+            xf = tl.where(keep, xv.to(tl.float32), 0.0)
+            wmask = keep[:, None] & cmask[None, :]
+            w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
+            w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
+            acc_t += xf[:, None] * w.to(tl.float32)
+            if GATED:
+                w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
+                acc2_t += xf[:, None] * w2.to(tl.float32)
     acc = tl.sum(acc_t, axis=0)
     acc2 = tl.sum(acc2_t, axis=0)
     # split-K reduction: partials to the workspace, the last program of this column block sums them
@@ -195,7 +229,22 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = "b
     return sel
 
 
+GATHER = False  # default: masked loads (v4). True = compact the kept rows first (v6, slower untuned: NOTES.md)
+
+
+def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx (rows, k) int32 ascending, values (rows, k) fp32) of each row's exact Top-k."""
+    rows, d_in = x.shape
+    idx = torch.empty(rows, k, dtype=torch.int32, device=x.device)
+    xv = torch.empty(rows, k, dtype=torch.float32, device=x.device)
+    block_d = triton.next_power_of_2(d_in)
+    select_compact_kernel[(rows,)](x, idx, xv, d_in, k, x.stride(0), BLOCK_D=block_d,
+                                   num_warps=num_warps or select_warps(block_d))
+    return idx, xv
+
+
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
+           gather: bool | None = None,
            counters: torch.Tensor | None = None, select_impl: str = "bisect", select_num_warps: int | None = None,
            block_k: int | None = None, block_n: int | None = None,
            rows_per_split: int | None = None, num_warps: int | None = None,
@@ -207,6 +256,10 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     """
     rows, d_in = x.shape
     d_out = wt.shape[1]
+    gather = GATHER if gather is None else gather
+    if mode == 0 and gather:
+        idx, xv = select_compact(x, k, select_num_warps)
+        x, d_in, mode = xv, k, 3
     cfg = default_config(d_in, d_out)
     block_n = block_n or cfg["block_n"]
     block_k = block_k or cfg["block_k"]
@@ -214,7 +267,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     rps = max(block_k, min(rps, triton.next_power_of_2(d_in)))
     n_blocks = triton.cdiv(d_out, block_n)
     n_splits = triton.cdiv(d_in, rps)
-    sel = select(x, k, select_num_warps, select_impl) if mode == 0 else x
+    sel = select(x, k, select_num_warps, select_impl) if mode == 0 else (idx if mode == 3 else x)
     n_parts = 2 if wt2 is not None else 1
     part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     if counters is None:

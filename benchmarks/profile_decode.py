@@ -1,0 +1,87 @@
+"""Where a decode step's GPU time goes (H200): per-kernel CUDA time of the compiled step, dense vs LaRoSA.
+
+    PYTHONPATH=src python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --out benchmarks/results/profile.json
+
+The step runs compiled but not graph-captured (the profiler cannot see inside a graph replay), so the
+total is above the graph-replay time of `larosa bench decode`; the split between kernel kinds is what
+this is for. Kernel names are grouped into kinds by substring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from larosa.engine import DecodeEngine  # noqa: E402
+from larosa.shapes import random_base, sparse_variant  # noqa: E402
+
+KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv"), ("attention", "attention|flash|fmha|sdpa|softmax"),
+         ("cuBLAS GEMV/GEMM", "gemv|gemm|cublas|sm90_xmma|nvjet|cutlass"), ("fused elementwise (inductor)", "triton_"),
+         ("copies/other", "")]
+
+
+def kind_of(name: str) -> str:
+    import re
+
+    low = name.lower()
+    for kind, pat in KINDS:
+        if pat and re.search(pat, low):
+            return kind
+    return "copies/other"
+
+
+def profile(w, prompt, steps: int = 8) -> dict:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    eng = DecodeEngine(w, max_len=256, compile=True, graphs=False)
+    eng.generate(prompt, 4)
+    eng.prefill(prompt)
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    per_kind: dict[str, float] = {}
+    per_kernel: dict[str, float] = {}
+    for e in p.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        if t <= 0 or e.key.startswith("ProfilerStep"):
+            continue
+        per_kernel[e.key] = per_kernel.get(e.key, 0.0) + t / steps
+        k = kind_of(e.key)
+        per_kind[k] = per_kind.get(k, 0.0) + t / steps
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
+    return {"us_per_step_by_kind": per_kind, "top_kernels_us_per_step": top,
+            "total_us_per_step": sum(per_kind.values())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--out", default="benchmarks/results/profile-decode.json")
+    args = ap.parse_args()
+    base = random_base(args.shape, torch.bfloat16, "cuda")
+    prompt = torch.randint(0, 1000, (1, 128), device="cuda")
+    res = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "batch": 1,
+           "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times"}
+    res["dense"] = profile(base, prompt)
+    res["larosa"] = profile(sparse_variant(base, "larosa", args.sparsity), prompt)
+    for m in ("dense", "larosa"):
+        print(f"## {m}: {res[m]['total_us_per_step']:.0f} us of kernels per step")
+        for k, v in sorted(res[m]["us_per_step_by_kind"].items(), key=lambda kv: -kv[1]):
+            print(f"| {k} | {v:.0f} us |")
+        for name, v in res[m]["top_kernels_us_per_step"][:8]:
+            print(f"#   {v:8.0f} us  {name[:90]}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
