@@ -129,6 +129,34 @@ def test_compare_is_resumable(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "another setup" in bad.output
 
 
+def test_compare_runs_the_variant_methods(tmp_path, monkeypatch):
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    text = " \n" + " w1 w2 w3 w4 w5 w6 w7 w8 w9 \n" * 400
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        (data / name).write_text(text)
+    nbytes = rows_num_bytes(rows_from_raw(text))
+    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
+    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("larosa.compare.HELD_OUT", (2, 64))
+    out = tmp_path / "cmp"
+    methods = "larosa-searched,larosa-searched-block,larosa-greedy,teal-greedy"
+    args = ["compare", "--model", str(d), "--out", str(out), "--methods", methods, "--targets", "0.3",
+            "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
+            "--data-dir", str(tmp_path / "data")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for m in methods.split(","):
+        cell = json.loads((out / "cells" / f"{m}-0.300.json").read_text())
+        assert cell["ppl"] > 0 and cell["held_out"]["sequences"] == 2
+        # every variant lands on the target parameter-weighted sparsity (TEAL: on calibration data)
+        tol = 0.02 if m != "teal-greedy" else 0.2
+        assert abs(cell["realised_pw"]["mean"] - 0.3) < tol, (m, cell["realised_pw"])
+    searched = json.loads((out / "cells" / "larosa-searched-0.300.json").read_text())
+    assert len(searched["search"]["table"]) >= 11 and "a=" in searched["knob"]
+
+
 def test_compare_with_zeroshot_cells(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     from pathlib import Path

@@ -109,3 +109,34 @@ def test_cli_sparsify_then_eval_saved_folder(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "-p", "1.5",
                                    "--cal-samples", "2", "--cal-seqlen", "32", *common])
     assert res.exit_code == 2 and "must be in [0, 1)" in res.output
+
+
+def test_cli_sparsify_with_split_search_saves_the_searched_plan(tmp_path, monkeypatch):
+    from larosa.arch import projection_shapes, spec_for
+    from larosa.io import load
+    from larosa.sparsity import SparsityPlan, parameter_weighted
+
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    text = " \n" + " w1 w2 w3 w4 w5 w6 w7 w8 \n" * 400
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        (data / name).write_text(text)
+    nbytes = rows_num_bytes(rows_from_raw(text))
+    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
+    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "searched"
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--target-pw", "0.4",
+                                   "--search-split", "--cal-samples", "2", "--cal-seqlen", "32",
+                                   "--data-dir", str(tmp_path / "data")])
+    assert res.exit_code == 0, res.output
+    assert "best split a" in res.output and "held-out ppl" in res.output
+    cfg = json.loads((out / "config.json").read_text())["larosa"]
+    search = cfg["provenance"]["split_search"]
+    assert len(search["table"]) >= 11
+    back = load(out)
+    pw = parameter_weighted(SparsityPlan.from_dict(cfg["plan"]), projection_shapes(back.model, spec_for(back.model)))
+    assert abs(pw - 0.4) < 0.02
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--search-split",
+                                   "--data-dir", str(tmp_path / "data")])
+    assert res.exit_code == 2 and "--target-pw" in res.output

@@ -159,21 +159,53 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
              rotation: str = "layer", split_coef: tuple[float, float] = (0.8, 1.2), sites: dict | None = None,
              rotations_path=None, cal_samples: int = 16, cal_seqlen: int = 2048, cal_seed: int = 0,
              dense_prefill: bool = False, device: str = "auto", dtype: str = "auto", data_dir=None,
-             progress: bool = True, selection: str = "magnitude", q_basis: str = "free") -> dict:
-    """Calibrate (or reuse rotations), transform and save a model folder."""
+             progress: bool = True, selection: str = "magnitude", q_basis: str = "free",
+             target_pw: float | None = None, search: bool = False, per_block: bool = False,
+             held_out: tuple[int, int] = (4, 512)) -> dict:
+    """Calibrate (or reuse rotations), transform and save a model folder.
+
+    target_pw: solve the plan for this parameter-weighted sparsity (split `split_coef`) instead of p.
+    search: Algorithm 1, the split searched for `target_pw` on held-out calibration tokens
+    (`held_out` sequences x tokens, never the test split); per_block: attention and MLP separately.
+    """
+    from .search import plan_for_target, search_split
+
     lm = load_model(model, device=device, dtype=dtype)
     tie = "ge" if form == "official" else "exact"
-    plan = make_plan(sparsity, split_coef, sites, tie_rule=tie, dense_prefill=dense_prefill)
+    shapes = projection_shapes(lm.model, spec_for(lm.model))
+    if search and target_pw is None:
+        raise LarosaError("the split search needs a parameter-weighted target (--target-pw)")
+    if search and form == "official":
+        raise LarosaError("the split search runs on the deployable forms (fused, topk)")
+    if target_pw is not None:
+        a, b = split_coef
+        plan = plan_for_target(shapes, target_pw, {"attn_in": a, "attn_out": b, "mlp_in": a, "mlp_out": b}, tie)
+        plan.dense_prefill = dense_prefill
+    else:
+        plan = make_plan(sparsity, split_coef, sites, tie_rule=tie, dense_prefill=dense_prefill)
     rot = None
     if form in ("official", "fused"):
         rot = cached_rotations(lm, cal_samples, cal_seqlen, cal_seed, None, data_dir, rotations_path, progress)
+    searched = None
+    if search:
+        net = _apply(copy.deepcopy(lm.model), LarosaConfig(form, rotation, plan, selection=selection,
+                                                           q_basis=q_basis), rot)
+        ids = tokenize_source(lm.tokenizer, calibration_source(None, data_dir))
+        searched = search_split(net, target_pw, calibration_batches(ids, held_out[0], held_out[1], cal_seed + 1),
+                                per_block=per_block, progress=progress)
+        plan = searched.plan
+        plan.dense_prefill = dense_prefill
+        del net
     report = sparsity_report(lm.model, plan)
     cfg = LarosaConfig(form, rotation, plan, provenance={
-        "base_model": lm.describe(), "calibration": rot.meta if rot else None, "sparsity": report},
+        "base_model": lm.describe(), "calibration": rot.meta if rot else None, "sparsity": report,
+        "split_search": None if searched is None else {
+            "best": list(searched.best), "objective": "perplexity on held-out calibration tokens",
+            "held_out": list(held_out), "table": searched.table}},
         selection=selection, q_basis=q_basis)
     apply(lm.model, cfg, rot)
     path = _save(lm.model, lm.tokenizer, out, cfg)
-    return {"path": path, "config": cfg, "sparsity": report, "loaded": lm}
+    return {"path": path, "config": cfg, "sparsity": report, "loaded": lm, "search": searched}
 
 
 def _save(model, tokenizer, out, cfg):

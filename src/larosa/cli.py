@@ -172,6 +172,12 @@ def sparsify_cmd(
     dense_prefill: bool = DensePrefillOpt,
     selection: str = SelectionOpt,
     q_basis: str = QBasisOpt,
+    target_pw: Optional[float] = typer.Option(None, "--target-pw", help="solve the plan for this "
+                                              "parameter-weighted sparsity instead of -p"),
+    search_split: bool = typer.Option(False, "--search-split", help="Algorithm 1: search the split for "
+                                      "--target-pw on held-out calibration tokens"),
+    per_block: bool = typer.Option(False, "--per-block", help="with --search-split: attention and MLP "
+                                   "get their own split"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -183,11 +189,19 @@ def sparsify_cmd(
         coef = _floats(split_coef, "--split")
         res = sparsify(model, out, sparsity, form, rotation, coef, _sites(sites), rotations, cal_samples,
                        cal_seqlen, dense_prefill=dense_prefill, device=device, dtype=dtype, data_dir=data_dir,
-                       selection=selection, q_basis=q_basis)
+                       selection=selection, q_basis=q_basis, target_pw=target_pw, search=search_split,
+                       per_block=per_block)
     except LarosaError as exc:
         _fail(exc)
         return
     rep = res["sparsity"]
+    if res.get("search") is not None:
+        from .report import markdown_table
+
+        typer.echo(markdown_table([{"a_attn": r["a_attn"], "a_mlp": r["a_mlp"], "p": round(r["p"], 4),
+                                    "param_weighted": round(r["param_weighted"], 4),
+                                    "held-out ppl": round(r["objective"], 3)} for r in res["search"].table]))
+        typer.echo(f"best split a = {res['search'].best} (paper: 0.8)")
     typer.echo(f"wrote {res['path']}: form={form} rotation={rotation} sites={rep['sites']} "
                f"unweighted={rep['unweighted']} parameter-weighted={rep['param_weighted']}")
 
@@ -196,7 +210,8 @@ def sparsify_cmd(
 def compare_cmd(
     model: str = ModelOpt,
     methods: str = typer.Option("dense,larosa-official,larosa-fused,topk,teal,cats", help="comma list of: "
-                                "dense, larosa-official, larosa-fused, topk, teal, cats"),
+                                "dense, larosa-official, larosa-fused, topk, teal, cats, larosa-searched, "
+                                "larosa-searched-weighted, larosa-searched-block, larosa-greedy, teal-greedy"),
     targets: str = typer.Option("0.25,0.4,0.5", help="parameter-weighted sparsities"),
     windows: Optional[int] = typer.Option(40, help="evaluation windows (first N)"),
     seqlen: int = typer.Option(2048, help="window length"),

@@ -31,7 +31,19 @@ from .report import markdown_table
 from .sparsity import SITES
 from .transform import LarosaConfig, apply
 
-METHODS = ("dense", "larosa-official", "larosa-fused", "topk", "teal", "cats")
+METHODS = ("dense", "larosa-official", "larosa-fused", "topk", "teal", "cats",
+           # issue 7 variants (fused form): searched split, + weighted selection, + block-level Q,
+           # per-layer greedy allocation; TEAL with its greedy per-layer allocation
+           "larosa-searched", "larosa-searched-weighted", "larosa-searched-block", "larosa-greedy", "teal-greedy")
+FUSED_VARIANTS = {  # method: (rotation level, selection, how the per-site sparsities are chosen)
+    "larosa-searched": ("layer", "magnitude", "search"),
+    "larosa-searched-weighted": ("layer", "weighted", "search"),
+    "larosa-searched-block": ("block", "weighted", "search"),
+    "larosa-greedy": ("layer", "magnitude", "greedy"),
+}
+
+
+HELD_OUT = (4, 512)  # calibration sequences x tokens for the split search and greedy allocations
 
 
 def _thresholds(lm, nsamples, seqlen, seed, data_dir, progress):
@@ -51,10 +63,32 @@ def _thresholds(lm, nsamples, seqlen, seed, data_dir, progress):
     return thr
 
 
-def build(method: str, base, target: float, rot, thr):
-    """(model, description) for one cell; model is None when the target is out of the method's reach."""
+def build(method: str, base, target: float, rot, thr, held_out=None, progress: bool = False):
+    """(model, description) for one cell; model is None when the target is out of the method's reach.
+
+    `held_out`: calibration tokens (n, T) for the split search and the greedy allocations (never test)."""
     if method == "dense":
         return base, {"knob": None}
+    if method in FUSED_VARIANTS:
+        from .allocate import greedy_allocation, topk_setter
+        from .search import search_split
+
+        level, selection, how = FUSED_VARIANTS[method]
+        plan = larosa_plan_for(base, target)
+        net = apply(copy.deepcopy(base), LarosaConfig("fused", level, plan, selection=selection), rot)
+        if how == "search":
+            res = search_split(net, target, held_out, progress=progress)
+            a = "/".join(f"{v:.3f}" for v in res.best)
+            return net, {"knob": f"a={a} (paper 0.8), p={res.plan.nominal:.4f}", "sites": res.plan.sites,
+                         "search": res.to_dict()}
+        alloc = greedy_allocation(net, held_out, target, topk_setter(), progress=progress)
+        return net, {"knob": "greedy per layer", "layers": {str(i): v for i, v in alloc.items()}}
+    if method == "teal-greedy":
+        from .allocate import greedy_allocation, teal_setter
+
+        net = apply_teal(copy.deepcopy(base), thr, {s: 0.0 for s in SITES})
+        alloc = greedy_allocation(net, held_out, target, teal_setter(thr), progress=progress)
+        return net, {"knob": "greedy per layer", "layers": {str(i): v for i, v in alloc.items()}}
     if method in ("larosa-official", "larosa-fused", "topk"):
         form = {"larosa-official": "official", "larosa-fused": "fused", "topk": "topk"}[method]
         plan = larosa_plan_for(base, target, tie_rule="ge" if form == "official" else "exact")
@@ -95,19 +129,27 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
     zs_name = lambda m, t: f"zs-{m}-{t:.3f}-limit{zeroshot_limit}.json"  # noqa: E731
     pending = [(m, t) for m, t in todo if not (cells_dir / f"{m}-{t:.3f}.json").is_file()
                or (zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file())]
-    lm = ids = rot = thr = None
+    lm = ids = rot = thr = held_out = None
     if pending:
         lm = load_model(model, device=device, dtype=dtype)
         ids = tokenize_source(lm.tokenizer, load_wikitext("test", data_dir))
         if any(m.startswith("larosa") for m, _ in pending):
             rot = cached_rotations(lm, cal_samples, cal_seqlen, cal_seed, None, data_dir, None, progress)
-        if any(m in ("teal", "cats") for m, _ in pending):
+        if any(m in ("teal", "cats", "teal-greedy") for m, _ in pending):
             thr = _thresholds(lm, cal_samples, cal_seqlen, cal_seed, data_dir, progress)
+        if any(m in FUSED_VARIANTS or m == "teal-greedy" for m, _ in pending):
+            from .api import calibration_source
+
+            cal_ids = tokenize_source(lm.tokenizer, calibration_source(None, data_dir))
+            held_out = calibration_batches(cal_ids, HELD_OUT[0], HELD_OUT[1], cal_seed + 1)
         weights = projection_weights(lm.model)["total"]
     for m, t in tqdm(pending, desc="compare", unit="cell", disable=not progress):
         t0 = time.perf_counter()
-        net, desc = build(m, lm.model, t, rot, thr)
+        net, desc = build(m, lm.model, t, rot, thr, held_out, progress)
         cell = {"method": m, "target_pw": t, **desc}
+        if m in FUSED_VARIANTS or m == "teal-greedy":
+            cell["held_out"] = {"sequences": HELD_OUT[0], "seqlen": HELD_OUT[1], "seed": cal_seed + 1,
+                                "split": "calibration split (train if present, else validation; never test)"}
         if zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file():
             from .zeroshot import evaluate_zeroshot
 

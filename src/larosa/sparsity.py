@@ -25,8 +25,9 @@ def check_sparsity(s: float, what: str = "sparsity") -> float:
 
 
 def k_for(sparsity: float, d_in: int) -> int:
-    """Kept inputs per token: int((1 - s) * d_in), at least 1."""
-    return max(1, int((1.0 - sparsity) * d_in))
+    """Kept inputs per token: int((1 - s) * d_in), at least 1 (rounded to 6 decimals first, so that
+    s = 1 - k / d_in gives back exactly k despite float error)."""
+    return max(1, int(round((1.0 - sparsity) * d_in, 6)))
 
 
 @dataclass

@@ -1,0 +1,125 @@
+"""Algorithm 1 (split search): the search machinery, exact plans, round trips."""
+
+import copy
+
+import pytest
+import torch
+
+from larosa import LarosaConfig, SparsityPlan, apply, load, save
+from larosa.arch import projection_shapes, spec_for
+from larosa.calibrate import calibrate
+from larosa.errors import LarosaError
+from larosa.search import DEFAULT_GRID, coef_sites, grid_search, plan_for_target, search_split
+from larosa.sparsity import SITES, k_for, parameter_weighted
+
+from tiny import tiny_model, tiny_tokenizer
+
+
+def test_k_for_inverts_exact_sparsities():
+    for d in (24, 576, 896, 1536, 4864, 11008):
+        for k in (1, 7, d // 3, d // 2 + 1, d - 1, d):
+            assert k_for(1 - k / d, d) == k, (d, k)
+
+
+@pytest.mark.parametrize("opt", [0.57, 0.93, 1.31])
+def test_grid_search_finds_known_optimum(opt):
+    calls = []
+
+    def f(x):
+        calls.append(x)
+        return (x - opt) ** 2 + 3.0
+
+    best, seen = grid_search(f, DEFAULT_GRID, refine=3)
+    assert abs(best - opt) <= 0.1 / 2 ** 3 + 1e-9
+    assert len(calls) == len(set(calls))  # nothing evaluated twice
+    assert min(v for _, v in seen) == pytest.approx((best - opt) ** 2 + 3.0)
+
+
+def _shapes(model):
+    return projection_shapes(model, spec_for(model))
+
+
+@pytest.mark.parametrize("target", [0.25, 0.375, 0.47])
+@pytest.mark.parametrize("a", [0.5, 0.8, 1.2])
+def test_plan_for_target_within_one_channel_per_site(target, a):
+    model = tiny_model("llama", hidden_size=96, intermediate_size=160, num_attention_heads=4)
+    shapes = _shapes(model)
+    plan = plan_for_target(shapes, target, coef_sites(a))
+    total = sum(d_in * d_out for row in shapes for d_in, d_out in row.values())
+    one_channel = sum(d_out for row in shapes for _, d_out in row.values())  # one input channel per site
+    assert abs(parameter_weighted(plan, shapes) - target) <= one_channel / total
+    # the stored sparsities are exact kept counts
+    for site in SITES:
+        d = shapes[0][site][0]
+        assert (1 - plan.sites[site]) * d == pytest.approx(round((1 - plan.sites[site]) * d), abs=1e-9)
+    # the split is respected (up to one channel)
+    p = plan.nominal
+    assert plan.sites["attn_in"] == pytest.approx(a * p, abs=1.0 / shapes[0]["attn_in"][0])
+    assert plan.sites["mlp_out"] == pytest.approx((2 - a) * p, abs=1.0 / shapes[0]["mlp_out"][0])
+
+
+def test_plan_for_target_errors():
+    shapes = _shapes(tiny_model("llama"))
+    with pytest.raises(LarosaError):
+        plan_for_target(shapes, 1.2, coef_sites(0.8))
+    with pytest.raises(LarosaError):
+        plan_for_target(shapes, 0.4, coef_sites(2.0))  # block-internal coefficient 0
+
+
+def _site_objective(opt_attn, opt_mlp):
+    """A synthetic objective of the model's current Top-K sparsities with a known best split."""
+    def score(model, ids):
+        body = model.model.layers[0].inner
+        s_attn = 1 - body.input_layernorm.sparsifier.k / body.input_layernorm.sparsifier.d
+        s_mlp = 1 - body.post_attention_layernorm.sparsifier.k / body.post_attention_layernorm.sparsifier.d
+        so = 1 - body.self_attn.o_proj.sparsifier.k / body.self_attn.o_proj.sparsifier.d
+        sd = 1 - body.mlp.down_proj.sparsifier.k / body.mlp.down_proj.sparsifier.d
+        # ratio of block-input to block-internal sparsity = a / (2 - a)
+        ra, rm = s_attn / so, s_mlp / sd
+        return (ra - opt_attn / (2 - opt_attn)) ** 2 + (rm - opt_mlp / (2 - opt_mlp)) ** 2
+    return score
+
+
+def _fused(seed=0):
+    model = tiny_model("llama", seed=seed, hidden_size=96, intermediate_size=192, num_attention_heads=4)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    return model, apply(copy.deepcopy(model), LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.4)), rot)
+
+
+def test_search_split_finds_synthetic_optimum_and_round_trips(tmp_path):
+    model, fused = _fused()
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    res = search_split(fused, 0.4, ids, refine=2, progress=False, objective=_site_objective(0.62, 0.62))
+    assert abs(res.best[0] - 0.62) <= 0.03
+    shapes = _shapes(fused)
+    assert abs(parameter_weighted(res.plan, shapes) - 0.4) < 0.01
+    # the model is left at the searched plan, and the plan survives save/load
+    cfg = LarosaConfig("fused", "layer", res.plan)
+    save(fused, tiny_tokenizer(), tmp_path / "m", cfg)
+    back = load(tmp_path / "m")
+    from larosa.io import read_config
+
+    assert read_config(tmp_path / "m")[1].plan.sites == res.plan.sites
+    assert back.info["larosa"]["plan"]["sites"] == res.plan.sites
+    x = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(x).logits, fused(x).logits)
+    body = back.model.model.layers[0].inner
+    assert body.mlp.down_proj.sparsifier.k == res.plan.k("mlp_out", body.mlp.down_proj.sparsifier.d)
+
+
+def test_search_split_per_block_finds_separate_optima():
+    model, fused = _fused(seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    res = search_split(fused, 0.4, ids, per_block=True, refine=2, progress=False,
+                       objective=_site_objective(0.55, 1.05))
+    assert abs(res.best[0] - 0.55) <= 0.05 and abs(res.best[1] - 1.05) <= 0.05
+    assert {"a_attn", "a_mlp", "p", "param_weighted", "objective"} <= set(res.table[0])
+
+
+def test_search_split_with_perplexity_objective_runs():
+    model, fused = _fused(seed=2)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    res = search_split(fused, 0.3, ids, grid=(0.6, 0.8, 1.0), refine=0, progress=False)
+    assert res.best[0] in (0.6, 0.8, 1.0)
+    assert res.objective == min(r["objective"] for r in res.table)
