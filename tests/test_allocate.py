@@ -72,6 +72,20 @@ def test_topk_greedy_on_fused_model():
     assert all(sites["mlp_in"] == 0.0 for sites in alloc.values())
 
 
+def test_greedy_reaches_high_targets_with_capped_sites():
+    model = tiny_model("llama", seed=3)
+    thr, teal = _teal(model)
+    alloc = greedy_allocation(teal, torch.randint(0, model.config.vocab_size, (1, 8)), 0.9, teal_setter(thr),
+                              step=0.1, max_site=0.95, progress=False)
+    shapes = projection_shapes(teal, spec_for(teal))
+    for i, sites in alloc.items():
+        assert max(sites.values()) <= 0.95 + 1e-12
+        assert _layer_pw(sites, shapes[i]) == pytest.approx(0.9, abs=1e-9)
+    with pytest.raises(LarosaError, match="not reachable"):
+        greedy_allocation(teal, torch.randint(0, model.config.vocab_size, (1, 8)), 0.97, teal_setter(thr),
+                          step=0.1, max_site=0.95, progress=False)
+
+
 def test_greedy_errors():
     model = tiny_model("llama")
     thr, teal = _teal(model)

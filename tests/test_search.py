@@ -66,6 +66,30 @@ def test_plan_for_target_errors():
         plan_for_target(shapes, 0.4, coef_sites(2.0))  # block-internal coefficient 0
 
 
+def test_search_skips_splits_that_cannot_reach_the_target():
+    """At 0.5 on the LLaMA2-7B shape a = 0.4 needs an internal sparsity > 0.999: recorded as infeasible,
+    the search goes on."""
+    from larosa.sparsity import llama_shapes
+
+    shapes = llama_shapes(4096, 11008, 32, 32, 32)
+    with pytest.raises(LarosaError):
+        plan_for_target(shapes, 0.5, coef_sites(0.4))
+    assert plan_for_target(shapes, 0.5, coef_sites(0.8)).nominal > 0.5
+
+
+def test_search_on_tiny_model_with_infeasible_grid_points():
+    model, fused = _fused(seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    res = search_split(fused, 0.75, ids, grid=(0.1, 0.8, 1.0), refine=0, progress=False,
+                       objective=_site_objective(0.8, 0.8))
+    bad = [r for r in res.table if r["p"] is None]
+    assert [r["a_attn"] for r in bad] == [0.1] and bad[0]["objective"] == float("inf")
+    assert res.best == (0.8,)
+    with pytest.raises(LarosaError, match="no split"):
+        search_split(fused, 0.9, ids, grid=(0.1, 0.2), refine=0, progress=False,
+                     objective=_site_objective(0.8, 0.8))
+
+
 def _site_objective(opt_attn, opt_mlp):
     """A synthetic objective of the model's current Top-K sparsities with a known best split."""
     def score(model, ids):

@@ -72,8 +72,8 @@ def greedy_allocation(model: nn.Module, batches: torch.Tensor, target: float, se
             amount = min(step, target - done) * total  # weight entries to skip in this step
             best = None
             for site in SITES:
-                s_new = cur[site] + amount / w[site]
-                if s_new > max_site:
+                s_new = min(cur[site] + amount / w[site], max_site)  # a capped site takes what it can
+                if s_new <= cur[site]:
                     continue
                 cand = dict(cur, **{site: s_new})
                 e = error(cand)

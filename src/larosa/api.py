@@ -173,6 +173,8 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
     lm = load_model(model, device=device, dtype=dtype)
     tie = "ge" if form == "official" else "exact"
     shapes = projection_shapes(lm.model, spec_for(lm.model))
+    if target_pw is not None and sites:
+        raise LarosaError("give either explicit --sites or --target-pw, not both")
     if search and target_pw is None:
         raise LarosaError("the split search needs a parameter-weighted target (--target-pw)")
     if search and form == "official":

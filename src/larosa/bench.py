@@ -59,6 +59,18 @@ def param_weighted(w: ModelWeights) -> float:
     return 1 - kept / total
 
 
+def _plan_pw(base: ModelWeights, p: float, split) -> float:
+    """Parameter-weighted sparsity of the paper-split plan at nominal p on `base`'s shapes."""
+    from .sparsity import parameter_weighted as pw
+
+    lw, st = base.layers[0], base.statics[0]
+    d = base.embed.shape[1]
+    f = lw.wdown.shape[1] if st.mlp_out.mode == "dense" else lw.wdown.shape[0]
+    row = {"attn_in": (d, st.q_size + 2 * st.kv_size), "attn_out": (st.q_size, d), "mlp_in": (d, 2 * f),
+           "mlp_out": (f, d)}
+    return pw(SparsityPlan.from_nominal(p, split), [row] * len(base.layers))
+
+
 def _pct(v: list[float], q: float) -> float:
     s = sorted(v)
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
@@ -79,12 +91,13 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     mean = statistics.fmean(steps)
     tok_s = 1000.0 / mean * prompt.shape[0]
     # the attention reads the whole static cache every step (masked), so count it
-    nb = w.bytes_per_token(context=max_len)
+    nb = w.bytes_per_token(context=max_len, batch=prompt.shape[0])
+    steps_s = tok_s / prompt.shape[0]  # decode steps per second
     out = {"tok_s": tok_s, "step_ms_mean": mean, "p50_ms": statistics.median(steps), "p99_ms": _pct(steps, 0.99),
            "max_ms": max(steps), "steps_timed": len(steps), "prefill_ms": 1000 * res.prefill_s,
            "setup_s": round(setup_s, 1), "bytes_per_token": nb, "max_len": max_len,
-           "achieved_GBps": nb["total"] * tok_s / prompt.shape[0] / 1e9,
-           "bandwidth_fraction": nb["total"] * tok_s / prompt.shape[0] / bw if bw == bw else None}
+           "achieved_GBps": nb["total"] * steps_s / 1e9 if nb["total"] is not None else None,
+           "bandwidth_fraction": nb["total"] * steps_s / bw if nb["total"] is not None and bw == bw else None}
     out["p99_over_p50"] = out["p99_ms"] / out["p50_ms"]
     if dev.type == "cuda":
         out["peak_mem_GiB"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
@@ -128,7 +141,7 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
                 w = base
             elif m == "teal":
                 # TEAL at the same parameter-weighted sparsity as LaRoSA's plan at nominal s
-                pw = param_weighted(variant("larosa", s, None))
+                pw = _plan_pw(base, s, split)
                 w = variant("teal", pw, teal_thresholds(base, pw, prompt) if shape else None)
             else:
                 w = variant(m, s, None)
@@ -140,7 +153,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
             d = dense_by_len[gen_len]
             r["speedup"] = r["tok_s"] / d["tok_s"]
             dw = d["bytes_per_token"]["weights"]
-            r["byte_model_limit"] = dw / r["bytes_per_token"]["weights"] if m != "teal" else None
+            r["byte_model_limit"] = (dw / r["bytes_per_token"]["weights"]
+                                     if m != "teal" and batch == 1 else None)
             raw.append(r)
             rows.append({"method": m, "nominal p": s, "pw": round(r["param_weighted"], 3), "gen": gen_len,
                          "tok/s": round(r["tok_s"], 1), "speed-up": f"{r['speedup']:.2f}x",
@@ -148,9 +162,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
                          "p50 ms": round(r["p50_ms"], 3), "p99 ms": round(r["p99_ms"], 3),
                          "p99/p50": round(r["p99_over_p50"], 3),
                          # TEAL's bytes per token vary with its realised sparsity: not counted
-                         "GB/s": round(r["achieved_GBps"], 0) if m != "teal" else "-",
-                         "of copy BW": f"{100 * r['bandwidth_fraction']:.0f}%"
-                         if r["bandwidth_fraction"] and m != "teal" else "-",
+                         "GB/s": round(r["achieved_GBps"], 0) if r["achieved_GBps"] is not None else "-",
+                         "of copy BW": f"{100 * r['bandwidth_fraction']:.0f}%" if r["bandwidth_fraction"] else "-",
                          "peak GiB": round(r.get("peak_mem_GiB", float("nan")), 1),
                          "prefill ms": round(r["prefill_ms"], 1)})
             if w is not base:

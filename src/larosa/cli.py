@@ -211,7 +211,7 @@ def compare_cmd(
     model: str = ModelOpt,
     methods: str = typer.Option("dense,larosa-official,larosa-fused,topk,teal,cats", help="comma list of: "
                                 "dense, larosa-official, larosa-fused, topk, teal, cats, larosa-searched, "
-                                "larosa-searched-weighted, larosa-searched-block, larosa-greedy, teal-greedy"),
+                                "larosa-searched-weighted, larosa-searched-weighted-block, larosa-greedy, teal-greedy"),
     targets: str = typer.Option("0.25,0.4,0.5", help="parameter-weighted sparsities"),
     windows: Optional[int] = typer.Option(40, help="evaluation windows (first N)"),
     seqlen: int = typer.Option(2048, help="window length"),

@@ -34,11 +34,11 @@ from .transform import LarosaConfig, apply
 METHODS = ("dense", "larosa-official", "larosa-fused", "topk", "teal", "cats",
            # issue 7 variants (fused form): searched split, + weighted selection, + block-level Q,
            # per-layer greedy allocation; TEAL with its greedy per-layer allocation
-           "larosa-searched", "larosa-searched-weighted", "larosa-searched-block", "larosa-greedy", "teal-greedy")
+           "larosa-searched", "larosa-searched-weighted", "larosa-searched-weighted-block", "larosa-greedy", "teal-greedy")
 FUSED_VARIANTS = {  # method: (rotation level, selection, how the per-site sparsities are chosen)
     "larosa-searched": ("layer", "magnitude", "search"),
     "larosa-searched-weighted": ("layer", "weighted", "search"),
-    "larosa-searched-block": ("block", "weighted", "search"),
+    "larosa-searched-weighted-block": ("block", "weighted", "search"),
     "larosa-greedy": ("layer", "magnitude", "greedy"),
 }
 

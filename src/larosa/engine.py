@@ -228,9 +228,11 @@ class ModelWeights:
                        final_norm=self.final_norm.to(device=device, dtype=dtype),
                        head=self.head.to(device=device, dtype=dtype), inv_freq=self.inv_freq.to(device))
 
-    def bytes_per_token(self, context: int = 0) -> dict:
-        """Bytes one decode step reads: kept weight rows of every projection, norms, adapters, head,
-        one embedding row, and `context` positions of the KV cache."""
+    def bytes_per_token(self, context: int = 0, batch: int = 1) -> dict:
+        """Bytes one decode step reads at batch 1: kept weight rows of every projection (Top-K sites:
+        k of d_in rows), norms, adapters, head, one embedding row, and `context` positions of the KV
+        cache per row. Threshold sites read a varying number of rows: `weights` is None then. With
+        batch > 1 the rows' kept sets differ, so Top-K weight bytes are a lower bound."""
         elt = self.embed.element_size()
         weights = 0
         for lw, st in zip(self.layers, self.statics):
@@ -244,7 +246,10 @@ class ModelWeights:
             weights += sum(t.numel() * t.element_size() for t in extra if t is not None)
         head = self.head.numel() * elt
         st = self.statics[0]
-        kv = 2 * len(self.layers) * st.kv_heads * st.head_dim * context * elt
+        kv = 2 * len(self.layers) * st.kv_heads * st.head_dim * context * elt * batch
+        if any(s.mode == "threshold" for st_ in self.statics for s in (st_.attn_in, st_.attn_out, st_.mlp_in,
+                                                                      st_.mlp_out)):
+            return {"weights": None, "adapters": 0, "head": head, "kv": kv, "total": None}
         adapters = sum(lw.adapter.numel() * elt for lw in self.layers if lw.adapter is not None)
         return {"weights": weights + head + self.embed.shape[1] * elt, "adapters": adapters, "head": head,
                 "kv": kv, "total": weights + head + self.embed.shape[1] * elt + kv}
@@ -306,7 +311,8 @@ def from_hf(model: nn.Module) -> ModelWeights:
     if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
         raise LarosaError(f"the engine's gated MLP is SiLU-gated; {type(model).__name__} uses {cfg.hidden_act}")
     if not spec.rotation_invariant:
-        raise LarosaError(f"the engine supports Llama-layout decoders only: {spec.why_not_invariant}")
+        raise LarosaError(f"the decode engine runs Llama-layout decoders (pre-norm blocks only); "
+                          f"{type(model).__name__} is not one ({spec.name})")
     layers, statics = [], []
     dense_prefill = False
     for i, layer in enumerate(decoder_layers(model, spec)):
@@ -382,12 +388,17 @@ def from_hf(model: nn.Module) -> ModelWeights:
 
 
 def _sliding_window(cfg) -> Optional[int]:
-    types = getattr(cfg, "layer_types", None) or []
-    if any(t == "sliding_attention" for t in types) and getattr(cfg, "sliding_window", None):
-        return int(cfg.sliding_window)
-    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
-        return int(cfg.sliding_window)
-    return None
+    """The attention window if any layer uses one (Mistral: `sliding_window` alone; Qwen2: only with
+    `use_sliding_window`; newer configs: `layer_types`)."""
+    window = getattr(cfg, "sliding_window", None)
+    if not window:
+        return None
+    types = getattr(cfg, "layer_types", None)
+    if types is not None:
+        return int(window) if any(t == "sliding_attention" for t in types) else None
+    if getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    return int(window)
 
 
 def _all_inputs_kept(st: LayerStatic, w: tuple) -> LayerStatic:
@@ -397,6 +408,20 @@ def _all_inputs_kept(st: LayerStatic, w: tuple) -> LayerStatic:
         return site if site.mode == "dense" else Site("topk", wt.shape[0])
     return st._replace(attn_in=kept(st.attn_in, wqkv), attn_out=kept(st.attn_out, wo),
                        mlp_in=kept(st.mlp_in, wgate), mlp_out=kept(st.mlp_out, wdown))
+
+
+def _compile_limits():
+    """Dynamo's recompile limit raised for the engine's calls only: one graph per distinct LayerStatic
+    (k values, adapters; every layer of a per-layer plan can differ), which would otherwise exceed the
+    default of 8 and fall back to eager."""
+    import contextlib
+
+    import torch._dynamo as dynamo
+
+    names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo.config, n)]
+    if not names:
+        return contextlib.nullcontext()
+    return dynamo.config.patch({n: max(getattr(dynamo.config, n), 512) for n in names})
 
 
 # ---------- the engine ----------------------------------------------------------------------------
@@ -442,13 +467,6 @@ class DecodeEngine:
         self._tensors = [lw.tensors() for lw in weights.layers]
         self._layer_fn: Callable = decoder_layer
         if self.compile:
-            # one graph per distinct LayerStatic (k values, adapters); raise dynamo's default limit of 8
-            # so a benchmark sweeping many sparsities in one process never falls back to eager
-            import torch._dynamo as dynamo
-
-            for name in ("recompile_limit", "cache_size_limit"):
-                if getattr(dynamo.config, name, 1 << 30) < 256:
-                    setattr(dynamo.config, name, 256)
             self._layer_fn = torch.compile(decoder_layer, fullgraph=True, dynamic=False)
         # decode-step state (static buffers, so a captured graph can read and update them)
         self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
@@ -524,7 +542,7 @@ class DecodeEngine:
         self.pos.zero_()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        with torch.cuda.stream(s), _compile_limits():
             for _ in range(2):  # compile + warm up outside the graph
                 self._step_body(temperature, top_k)
         torch.cuda.current_stream().wait_stream(s)
@@ -544,7 +562,8 @@ class DecodeEngine:
             self._capture(temperature, top_k)
             self._graph.replay()
         else:
-            self._step_body(temperature, top_k)
+            with _compile_limits():
+                self._step_body(temperature, top_k)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
@@ -563,11 +582,11 @@ class DecodeEngine:
         t = ids.shape[1]
         if t + max_new_tokens > self.max_len:
             raise LarosaError(f"prompt ({t}) + new tokens ({max_new_tokens}) exceed max_len={self.max_len}")
-        if seed is not None:
-            torch.manual_seed(seed)
         cuda = self.device.type == "cuda"
         if self.graphs:
-            self._capture(temperature, top_k)
+            self._capture(temperature, top_k)  # before seeding: warm-up steps draw random numbers
+        if seed is not None:
+            torch.manual_seed(seed)
         t0 = time.perf_counter()
         logits = self.prefill(ids)
         first = self._sample(logits, temperature, top_k)

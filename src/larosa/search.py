@@ -8,7 +8,8 @@ held-out calibration tokens. With `per_block`, attention and MLP get their own c
 search starting from the best shared a).
 
 Objective: perplexity of the sparsified model on held-out calibration tokens (WikiText-2 validation
-segments drawn with another seed than the rotation calibration; never the test split). Perplexity is
+segments drawn with another seed than the rotation calibration, from the calibration split: train where
+present, else validation; they may overlap the rotation calibration's segments; never the test split). Perplexity is
 what the method is judged by, and end-to-end: per-site output errors do not say how errors at the
 block inputs trade against errors at o_proj/down_proj after the following layers.
 
@@ -55,7 +56,8 @@ def plan_for_target(shapes: list[dict[str, tuple[int, int]]], target: float, coe
 
     def plan(p: float) -> SparsityPlan:
         return SparsityPlan(exact_sites({s: min(coefs[s] * p, 0.999) for s in SITES}, dims), nominal=p,
-                            split=(coefs["attn_in"], coefs["attn_out"]), tie_rule=tie_rule)
+                            split=(coefs["attn_in"], coefs["attn_out"], coefs["mlp_in"], coefs["mlp_out"]),
+                            tie_rule=tie_rule)
 
     if parameter_weighted(plan(hi_p), shapes) < target:
         raise LarosaError(f"target {target} is out of reach for split {coefs}")
@@ -143,7 +145,12 @@ def search_split(model, target: float, eval_ids: torch.Tensor, grid=DEFAULT_GRID
     bar = tqdm(desc=f"split search @{target}", unit="eval", disable=not progress)
 
     def evaluate(a_attn: float, a_mlp: float) -> float:
-        plan = plan_for_target(shapes, target, coef_sites(a_attn, a_mlp), tie)
+        try:
+            plan = plan_for_target(shapes, target, coef_sites(a_attn, a_mlp), tie)
+        except LarosaError:  # this split cannot reach the target (a site would exceed 0.999)
+            table.append({"a_attn": a_attn, "a_mlp": a_mlp, "p": None, "sites": None, "param_weighted": None,
+                          "objective": math.inf})
+            return math.inf
         set_plan(model, plan)
         val = score(model, eval_ids)
         table.append({"a_attn": a_attn, "a_mlp": a_mlp, "p": plan.nominal, "sites": dict(plan.sites),
@@ -152,7 +159,9 @@ def search_split(model, target: float, eval_ids: torch.Tensor, grid=DEFAULT_GRID
         bar.set_postfix(a=f"{a_attn:.3f}/{a_mlp:.3f}", obj=f"{val:.3f}")
         return val
 
-    a, _ = grid_search(lambda x: evaluate(x, x), grid, refine)
+    a, seen = grid_search(lambda x: evaluate(x, x), grid, refine)
+    if all(math.isinf(v) for _, v in seen):
+        raise LarosaError(f"no split in the grid reaches target {target}")
     best: tuple[float, ...] = (a,)
     if per_block:
         a_attn, _ = grid_search(lambda x: evaluate(x, a), grid, refine)
