@@ -29,15 +29,20 @@ from .transform import LarosaConfig, apply as _apply, set_plan
 
 
 def calibration_source(split: str | None, data_dir=None):
-    """WikiText-2 train when available, else validation (never test)."""
+    """WikiText-2 train, else validation (never test): local files first, the hub only when neither
+    split is available locally (an offline machine then does not wait on hub retries)."""
     if split is not None:
         return load_wikitext(split, data_dir)
-    try:
-        return load_wikitext("train", data_dir)
-    except LarosaError:
-        print("calibration: no WikiText-2 train split here; using validation (evaluation uses test)",
-              file=sys.stderr)
-        return load_wikitext("validation", data_dir)
+    for name, hub in (("train", False), ("validation", False), ("train", True), ("validation", True)):
+        try:
+            source = load_wikitext(name, data_dir, allow_hub=hub)
+        except LarosaError:
+            continue
+        if name == "validation":
+            print("calibration: no WikiText-2 train split here; using validation (evaluation uses test)",
+                  file=sys.stderr)
+        return source
+    return load_wikitext("validation", data_dir)  # raises with the list of places tried
 
 
 def calibrate(lm: LoadedModel, nsamples: int = 16, seqlen: int = 2048, seed: int = 0,
