@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Issue 7 ablation table: variants vs TEAL at parameter-weighted 0.25 / 0.375 / 0.47 (CPU, fp32).
+# Usage: bash benchmarks/ablation.sh smollm2-135m 40 [zeroshot-limit]
+#        bash benchmarks/ablation.sh qwen2.5-0.5b 4 [zeroshot-limit]
+# Resumable: re-running skips finished cells. Zero-shot (when a limit is given) runs for every cell.
+set -euo pipefail
+MODEL=${1:-smollm2-135m}; WIN=${2:-40}; ZS=${3:-0}
+larosa compare --model "$MODEL" --windows "$WIN" --targets 0.25,0.375,0.47 --zeroshot-limit "$ZS" \
+  --methods dense,larosa-fused,larosa-searched,larosa-greedy,larosa-searched-weighted,larosa-searched-weighted-block,topk,teal,teal-greedy \
+  --out "benchmarks/results/ablation-$MODEL-w$WIN"
