@@ -139,10 +139,10 @@ def test_compare_runs_the_variant_methods(tmp_path, monkeypatch):
     nbytes = rows_num_bytes(rows_from_raw(text))
     monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
     monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr("larosa.compare.HELD_OUT", (2, 64))
     out = tmp_path / "cmp"
     methods = "larosa-searched,larosa-searched-weighted-block,larosa-greedy,teal-greedy"
     args = ["compare", "--model", str(d), "--out", str(out), "--methods", methods, "--targets", "0.3",
+            "--held-out", "2x64",
             "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
             "--data-dir", str(tmp_path / "data")]
     res = CliRunner().invoke(app, args)

@@ -54,6 +54,14 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
         raise LarosaError(f"{what} must be numbers separated by commas, got {text!r}") from None
 
 
+def _held_out(text: str) -> tuple[int, int]:
+    try:
+        n, t = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise LarosaError(f"--held-out must look like 4x512 (sequences x tokens), got {text!r}") from None
+    return n, t
+
+
 def _sites(text: Optional[str]) -> Optional[dict]:
     if not text:
         return None
@@ -220,6 +228,8 @@ def compare_cmd(
                                        "N items of each (0: skip)"),
     cal_samples: int = CalSamplesOpt,
     cal_seqlen: int = CalSeqlenOpt,
+    held_out: str = typer.Option("4x512", help="calibration tokens (sequences x length) for the split search "
+                                 "and the greedy allocations"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -230,7 +240,8 @@ def compare_cmd(
 
         res = run_compare(model, tuple(m.strip() for m in methods.split(",") if m.strip()),
                           _floats(targets, "--targets"), out, windows, seqlen, cal_samples, cal_seqlen,
-                          data_dir=data_dir, device=device, dtype=dtype, zeroshot_limit=zeroshot_limit)
+                          data_dir=data_dir, device=device, dtype=dtype, zeroshot_limit=zeroshot_limit,
+                          held_out=_held_out(held_out))
     except LarosaError as exc:
         _fail(exc)
         return

@@ -108,7 +108,8 @@ def build(method: str, base, target: float, rot, thr, held_out=None, progress: b
 def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...], out_dir: str | Path,
                 windows: int | None = 40, seqlen: int = 2048, cal_samples: int = 16, cal_seqlen: int = 2048,
                 cal_seed: int = 0, data_dir=None, device: str = "auto", dtype: str = "auto",
-                progress: bool = True, zeroshot_limit: int = 0, zeroshot_batch: int = 8) -> dict:
+                progress: bool = True, zeroshot_limit: int = 0, zeroshot_batch: int = 8,
+                held_out: tuple[int, int] | None = None) -> dict:
     from .api import cached_rotations
     from .models import load_model
 
@@ -129,7 +130,8 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
     zs_name = lambda m, t: f"zs-{m}-{t:.3f}-limit{zeroshot_limit}.json"  # noqa: E731
     pending = [(m, t) for m, t in todo if not (cells_dir / f"{m}-{t:.3f}.json").is_file()
                or (zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file())]
-    lm = ids = rot = thr = held_out = None
+    lm = ids = rot = thr = held_out_ids = None
+    ho = tuple(held_out) if held_out is not None else HELD_OUT
     if pending:
         lm = load_model(model, device=device, dtype=dtype)
         ids = tokenize_source(lm.tokenizer, load_wikitext("test", data_dir))
@@ -141,14 +143,14 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
             from .api import calibration_source
 
             cal_ids = tokenize_source(lm.tokenizer, calibration_source(None, data_dir))
-            held_out = calibration_batches(cal_ids, HELD_OUT[0], HELD_OUT[1], cal_seed + 1)
+            held_out_ids = calibration_batches(cal_ids, ho[0], ho[1], cal_seed + 1)
         weights = projection_weights(lm.model)["total"]
     for m, t in tqdm(pending, desc="compare", unit="cell", disable=not progress):
         t0 = time.perf_counter()
-        net, desc = build(m, lm.model, t, rot, thr, held_out, progress)
+        net, desc = build(m, lm.model, t, rot, thr, held_out_ids, progress)
         cell = {"method": m, "target_pw": t, **desc}
         if m in FUSED_VARIANTS or m == "teal-greedy":
-            cell["held_out"] = {"sequences": HELD_OUT[0], "seqlen": HELD_OUT[1], "seed": cal_seed + 1,
+            cell["held_out"] = {"sequences": ho[0], "seqlen": ho[1], "seed": cal_seed + 1,
                                 "split": "calibration split (train if present, else validation; never test)"}
         if zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file():
             from .zeroshot import evaluate_zeroshot
