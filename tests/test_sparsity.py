@@ -19,8 +19,18 @@ def test_topk_keeps_exactly_k_largest_magnitudes():
 
 def test_tie_rule():
     x = torch.tensor([[3.0, -2.0, 2.0, 2.0, 1.0]])
-    assert topk_mask(x, 2, "exact").sum() == 2
+    assert topk_mask(x, 2, "exact").tolist() == [[True, True, False, False, False]]  # ties: lower index
+    assert topk_mask(x, 3, "exact").tolist() == [[True, True, True, False, False]]
     assert topk_mask(x, 2, "ge").tolist() == [[True, True, True, True, False]]  # released code keeps ties
+
+
+def test_exact_rule_matches_the_kernel_reference_on_heavy_ties():
+    from larosa.kernels.reference import topk_keep_mask
+
+    for d, k in ((64, 1), (64, 13), (200, 100), (200, 199), (576, 345)):
+        x = (torch.randn(3, 4, d) * 3).round()  # integers: many equal magnitudes
+        assert torch.equal(topk_mask(x, k, "exact"), topk_keep_mask(x, k)), (d, k)
+        assert (topk_mask(x, k, "exact").sum(-1) == k).all()
 
 
 def test_k_and_plan_validation():

@@ -472,7 +472,8 @@ class DecodeEngine:
         self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.out = torch.zeros(self.batch, self.max_len, dtype=torch.long, device=self.device)
-        self.logits = torch.zeros(self.batch, weights.head.shape[0], dtype=torch.float32, device=self.device)
+        self.logits_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.logits = torch.zeros(self.batch, weights.head.shape[0], dtype=self.logits_dtype, device=self.device)
         self._graph = None
         self._graph_key = None
 
@@ -489,7 +490,7 @@ class DecodeEngine:
             layer_probe = None if probe is None else (lambda site, t, i=i: probe(i, site, t))
             x = layer_fn(x, pos, cos, sin, mask, kc, vc, lw, st, layer_probe)
         h = _rms(x[:, -1:], self.w.final_norm, self.w.final_eps)
-        return F.linear(h, self.w.head)[:, 0].float()
+        return F.linear(h, self.w.head)[:, 0].to(self.logits_dtype)
 
     def reset(self) -> None:
         for c in self.k_cache + self.v_cache:

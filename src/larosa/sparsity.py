@@ -41,7 +41,7 @@ class SparsityPlan:
     layers: dict[int, dict[str, float]] = field(default_factory=dict)
     nominal: float | None = None
     split: tuple[float, float] | None = None
-    tie_rule: str = "exact"  # "exact": keep exactly k; "ge": keep all |x| >= k-th largest (released code)
+    tie_rule: str = "exact"  # "exact": keep exactly k, ties to lower indices; "ge": keep all |x| >= k-th (released code)
     dense_prefill: bool = False  # leave multi-token calls (prefill) dense
 
     def __post_init__(self) -> None:
@@ -123,8 +123,13 @@ def topk_mask(x: torch.Tensor, k: int, tie_rule: str = "exact") -> torch.Tensor:
     if tie_rule == "ge":
         kth = mag.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
         return mag >= kth
-    idx = mag.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+    # exactly k, and among entries equal to the k-th largest the lower indices win: the same rule as
+    # the kernels (ties are real: with GQA, the heads of a group output identical vectors at position 0)
+    kth = mag.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    above = mag > kth
+    eq = mag == kth
+    need = k - above.sum(dim=-1, keepdim=True)
+    return above | (eq & (eq.cumsum(dim=-1) <= need))
 
 
 def topk(x: torch.Tensor, k: int, tie_rule: str = "exact") -> torch.Tensor:

@@ -10,33 +10,41 @@ import torch
 import torch.nn.functional as F
 
 
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype: fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def topk_keep_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     """Exact-k mask, ties broken towards lower indices (matches the kernels bit for bit)."""
     d = x.shape[-1]
     if k >= d:
         return torch.ones_like(x, dtype=torch.bool)
-    mag = x.abs().float()
+    mag = x.abs().to(_acc(x))
     # stable descending sort: equal magnitudes keep index order, so lower indices come first
     order = torch.sort(mag, dim=-1, descending=True, stable=True).indices[..., :k]
     return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order, True)
 
 
 def topk_gemv_ref(x: torch.Tensor, wt: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = TopK_k(x) @ wt (+ bias); x (..., d_in), wt = W^T (d_in, d_out). fp32 accumulate."""
+    """y = TopK_k(x) @ wt (+ bias); x (..., d_in), wt = W^T (d_in, d_out). fp32 accumulate (fp64 for fp64)."""
     xs = torch.where(topk_keep_mask(x, k), x, torch.zeros_like(x))
-    y = xs.float() @ wt.float()
+    acc = _acc(x)
+    y = xs.to(acc) @ wt.to(acc)
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(acc)
     return y.to(x.dtype)
 
 
 def threshold_gemv_ref(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
     """TEAL-style: y = (x * (|x| > t)) @ wt."""
-    xs = torch.where(x.abs().float() > threshold, x, torch.zeros_like(x))  # compare in fp32
-    return (xs.float() @ wt.float()).to(x.dtype)
+    acc = _acc(x)
+    xs = torch.where(x.abs().to(acc) > threshold, x, torch.zeros_like(x))  # compare in fp32 (fp64)
+    return (xs.to(acc) @ wt.to(acc)).to(x.dtype)
 
 
 def topk_gate_up_ref(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k: int) -> torch.Tensor:
     """h = silu(TopK(x) @ Wg^T) * (TopK(x) @ Wu^T), fp32 inside, cast once."""
-    xs = torch.where(topk_keep_mask(x, k), x, torch.zeros_like(x)).float()
-    return (F.silu(xs @ wt_gate.float()) * (xs @ wt_up.float())).to(x.dtype)
+    acc = _acc(x)
+    xs = torch.where(topk_keep_mask(x, k), x, torch.zeros_like(x)).to(acc)
+    return (F.silu(xs @ wt_gate.to(acc)) * (xs @ wt_up.to(acc))).to(x.dtype)
