@@ -14,7 +14,7 @@ from larosa.data import rows_from_raw, rows_num_bytes
 from larosa.modules import CatsAct, SparsityMeter, Threshold
 from larosa.sparsity import SITES, parameter_weighted
 
-from tiny import save_tiny_hf_dir, tiny_model
+from tiny import save_tiny_hf_dir, tiny_model, tiny_wikitext
 
 
 def test_threshold_is_the_s_quantile_of_magnitudes():
@@ -101,14 +101,7 @@ def test_topk_meter_is_constant_per_token():
 
 def test_compare_is_resumable(tmp_path, monkeypatch):
     d = save_tiny_hf_dir(tmp_path / "tiny")
-    data = tmp_path / "data" / "wikitext2"
-    data.mkdir(parents=True)
-    text = " \n" + " w1 w2 w3 w4 w5 w6 w7 \n" * 300
-    for name in ("wiki.test.raw", "wiki.valid.raw"):
-        (data / name).write_text(text)
-    nbytes = rows_num_bytes(rows_from_raw(text))
-    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
-    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_wikitext(tmp_path, monkeypatch, 7, 300)
     out = tmp_path / "cmp"
     args = ["compare", "--model", str(d), "--out", str(out), "--methods", "dense,larosa-fused,teal,cats",
             "--targets", "0.25,0.9", "--windows", "2", "--seqlen", "32", "--cal-samples", "2",
@@ -131,14 +124,7 @@ def test_compare_is_resumable(tmp_path, monkeypatch):
 
 def test_compare_runs_the_variant_methods(tmp_path, monkeypatch):
     d = save_tiny_hf_dir(tmp_path / "tiny")
-    data = tmp_path / "data" / "wikitext2"
-    data.mkdir(parents=True)
-    text = " \n" + " w1 w2 w3 w4 w5 w6 w7 w8 w9 \n" * 400
-    for name in ("wiki.test.raw", "wiki.valid.raw"):
-        (data / name).write_text(text)
-    nbytes = rows_num_bytes(rows_from_raw(text))
-    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
-    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_wikitext(tmp_path, monkeypatch, 9, 400)
     out = tmp_path / "cmp"
     methods = "larosa-searched,larosa-searched-weighted-block,larosa-greedy,teal-greedy"
     args = ["compare", "--model", str(d), "--out", str(out), "--methods", methods, "--targets", "0.3",

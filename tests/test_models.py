@@ -9,7 +9,7 @@ from larosa.data import rows_from_raw, rows_num_bytes
 from larosa.errors import LarosaError
 from larosa.models import NAMED_MODELS, NamedModel, load_model, resolve_model
 
-from tiny import save_tiny_hf_dir
+from tiny import save_tiny_hf_dir, tiny_wikitext
 
 
 def test_unknown_name_one_line_error():
@@ -87,14 +87,7 @@ def test_cli_ppl_on_tiny_hf_dir(tmp_path, monkeypatch):
 
 def test_cli_sparsify_then_eval_saved_folder(tmp_path, monkeypatch):
     d = save_tiny_hf_dir(tmp_path / "tiny")
-    data = tmp_path / "data" / "wikitext2"
-    data.mkdir(parents=True)
-    text = " \n" + " w1 w2 w3 w4 w5 w6 \n" * 300
-    for name in ("wiki.test.raw", "wiki.valid.raw"):
-        (data / name).write_text(text)
-    nbytes = rows_num_bytes(rows_from_raw(text))
-    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
-    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_wikitext(tmp_path, monkeypatch, 6, 300)
     out = tmp_path / "sparse"
     common = ["--data-dir", str(tmp_path / "data")]
     res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "-p", "0.4",
@@ -117,14 +110,7 @@ def test_cli_sparsify_with_split_search_saves_the_searched_plan(tmp_path, monkey
     from larosa.sparsity import SparsityPlan, parameter_weighted
 
     d = save_tiny_hf_dir(tmp_path / "tiny")
-    data = tmp_path / "data" / "wikitext2"
-    data.mkdir(parents=True)
-    text = " \n" + " w1 w2 w3 w4 w5 w6 w7 w8 \n" * 400
-    for name in ("wiki.test.raw", "wiki.valid.raw"):
-        (data / name).write_text(text)
-    nbytes = rows_num_bytes(rows_from_raw(text))
-    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
-    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    tiny_wikitext(tmp_path, monkeypatch, 8, 400)
     out = tmp_path / "searched"
     res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--target-pw", "0.4",
                                    "--search-split", "--cal-samples", "2", "--cal-seqlen", "32",

@@ -46,3 +46,19 @@ def save_tiny_hf_dir(path: Path, arch: str = "llama") -> Path:
     tiny_model(arch).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def tiny_wikitext(tmp_path: Path, monkeypatch, words: int, lines: int) -> Path:
+    """A fake WikiText-2 (test + validation) of `lines` lines of `words` words under tmp_path/data,
+    accepted by the byte check, with the larosa cache in tmp_path/cache. Returns the --data-dir."""
+    from larosa.data import rows_from_raw, rows_num_bytes
+
+    data = tmp_path / "data" / "wikitext2"
+    data.mkdir(parents=True)
+    text = " \n" + (" " + " ".join(f"w{i}" for i in range(1, words + 1)) + " \n") * lines
+    for name in ("wiki.test.raw", "wiki.valid.raw"):
+        (data / name).write_text(text)
+    nbytes = rows_num_bytes(rows_from_raw(text))
+    monkeypatch.setattr("larosa.data._NUM_BYTES", {"test": nbytes, "validation": nbytes, "train": -1})
+    monkeypatch.setenv("LAROSA_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "data"

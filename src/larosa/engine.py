@@ -123,6 +123,15 @@ def _apply_threshold(x: torch.Tensor, thr: Optional[torch.Tensor], i: int, site:
     return x * (x.abs() > thr[i]).to(x.dtype)
 
 
+def _site_input(x: torch.Tensor, scale, probe, thr, i: int, site: Site) -> torch.Tensor:
+    """A site's input on its way to the projection: weighted-selection scale, probe, TEAL threshold."""
+    if scale is not None:
+        x = x * scale
+    if probe is not None:
+        probe(i, x)
+    return _apply_threshold(x, thr, i, site)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site) -> torch.Tensor:
     if site.mode == "dense":
         return F.linear(x, w, b)
@@ -161,10 +170,7 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
     (attn_norm, wqkv, bqkv, wo, bo, mlp_norm, wgate, wup, wdown, q_norm, k_norm, rotate_mlp, adapter, thr,
      s_ao, s_mo) = w
     b, t, _ = x.shape
-    h = _rms(x, attn_norm, st.eps)
-    if probe is not None:
-        probe(0, h)
-    h = _apply_threshold(h, thr, 0, st.attn_in)
+    h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
     qkv = _linear(h, wqkv, bqkv, st.attn_in)
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
     q = q.view(b, t, st.heads, st.head_dim)
@@ -175,25 +181,13 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
-    a = _attention(q, kc, vc, mask, st)
-    if s_ao is not None:
-        a = a * s_ao
-    if probe is not None:
-        probe(1, a)
-    a = _apply_threshold(a, thr, 1, st.attn_out)
+    a = _site_input(_attention(q, kc, vc, mask, st), s_ao, probe, thr, 1, st.attn_out)
     x = x + _linear(a, wo, bo, st.attn_out)
     h = _rms(x, mlp_norm, st.eps)
     if st.rotate_mlp:
         h = h @ rotate_mlp
-    if probe is not None:
-        probe(2, h)
-    h = _apply_threshold(h, thr, 2, st.mlp_in)
-    act = _gate_up(h, wgate, wup, st.mlp_in)
-    if s_mo is not None:
-        act = act * s_mo
-    if probe is not None:
-        probe(3, act)
-    act = _apply_threshold(act, thr, 3, st.mlp_out)
+    h = _site_input(h, None, probe, thr, 2, st.mlp_in)
+    act = _site_input(_gate_up(h, wgate, wup, st.mlp_in), s_mo, probe, thr, 3, st.mlp_out)
     x = x + _linear(act, wdown, None, st.mlp_out)
     if st.adapter:
         x = x @ adapter

@@ -50,6 +50,17 @@ def select_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _bisect_threshold(bits, k):
+    """The largest 15-bit pattern t with at least k entries >= t, fixed bit by bit (15 counting reductions)."""
+    t = 0
+    for b in tl.static_range(14, -1, -1):
+        cand = t | (1 << b)
+        if tl.sum((bits >= cand).to(tl.int32), 0) >= k:
+            t = cand
+    return t
+
+
+@triton.jit
 def select_bisect_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
     """Same output as `select_kernel`, found bit by bit: 15 counting reductions instead of histograms."""
     row = tl.program_id(0).to(tl.int64)
@@ -57,11 +68,7 @@ def select_bisect_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
     valid = offs < d_in
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
     bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
-    t = 0
-    for b in tl.static_range(14, -1, -1):
-        cand = t | (1 << b)
-        if tl.sum((bits >= cand).to(tl.int32), 0) >= k:
-            t = cand
+    t = _bisect_threshold(bits, k)
     need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
     eq = (bits == t).to(tl.int32)
     rank = tl.cumsum(eq, 0)
@@ -79,11 +86,7 @@ def select_compact_kernel(x_ptr, idx_ptr, xv_ptr, d_in, k, stride_x, BLOCK_D: tl
     valid = offs < d_in
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
     bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
-    t = 0
-    for b in tl.static_range(14, -1, -1):
-        cand = t | (1 << b)
-        if tl.sum((bits >= cand).to(tl.int32), 0) >= k:
-            t = cand
+    t = _bisect_threshold(bits, k)
     need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
     eq = (bits == t).to(tl.int32)
     keep = (bits > t) | ((eq > 0) & (tl.cumsum(eq, 0) <= need_eq))
