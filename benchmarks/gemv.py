@@ -130,17 +130,21 @@ def bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, rows=1, sparsities=SPAR
         if kind == "gate_up":
             ours = [(lambda i=i: triton_gemv_call(x, wts[2 * i], k, cfg, mode=0 if s > 0 else 2,
                                                   wt2=wts[2 * i + 1])) for i in range(copies)]
-            teal = None
+            teal = teal_f = None
         else:
             if s == 0:  # dispatch at sparsity 0: the raw kernel (selection off) and the op (cuBLAS)
                 ours = [(lambda i=i: triton_gemv_call(x, wts[i], d_in, cfg, mode=2)) for i in range(copies)]
             else:
                 ours = [(lambda i=i: triton_gemv_call(x, wts[i], k, cfg)) for i in range(copies)]
-            teal = [(lambda i=i: teal_call(x, wts[i], thr, cfg)) for i in range(copies)]
+            fused = (cfg or {}).get("impl") == "fused"
+            teal = [(lambda i=i: teal_call(x, wts[i], thr, None if fused else cfg)) for i in range(copies)]
+            teal_f = [(lambda i=i: teal_call(x, wts[i], thr, cfg)) for i in range(copies)] if fused else None
         t_ours = graph_time_us(ours)
         t_teal = graph_time_us(teal) if teal else None
+        t_teal_f = graph_time_us(teal_f) if teal_f else None
         out.append({"shape": name, "d_in": d_in, "d_out": d_out, "rows": rows, "sparsity": s, "k": k,
-                    "cublas_us": t_dense, "ours_us": t_ours, "teal_us": t_teal, "ideal_us": ideal})
+                    "cublas_us": t_dense, "ours_us": t_ours, "teal_us": t_teal, "teal_fused_us": t_teal_f,
+                    "ideal_us": ideal})
     del wts, x
     torch.cuda.empty_cache()
     return out
@@ -164,24 +168,39 @@ def triton_gemv_call(x, wt, k, cfg, mode=0, wt2=None):
 
 
 def teal_call(x, wt, thr, cfg):
+    """TEAL-style threshold kernel: the split-K design (as TEAL's own kernel) unless cfg asks for fused."""
     y = torch.empty(x.shape[0], wt.shape[1], device=x.device, dtype=x.dtype)
-    triton_gemv.launch(x, wt, y, 1, threshold=thr, mode=1, counters=_counters(x), **(cfg or {}))  # select args unused
+    cfg = {"impl": "split", **(cfg or {})}
+    triton_gemv.launch(x, wt, y, 1, threshold=thr, mode=1, counters=_counters(x), **cfg)  # select args unused
     return y
 
 
-def tune(d_in, d_out, dtype, s=0.5, sel=None):
-    copies = n_copies(d_in * d_out * 2)
-    wts = [torch.randn(d_in, d_out, device="cuda", dtype=dtype) for _ in range(copies)]
+def _tile_grid(impl):
+    if impl == "fused":  # one launch, column-complete programs
+        for bn, bk, nw, ns in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4)):
+            if bn * bk <= 64 * 256:
+                yield {"impl": "fused", "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
+        return
+    for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64), (128, 256, 512), (4, 8)):
+        if bn * bk > 256 * 32 or rps < bk:
+            continue
+        yield {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3}
+
+
+def tune(d_in, d_out, dtype, s=0.5, sel=None, impl="split", gated=False):
+    n_mats = 2 if gated else 1
+    copies = n_copies(d_in * d_out * 2 * n_mats)
+    wts = [torch.randn(d_in, d_out, device="cuda", dtype=dtype) for _ in range(copies * n_mats)]
     x = torch.randn(1, d_in, device="cuda", dtype=dtype)
     k = int((1 - s) * d_in)
     best = None
     results = []
-    for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64), (128, 256, 512), (4, 8)):
-        if bn * bk > 256 * 32 or rps < bk:
-            continue
-        cfg = {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3, **(sel or {})}
+    for tile in _tile_grid(impl):
+        cfg = {**tile, **(sel or {})} if impl == "split" else tile
+        call = ((lambda i: triton_gemv_call(x, wts[2 * i], k, cfg, wt2=wts[2 * i + 1])) if gated
+                else (lambda i: triton_gemv_call(x, wts[i], k, cfg)))
         try:
-            t = graph_time_us([(lambda i=i: triton_gemv_call(x, wts[i], k, cfg)) for i in range(copies)], reps=20)
+            t = graph_time_us([(lambda i=i: call(i)) for i in range(copies)], reps=20)
         except Exception as exc:  # a config that does not compile (resources): skip it
             results.append({**cfg, "error": type(exc).__name__})
             continue
@@ -235,10 +254,13 @@ def main() -> None:
     ap.add_argument("--no-crossover", action="store_true")
     ap.add_argument("--gather", type=int, choices=[0, 1], default=None,
                     help="1: compact the kept rows first (v6), 0: masked loads (v4); default: the package default")
+    ap.add_argument("--impl", choices=list(triton_gemv.IMPLS), default=None,
+                    help="kernel implementation for 'ours' (default: the package default)")
     ap.add_argument("--sparsities", default=None, help="comma list (default 0,0.25,0.4,0.5,0.75,0.9)")
     ap.add_argument("--no-select-sweep", action="store_true")
     args = ap.parse_args()
     gather = triton_gemv.GATHER if args.gather is None else bool(args.gather)
+    impl = args.impl or triton_gemv.IMPL
     sparsities = tuple(float(v) for v in args.sparsities.split(",")) if args.sparsities else SPARSITIES
     if not torch.cuda.is_available():
         sys.exit("benchmarks/gemv.py needs a CUDA GPU")
@@ -255,26 +277,31 @@ def main() -> None:
     tune_log = {}
     if args.tune:
         for name, (d_in, d_out, kind) in shapes.items():
-            if kind != "linear" or (d_in, d_out) in tuned:
+            if kind not in ("linear", "gate_up") or (d_in, d_out, kind) in tuned:
+                continue
+            if kind == "gate_up" and impl != "fused":
                 continue
             t0 = time.time()
-            best, log = tune(d_in, d_out, dtype, sel={**sel_best.get(d_in, {}), "gather": gather})
-            tuned[(d_in, d_out)] = best[0]
-            tune_log[f"{d_in}x{d_out}"] = {"best": best[0], "best_us": best[1], "all": log}
-            print(f"# tuned {d_in}->{d_out}: {best[0]} {best[1]:.2f} us ({time.time() - t0:.0f} s)", flush=True)
+            best, log = tune(d_in, d_out, dtype, sel={**sel_best.get(d_in, {}), "gather": gather}, impl=impl,
+                             gated=kind == "gate_up")
+            tuned[(d_in, d_out, kind)] = best[0]
+            tune_log[f"{kind} {d_in}x{d_out}"] = {"best": best[0], "best_us": best[1], "all": log}
+            print(f"# tuned {kind} {d_in}->{d_out}: {best[0]} {best[1]:.2f} us ({time.time() - t0:.0f} s)", flush=True)
     rows = []
     for name, (d_in, d_out, kind) in shapes.items():
-        cfg = tuned.get((d_in, d_out)) or {**sel_best.get(d_in, {}), "gather": gather}
+        cfg = (tuned.get((d_in, d_out, kind)) or tuned.get((d_in, d_out, "linear"))
+               or ({"impl": "fused"} if impl == "fused" else {**sel_best.get(d_in, {}), "gather": gather}))
         rows += bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, sparsities=sparsities)
         print(f"# done {name}", flush=True)
     cross = [] if args.no_crossover else batch_crossover(dtype)
-    hdr = "| shape | s | k | cuBLAS us | ours us | TEAL-style us | ideal us | ours/ideal | speed-up vs cuBLAS |"
+    hdr = ("| shape | s | k | cuBLAS us | ours us | TEAL-style us (split-K) | TEAL-style us (one launch) | "
+           "ideal us | ours/ideal | speed-up vs cuBLAS |")
     print(hdr)
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 10)
+    fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
     for r in rows:
-        teal = f"{r['teal_us']:.2f}" if r["teal_us"] is not None else "-"
         print(f"| {r['shape']} | {r['sparsity']:.2f} | {r['k']} | {r['cublas_us']:.2f} | {r['ours_us']:.2f} | "
-              f"{teal} | {r['ideal_us']:.2f} | {r['ours_us'] / r['ideal_us']:.2f} | "
+              f"{fmt(r['teal_us'])} | {fmt(r.get('teal_fused_us'))} | {r['ideal_us']:.2f} | {r['ours_us'] / r['ideal_us']:.2f} | "
               f"{r['cublas_us'] / r['ours_us']:.2f}x |")
     if cross:
         print("\n| rows (4096->11008, s=0.5) | per-row kernel us | selection + cuBLAS us | dense cuBLAS us |")
@@ -283,7 +310,7 @@ def main() -> None:
             print(f"| {c['rows']} | {c['kernel_us']:.2f} | {c['select_plus_cublas_us']:.2f} | {c['dense_cublas_us']:.2f} |")
     rec = {"gpu": props.name, "sms": props.multi_processor_count, "copy_bandwidth_Bps": bw, "dtype": args.dtype,
            "batch": 1, "timing": "CUDA graph replay, median per call, weights cycled over copies > 4x L2",
-           "activations": "random normal", "torch": torch.__version__, "gather": gather,
+           "activations": "random normal", "torch": torch.__version__, "gather": gather, "impl": impl,
            "triton": __import__("triton").__version__, "rows": rows, "batch_crossover": cross,
            "tuning": tune_log, "select_sweep": sel_sweep, "select_best": {str(k): v for k, v in sel_best.items()}, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

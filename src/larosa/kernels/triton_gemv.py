@@ -206,6 +206,83 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
         tl.store(y_ptr + row * stride_y + cols, tot.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def fused_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, d_in, d_out, k, threshold, stride_x, stride_y,
+                      MODE: tl.constexpr,  # 0: exact Top-K, 1: |x| > threshold (TEAL-style), 2: dense
+                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One launch: every program finds the row's Top-K threshold itself (bisection, whole row of x in
+    registers; the row is a few KiB read from L2), then owns BLOCK_N output columns over all d_in
+    input channels, loading only kept weight rows. No workspace, no split-K reduction, no counters."""
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    t = 0
+    cutoff = 0
+    if MODE == 0:
+        offs_d = tl.arange(0, BLOCK_D)
+        xa = tl.load(x_row + offs_d, mask=offs_d < d_in, other=0.0)
+        bits_a = tl.where(offs_d < d_in, xa.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
+        t = _bisect_threshold(bits_a, k)
+        need_eq = k - tl.sum((bits_a > t).to(tl.int32), 0)
+        eq = (bits_a == t).to(tl.int32)
+        cutoff = tl.max(tl.where((eq > 0) & (tl.cumsum(eq, 0) == need_eq), offs_d + 1, 0), 0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < d_out
+    acc_t = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    acc2_t = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        valid = offs < d_in
+        xv = tl.load(x_row + offs, mask=valid, other=0.0)
+        if MODE == 0:
+            bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+            keep = valid & ((bits > t) | ((bits == t) & (offs < cutoff)))
+        elif MODE == 1:
+            keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
+        else:
+            keep = valid
+        xf = tl.where(keep, xv.to(tl.float32), 0.0)
+        wmask = keep[:, None] & cmask[None, :]
+        w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
+        w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
+        acc_t += xf[:, None] * w.to(tl.float32)
+        if GATED:
+            w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
+            acc2_t += xf[:, None] * w2.to(tl.float32)
+    acc = tl.sum(acc_t, axis=0)
+    if GATED:
+        acc2 = tl.sum(acc2_t, axis=0)
+        acc = acc * tl.sigmoid(acc) * acc2
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
+
+
+def fused_config(d_in: int, d_out: int) -> dict:
+    """Tile sizes of the one-launch kernel (H200 sweep: benchmarks/NOTES.md)."""
+    return {"block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 3}
+
+
+def launch_fused(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
+                 block_n: int | None = None, block_k: int | None = None, num_warps: int | None = None,
+                 num_stages: int | None = None) -> None:
+    """One-launch variant of `launch` (same arguments and result): selection inside every program."""
+    rows, d_in = x.shape
+    d_out = wt.shape[1]
+    cfg = fused_config(d_in, d_out)
+    block_n = block_n or cfg["block_n"]
+    block_k = block_k or cfg["block_k"]
+    block_d = triton.next_power_of_2(d_in)
+    grid = (triton.cdiv(d_out, block_n), rows)
+    fused_gemv_kernel[grid](
+        x, wt, wt2 if wt2 is not None else wt, bias if bias is not None else wt, y,
+        d_in, d_out, k, float(threshold), x.stride(0), y.stride(0),
+        MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d,
+        BLOCK_K=block_k, BLOCK_N=block_n,
+        num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+
+
 def default_config(d_in: int, d_out: int) -> dict:
     """Tile sizes from the H200 sweep of benchmarks/gemv.py --tune (benchmarks/NOTES.md)."""
     if d_out <= 4096 and d_in <= 4096:
@@ -246,8 +323,12 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
     return idx, xv
 
 
+IMPLS = ("split", "fused")
+IMPL = "split"  # default implementation (benchmarks/NOTES.md: measured choice)
+
+
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
-           gather: bool | None = None,
+           impl: str | None = None, gather: bool | None = None,
            counters: torch.Tensor | None = None, select_impl: str = "bisect", select_num_warps: int | None = None,
            block_k: int | None = None, block_n: int | None = None,
            rows_per_split: int | None = None, num_warps: int | None = None,
@@ -257,6 +338,12 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     `counters` (int32, >= B * ceil(d_out / block_n) zeros) may be passed to reuse a buffer; the kernel
     leaves it zeroed. Without it a zeroed buffer is allocated per call.
     """
+    impl = IMPL if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
+    if impl == "fused":
+        return launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
+                            block_k=block_k, num_warps=num_warps, num_stages=num_stages)
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gather = GATHER if gather is None else gather
