@@ -143,6 +143,25 @@ def test_compare_runs_the_variant_methods(tmp_path, monkeypatch):
     assert len(searched["search"]["table"]) >= 11 and "a=" in searched["knob"]
 
 
+def test_compare_fixed_split_variants(tmp_path, monkeypatch):
+    """Q from the gamma-scaled input and weighted selection at the paper's split: same budget, other model."""
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    tiny_wikitext(tmp_path, monkeypatch, 9, 400)
+    out = tmp_path / "cmp"
+    methods = ("larosa-fused", "larosa-fused-gammaq", "larosa-fused-weighted")
+    args = ["compare", "--model", str(d), "--out", str(out), "--methods", ",".join(methods), "--targets", "0.4",
+            "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
+            "--data-dir", str(tmp_path / "data")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cells = {m: json.loads((out / "cells" / f"{m}-0.400.json").read_text()) for m in methods}
+    for m, c in cells.items():
+        assert abs(c["realised_pw"]["mean"] - 0.4) < 0.02, (m, c["realised_pw"])
+        assert c["sites"] == cells["larosa-fused"]["sites"]  # same per-site plan
+    ppl = [cells[m]["ppl"] for m in methods]
+    assert len(set(ppl)) == 3, ppl  # a different Q / a different ranking changes the model
+
+
 def test_compare_with_zeroshot_cells(tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     from pathlib import Path

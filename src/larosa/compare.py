@@ -34,7 +34,8 @@ from .transform import LarosaConfig, apply
 METHODS = ("dense", "larosa-official", "larosa-fused", "topk", "teal", "cats",
            # issue 7 variants (fused form): searched split, + weighted selection, + block-level Q,
            # per-layer greedy allocation; TEAL with its greedy per-layer allocation
-           "larosa-searched", "larosa-searched-weighted", "larosa-searched-weighted-block", "larosa-greedy", "teal-greedy")
+           "larosa-searched", "larosa-searched-weighted", "larosa-searched-weighted-block", "larosa-greedy", "teal-greedy",
+           "larosa-fused-gammaq", "larosa-fused-weighted")
 FUSED_VARIANTS = {  # method: (rotation level, selection, how the per-site sparsities are chosen)
     "larosa-searched": ("layer", "magnitude", "search"),
     "larosa-searched-weighted": ("layer", "weighted", "search"),
@@ -42,6 +43,13 @@ FUSED_VARIANTS = {  # method: (rotation level, selection, how the per-site spars
     "larosa-greedy": ("layer", "magnitude", "greedy"),
 }
 
+FIXED_SPLIT = {  # method: (form, Q basis, selection) at the paper's fixed 0.8/1.2 split
+    "larosa-official": ("official", "free", "magnitude"),
+    "larosa-fused": ("fused", "free", "magnitude"),
+    "topk": ("topk", "free", "magnitude"),
+    "larosa-fused-gammaq": ("fused", "gamma", "magnitude"),  # Q from the gamma-scaled input (issue 7)
+    "larosa-fused-weighted": ("fused", "free", "weighted"),  # |z| * column norm, fixed split (issue 7)
+}
 
 HELD_OUT = (4, 512)  # calibration sequences x tokens for the split search and greedy allocations
 
@@ -89,10 +97,11 @@ def build(method: str, base, target: float, rot, thr, held_out=None, progress: b
         net = apply_teal(copy.deepcopy(base), thr, {s: 0.0 for s in SITES})
         alloc = greedy_allocation(net, held_out, target, teal_setter(thr), progress=progress)
         return net, {"knob": "greedy per layer", "layers": {str(i): v for i, v in alloc.items()}}
-    if method in ("larosa-official", "larosa-fused", "topk"):
-        form = {"larosa-official": "official", "larosa-fused": "fused", "topk": "topk"}[method]
+    if method in FIXED_SPLIT:
+        form, q_basis, selection = FIXED_SPLIT[method]
         plan = larosa_plan_for(base, target, tie_rule="ge" if form == "official" else "exact")
-        net = apply(copy.deepcopy(base), LarosaConfig(form, "layer", plan), rot)
+        cfg = LarosaConfig(form, "layer", plan, selection=selection, q_basis=q_basis)
+        net = apply(copy.deepcopy(base), cfg, rot)
         return net, {"knob": f"p={plan.nominal:.4f}", "sites": plan.sites}
     if method == "teal":
         sites = {s: target for s in SITES}
