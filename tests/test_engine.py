@@ -76,6 +76,7 @@ def test_weighted_selection_and_topk_form_in_engine():
     rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
     ids = torch.randint(3, model.config.vocab_size, (1, 6))
     for cfg in (LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.5), selection="weighted"),
+                LarosaConfig("fused", "block", SparsityPlan.from_nominal(0.5), selection="weighted"),
                 LarosaConfig("topk", "layer", SparsityPlan.from_nominal(0.5))):
         net = apply(copy.deepcopy(model), cfg, rot)
         _check_against(net, ids, atol=2e-4)

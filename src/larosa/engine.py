@@ -339,9 +339,9 @@ def from_hf(model: nn.Module) -> ModelWeights:
         if sc_ai is not None:  # fold the score scale into the norm output: x' = x * s, W' = W / s
             a_gamma = (a_gamma.double() * sc_ai.double()).to(a_gamma.dtype)
         dense_prefill = dense_prefill or any(getattr(sp, "dense_prefill", False) for sp in (a_sp, o_sp, m_sp, d_sp))
-        if sc_mi is not None:
-            if rot is not None:
-                raise LarosaError("weighted selection with an in-layer rotation is not supported by the engine")
+        if sc_mi is not None and rot is not None:  # block-level Q: scale the rotation's output columns
+            rot = (rot.detach().double() * sc_mi.double()[None, :]).to(rot.dtype)
+        elif sc_mi is not None:
             m_gamma = (m_gamma.double() * sc_mi.double()).to(m_gamma.dtype)
         wqkv = torch.cat([lin.weight.detach() for lin, _ in lins], 0)
         biases = [lin.bias for lin, _ in lins]
