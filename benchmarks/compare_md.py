@@ -1,0 +1,87 @@
+"""Markdown tables for the README from a `larosa compare` output folder (its cells, not hand-copied numbers).
+
+    python benchmarks/compare_md.py benchmarks/results/compare-smollm2-135m-w40 --zeroshot-limit 100
+
+Prints the main table (target, knob, realised parameter-weighted sparsity with its per-token spread, PPL,
+zero-shot mean), the zero-shot per-task table, and the ranking at each target by PPL. Cells that are
+not there yet are printed as "not run".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from larosa.compare import METHODS  # noqa: E402
+
+TASKS = ("arc_easy", "arc_challenge", "piqa", "boolq", "hellaswag", "openbookqa", "winogrande")
+
+
+def _cells(folder: Path, limit: int) -> list[dict]:
+    out = []
+    for f in (folder / "cells").glob("*.json"):
+        if f.name.startswith("zs-"):
+            continue
+        c = json.loads(f.read_text())
+        zf = folder / "cells" / f"zs-{c['method']}-{c['target_pw']:.3f}-limit{limit}.json"
+        c["zeroshot"] = json.loads(zf.read_text())["zeroshot"] if limit and zf.is_file() else None
+        c["zs_file"] = zf.is_file()
+        out.append(c)
+    order = {m: i for i, m in enumerate(METHODS)}
+    return sorted(out, key=lambda c: (order.get(c["method"], 99), c["target_pw"]))
+
+
+def _fmt(v, nd=2):
+    return f"{v:.{nd}f}" if isinstance(v, (int, float)) else str(v)
+
+
+def tables(folder: Path, limit: int) -> str:
+    cells = _cells(folder, limit)
+    zcol = f"0-shot mean, limit {limit}"
+    lines = ["| method | target pw | knob | realised pw (mean) | per-token p01-p99 | PPL |" + (f" {zcol} |" if limit else ""),
+             "|---|---|---|---|---|---|" + ("---|" if limit else "")]
+    for c in cells:
+        r = c.get("realised_pw") or {}
+        real = f"{r['mean']:.4f}" if r else ("0" if c["method"] == "dense" else "n/a")
+        spread = f"{r['p01']:.3f}-{r['p99']:.3f}" if r else "-"
+        ppl = _fmt(c["ppl"]) if c.get("ppl") is not None else "n/a"
+        row = f"| {c['method']} | {c['target_pw']:g} | {c.get('knob') or ''} | {real} | {spread} | {ppl} |"
+        if limit:
+            zs = c["zeroshot"]
+            row += f" {100 * zs['mean']:.2f} |" if zs else (" n/a |" if c["zs_file"] else " not run |")
+        lines.append(row)
+    out = ["\n".join(lines)]
+    with_zs = [c for c in cells if c["zeroshot"]]
+    if with_zs:
+        t = ["| method | target pw | " + " | ".join(TASKS) + " | mean |", "|---|---|" + "---|" * (len(TASKS) + 1)]
+        for c in with_zs:
+            zs = c["zeroshot"]["tasks"]
+            acc = [zs[k]["acc_norm"] if zs[k].get("acc_norm") is not None else zs[k]["acc"] for k in TASKS]
+            items = {zs[k]["items"] for k in TASKS}
+            t.append(f"| {c['method']} | {c['target_pw']:g} | " + " | ".join(f"{100 * a:.1f}" for a in acc)
+                     + f" | {100 * c['zeroshot']['mean']:.2f} |" + ("" if items == {limit} else f" items {sorted(items)} |"))
+        out.append("Zero-shot per task (acc_norm where the task has it, else acc):\n\n" + "\n".join(t))
+    rank = []
+    for tgt in sorted({c["target_pw"] for c in cells if c["target_pw"] > 0}):
+        row = sorted((c["ppl"], c["method"]) for c in cells if c["target_pw"] == tgt and c.get("ppl") is not None)
+        rank.append(f"- pw {tgt:g}: " + " < ".join(f"{m} {p:.2f}" for p, m in row))
+    out.append("Ranking by PPL (lower is better):\n\n" + "\n".join(rank))
+    return "\n\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folder", type=Path)
+    ap.add_argument("--zeroshot-limit", type=int, default=0)
+    args = ap.parse_args()
+    if not (args.folder / "cells").is_dir():
+        sys.exit(f"{args.folder} has no cells/ folder (not a `larosa compare` output)")
+    print(tables(args.folder, args.zeroshot_limit))
+
+
+if __name__ == "__main__":
+    main()
