@@ -197,3 +197,19 @@ def test_fused_kernel_threshold_dense_and_bias_modes():
     assert _rel(y, topk_gemv_ref(x, wt, 60, bias)) < 1e-2
     with pytest.raises(ValueError, match="implementation"):
         ops.triton_gemv.launch(x, wt, y, 60, impl="bogus")
+
+
+def test_caller_owned_counters_are_used_and_left_zeroed(monkeypatch):
+    seen = []
+    real = ops.triton_gemv.launch
+    monkeypatch.setattr(ops.triton_gemv, "launch", lambda *a, **k: (seen.append(k.get("counters")), real(*a, **k))[1])
+    x = torch.randn(2, 300).bfloat16()
+    wt, wu = torch.randn(300, 130).bfloat16(), torch.randn(300, 130).bfloat16()
+    cnt = torch.zeros(64, dtype=torch.int32)
+    assert _rel(topk_linear(x, wt, 100, None, cnt), topk_gemv_ref(x, wt, 100)) < 1e-2
+    assert _rel(topk_gate_up(x, wt, wu, 100, cnt), topk_gate_up_ref(x, wt, wu, 100)) < 1e-2
+    assert _rel(threshold_linear(x, wt, 0.5, cnt), threshold_gemv_ref(x, wt, 0.5)) < 1e-2
+    assert all(c is cnt for c in seen) and len(seen) == 3
+    assert not cnt.any()  # the kernels leave the workspace zeroed for the next call
+    small = torch.zeros(2, dtype=torch.int32)  # too small for 2 rows x 3 column blocks: the op allocates its own
+    assert _rel(topk_linear(x, wt, 100, None, small), topk_gemv_ref(x, wt, 100)) < 1e-2 and seen[-1] is None

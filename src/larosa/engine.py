@@ -86,11 +86,13 @@ class LayerWeights:
     # weighted selection: x -> x * s before ranking (the weights' input rows were divided by s)
     scale_attn_out: Optional[torch.Tensor] = None
     scale_mlp_out: Optional[torch.Tensor] = None
+    # zeroed int32 workspace of the split-K kernels (left zeroed by them): no memset launch per projection
+    counters: Optional[torch.Tensor] = None
 
     def tensors(self) -> tuple:
         return (self.attn_norm, self.wqkv, self.bqkv, self.wo, self.bo, self.mlp_norm, self.wgate, self.wup,
                 self.wdown, self.q_norm, self.k_norm, self.rotate_mlp, self.adapter, self.thresholds,
-                self.scale_attn_out, self.scale_mlp_out)
+                self.scale_attn_out, self.scale_mlp_out, self.counters)
 
     def to(self, device=None, dtype=None) -> "LayerWeights":
         def mv(t):
@@ -98,6 +100,12 @@ class LayerWeights:
                 return None
             return t.to(device=device, dtype=dtype if t.is_floating_point() and t.dim() > 0 else t.dtype)
         return LayerWeights(*[mv(t) for t in self.tensors()])
+
+    def add_counters(self, rows: int = 8) -> "LayerWeights":
+        """Give the sparse kernels a zeroed counter workspace (up to `rows` rows of the widest output)."""
+        widest = max(max(w.shape) for w in (self.wqkv, self.wo, self.wgate, self.wdown))
+        self.counters = torch.zeros(rows * -(-widest // 64), dtype=torch.int32, device=self.wqkv.device)
+        return self
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
@@ -132,21 +140,24 @@ def _site_input(x: torch.Tensor, scale, probe, thr, i: int, site: Site) -> torch
     return _apply_threshold(x, thr, i, site)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site) -> torch.Tensor:
+def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
+            cnt: Optional[torch.Tensor] = None) -> torch.Tensor:
     if site.mode == "dense":
         return F.linear(x, w, b)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_linear(x, w, site.k, b)
-    y = torch.ops.larosa.threshold_linear(x, w, 0.0)  # inputs already thresholded: skip the zeros
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt)
+    y = torch.ops.larosa.threshold_linear(x, w, 0.0, cnt)  # inputs already thresholded: skip the zeros
     return y if b is None else y + b
 
 
-def _gate_up(h: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, site: Site) -> torch.Tensor:
+def _gate_up(h: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, site: Site,
+             cnt: Optional[torch.Tensor] = None) -> torch.Tensor:
     if site.mode == "dense":
         return F.silu(F.linear(h, wg)) * F.linear(h, wu)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k)
-    return F.silu(torch.ops.larosa.threshold_linear(h, wg, 0.0)) * torch.ops.larosa.threshold_linear(h, wu, 0.0)
+        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k, cnt)
+    return (F.silu(torch.ops.larosa.threshold_linear(h, wg, 0.0, cnt))
+            * torch.ops.larosa.threshold_linear(h, wu, 0.0, cnt))
 
 
 def _attention(q, kc, vc, mask, st: LayerStatic) -> torch.Tensor:
@@ -168,10 +179,10 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
 
     `probe(site_index, x)` (eager use only) sees the four site inputs before sparsification."""
     (attn_norm, wqkv, bqkv, wo, bo, mlp_norm, wgate, wup, wdown, q_norm, k_norm, rotate_mlp, adapter, thr,
-     s_ao, s_mo) = w
+     s_ao, s_mo, cnt) = w
     b, t, _ = x.shape
     h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
-    qkv = _linear(h, wqkv, bqkv, st.attn_in)
+    qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt)
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
     q = q.view(b, t, st.heads, st.head_dim)
     k = k.view(b, t, st.kv_heads, st.head_dim)
@@ -182,13 +193,13 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
     a = _site_input(_attention(q, kc, vc, mask, st), s_ao, probe, thr, 1, st.attn_out)
-    x = x + _linear(a, wo, bo, st.attn_out)
+    x = x + _linear(a, wo, bo, st.attn_out, cnt)
     h = _rms(x, mlp_norm, st.eps)
     if st.rotate_mlp:
         h = h @ rotate_mlp
     h = _site_input(h, None, probe, thr, 2, st.mlp_in)
-    act = _site_input(_gate_up(h, wgate, wup, st.mlp_in), s_mo, probe, thr, 3, st.mlp_out)
-    x = x + _linear(act, wdown, None, st.mlp_out)
+    act = _site_input(_gate_up(h, wgate, wup, st.mlp_in, cnt), s_mo, probe, thr, 3, st.mlp_out)
+    x = x + _linear(act, wdown, None, st.mlp_out, cnt)
     if st.adapter:
         x = x @ adapter
     return x
@@ -361,6 +372,8 @@ def from_hf(model: nn.Module) -> ModelWeights:
             adapter=layer.adapter.detach() if hasattr(layer, "adapter") else None, thresholds=thr,
             scale_attn_out=None if sc_ao is None else sc_ao.to(a_gamma.dtype),
             scale_mlp_out=None if sc_mo is None else sc_mo.to(a_gamma.dtype))
+        if any(site.mode != "dense" for site in (s_ai, s_ao, s_mi, s_mo)):
+            lw.add_counters()
         if any(getattr(lin, "bias", None) is not None for lin in (g_lin, u_lin, d_lin)):
             raise LarosaError("MLP biases are not supported by the engine")
         statics.append(LayerStatic(

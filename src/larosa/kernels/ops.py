@@ -4,6 +4,10 @@
     torch.ops.larosa.topk_gate_up(x, wt_gate, wt_up, k)  h = silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up)
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
 
+Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
+the split-K kernel for its per-column-block counters and left zeroed; without it every call allocates a
+zeroed buffer (one memset launch). It never changes the result.
+
 `wt` is the weight stored input-major (W^T, shape d_in x d_out, contiguous). x may have any leading
 shape; rows are flattened. Up to `max_kernel_rows()` rows run the Triton kernel with per-row selection;
 more rows (prefill) take the exact same selection in PyTorch followed by a dense cuBLAS matmul, which
@@ -67,12 +71,21 @@ def _check(x: torch.Tensor, wt: torch.Tensor, k: int) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
 
 
+def _counters(counters: Optional[torch.Tensor], rows: int, d_out: int) -> Optional[torch.Tensor]:
+    """A caller-owned zeroed int32 buffer (the kernel leaves it zeroed), if it is large enough for the
+    split-K kernel's per-column-block counters; None lets the kernel allocate (one memset per call)."""
+    if counters is None or counters.numel() < rows * -(-d_out // 64):
+        return None
+    return counters
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 @torch.library.custom_op("larosa::topk_linear", mutates_args=())
-def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None,
+                counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     _check(x, wt, k)
     x2 = _rows(x)
     if k >= x.shape[-1] and x.is_cuda:  # nothing to skip: cuBLAS
@@ -83,17 +96,18 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
         return ref.topk_gemv_ref(x2, wt, k, bias).view(*x.shape[:-1], wt.shape[1])
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias)
+    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2.shape[0], wt.shape[1]))
     return y.view(*x.shape[:-1], wt.shape[1])
 
 
 @topk_linear.register_fake
-def _(x, wt, k, bias=None):
+def _(x, wt, k, bias=None, counters=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
 @torch.library.custom_op("larosa::topk_gate_up", mutates_args=())
-def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k: int) -> torch.Tensor:
+def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k: int,
+                 counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     _check(x, wt_gate, k)
     if wt_up.shape != wt_gate.shape:
         raise ValueError(f"gate {tuple(wt_gate.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
@@ -103,28 +117,31 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
     y = torch.empty(x2.shape[0], wt_gate.shape[1], dtype=x.dtype, device=x.device)
     kk = min(k, x.shape[-1])
     triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(),
-                       mode=0 if kk < x.shape[-1] else 2)
+                       mode=0 if kk < x.shape[-1] else 2,
+                       counters=_counters(counters, x2.shape[0], wt_gate.shape[1]))
     return y.view(*x.shape[:-1], wt_gate.shape[1])
 
 
 @topk_gate_up.register_fake
-def _(x, wt_gate, wt_up, k):
+def _(x, wt_gate, wt_up, k, counters=None):
     return x.new_empty(*x.shape[:-1], wt_gate.shape[1])
 
 
 @torch.library.custom_op("larosa::threshold_linear", mutates_args=())
-def threshold_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float) -> torch.Tensor:
+def threshold_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float,
+                     counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     _check(x, wt, 1)
     x2 = _rows(x)
     if not _use_kernel(x2, x2.shape[0]):
         return ref.threshold_gemv_ref(x2, wt, threshold).view(*x.shape[:-1], wt.shape[1])
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-    triton_gemv.launch(x2, wt.contiguous(), y, 1, threshold=threshold, mode=1)
+    triton_gemv.launch(x2, wt.contiguous(), y, 1, threshold=threshold, mode=1,
+                       counters=_counters(counters, x2.shape[0], wt.shape[1]))
     return y.view(*x.shape[:-1], wt.shape[1])
 
 
 @threshold_linear.register_fake
-def _(x, wt, threshold):
+def _(x, wt, threshold, counters=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
