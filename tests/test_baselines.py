@@ -122,6 +122,32 @@ def test_compare_is_resumable(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "another setup" in bad.output
 
 
+def test_compare_skips_cells_finished_meanwhile(tmp_path, monkeypatch):
+    """Two runs on one folder: a cell another run wrote while this one worked is not rebuilt."""
+    import larosa.compare as cmp
+
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    tiny_wikitext(tmp_path, monkeypatch, 7, 300)
+    out = tmp_path / "cmp"
+    real, built = cmp.build, []
+
+    def build(method, *a, **k):
+        built.append(method)
+        if method == "dense":  # meanwhile, "another run" finishes the teal cell
+            (out / "cells" / "teal-0.250.json").write_text(json.dumps(
+                {"method": "teal", "target_pw": 0.25, "knob": "other run", "ppl": 1.5}))
+        return real(method, *a, **k)
+
+    monkeypatch.setattr(cmp, "build", build)
+    args = ["compare", "--model", str(d), "--out", str(out), "--methods", "dense,teal", "--targets", "0.25",
+            "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
+            "--data-dir", str(tmp_path / "data")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert built == ["dense"]
+    assert json.loads((out / "cells" / "teal-0.250.json").read_text())["knob"] == "other run"
+
+
 def test_compare_runs_the_variant_methods(tmp_path, monkeypatch):
     d = save_tiny_hf_dir(tmp_path / "tiny")
     tiny_wikitext(tmp_path, monkeypatch, 9, 400)

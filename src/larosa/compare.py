@@ -5,7 +5,8 @@ cats (MLP only). For each target parameter-weighted sparsity the method's own kn
 LaRoSA's nominal p under the paper split (bisection), TEAL's uniform s (= target), CATS' s (only up
 rows and down columns are skippable, so high targets are out of its reach and reported as such).
 Each (method, target) cell is written to `<out>/cells/` as soon as it is done; a re-run skips finished
-cells, so an interrupted comparison resumes. Outputs: `results.json`, `table.md`, `ppl.png`.
+cells, so an interrupted comparison resumes; several runs on one folder (one per core, methods in another
+order) share the work, each skipping cells another run finished meanwhile. Outputs: `results.json`, `table.md`, `ppl.png`.
 Realised sparsity is metered per token on the evaluation data (Top-K is constant by construction,
 thresholds drift).
 """
@@ -155,6 +156,9 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
             held_out_ids = calibration_batches(cal_ids, ho[0], ho[1], cal_seed + 1)
         weights = projection_weights(lm.model)["total"]
     for m, t in tqdm(pending, desc="compare", unit="cell", disable=not progress):
+        if (cells_dir / f"{m}-{t:.3f}.json").is_file() and (
+                zeroshot_limit <= 0 or (cells_dir / zs_name(m, t)).is_file()):
+            continue  # finished meanwhile by another `larosa compare` on the same folder
         t0 = time.perf_counter()
         net, desc = build(m, lm.model, t, rot, thr, held_out_ids, progress)
         cell = {"method": m, "target_pw": t, **desc}
