@@ -215,3 +215,5 @@ def test_compare_with_zeroshot_cells(tmp_path, monkeypatch):
                                             "winogrande", "hellaswag"}
     assert all(r["items"] == 2 for r in zs["zeroshot"]["tasks"].values())
     assert "0-shot mean (limit 2)" in res["rows"][0]
+    png = (tmp_path / "cmp" / "ppl.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 1000  # PPL + zero-shot panels

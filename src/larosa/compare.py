@@ -217,20 +217,37 @@ def plot(cells: list[dict], path: Path, title: str) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    dense = next((c["ppl"] for c in cells if c["method"] == "dense"), None)
+    with_zs = any(c.get("zeroshot") for c in cells)
+    fig, axes = plt.subplots(1, 2 if with_zs else 1, figsize=(11 if with_zs else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    dense = next((c for c in cells if c["method"] == "dense"), None)
     for m in METHODS[1:]:
         pts = [(c["realised_pw"]["mean"], c["ppl"]) for c in cells
                if c["method"] == m and c["ppl"] is not None and c.get("realised_pw")]
         if pts:
             ax.plot(*zip(*sorted(pts)), "o-", label=m)
-    if dense is not None:
-        ax.axhline(dense, color="k", ls="--", label="dense")
+    if dense is not None and dense.get("ppl") is not None:
+        ax.axhline(dense["ppl"], color="k", ls="--", label="dense")
     ax.set_xlabel("realised parameter-weighted sparsity")
     ax.set_ylabel("WikiText-2 PPL (log scale)")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    if with_zs:  # zero-shot mean vs sparsity, same methods and colours
+        az = axes[0][1]
+        for m in METHODS[1:]:
+            pts = [(c["realised_pw"]["mean"], 100 * c["zeroshot"]["mean"]) for c in cells
+                   if c["method"] == m and c.get("zeroshot") and c.get("realised_pw")]
+            if pts:
+                az.plot(*zip(*sorted(pts)), "o-", label=m)
+            else:
+                az.plot([], [])  # keep each method's colour the same in both panels
+        if dense is not None and dense.get("zeroshot"):
+            az.axhline(100 * dense["zeroshot"]["mean"], color="k", ls="--", label="dense")
+        limit = next(c["zeroshot"]["limit"] for c in cells if c.get("zeroshot"))
+        az.set_xlabel("realised parameter-weighted sparsity")
+        az.set_ylabel(f"7-task zero-shot mean, % (first {limit} items per task)")
+        az.set_title(f"{title}: zero-shot")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
