@@ -221,11 +221,13 @@ def plot(cells: list[dict], path: Path, title: str) -> Path | None:
     fig, axes = plt.subplots(1, 2 if with_zs else 1, figsize=(11 if with_zs else 6, 4), squeeze=False)
     ax = axes[0][0]
     dense = next((c for c in cells if c["method"] == "dense"), None)
-    for m in METHODS[1:]:
+    present = [m for m in METHODS[1:] if any(c["method"] == m for c in cells)]
+    colour = {m: f"C{i % 10}" for i, m in enumerate(present)}  # one colour per method in both panels
+    for m in present:
         pts = [(c["realised_pw"]["mean"], c["ppl"]) for c in cells
                if c["method"] == m and c["ppl"] is not None and c.get("realised_pw")]
         if pts:
-            ax.plot(*zip(*sorted(pts)), "o-", label=m)
+            ax.plot(*zip(*sorted(pts)), "o-", label=m, color=colour[m])
     if dense is not None and dense.get("ppl") is not None:
         ax.axhline(dense["ppl"], color="k", ls="--", label="dense")
     ax.set_xlabel("realised parameter-weighted sparsity")
@@ -235,13 +237,11 @@ def plot(cells: list[dict], path: Path, title: str) -> Path | None:
     ax.legend(fontsize=8)
     if with_zs:  # zero-shot mean vs sparsity, same methods and colours
         az = axes[0][1]
-        for m in METHODS[1:]:
+        for m in present:
             pts = [(c["realised_pw"]["mean"], 100 * c["zeroshot"]["mean"]) for c in cells
                    if c["method"] == m and c.get("zeroshot") and c.get("realised_pw")]
             if pts:
-                az.plot(*zip(*sorted(pts)), "o-", label=m)
-            else:
-                az.plot([], [])  # keep each method's colour the same in both panels
+                az.plot(*zip(*sorted(pts)), "o-", label=m, color=colour[m])
         if dense is not None and dense.get("zeroshot"):
             az.axhline(100 * dense["zeroshot"]["mean"], color="k", ls="--", label="dense")
         limit = next(c["zeroshot"]["limit"] for c in cells if c.get("zeroshot"))
