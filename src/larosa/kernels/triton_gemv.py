@@ -127,6 +127,31 @@ def select_bisect2_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constex
 
 
 @triton.jit
+def _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, valid, cols, cmask, d_out, t, cutoff, threshold, acc_t, acc2_t,
+                     MODE: tl.constexpr, GATED: tl.constexpr):
+    """Accumulate x[offs] * W^T[offs, cols] (and the second weight when GATED) into the 2-D fp32
+    accumulators, loading only the weight rows whose input is kept: Top-K by (t, cutoff) (MODE 0),
+    |x| > threshold (MODE 1) or all (MODE 2). Masked-off rows cost no memory traffic."""
+    xv = tl.load(x_row + offs, mask=valid, other=0.0)
+    if MODE == 0:
+        bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        keep = valid & ((bits > t) | ((bits == t) & (offs < cutoff)))
+    elif MODE == 1:
+        keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
+    else:
+        keep = valid
+    xf = tl.where(keep, xv.to(tl.float32), 0.0)
+    wmask = keep[:, None] & cmask[None, :]
+    w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
+    w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
+    acc_t += xf[:, None] * w.to(tl.float32)
+    if GATED:
+        w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
+        acc2_t += xf[:, None] * w2.to(tl.float32)
+    return acc_t, acc2_t
+
+
+@triton.jit
 def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_ptr, cnt_ptr,
                        d_in, d_out, threshold, stride_x, stride_y, n_splits,
                        MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold (TEAL-style), 2: dense,
@@ -163,22 +188,8 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
                 w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
                 acc2_t += xf[:, None] * w2.to(tl.float32)
         else:
-            xv = tl.load(x_row + offs, mask=valid, other=0.0)
-            if MODE == 0:
-                bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
-                keep = valid & ((bits > t) | ((bits == t) & (offs < cutoff)))
-            elif MODE == 1:
-                keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
-            else:
-                keep = valid
-            xf = tl.where(keep, xv.to(tl.float32), 0.0)
-            wmask = keep[:, None] & cmask[None, :]
-            w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
-            w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
-            acc_t += xf[:, None] * w.to(tl.float32)
-            if GATED:
-                w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
-                acc2_t += xf[:, None] * w2.to(tl.float32)
+            acc_t, acc2_t = _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, valid, cols, cmask, d_out, t, cutoff,
+                                             threshold, acc_t, acc2_t, MODE, GATED)
     acc = tl.sum(acc_t, axis=0)
     acc2 = tl.sum(acc2_t, axis=0)
     # split-K reduction: partials to the workspace, the last program of this column block sums them
@@ -233,23 +244,8 @@ def fused_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, d_in, d_out, k, t
     acc2_t = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
         offs = k0 + tl.arange(0, BLOCK_K)
-        valid = offs < d_in
-        xv = tl.load(x_row + offs, mask=valid, other=0.0)
-        if MODE == 0:
-            bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
-            keep = valid & ((bits > t) | ((bits == t) & (offs < cutoff)))
-        elif MODE == 1:
-            keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
-        else:
-            keep = valid
-        xf = tl.where(keep, xv.to(tl.float32), 0.0)
-        wmask = keep[:, None] & cmask[None, :]
-        w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
-        w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0)
-        acc_t += xf[:, None] * w.to(tl.float32)
-        if GATED:
-            w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0)
-            acc2_t += xf[:, None] * w2.to(tl.float32)
+        acc_t, acc2_t = _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, offs < d_in, cols, cmask, d_out, t, cutoff,
+                                         threshold, acc_t, acc2_t, MODE, GATED)
     acc = tl.sum(acc_t, axis=0)
     if GATED:
         acc2 = tl.sum(acc2_t, axis=0)
