@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -70,7 +71,44 @@ def tables(folder: Path, limit: int) -> str:
         row = sorted((c["ppl"], c["method"]) for c in cells if c["target_pw"] == tgt and c.get("ppl") is not None)
         rank.append(f"- pw {tgt:g}: " + " < ".join(f"{m} {p:.2f}" for p, m in row))
     out.append("Ranking by PPL (lower is better):\n\n" + "\n".join(rank))
+    eq = equal_realised(cells)
+    if eq:
+        out.append("At equal *realised* sparsity: TEAL's PPL interpolated (log-linear, between its measured cells, "
+                   "dense as the 0 point) at each row's realised pw:\n\n" + eq)
     return "\n\n".join(out)
+
+
+def teal_at(cells: list[dict], pw: float, method: str = "teal") -> float | None:
+    """TEAL's PPL at realised sparsity `pw`: log-linear between its measured cells (dense = 0); None
+    outside the measured range (no extrapolation)."""
+    pts = sorted((c["realised_pw"]["mean"], c["ppl"]) for c in cells
+                 if c["method"] == method and c.get("ppl") is not None and c.get("realised_pw"))
+    dense = next((c["ppl"] for c in cells if c["method"] == "dense" and c.get("ppl") is not None), None)
+    if dense is not None:
+        pts = [(0.0, dense)] + pts
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= pw <= x1 and x1 > x0:
+            f = (pw - x0) / (x1 - x0)
+            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+    return None
+
+
+def equal_realised(cells: list[dict]) -> str:
+    rows = []
+    for c in cells:
+        if c["method"] in ("dense", "teal") or c.get("ppl") is None or not c.get("realised_pw"):
+            continue
+        pw = c["realised_pw"]["mean"]
+        t = teal_at(cells, pw)
+        if t is None and not any(x["method"] == "teal" for x in cells):
+            return ""
+        verdict = "-" if t is None else (f"{100 * (c['ppl'] / t - 1):+.1f} %")
+        rows.append(f"| {c['method']} | {c['target_pw']:g} | {pw:.4f} | {c['ppl']:.2f} | "
+                    f"{'beyond TEAL cells' if t is None else f'{t:.2f}'} | {verdict} |")
+    if not rows:
+        return ""
+    return ("| method | target pw | realised pw | PPL | TEAL at that realised pw | vs TEAL |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
 def main() -> None:
