@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from larosa.compare import METHODS  # noqa: E402
+from larosa.compare import METHODS, ppl_at_realised  # noqa: E402
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "boolq", "hellaswag", "openbookqa", "winogrande")
 
@@ -78,28 +77,13 @@ def tables(folder: Path, limit: int) -> str:
     return "\n\n".join(out)
 
 
-def teal_at(cells: list[dict], pw: float, method: str = "teal") -> float | None:
-    """TEAL's PPL at realised sparsity `pw`: log-linear between its measured cells (dense = 0); None
-    outside the measured range (no extrapolation)."""
-    pts = sorted((c["realised_pw"]["mean"], c["ppl"]) for c in cells
-                 if c["method"] == method and c.get("ppl") is not None and c.get("realised_pw"))
-    dense = next((c["ppl"] for c in cells if c["method"] == "dense" and c.get("ppl") is not None), None)
-    if dense is not None:
-        pts = [(0.0, dense)] + pts
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= pw <= x1 and x1 > x0:
-            f = (pw - x0) / (x1 - x0)
-            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
-    return None
-
-
 def equal_realised(cells: list[dict]) -> str:
     rows = []
     for c in cells:
         if c["method"] in ("dense", "teal") or c.get("ppl") is None or not c.get("realised_pw"):
             continue
         pw = c["realised_pw"]["mean"]
-        t = teal_at(cells, pw)
+        t = ppl_at_realised(cells, pw, "teal")
         if t is None and not any(x["method"] == "teal" for x in cells):
             return ""
         verdict = "-" if t is None else (f"{100 * (c['ppl'] / t - 1):+.1f} %")

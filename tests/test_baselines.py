@@ -217,3 +217,17 @@ def test_compare_with_zeroshot_cells(tmp_path, monkeypatch):
     assert "0-shot mean (limit 2)" in res["rows"][0]
     png = (tmp_path / "cmp" / "ppl.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") > 1000  # PPL + zero-shot panels
+
+
+def test_ppl_at_realised_interpolates_log_linearly_and_never_extrapolates():
+    from larosa.compare import ppl_at_realised
+
+    cells = [{"method": "dense", "ppl": 10.0},
+             {"method": "teal", "ppl": 20.0, "realised_pw": {"mean": 0.2}},
+             {"method": "teal", "ppl": 80.0, "realised_pw": {"mean": 0.6}},
+             {"method": "cats", "ppl": 1e3, "realised_pw": {"mean": 0.4}}]
+    assert ppl_at_realised(cells, 0.1) == pytest.approx(10 * 2 ** 0.5)   # between dense and the first cell
+    assert ppl_at_realised(cells, 0.4) == pytest.approx(40.0)             # geometric midpoint of 20 and 80
+    assert ppl_at_realised(cells, 0.6) == pytest.approx(80.0)
+    assert ppl_at_realised(cells, 0.7) is None                             # beyond the measured cells
+    assert ppl_at_realised(cells, 0.4, "cats") == pytest.approx(1e3)

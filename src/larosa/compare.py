@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -207,6 +208,22 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
     write_json(out / "results.json", record)
     plot(cells, out / "ppl.png", model)
     return {"rows": rows, "table": table, "out": out}
+
+
+def ppl_at_realised(cells: list[dict], pw: float, method: str = "teal") -> float | None:
+    """`method`'s perplexity at realised parameter-weighted sparsity `pw`, log-linear between its measured
+    cells (the dense cell is its 0 point): the fair reference for a method whose realised sparsity
+    differs from its target (thresholds drift on test data). None outside the measured range."""
+    pts = sorted((c["realised_pw"]["mean"], c["ppl"]) for c in cells
+                 if c["method"] == method and c.get("ppl") is not None and c.get("realised_pw"))
+    dense = next((c["ppl"] for c in cells if c["method"] == "dense" and c.get("ppl") is not None), None)
+    if dense is not None:
+        pts = [(0.0, dense)] + pts
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= pw <= x1 and x1 > x0:
+            f = (pw - x0) / (x1 - x0)
+            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+    return None
 
 
 def plot(cells: list[dict], path: Path, title: str) -> Path | None:
