@@ -6,5 +6,5 @@
 set -euo pipefail
 MODEL=${1:-smollm2-135m}; WIN=${2:-40}; ZS=${3:-0}
 larosa compare --model "$MODEL" --windows "$WIN" --targets 0.25,0.375,0.47 --zeroshot-limit "$ZS" \
-  --methods dense,larosa-fused,teal,larosa-searched-weighted,larosa-searched,topk,larosa-searched-weighted-block,larosa-fused-gammaq,teal-greedy,larosa-greedy \
+  --methods dense,larosa-fused,teal,larosa-searched-weighted,larosa-searched,topk,topk-weighted,larosa-searched-weighted-block,larosa-fused-gammaq,teal-greedy,larosa-greedy \
   --held-out 4x1024 --out "benchmarks/results/ablation-$MODEL-w$WIN"

@@ -174,7 +174,7 @@ def test_compare_fixed_split_variants(tmp_path, monkeypatch):
     d = save_tiny_hf_dir(tmp_path / "tiny")
     tiny_wikitext(tmp_path, monkeypatch, 9, 400)
     out = tmp_path / "cmp"
-    methods = ("larosa-fused", "larosa-fused-gammaq", "larosa-fused-weighted")
+    methods = ("larosa-fused", "larosa-fused-gammaq", "larosa-fused-weighted", "topk-weighted")
     args = ["compare", "--model", str(d), "--out", str(out), "--methods", ",".join(methods), "--targets", "0.4",
             "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
             "--data-dir", str(tmp_path / "data")]
@@ -185,7 +185,7 @@ def test_compare_fixed_split_variants(tmp_path, monkeypatch):
         assert abs(c["realised_pw"]["mean"] - 0.4) < 0.02, (m, c["realised_pw"])
         assert c["sites"] == cells["larosa-fused"]["sites"]  # same per-site plan
     ppl = [cells[m]["ppl"] for m in methods]
-    assert len(set(ppl)) == 3, ppl  # a different Q / a different ranking changes the model
+    assert len(set(ppl)) == 4, ppl  # a different Q / a different ranking changes the model
 
 
 def test_compare_with_zeroshot_cells(tmp_path, monkeypatch):

@@ -37,7 +37,7 @@ METHODS = ("dense", "larosa-official", "larosa-fused", "topk", "teal", "cats",
            # issue 7 variants (fused form): searched split, + weighted selection, + block-level Q,
            # per-layer greedy allocation; TEAL with its greedy per-layer allocation
            "larosa-searched", "larosa-searched-weighted", "larosa-searched-weighted-block", "larosa-greedy", "teal-greedy",
-           "larosa-fused-gammaq", "larosa-fused-weighted")
+           "larosa-fused-gammaq", "larosa-fused-weighted", "topk-weighted")
 FUSED_VARIANTS = {  # method: (rotation level, selection, how the per-site sparsities are chosen)
     "larosa-searched": ("layer", "magnitude", "search"),
     "larosa-searched-weighted": ("layer", "weighted", "search"),
@@ -51,6 +51,7 @@ FIXED_SPLIT = {  # method: (form, Q basis, selection) at the paper's fixed 0.8/1
     "topk": ("topk", "free", "magnitude"),
     "larosa-fused-gammaq": ("fused", "gamma", "magnitude"),  # Q from the gamma-scaled input (issue 7)
     "larosa-fused-weighted": ("fused", "free", "weighted"),  # |z| * column norm, fixed split (issue 7)
+    "topk-weighted": ("topk", "free", "weighted"),  # no rotation, WINA-style ranking, fixed split
 }
 
 HELD_OUT = (4, 512)  # calibration sequences x tokens for the split search and greedy allocations
