@@ -213,3 +213,12 @@ def test_caller_owned_counters_are_used_and_left_zeroed(monkeypatch):
     assert not cnt.any()  # the kernels leave the workspace zeroed for the next call
     small = torch.zeros(2, dtype=torch.int32)  # too small for 2 rows x 3 column blocks: the op allocates its own
     assert _rel(topk_linear(x, wt, 100, None, small), topk_gemv_ref(x, wt, 100)) < 1e-2 and seen[-1] is None
+
+
+def test_counter_workspace_is_large_enough_and_launch_refuses_a_short_one():
+    for d_in, d_out in ((4096, 4096), (4096, 12288), (4096, 11008), (11008, 4096), (896, 151936)):
+        assert ops.counter_workspace(8, d_out).numel() >= ops.triton_gemv.counters_needed(8, d_in, d_out)
+    x, wt = torch.randn(1, 300).bfloat16(), torch.randn(300, 130).bfloat16()
+    y = torch.empty(1, 130, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="counters"):
+        ops.triton_gemv.launch(x, wt, y, 100, counters=torch.zeros(1, dtype=torch.int32))

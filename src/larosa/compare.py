@@ -46,7 +46,7 @@ FUSED_VARIANTS = {  # method: (rotation level, selection, how the per-site spars
 }
 
 FIXED_SPLIT = {  # method: (form, Q basis, selection) at the paper's fixed 0.8/1.2 split
-    "larosa-official": ("official", "free", "magnitude"),
+    "larosa-official": ("official", "gamma", "magnitude"),  # the released code: Q of the gamma-scaled input
     "larosa-fused": ("fused", "free", "magnitude"),
     "topk": ("topk", "free", "magnitude"),
     "larosa-fused-gammaq": ("fused", "gamma", "magnitude"),  # Q from the gamma-scaled input (issue 7)

@@ -104,7 +104,7 @@ class LayerWeights:
     def add_counters(self, rows: int = 8) -> "LayerWeights":
         """Give the sparse kernels a zeroed counter workspace (up to `rows` rows of the widest output)."""
         widest = max(max(w.shape) for w in (self.wqkv, self.wo, self.wgate, self.wdown))
-        self.counters = torch.zeros(rows * -(-widest // 64), dtype=torch.int32, device=self.wqkv.device)
+        self.counters = _ops.counter_workspace(rows, widest, self.wqkv.device)
         return self
 
     def nbytes(self) -> int:

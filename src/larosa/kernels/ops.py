@@ -71,10 +71,16 @@ def _check(x: torch.Tensor, wt: torch.Tensor, k: int) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
 
 
-def _counters(counters: Optional[torch.Tensor], rows: int, d_out: int) -> Optional[torch.Tensor]:
-    """A caller-owned zeroed int32 buffer (the kernel leaves it zeroed), if it is large enough for the
-    split-K kernel's per-column-block counters; None lets the kernel allocate (one memset per call)."""
-    if counters is None or counters.numel() < rows * -(-d_out // 64):
+def counter_workspace(rows: int, d_out: int, device=None) -> torch.Tensor:
+    """A zeroed int32 workspace for `counters=`: large enough for `rows` rows of outputs up to `d_out`
+    wide under every default tile (the smallest block_n is 64)."""
+    return torch.zeros(rows * -(-d_out // 64), dtype=torch.int32, device=device)
+
+
+def _counters(counters: Optional[torch.Tensor], x2: torch.Tensor, wt: torch.Tensor) -> Optional[torch.Tensor]:
+    """The caller's zeroed buffer if it is large enough for this call's counters, else None (the
+    kernel then allocates its own: one memset per call)."""
+    if counters is None or counters.numel() < triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1]):
         return None
     return counters
 
@@ -96,7 +102,7 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
         return ref.topk_gemv_ref(x2, wt, k, bias).view(*x.shape[:-1], wt.shape[1])
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2.shape[0], wt.shape[1]))
+    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt))
     return y.view(*x.shape[:-1], wt.shape[1])
 
 
@@ -118,7 +124,7 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
     kk = min(k, x.shape[-1])
     triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(),
                        mode=0 if kk < x.shape[-1] else 2,
-                       counters=_counters(counters, x2.shape[0], wt_gate.shape[1]))
+                       counters=_counters(counters, x2, wt_gate))
     return y.view(*x.shape[:-1], wt_gate.shape[1])
 
 
@@ -136,7 +142,7 @@ def threshold_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float,
         return ref.threshold_gemv_ref(x2, wt, threshold).view(*x.shape[:-1], wt.shape[1])
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
     triton_gemv.launch(x2, wt.contiguous(), y, 1, threshold=threshold, mode=1,
-                       counters=_counters(counters, x2.shape[0], wt.shape[1]))
+                       counters=_counters(counters, x2, wt))
     return y.view(*x.shape[:-1], wt.shape[1])
 
 

@@ -42,11 +42,17 @@ def select_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
     b2 = tl.sum((ge2 >= need).to(tl.int32), 0) - 1
     t = b1 * 128 + b2
     need_eq = need - tl.sum(tl.where(bins > b2, h2, 0), 0)
-    eq = ((bits == t) & valid).to(tl.int32)
-    rank = tl.cumsum(eq, 0)
-    cutoff = tl.max(tl.where((eq > 0) & (rank == need_eq), offs + 1, 0), 0)
+    cutoff = _tie_cutoff((bits == t) & valid, offs, need_eq)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
+
+
+@triton.jit
+def _tie_cutoff(eq, offs, need_eq):
+    """Among the entries equal to the threshold (eq), the lower indices win: the index one past the
+    need_eq-th of them (a prefix sum), so that `bits > t | (bits == t & offs < cutoff)` keeps exactly k."""
+    eq = eq.to(tl.int32)
+    return tl.max(tl.where((eq > 0) & (tl.cumsum(eq, 0) == need_eq), offs + 1, 0), 0)
 
 
 @triton.jit
@@ -69,10 +75,7 @@ def select_bisect_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
     bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
     t = _bisect_threshold(bits, k)
-    need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
-    eq = (bits == t).to(tl.int32)
-    rank = tl.cumsum(eq, 0)
-    cutoff = tl.max(tl.where((eq > 0) & (rank == need_eq), offs + 1, 0), 0)
+    cutoff = _tie_cutoff(bits == t, offs, k - tl.sum((bits > t).to(tl.int32), 0))
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -118,10 +121,7 @@ def select_bisect2_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constex
         n3 = tot >> 40
         j = (n1 >= k).to(tl.int32) + (n2 >= k).to(tl.int32) + (n3 >= k).to(tl.int32)
         t = t | (j << (b - 1))
-    need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
-    eq = (bits == t).to(tl.int32)
-    rank = tl.cumsum(eq, 0)
-    cutoff = tl.max(tl.where((eq > 0) & (rank == need_eq), offs + 1, 0), 0)
+    cutoff = _tie_cutoff(bits == t, offs, k - tl.sum((bits > t).to(tl.int32), 0))
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -235,9 +235,7 @@ def fused_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, d_in, d_out, k, t
         xa = tl.load(x_row + offs_d, mask=offs_d < d_in, other=0.0)
         bits_a = tl.where(offs_d < d_in, xa.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
         t = _bisect_threshold(bits_a, k)
-        need_eq = k - tl.sum((bits_a > t).to(tl.int32), 0)
-        eq = (bits_a == t).to(tl.int32)
-        cutoff = tl.max(tl.where((eq > 0) & (tl.cumsum(eq, 0) == need_eq), offs_d + 1, 0), 0)
+        cutoff = _tie_cutoff(bits_a == t, offs_d, k - tl.sum((bits_a > t).to(tl.int32), 0))
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < d_out
     acc_t = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -277,6 +275,11 @@ def launch_fused(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.
         MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None, BLOCK_D=block_d,
         BLOCK_K=block_k, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
+
+
+def counters_needed(rows: int, d_in: int, d_out: int) -> int:
+    """Counter entries the split-K kernel needs for `rows` rows with its default tiles."""
+    return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
 
 
 def default_config(d_in: int, d_out: int) -> dict:
@@ -358,6 +361,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     if counters is None:
         counters = torch.zeros(rows * n_blocks, dtype=torch.int32, device=x.device)
+    elif counters.numel() < rows * n_blocks:
+        raise ValueError(f"counters holds {counters.numel()} entries; this call needs {rows * n_blocks}")
     grid = (n_blocks, n_splits, rows)
     sparse_gemv_kernel[grid](
         x, wt, wt2 if wt2 is not None else wt, bias if bias is not None else wt, y, sel, part, counters,
