@@ -196,7 +196,7 @@ def tune(d_in, d_out, dtype, s=0.5, sel=None, impl="split", gated=False):
     best = None
     results = []
     for tile in _tile_grid(impl):
-        cfg = {**tile, **(sel or {})} if impl == "split" else tile
+        cfg = {**tile, **(sel or {}), "impl": impl} if impl != "fused" else tile
         call = ((lambda i: triton_gemv_call(x, wts[2 * i], k, cfg, wt2=wts[2 * i + 1])) if gated
                 else (lambda i: triton_gemv_call(x, wts[i], k, cfg)))
         try:
@@ -290,7 +290,7 @@ def main() -> None:
     rows = []
     for name, (d_in, d_out, kind) in shapes.items():
         cfg = (tuned.get((d_in, d_out, kind)) or tuned.get((d_in, d_out, "linear"))
-               or ({"impl": "fused"} if impl == "fused" else {**sel_best.get(d_in, {}), "gather": gather}))
+               or ({"impl": "fused"} if impl == "fused" else {**sel_best.get(d_in, {}), "gather": gather, "impl": impl}))
         rows += bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, sparsities=sparsities)
         print(f"# done {name}", flush=True)
     cross = [] if args.no_crossover else batch_crossover(dtype)

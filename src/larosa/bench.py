@@ -176,7 +176,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
     setup = {"shape": shape, "model": model, "dtype": dtype, "device": hw, "batch": batch, "prompt_len": prompt_len,
              "gen_lens": list(gen_lens), "methods": list(methods), "sparsities": list(sparsities),
              "split": list(split), "copy_bandwidth_TBps": bw / 1e12,
-             "weights": "random (Gaussian-like activations)" if shape else "real"}
+             "weights": "random (Gaussian-like activations)" if shape else "real",
+             "kernel_impl": _kernel_impl()}
     dense_bytes = dense_by_len[gen_lens[0]]["bytes_per_token"]["total"]
     setup["dense_roofline_tok_s"] = bw / dense_bytes if bw == bw else None
     table = markdown_table(rows)
@@ -188,6 +189,12 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
         (out / "table.md").write_text(_header(setup) + "\n\n" + table + "\n")
         plot(raw, out / "decode.png", setup)
     return {"rows": rows, "table": table, "record": record, "setup": setup}
+
+
+def _kernel_impl() -> str | None:
+    from .kernels import ops
+
+    return ops.triton_gemv.default_impl() if ops.HAVE_TRITON else None
 
 
 def _header(setup: dict) -> str:

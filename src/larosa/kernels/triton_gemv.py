@@ -13,9 +13,15 @@ Two launches per op, no host synchronisation, no index list, a fixed amount of w
    workspace; the last program of each column block (an atomic counter, reset by that program, so the
    counters stay zero between calls) adds them up, applies the bias or the silu(gate) * up epilogue and
    writes the 16-bit output. No 16-bit atomics are needed, and bf16 and fp16 work alike.
+
+Measured alternatives, selectable with `launch(..., impl=...)` or `LAROSA_KERNEL_IMPL` and tested, but
+slower on the H200 (benchmarks/NOTES.md): "inline" (the split-K grid, every program finding (t, cutoff)
+itself, no select launch) and "fused" (one launch, column-complete programs).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -70,14 +76,21 @@ def _bisect_threshold(bits, k):
 def select_bisect_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
     """Same output as `select_kernel`, found bit by bit: 15 counting reductions instead of histograms."""
     row = tl.program_id(0).to(tl.int64)
+    t, cutoff = _row_select(x_ptr + row * stride_x, d_in, k, BLOCK_D)
+    tl.store(sel_ptr + row * 2, t)
+    tl.store(sel_ptr + row * 2 + 1, cutoff)
+
+
+@triton.jit
+def _row_select(x_row, d_in, k, BLOCK_D: tl.constexpr):
+    """(t, cutoff) of one row's exact Top-k: the whole row in registers, bisection, then the tie cutoff."""
     offs = tl.arange(0, BLOCK_D)
     valid = offs < d_in
-    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    x = tl.load(x_row + offs, mask=valid, other=0.0)
     bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
     t = _bisect_threshold(bits, k)
     cutoff = _tie_cutoff(bits == t, offs, k - tl.sum((bits > t).to(tl.int32), 0))
-    tl.store(sel_ptr + row * 2, t)
-    tl.store(sel_ptr + row * 2 + 1, cutoff)
+    return t, cutoff
 
 
 @triton.jit
@@ -153,11 +166,13 @@ def _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, valid, cols, cmask, d_out, t,
 
 @triton.jit
 def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_ptr, cnt_ptr,
-                       d_in, d_out, threshold, stride_x, stride_y, n_splits,
+                       d_in, d_out, k, threshold, stride_x, stride_y, n_splits,
                        MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold (TEAL-style), 2: dense,
                        # 3: gather (x_ptr = compacted fp32 values, sel_ptr = their int32 indices, d_in = k)
                        GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr):
+                       BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr,
+                       INLINE: tl.constexpr = False,  # MODE 0: every program finds (t, cutoff) itself
+                       BLOCK_D: tl.constexpr = 16):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
@@ -166,8 +181,11 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
     t = 0
     cutoff = 0
     if MODE == 0:
-        t = tl.load(sel_ptr + row * 2)
-        cutoff = tl.load(sel_ptr + row * 2 + 1)
+        if INLINE:
+            t, cutoff = _row_select(x_row, d_in, k, BLOCK_D)
+        else:
+            t = tl.load(sel_ptr + row * 2)
+            cutoff = tl.load(sel_ptr + row * 2 + 1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < d_out
     # 2-D accumulators: one cross-thread reduction at the end instead of one per iteration
@@ -231,11 +249,7 @@ def fused_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, d_in, d_out, k, t
     t = 0
     cutoff = 0
     if MODE == 0:
-        offs_d = tl.arange(0, BLOCK_D)
-        xa = tl.load(x_row + offs_d, mask=offs_d < d_in, other=0.0)
-        bits_a = tl.where(offs_d < d_in, xa.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
-        t = _bisect_threshold(bits_a, k)
-        cutoff = _tie_cutoff(bits_a == t, offs_d, k - tl.sum((bits_a > t).to(tl.int32), 0))
+        t, cutoff = _row_select(x_row, d_in, k, BLOCK_D)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < d_out
     acc_t = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
@@ -322,8 +336,16 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
     return idx, xv
 
 
-IMPLS = ("split", "fused")
+IMPLS = ("split", "inline", "fused")
 IMPL = "split"  # default implementation (benchmarks/NOTES.md: measured choice)
+
+
+def default_impl() -> str:
+    """The package default, or `LAROSA_KERNEL_IMPL` (for benchmarking the alternatives end to end)."""
+    impl = os.environ.get("LAROSA_KERNEL_IMPL", IMPL)
+    if impl not in IMPLS:
+        raise ValueError(f"LAROSA_KERNEL_IMPL={impl!r}; choose from {', '.join(IMPLS)}")
+    return impl
 
 
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
@@ -337,7 +359,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     `counters` (int32, >= B * ceil(d_out / block_n) zeros) may be passed to reuse a buffer; the kernel
     leaves it zeroed. Without it a zeroed buffer is allocated per call.
     """
-    impl = IMPL if impl is None else impl
+    impl = default_impl() if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl == "fused":
@@ -356,7 +378,11 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     rps = max(block_k, min(rps, triton.next_power_of_2(d_in)))
     n_blocks = triton.cdiv(d_out, block_n)
     n_splits = triton.cdiv(d_in, rps)
-    sel = select(x, k, select_num_warps, select_impl) if mode == 0 else (idx if mode == 3 else x)
+    inline = impl == "inline" and mode == 0
+    if mode == 0 and not inline:
+        sel = select(x, k, select_num_warps, select_impl)
+    else:  # the selection happens inside the GEMV programs (inline) or is not needed
+        sel = idx if mode == 3 else x
     n_parts = 2 if wt2 is not None else 1
     part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     if counters is None:
@@ -366,7 +392,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     grid = (n_blocks, n_splits, rows)
     sparse_gemv_kernel[grid](
         x, wt, wt2 if wt2 is not None else wt, bias if bias is not None else wt, y, sel, part, counters,
-        d_in, d_out, float(threshold), x.stride(0), y.stride(0), n_splits,
+        d_in, d_out, k, float(threshold), x.stride(0), y.stride(0), n_splits,
         MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None,
         BLOCK_K=block_k, BLOCK_N=block_n, ROWS_PER_SPLIT=rps,
+        INLINE=inline, BLOCK_D=triton.next_power_of_2(d_in) if inline else 16,
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
