@@ -141,3 +141,13 @@ def test_engine_refuses_what_it_cannot_run():
         eng.generate(torch.ones(1, 6, dtype=torch.long), 4)
     with pytest.raises(LarosaError, match="CUDA graphs"):
         DecodeEngine(from_hf(model), max_len=8, graphs=True)
+
+
+def test_model_weights_nbytes_counts_every_tensor_once_per_holder():
+    model = tiny_model("llama", seed=4, tie_word_embeddings=False)
+    w = from_hf(model)
+    want = sum(p.numel() * p.element_size() for p in model.parameters())  # projections, norms, embed, head
+    want += w.inv_freq.numel() * w.inv_freq.element_size()
+    assert w.nbytes() == want
+    w.layers[0].add_counters(rows=2)
+    assert w.nbytes() == want + w.layers[0].counters.numel() * 4

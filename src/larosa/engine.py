@@ -233,6 +233,11 @@ class ModelWeights:
                        final_norm=self.final_norm.to(device=device, dtype=dtype),
                        head=self.head.to(device=device, dtype=dtype), inv_freq=self.inv_freq.to(device))
 
+    def nbytes(self) -> int:
+        """Bytes the model's tensors occupy (every layer, embedding, head, norms, tables)."""
+        tops = (self.embed, self.final_norm, self.head, self.inv_freq)
+        return sum(lw.nbytes() for lw in self.layers) + sum(t.numel() * t.element_size() for t in tops)
+
     def bytes_per_token(self, context: int = 0, batch: int = 1) -> dict:
         """Bytes one decode step reads at batch 1: kept weight rows of every projection (Top-K sites:
         k of d_in rows), norms, adapters, head, one embedding row, and `context` positions of the KV
