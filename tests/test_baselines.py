@@ -231,3 +231,22 @@ def test_ppl_at_realised_interpolates_log_linearly_and_never_extrapolates():
     assert ppl_at_realised(cells, 0.6) == pytest.approx(80.0)
     assert ppl_at_realised(cells, 0.7) is None                             # beyond the measured cells
     assert ppl_at_realised(cells, 0.4, "cats") == pytest.approx(1e3)
+
+
+def test_compare_auto_form_equals_the_form_it_chose(tmp_path, monkeypatch):
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    tiny_wikitext(tmp_path, monkeypatch, 9, 400)
+    out = tmp_path / "cmp"
+    methods = ("larosa-fused", "topk", "larosa-auto")
+    args = ["compare", "--model", str(d), "--out", str(out), "--methods", ",".join(methods), "--targets", "0.4",
+            "--held-out", "2x64", "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
+            "--data-dir", str(tmp_path / "data")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    cells = {m: json.loads((out / "cells" / f"{m}-0.400.json").read_text()) for m in methods}
+    auto = cells["larosa-auto"]
+    chosen = auto["form_choice"]["form"]
+    assert chosen == min(auto["form_choice"]["objective"], key=auto["form_choice"]["objective"].get)
+    same = cells["larosa-fused" if chosen == "fused" else "topk"]
+    assert auto["ppl"] == pytest.approx(same["ppl"], rel=1e-6) and auto["sites"] == same["sites"]
+    assert auto["knob"].startswith(chosen) and auto["held_out"]["sequences"] == 2

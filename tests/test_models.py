@@ -126,3 +126,23 @@ def test_cli_sparsify_with_split_search_saves_the_searched_plan(tmp_path, monkey
     res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--search-split",
                                    "--data-dir", str(tmp_path / "data")])
     assert res.exit_code == 2 and "--target-pw" in res.output
+
+
+def test_cli_sparsify_auto_form_saves_the_chosen_form(tmp_path, monkeypatch):
+    from larosa.io import load
+
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    tiny_wikitext(tmp_path, monkeypatch, 8, 400)
+    out = tmp_path / "auto"
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--form", "auto", "-p", "0.5",
+                                   "--cal-samples", "2", "--cal-seqlen", "32", "--data-dir", str(tmp_path / "data")])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())["larosa"]
+    choice = cfg["provenance"]["form_choice"]
+    assert set(choice["objective"]) == {"fused", "topk"}
+    assert cfg["form"] == choice["form"] == min(choice["objective"], key=choice["objective"].get)
+    assert f"-> form {cfg['form']}" in res.output and f"form={cfg['form']}" in res.output
+    assert load(out).info["larosa"]["form"] == cfg["form"]
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--form", "nope",
+                                   "--data-dir", str(tmp_path / "data")])
+    assert res.exit_code == 2 and "unknown form 'nope'" in res.output

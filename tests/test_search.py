@@ -147,3 +147,42 @@ def test_search_split_with_perplexity_objective_runs():
     res = search_split(fused, 0.3, ids, grid=(0.6, 0.8, 1.0), refine=0, progress=False)
     assert res.best[0] in (0.6, 0.8, 1.0)
     assert res.objective == min(r["objective"] for r in res.table)
+
+
+def _is_rotated(net) -> bool:
+    from larosa.modules import AdaptedLayer
+
+    return any(isinstance(m, AdaptedLayer) for m in net.modules())
+
+
+@pytest.mark.parametrize("winner", ["fused", "topk"])
+def test_choose_form_keeps_the_candidate_with_the_lower_objective(winner):
+    from larosa.search import choose_form
+
+    model = tiny_model("llama", seed=5, hidden_size=96, intermediate_size=192, num_attention_heads=4)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    plan = SparsityPlan.from_nominal(0.5)
+    # synthetic objective: which form the model is in decides the score
+    score = lambda net, _: 1.0 if _is_rotated(net) == (winner == "fused") else 2.0  # noqa: E731
+    net, choice = choose_form(model, plan, rot, ids, progress=False, objective=score)
+    assert choice.form == winner and choice.objective == {"fused": 1.0 if winner == "fused" else 2.0,
+                                                          "topk": 1.0 if winner == "topk" else 2.0}
+    assert _is_rotated(net) == (winner == "fused")
+    assert not _is_rotated(model)  # the base model is left untouched
+
+
+def test_choose_form_with_perplexity_matches_the_forms_built_separately():
+    from larosa.search import choose_form, held_out_ppl
+
+    model = tiny_model("llama", seed=6, hidden_size=96, intermediate_size=192, num_attention_heads=4)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    plan = SparsityPlan.from_nominal(0.6)
+    want = {f: held_out_ppl(apply(copy.deepcopy(model), LarosaConfig(f, "layer", plan), rot), ids)
+            for f in ("fused", "topk")}
+    assert want["fused"] != want["topk"]
+    net, choice = choose_form(model, plan, rot, ids, progress=False)
+    assert choice.objective == pytest.approx(want)
+    assert choice.form == min(want, key=want.get)
+    assert held_out_ppl(net, ids) == pytest.approx(min(want.values()))

@@ -25,7 +25,7 @@ from .models import LoadedModel, cache_dir, load_model
 from .record import run_record, write_json
 from .report import markdown_table
 from .sparsity import SparsityPlan, parameter_weighted
-from .transform import LarosaConfig, apply as _apply, set_plan
+from .transform import FORMS, LarosaConfig, apply as _apply, set_plan
 
 
 def calibration_source(split: str | None, data_dir=None):
@@ -172,8 +172,11 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
     target_pw: solve the plan for this parameter-weighted sparsity (split `split_coef`) instead of p.
     search: Algorithm 1, the split searched for `target_pw` on held-out calibration tokens
     (`held_out` sequences x tokens, never the test split); per_block: attention and MLP separately.
+    form="auto": the rotated fused form or un-rotated Top-K, whichever has the lower perplexity on the
+    same held-out calibration tokens with this plan (`search.choose_form`); the split search, if asked,
+    then runs on the chosen form.
     """
-    from .search import plan_for_target, search_split
+    from .search import choose_form, plan_for_target, search_split
 
     lm = load_model(model, device=device, dtype=dtype)
     tie = "ge" if form == "official" else "exact"
@@ -183,7 +186,9 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
     if search and target_pw is None:
         raise LarosaError("the split search needs a parameter-weighted target (--target-pw)")
     if search and form == "official":
-        raise LarosaError("the split search runs on the deployable forms (fused, topk)")
+        raise LarosaError("the split search runs on the deployable forms (fused, topk, auto)")
+    if form not in FORMS + ("auto",):
+        raise LarosaError(f"unknown form {form!r}; choose one of {', '.join(FORMS + ('auto',))}")
     if target_pw is not None:
         a, b = split_coef
         plan = plan_for_target(shapes, target_pw, {"attn_in": a, "attn_out": b, "mlp_in": a, "mlp_out": b}, tie)
@@ -191,15 +196,24 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
     else:
         plan = make_plan(sparsity, split_coef, sites, tie_rule=tie, dense_prefill=dense_prefill)
     rot = None
-    if form in ("official", "fused"):
+    if form in ("official", "fused", "auto"):
         rot = cached_rotations(lm, cal_samples, cal_seqlen, cal_seed, None, data_dir, rotations_path, progress)
+    held_out_ids = None
+    if form == "auto" or search:
+        ids = tokenize_source(lm.tokenizer, calibration_source(None, data_dir))
+        held_out_ids = calibration_batches(ids, held_out[0], held_out[1], cal_seed + 1)
+    choice = None
+    if form == "auto":
+        net, choice = choose_form(lm.model, plan, rot, held_out_ids, selection=selection, progress=progress)
+        form = choice.form
+        del net
+        if form != "fused":
+            rot = None
     searched = None
     if search:
         net = _apply(copy.deepcopy(lm.model), LarosaConfig(form, rotation, plan, selection=selection,
                                                            q_basis=q_basis), rot)
-        ids = tokenize_source(lm.tokenizer, calibration_source(None, data_dir))
-        searched = search_split(net, target_pw, calibration_batches(ids, held_out[0], held_out[1], cal_seed + 1),
-                                per_block=per_block, progress=progress)
+        searched = search_split(net, target_pw, held_out_ids, per_block=per_block, progress=progress)
         plan = searched.plan
         plan.dense_prefill = dense_prefill
         del net
@@ -208,11 +222,12 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
         "base_model": lm.describe(), "calibration": rot.meta if rot else None, "sparsity": report,
         "split_search": None if searched is None else {
             "best": list(searched.best), "objective": "perplexity on held-out calibration tokens",
-            "held_out": list(held_out), "table": searched.table}},
+            "held_out": list(held_out), "table": searched.table},
+        "form_choice": None if choice is None else {**choice.to_dict(), "held_out": list(held_out)}},
         selection=selection, q_basis=q_basis)
     apply(lm.model, cfg, rot)
     path = _save(lm.model, lm.tokenizer, out, cfg)
-    return {"path": path, "config": cfg, "sparsity": report, "loaded": lm, "search": searched}
+    return {"path": path, "config": cfg, "sparsity": report, "loaded": lm, "search": searched, "form_choice": choice}
 
 
 def _save(model, tokenizer, out, cfg):

@@ -169,7 +169,8 @@ def sparsify_cmd(
     model: str = ModelOpt,
     out: Path = typer.Option(..., "--out", "-o", help="output model folder"),
     sparsity: float = typer.Option(0.4, "--sparsity", "-p", help="nominal sparsity p"),
-    form: str = typer.Option("fused", help="fused (deployable) | official (simulation) | topk (no rotation)"),
+    form: str = typer.Option("fused", help="fused (deployable) | official (simulation) | topk (no rotation) | "
+                             "auto (fused or topk, whichever has the lower held-out calibration perplexity)"),
     rotation: str = RotationOpt,
     split_coef: str = SplitOpt,
     sites: Optional[str] = typer.Option(None, help="explicit per-site sparsities, e.g. "
@@ -203,6 +204,11 @@ def sparsify_cmd(
         _fail(exc)
         return
     rep = res["sparsity"]
+    if res.get("form_choice") is not None:
+        ch = res["form_choice"]
+        typer.echo("held-out ppl: " + ", ".join(f"{f} {v:.3f}" for f, v in ch.objective.items())
+                   + f" -> form {ch.form}")
+        form = ch.form
     if res.get("search") is not None:
         from .report import markdown_table
 

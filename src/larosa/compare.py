@@ -37,7 +37,9 @@ METHODS = ("dense", "larosa-official", "larosa-fused", "topk", "teal", "cats",
            # issue 7 variants (fused form): searched split, + weighted selection, + block-level Q,
            # per-layer greedy allocation; TEAL with its greedy per-layer allocation
            "larosa-searched", "larosa-searched-weighted", "larosa-searched-weighted-block", "larosa-greedy", "teal-greedy",
-           "larosa-fused-gammaq", "larosa-fused-weighted", "topk-weighted")
+           "larosa-fused-gammaq", "larosa-fused-weighted", "topk-weighted",
+           # the rotated paper form or un-rotated Top-K, whichever has the lower held-out calibration PPL
+           "larosa-auto")
 FUSED_VARIANTS = {  # method: (rotation level, selection, how the per-site sparsities are chosen)
     "larosa-searched": ("layer", "magnitude", "search"),
     "larosa-searched-weighted": ("layer", "weighted", "search"),
@@ -94,6 +96,14 @@ def build(method: str, base, target: float, rot, thr, held_out=None, progress: b
                          "search": res.to_dict()}
         alloc = greedy_allocation(net, held_out, target, topk_setter(), progress=progress)
         return net, {"knob": "greedy per layer", "layers": {str(i): v for i, v in alloc.items()}}
+    if method == "larosa-auto":
+        from .search import choose_form
+
+        plan = larosa_plan_for(base, target)
+        net, choice = choose_form(base, plan, rot, held_out, progress=progress)
+        obj = ", ".join(f"{f} {v:.3f}" for f, v in choice.objective.items())
+        return net, {"knob": f"{choice.form} (held-out ppl {obj}), p={plan.nominal:.4f}", "sites": plan.sites,
+                     "form_choice": choice.to_dict()}
     if method == "teal-greedy":
         from .allocate import greedy_allocation, teal_setter
 
@@ -151,7 +161,7 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
             rot = cached_rotations(lm, cal_samples, cal_seqlen, cal_seed, None, data_dir, None, progress)
         if any(m in ("teal", "cats", "teal-greedy") for m, _ in pending):
             thr = _thresholds(lm, cal_samples, cal_seqlen, cal_seed, data_dir, progress)
-        if any(m in FUSED_VARIANTS or m == "teal-greedy" for m, _ in pending):
+        if any(m in FUSED_VARIANTS or m in ("teal-greedy", "larosa-auto") for m, _ in pending):
             from .api import calibration_source
 
             cal_ids = tokenize_source(lm.tokenizer, calibration_source(None, data_dir))
@@ -164,7 +174,7 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
         t0 = time.perf_counter()
         net, desc = build(m, lm.model, t, rot, thr, held_out_ids, progress)
         cell = {"method": m, "target_pw": t, **desc}
-        if m in FUSED_VARIANTS or m == "teal-greedy":
+        if m in FUSED_VARIANTS or m in ("teal-greedy", "larosa-auto"):
             cell["held_out"] = {"sequences": ho[0], "seqlen": ho[1], "seed": cal_seed + 1,
                                 "split": "calibration split (train if present, else validation; never test)"}
         if zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file():

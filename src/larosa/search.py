@@ -173,3 +173,43 @@ def search_split(model, target: float, eval_ids: torch.Tensor, grid=DEFAULT_GRID
     set_plan(model, plan)
     done = [r for r in table if (r["a_attn"], r["a_mlp"]) == ((best[0], best[-1]) if per_block else (a, a))]
     return SearchResult(best, plan, done[-1]["objective"], table)
+
+
+@dataclass
+class FormChoice:
+    """Which deployable form a model gets (`form`) and the held-out perplexity of every candidate."""
+
+    form: str
+    objective: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return {"form": self.form, "objective": dict(self.objective),
+                "criterion": "perplexity on held-out calibration tokens"}
+
+
+AUTO_CANDIDATES = ("fused", "topk")  # the rotated paper form and un-rotated Top-K, same plan
+
+
+def choose_form(base, plan: SparsityPlan, rot, eval_ids: torch.Tensor, candidates=AUTO_CANDIDATES,
+                selection: str = "magnitude", progress: bool = True, objective: Callable | None = None):
+    """`form="auto"`: build every candidate form of `base` (a copy each) with the same `plan` and keep
+    the one with the lowest held-out calibration perplexity. Whether the PCA rotation pays is
+    model-dependent (README, ablation), so it is measured per model instead of assumed.
+    Returns (transformed model, FormChoice)."""
+    import copy
+
+    from .transform import LarosaConfig, apply
+
+    if not candidates:
+        raise LarosaError("no candidate forms to choose from")
+    score = objective or held_out_ppl
+    best = None
+    values: dict[str, float] = {}
+    for form in tqdm(candidates, desc="choose form", unit="form", disable=not progress):
+        net = apply(copy.deepcopy(base), LarosaConfig(form, "layer", plan, selection=selection), rot)
+        values[form] = float(score(net, eval_ids))
+        if best is None or values[form] < values[best[0]]:
+            best = (form, net)
+        else:
+            del net
+    return best[1], FormChoice(best[0], values)
