@@ -2,7 +2,7 @@
 
     python benchmarks/compare_md.py benchmarks/results/compare-smollm2-135m-w40 --zeroshot-limit 100
 
-Prints the main table (target, knob, realised parameter-weighted sparsity with its per-token spread, PPL,
+`--pivot` prints only the compact method x target table. Otherwise: the main table (target, knob, realised parameter-weighted sparsity with its per-token spread, PPL,
 zero-shot mean), the zero-shot per-task table, and the ranking at each target by PPL. Cells that are
 not there yet are printed as "not run".
 """
@@ -77,6 +77,42 @@ def tables(folder: Path, limit: int) -> str:
     return "\n\n".join(out)
 
 
+def pivot(cells: list[dict], limit: int = 0) -> str:
+    """One row per method, one column per target: PPL (vs TEAL at the row's realised pw), then the
+    zero-shot means where measured: the compact view of an ablation."""
+    targets = sorted({c["target_pw"] for c in cells if c["target_pw"] > 0})
+    by = {(c["method"], c["target_pw"]): c for c in cells}
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    head = "| method | " + " | ".join(f"PPL @ pw {t:g}" for t in targets) + " |"
+    zs_any = limit and any(c["zeroshot"] for c in cells)
+    if zs_any:
+        head += " " + " | ".join(f"0-shot @ {t:g}" for t in targets) + " |"
+    lines = [head, "|---|" + "---|" * (len(targets) * (2 if zs_any else 1))]
+    for m in methods:
+        if m == "dense":
+            d = by[("dense", 0.0)]
+            zs = f" {100 * d['zeroshot']['mean']:.2f} (all) |" + " |" * (len(targets) - 1) if zs_any and d["zeroshot"] else ""
+            lines.append(f"| dense | {_fmt(d['ppl'])} (all) |" + " |" * (len(targets) - 1) + zs)
+            continue
+        row = f"| {m} |"
+        for t in targets:
+            c = by.get((m, t))
+            if c is None or c.get("ppl") is None:
+                row += " - |"
+                continue
+            ref = None if m == "teal" or not c.get("realised_pw") else ppl_at_realised(cells, c["realised_pw"]["mean"], "teal")
+            rel = f" ({100 * (c['ppl'] / ref - 1):+.1f} %)" if ref else ""
+            if m.startswith("teal") and c.get("realised_pw"):
+                rel = f" (at {c['realised_pw']['mean']:.3f})"
+            row += f" {c['ppl']:.2f}{rel} |"
+        if zs_any:
+            for t in targets:
+                c = by.get((m, t))
+                row += f" {100 * c['zeroshot']['mean']:.2f} |" if c is not None and c["zeroshot"] else " - |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
 def equal_realised(cells: list[dict]) -> str:
     rows = []
     for c in cells:
@@ -99,9 +135,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--zeroshot-limit", type=int, default=0)
+    ap.add_argument("--pivot", action="store_true", help="only the compact method x target table "
+                    "(PPL with its difference to TEAL at equal realised sparsity, zero-shot means)")
     args = ap.parse_args()
     if not (args.folder / "cells").is_dir():
         sys.exit(f"{args.folder} has no cells/ folder (not a `larosa compare` output)")
+    if args.pivot:
+        print(pivot(_cells(args.folder, args.zeroshot_limit), args.zeroshot_limit))
+        return
     print(tables(args.folder, args.zeroshot_limit))
 
 
