@@ -102,8 +102,8 @@ def pivot(cells: list[dict], limit: int = 0) -> str:
                 continue
             ref = None if m == "teal" or not c.get("realised_pw") else ppl_at_realised(cells, c["realised_pw"]["mean"], "teal")
             rel = f" ({100 * (c['ppl'] / ref - 1):+.1f} %)" if ref else ""
-            if m.startswith("teal") and c.get("realised_pw"):
-                rel = f" (at {c['realised_pw']['mean']:.3f})"
+            if m.startswith("teal") and c.get("realised_pw"):  # TEAL's realised pw differs from the target
+                rel = f" (at {c['realised_pw']['mean']:.3f}{rel.replace(' (', '; ').rstrip(')') if rel else ''})"
             row += f" {c['ppl']:.2f}{rel} |"
         if zs_any:
             for t in targets:
