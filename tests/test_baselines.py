@@ -234,19 +234,28 @@ def test_ppl_at_realised_interpolates_log_linearly_and_never_extrapolates():
 
 
 def test_compare_auto_form_equals_the_form_it_chose(tmp_path, monkeypatch):
+    """larosa-auto computed on its own equals the fixed-split cell of the form it chose; where that cell
+    is already in the folder, auto reuses its figures (same model) and says so."""
     d = save_tiny_hf_dir(tmp_path / "tiny")
     tiny_wikitext(tmp_path, monkeypatch, 9, 400)
-    out = tmp_path / "cmp"
-    methods = ("larosa-fused", "topk", "larosa-auto")
-    args = ["compare", "--model", str(d), "--out", str(out), "--methods", ",".join(methods), "--targets", "0.4",
-            "--held-out", "2x64", "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
-            "--data-dir", str(tmp_path / "data")]
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
-    cells = {m: json.loads((out / "cells" / f"{m}-0.400.json").read_text()) for m in methods}
+
+    def run(out, methods):
+        args = ["compare", "--model", str(d), "--out", str(out), "--methods", ",".join(methods), "--targets", "0.4",
+                "--held-out", "2x64", "--windows", "1", "--seqlen", "32", "--cal-samples", "2", "--cal-seqlen", "32",
+                "--data-dir", str(tmp_path / "data")]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        return {m: json.loads((out / "cells" / f"{m}-0.400.json").read_text()) for m in methods}
+
+    alone = run(tmp_path / "a", ("larosa-auto",))["larosa-auto"]
+    assert "ppl_from" not in alone
+    cells = run(tmp_path / "b", ("larosa-fused", "topk", "larosa-auto"))
     auto = cells["larosa-auto"]
     chosen = auto["form_choice"]["form"]
+    assert chosen == alone["form_choice"]["form"]
     assert chosen == min(auto["form_choice"]["objective"], key=auto["form_choice"]["objective"].get)
     same = cells["larosa-fused" if chosen == "fused" else "topk"]
-    assert auto["ppl"] == pytest.approx(same["ppl"], rel=1e-6) and auto["sites"] == same["sites"]
+    assert auto["ppl_from"].startswith(same["method"])
+    assert auto["ppl"] == same["ppl"] and auto["sites"] == same["sites"]
+    assert alone["ppl"] == pytest.approx(same["ppl"], rel=1e-6)  # computed independently: the same model
     assert auto["knob"].startswith(chosen) and auto["held_out"]["sequences"] == 2

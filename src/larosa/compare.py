@@ -76,6 +76,21 @@ def _thresholds(lm, nsamples, seqlen, seed, data_dir, progress):
     return thr
 
 
+AUTO_FORM_METHOD = {"fused": "larosa-fused", "topk": "topk"}  # the fixed-split method each auto choice equals
+
+
+def _same_model_cell(cells_dir: Path, cell: dict, target: float) -> dict | None:
+    """The finished cell of the fixed-split method whose model `larosa-auto` chose (same plan), if any."""
+    choice = cell.get("form_choice")
+    if cell["method"] != "larosa-auto" or not choice:
+        return None
+    f = cells_dir / f"{AUTO_FORM_METHOD[choice['form']]}-{target:.3f}.json"
+    if not f.is_file():
+        return None
+    other = json.loads(f.read_text())
+    return other if other.get("sites") == cell.get("sites") and other.get("ppl") is not None else None
+
+
 def build(method: str, base, target: float, rot, thr, held_out=None, progress: bool = False):
     """(model, description) for one cell; model is None when the target is out of the method's reach.
 
@@ -185,8 +200,13 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
             write_json(cells_dir / zs_name(m, t), {"method": m, "target_pw": t, "zeroshot": zs})
         if (cells_dir / f"{m}-{t:.3f}.json").is_file():
             continue
+        same = _same_model_cell(cells_dir, cell, t)
         if net is None:
             cell.update({"ppl": None})
+        elif same is not None:  # larosa-auto built exactly the model of a measured cell: reuse its figures
+            cell.update({k: same[k] for k in ("ppl", "windows", "realised_pw")},
+                        ppl_from=f"{same['method']}-{t:.3f}.json (identical model: same form, plan and rotations)",
+                        seconds=round(time.perf_counter() - t0, 1))
         else:
             meter = attach_meter(net, SparsityMeter(weights))
             res = perplexity_from_ids(net, ids, seqlen=seqlen, n_windows=windows, progress=progress,
