@@ -90,7 +90,7 @@ def test_cli_sparsify_then_eval_saved_folder(tmp_path, monkeypatch):
     tiny_wikitext(tmp_path, monkeypatch, 6, 300)
     out = tmp_path / "sparse"
     common = ["--data-dir", str(tmp_path / "data")]
-    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "-p", "0.4",
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "-p", "0.4", "--form", "fused",
                                    "--cal-samples", "2", "--cal-seqlen", "32", *common])
     assert res.exit_code == 0, res.output
     assert "parameter-weighted" in res.output
@@ -133,8 +133,8 @@ def test_cli_sparsify_auto_form_saves_the_chosen_form(tmp_path, monkeypatch):
 
     d = save_tiny_hf_dir(tmp_path / "tiny")
     tiny_wikitext(tmp_path, monkeypatch, 8, 400)
-    out = tmp_path / "auto"
-    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--form", "auto", "-p", "0.5",
+    out = tmp_path / "auto"  # auto is the default form
+    res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "-p", "0.5",
                                    "--cal-samples", "2", "--cal-seqlen", "32", "--data-dir", str(tmp_path / "data")])
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())["larosa"]

@@ -160,7 +160,7 @@ def evaluate_ppl(model: str = "smollm2-135m", windows: int | None = None, seqlen
             "loaded": base, "rotations": rot}
 
 
-def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: str = "fused",
+def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: str = "auto",
              rotation: str = "layer", split_coef: tuple[float, float] = (0.8, 1.2), sites: dict | None = None,
              rotations_path=None, cal_samples: int = 16, cal_seqlen: int = 2048, cal_seed: int = 0,
              dense_prefill: bool = False, device: str = "auto", dtype: str = "auto", data_dir=None,

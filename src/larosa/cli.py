@@ -169,8 +169,9 @@ def sparsify_cmd(
     model: str = ModelOpt,
     out: Path = typer.Option(..., "--out", "-o", help="output model folder"),
     sparsity: float = typer.Option(0.4, "--sparsity", "-p", help="nominal sparsity p"),
-    form: str = typer.Option("fused", help="fused (deployable) | official (simulation) | topk (no rotation) | "
-                             "auto (fused or topk, whichever has the lower held-out calibration perplexity)"),
+    form: str = typer.Option("auto", help="auto (default: fused or topk, whichever has the lower perplexity on "
+                             "held-out calibration tokens; README: ablation) | fused (the paper's deployable form) | "
+                             "official (simulation) | topk (no rotation)"),
     rotation: str = RotationOpt,
     split_coef: str = SplitOpt,
     sites: Optional[str] = typer.Option(None, help="explicit per-site sparsities, e.g. "
