@@ -120,6 +120,17 @@ def test_compare_is_resumable(tmp_path, monkeypatch):
     assert changed == {"teal-0.250.json"}  # only the missing cell was recomputed
     bad = CliRunner().invoke(app, [a if a != "2" else "3" for a in args])
     assert bad.exit_code == 2 and "another setup" in bad.output
+    # --render-only: outputs rebuilt from the finished cells, a missing cell is left missing
+    (out / "cells" / "teal-0.900.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()}
+    res = CliRunner().invoke(app, args + ["--render-only"])
+    assert res.exit_code == 0, res.output
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "cells").iterdir()} == before
+    rec = json.loads((out / "results.json").read_text())
+    assert len(rec["cells"]) == 6 and ("teal", 0.9) not in {(c["method"], c["target_pw"]) for c in rec["cells"]}
+    empty = CliRunner().invoke(app, [a if a != "dense,larosa-fused,teal,cats" else "topk" for a in args]
+                               + ["--render-only"])
+    assert empty.exit_code == 2 and "no finished cells" in empty.output
 
 
 def test_compare_skips_cells_finished_meanwhile(tmp_path, monkeypatch):

@@ -226,7 +226,8 @@ def compare_cmd(
     model: str = ModelOpt,
     methods: str = typer.Option("dense,larosa-official,larosa-fused,topk,teal,cats", help="comma list of: "
                                 "dense, larosa-official, larosa-fused, topk, teal, cats, larosa-searched, "
-                                "larosa-searched-weighted, larosa-searched-weighted-block, larosa-greedy, teal-greedy"),
+                                "larosa-searched-weighted, larosa-searched-weighted-block, larosa-greedy, teal-greedy, "
+                                "larosa-fused-gammaq, larosa-fused-weighted, topk-weighted, larosa-auto"),
     targets: str = typer.Option("0.25,0.4,0.5", help="parameter-weighted sparsities"),
     windows: Optional[int] = typer.Option(40, help="evaluation windows (first N)"),
     seqlen: int = typer.Option(2048, help="window length"),
@@ -237,6 +238,8 @@ def compare_cmd(
     cal_seqlen: int = CalSeqlenOpt,
     held_out: str = typer.Option("4x512", help="calibration tokens (sequences x length) for the split search "
                                  "and the greedy allocations"),
+    render_only: bool = typer.Option(False, "--render-only", help="rebuild results.json, table.md and ppl.png "
+                                     "from the finished cells; compute nothing"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     data_dir: Optional[Path] = DataDirOpt,
@@ -248,7 +251,7 @@ def compare_cmd(
         res = run_compare(model, tuple(m.strip() for m in methods.split(",") if m.strip()),
                           _floats(targets, "--targets"), out, windows, seqlen, cal_samples, cal_seqlen,
                           data_dir=data_dir, device=device, dtype=dtype, zeroshot_limit=zeroshot_limit,
-                          held_out=_held_out(held_out))
+                          held_out=_held_out(held_out), render_only=render_only)
     except LarosaError as exc:
         _fail(exc)
         return

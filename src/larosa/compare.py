@@ -146,7 +146,7 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
                 windows: int | None = 40, seqlen: int = 2048, cal_samples: int = 16, cal_seqlen: int = 2048,
                 cal_seed: int = 0, data_dir=None, device: str = "auto", dtype: str = "auto",
                 progress: bool = True, zeroshot_limit: int = 0, zeroshot_batch: int = 8,
-                held_out: tuple[int, int] | None = None) -> dict:
+                held_out: tuple[int, int] | None = None, render_only: bool = False) -> dict:
     from .api import cached_rotations
     from .models import load_model
 
@@ -167,6 +167,11 @@ def run_compare(model: str, methods: tuple[str, ...], targets: tuple[float, ...]
     zs_name = lambda m, t: f"zs-{m}-{t:.3f}-limit{zeroshot_limit}.json"  # noqa: E731
     pending = [(m, t) for m, t in todo if not (cells_dir / f"{m}-{t:.3f}.json").is_file()
                or (zeroshot_limit > 0 and not (cells_dir / zs_name(m, t)).is_file())]
+    if render_only:  # tables and plot from the finished cells only; nothing is computed
+        todo = [(m, t) for m, t in todo if (cells_dir / f"{m}-{t:.3f}.json").is_file()]
+        pending = []
+        if not todo:
+            raise LarosaError(f"{out} holds no finished cells for these methods and targets")
     lm = ids = rot = thr = held_out_ids = None
     ho = tuple(held_out) if held_out is not None else HELD_OUT
     if pending:
