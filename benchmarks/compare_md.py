@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from larosa.compare import METHODS, ppl_at_realised  # noqa: E402
+from larosa.compare import AUTO_FORM_METHOD, METHODS, ppl_at_realised  # noqa: E402
 
 TASKS = ("arc_easy", "arc_challenge", "piqa", "boolq", "hellaswag", "openbookqa", "winogrande")
 
@@ -31,6 +31,13 @@ def _cells(folder: Path, limit: int) -> list[dict]:
         c["zeroshot"] = json.loads(zf.read_text())["zeroshot"] if limit and zf.is_file() else None
         c["zs_file"] = zf.is_file()
         out.append(c)
+    by = {(c["method"], c["target_pw"]): c for c in out}
+    for c in out:  # larosa-auto built exactly the model of the form it chose: that cell's zero-shot is its own
+        choice = c.get("form_choice")
+        if c["method"] == "larosa-auto" and c["zeroshot"] is None and choice:
+            same = by.get((AUTO_FORM_METHOD[choice["form"]], c["target_pw"]))
+            if same is not None and same.get("sites") == c.get("sites") and same["zeroshot"] is not None:
+                c["zeroshot"], c["zs_same_model"] = same["zeroshot"], same["method"]
     order = {m: i for i, m in enumerate(METHODS)}
     return sorted(out, key=lambda c: (order.get(c["method"], 99), c["target_pw"]))
 
@@ -108,8 +115,11 @@ def pivot(cells: list[dict], limit: int = 0) -> str:
         if zs_any:
             for t in targets:
                 c = by.get((m, t))
-                row += f" {100 * c['zeroshot']['mean']:.2f} |" if c is not None and c["zeroshot"] else " - |"
+                mark = "*" if c is not None and c.get("zs_same_model") else ""
+                row += f" {100 * c['zeroshot']['mean']:.2f}{mark} |" if c is not None and c["zeroshot"] else " - |"
         lines.append(row)
+    if any(c.get("zs_same_model") for c in cells):
+        lines.append("\n\\* the zero-shot cell of the form `larosa-auto` chose (the identical model).")
     return "\n".join(lines)
 
 
