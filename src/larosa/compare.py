@@ -268,6 +268,7 @@ def plot(cells: list[dict], path: Path, title: str) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     with_zs = any(c.get("zeroshot") for c in cells)
@@ -275,7 +276,8 @@ def plot(cells: list[dict], path: Path, title: str) -> Path | None:
     ax = axes[0][0]
     dense = next((c for c in cells if c["method"] == "dense"), None)
     present = [m for m in METHODS[1:] if any(c["method"] == m for c in cells)]
-    colour = {m: f"C{i % 10}" for i, m in enumerate(present)}  # one colour per method in both panels
+    cmap = matplotlib.colormaps["tab10" if len(present) <= 10 else "tab20"]
+    colour = {m: cmap(i % cmap.N) for i, m in enumerate(present)}  # one colour per method in both panels
     for m in present:
         pts = [(c["realised_pw"]["mean"], c["ppl"]) for c in cells
                if c["method"] == m and c["ppl"] is not None and c.get("realised_pw")]
@@ -286,6 +288,8 @@ def plot(cells: list[dict], path: Path, title: str) -> Path | None:
     ax.set_xlabel("realised parameter-weighted sparsity")
     ax.set_ylabel("WikiText-2 PPL (log scale)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_title(title)
     ax.legend(fontsize=8)
     if with_zs:  # zero-shot mean vs sparsity, same methods and colours
