@@ -169,21 +169,6 @@ def test_masked_and_gather_modes_agree_with_reference(gather, gated):
         assert _rel(y, ref) < 1e-2, (gather, gated, d_in, k)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("gated", [False, True])
-def test_inline_select_split_k_kernel_agrees_with_reference(dtype, gated):
-    """impl="inline": split-K programs each find the row's threshold themselves (no select launch)."""
-    for d_in, d_out, k in ((300, 70, 1), (1100, 33, 600), (257, 130, 257), (96, 40, 17)):
-        x = torch.randn(3, d_in).to(dtype)
-        x[1, ::3] = x[1, 0]  # heavy exact ties: the lower index must win, as in the reference
-        wt = torch.randn(d_in, d_out).to(dtype)
-        wt2 = torch.randn(d_in, d_out).to(dtype) if gated else None
-        y = torch.empty(3, d_out, dtype=dtype)
-        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, impl="inline", block_n=32, block_k=16, rows_per_split=64)
-        ref = topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)
-        assert _rel(y, ref) < 1e-2, (gated, d_in, k)
-
-
 def test_kernel_impl_env_override(monkeypatch):
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "inline")
     assert ops.triton_gemv.default_impl() == "inline"
@@ -192,19 +177,26 @@ def test_kernel_impl_env_override(monkeypatch):
         ops.triton_gemv.default_impl()
 
 
+IMPL_TILES = {  # small tiles so the interpreter walks several blocks and splits
+    "fused": {"block_n": 32, "block_k": 64},  # one launch, column-complete programs, no workspace
+    "inline": {"block_n": 32, "block_k": 16, "rows_per_split": 64},  # split-K, each program selects itself
+}
+
+
+@pytest.mark.parametrize("impl", sorted(IMPL_TILES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gated", [False, True])
-def test_fused_one_launch_kernel_agrees_with_reference(dtype, gated):
-    """impl="fused": selection inside every program, column-complete programs, no workspace."""
+def test_selecting_kernel_variants_agree_with_reference(impl, dtype, gated):
+    """impl="fused" / "inline": selection inside every program instead of a select launch."""
     for d_in, d_out, k in ((300, 70, 1), (1100, 33, 600), (257, 130, 257), (96, 40, 17)):
         x = torch.randn(3, d_in).to(dtype)
         x[1, ::3] = x[1, 0]  # heavy exact ties: the lower index must win, as in the reference
         wt = torch.randn(d_in, d_out).to(dtype)
         wt2 = torch.randn(d_in, d_out).to(dtype) if gated else None
         y = torch.empty(3, d_out, dtype=dtype)
-        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, impl="fused", block_n=32, block_k=64)
+        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, impl=impl, **IMPL_TILES[impl])
         ref = topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)
-        assert _rel(y, ref) < 1e-2, (gated, d_in, k)
+        assert _rel(y, ref) < 1e-2, (impl, gated, d_in, k)
 
 
 def test_fused_kernel_threshold_dense_and_bias_modes():
