@@ -181,8 +181,9 @@ def _tile_grid(impl):
             if bn * bk <= 64 * 256:
                 yield {"impl": "fused", "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
         return
-    for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64), (128, 256, 512), (4, 8)):
-        if bn * bk > 256 * 32 or rps < bk:
+    for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64, 128), (32, 64, 128, 256, 512), (4, 8)):
+        # rps == bk: one tile per program (v9: every weight load of a program in flight at once)
+        if bn * bk > 256 * 32 or rps < bk or (rps < 128 and rps != bk):
             continue
         yield {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3}
 
@@ -236,8 +237,12 @@ def select_sweep(dtype):
         xs = [torch.randn(1, d_in, device="cuda", dtype=dtype) for _ in range(8)]
         k = d_in // 2
         for impl in triton_gemv.SELECT_IMPLS:
-            for nw in (4, 8, 16):
-                t = graph_time_us([(lambda x=x: triton_gemv.select(x, k, nw, impl)) for x in xs], reps=20)
+            for nw in (4, 8, 16):  # 1 and 2 warps: 1.3-11x slower (results/history/gemv-v9-tuned.log)
+                try:
+                    t = graph_time_us([(lambda x=x: triton_gemv.select(x, k, nw, impl)) for x in xs], reps=20)
+                except Exception as exc:  # too few warps for the row (resources): skip
+                    print(f"# select d_in={d_in} {impl} warps={nw}: {type(exc).__name__}", flush=True)
+                    continue
                 out.append({"d_in": d_in, "impl": impl, "num_warps": nw, "us": t})
                 print(f"# select d_in={d_in} {impl} warps={nw}: {t:.2f} us", flush=True)
                 if d_in not in best or t < best[d_in][1]:

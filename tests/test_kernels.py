@@ -135,9 +135,12 @@ def test_select_mask_matches_reference_and_prefill_path():
 
 
 @pytest.mark.parametrize("impl", ops.triton_gemv.SELECT_IMPLS)
-def test_select_implementations_agree(impl):
-    for d, k in ((64, 1), (300, 111), (300, 300), (1025, 512)):
-        x = (torch.randn(3, d) * 3).round().bfloat16()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_select_implementations_agree(impl, dtype):
+    for d, k in ((64, 1), (300, 111), (300, 300), (1025, 512), (4097, 2048)):
+        x = (torch.randn(3, d) * 3).round().to(dtype)
+        x[0, :20] = -0.0  # signed zeros: magnitude 0 like +0
+        x[2] = torch.randn(d).to(dtype) * 1e3  # large magnitudes: the top pattern bits set
         sel = ops.triton_gemv.select(x, k, impl=impl)
         bits = x.view(torch.int16).to(torch.int32) & 0x7FFF
         idx = torch.arange(d)
@@ -237,3 +240,23 @@ def test_counter_workspace_is_large_enough_and_launch_refuses_a_short_one():
     y = torch.empty(1, 130, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="counters"):
         ops.triton_gemv.launch(x, wt, y, 100, counters=torch.zeros(1, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("tiles", [{"block_n": 512, "block_k": 16, "rows_per_split": 16},   # 3 partial chunks
+                                   {"block_n": 64, "block_k": 32, "rows_per_split": 32}])   # one masked chunk
+@pytest.mark.parametrize("gated", [False, True])
+def test_split_k_one_tile_per_program_and_chunked_partial_sums(tiles, gated):
+    """v9 tiles: one weight tile per program; ungated, the last program sums the partials SPLIT_CHUNK
+    at a time (more splits than one chunk holds, split counts that are not powers of two); gated, one
+    split at a time."""
+    for d_in, d_out, k in ((300, 70, 150), (1100, 33, 600), (257, 130, 1)):
+        n_splits = -(-d_in // tiles["rows_per_split"])
+        assert n_splits > 1
+        x = torch.randn(2, d_in).bfloat16()
+        wt = torch.randn(d_in, d_out).bfloat16()
+        wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
+        y = torch.empty(2, d_out, dtype=torch.bfloat16)
+        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, impl="split", **tiles)
+        ref = topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)
+        assert _rel(y, ref) < 1e-2, (tiles, gated, d_in, k)
+    assert ops.triton_gemv.split_chunk(19, 512) == 8 and ops.triton_gemv.split_chunk(35, 64) == 64
