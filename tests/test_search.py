@@ -186,3 +186,21 @@ def test_choose_form_with_perplexity_matches_the_forms_built_separately():
     assert choice.objective == pytest.approx(want)
     assert choice.form == min(want, key=want.get)
     assert held_out_ppl(net, ids) == pytest.approx(min(want.values()))
+
+
+def test_choose_form_builds_the_candidates_as_they_will_be_deployed():
+    """The rotation level, Q basis and selection given to `choose_form` are the ones its candidates use
+    (sparsify passes its own, so the choice is made on the model that is saved)."""
+    from larosa.search import choose_form, held_out_ppl
+
+    model = tiny_model("llama", seed=7, hidden_size=96, intermediate_size=192, num_attention_heads=4)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    plan = SparsityPlan.from_nominal(0.6)
+    kw = {"selection": "weighted", "q_basis": "gamma"}
+    want = {f: held_out_ppl(apply(copy.deepcopy(model), LarosaConfig(f, "block", plan, **kw), rot), ids)
+            for f in ("fused", "topk")}
+    layer_fused = held_out_ppl(apply(copy.deepcopy(model), LarosaConfig("fused", "layer", plan, **kw), rot), ids)
+    assert layer_fused != pytest.approx(want["fused"])  # the rotation level changes the objective
+    _, choice = choose_form(model, plan, rot, ids, progress=False, rotation="block", **kw)
+    assert choice.objective == pytest.approx(want)

@@ -204,7 +204,8 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
         held_out_ids = calibration_batches(ids, held_out[0], held_out[1], cal_seed + 1)
     choice = None
     if form == "auto":
-        net, choice = choose_form(lm.model, plan, rot, held_out_ids, selection=selection, progress=progress)
+        net, choice = choose_form(lm.model, plan, rot, held_out_ids, selection=selection, progress=progress,
+                                  rotation=rotation, q_basis=q_basis)
         form = choice.form
         del net
         if form != "fused":

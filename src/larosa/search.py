@@ -191,10 +191,12 @@ AUTO_CANDIDATES = ("fused", "topk")  # the rotated paper form and un-rotated Top
 
 
 def choose_form(base, plan: SparsityPlan, rot, eval_ids: torch.Tensor, candidates=AUTO_CANDIDATES,
-                selection: str = "magnitude", progress: bool = True, objective: Callable | None = None):
-    """`form="auto"`: build every candidate form of `base` (a copy each) with the same `plan` and keep
-    the one with the lowest held-out calibration perplexity. Whether the PCA rotation pays is
-    model-dependent (README, ablation), so it is measured per model instead of assumed.
+                selection: str = "magnitude", progress: bool = True, objective: Callable | None = None,
+                rotation: str = "layer", q_basis: str = "free"):
+    """`form="auto"`: build every candidate form of `base` (a copy each) with the same `plan` (and the
+    same rotation level, Q basis and selection as the model that will be deployed) and keep the one with
+    the lowest held-out calibration perplexity. Whether the PCA rotation pays is model-dependent
+    (README, ablation), so it is measured per model instead of assumed.
     Returns (transformed model, FormChoice)."""
     import copy
 
@@ -206,7 +208,7 @@ def choose_form(base, plan: SparsityPlan, rot, eval_ids: torch.Tensor, candidate
     best = None
     values: dict[str, float] = {}
     for form in tqdm(candidates, desc="choose form", unit="form", disable=not progress):
-        net = apply(copy.deepcopy(base), LarosaConfig(form, "layer", plan, selection=selection), rot)
+        net = apply(copy.deepcopy(base), LarosaConfig(form, rotation, plan, selection=selection, q_basis=q_basis), rot)
         values[form] = float(score(net, eval_ids))
         if best is None or values[form] < values[best[0]]:
             best = (form, net)
