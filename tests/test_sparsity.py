@@ -70,3 +70,17 @@ def test_plan_roundtrip_and_per_layer_override():
     again = SparsityPlan.from_dict(plan.to_dict())
     assert again == plan
     assert again.sparsity("mlp_out", 2) == 0.6 and again.sparsity("mlp_out", 1) == pytest.approx(0.36)
+
+
+def test_exact_rule_without_ties_and_with_ties_in_some_rows():
+    """No ties at the k-th magnitude (the fast path: `>=` already keeps k) and a batch where only one
+    row has ties; k on both sides of d / 2 (the k-th largest found from the smaller side)."""
+    from larosa.kernels import topk_keep_mask
+
+    for d in (7, 64, 301):
+        for k in (1, d // 3, d // 2, d // 2 + 1, d - 1, d):
+            x = torch.randn(3, d, dtype=torch.float64)
+            x[1] = (x[1] * 2).round()  # ties in this row only
+            assert torch.equal(topk_mask(x, k, "exact"), topk_keep_mask(x, k)), (d, k)
+            assert (topk_mask(x, k, "exact").sum(-1) == k).all()
+            assert torch.equal(topk_mask(x[::2], k, "exact"), topk_keep_mask(x[::2], k)), (d, k)

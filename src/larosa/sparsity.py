@@ -114,18 +114,30 @@ def llama_shapes(d: int, f: int, n_layers: int, n_heads: int | None = None,
     return [dict(row) for _ in range(n_layers)]
 
 
+def kth_largest(mag: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value along the last dim (keepdim), from whichever side needs the smaller
+    `topk`: the k largest, or the d - k + 1 smallest (faster on the CPU when k > d / 2)."""
+    d = mag.shape[-1]
+    if k > d - k + 1:
+        return mag.topk(d - k + 1, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    return mag.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+
+
 def topk_mask(x: torch.Tensor, k: int, tie_rule: str = "exact") -> torch.Tensor:
     """Boolean mask of the k largest |x| entries along the last dim (reference implementation)."""
     d = x.shape[-1]
     if k >= d:
         return torch.ones_like(x, dtype=torch.bool)
     mag = x.abs()
+    kth = kth_largest(mag, k)
+    ge = mag >= kth
     if tie_rule == "ge":
-        kth = mag.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-        return mag >= kth
+        return ge
     # exactly k, and among entries equal to the k-th largest the lower indices win: the same rule as
-    # the kernels (ties are real: with GQA, the heads of a group output identical vectors at position 0)
-    kth = mag.topk(k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    # the kernels (ties are real: with GQA, the heads of a group output identical vectors at position 0).
+    # Without ties at the k-th magnitude `ge` holds exactly k entries per row already (eager-only check).
+    if not bool((ge.sum(dim=-1) > k).any()):
+        return ge
     above = mag > kth
     eq = mag == kth
     need = k - above.sum(dim=-1, keepdim=True)
