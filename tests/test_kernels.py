@@ -137,7 +137,7 @@ def test_select_mask_matches_reference_and_prefill_path():
 @pytest.mark.parametrize("impl", ops.triton_gemv.SELECT_IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_select_implementations_agree(impl, dtype):
-    for d, k in ((64, 1), (300, 111), (300, 300), (1025, 512), (4097, 2048)):
+    for d, k in ((1, 1), (2, 1), (3, 2), (64, 1), (300, 111), (300, 300), (1025, 512), (4097, 2048)):
         x = (torch.randn(3, d) * 3).round().to(dtype)
         x[0, :20] = -0.0  # signed zeros: magnitude 0 like +0
         x[2] = torch.randn(d).to(dtype) * 1e3  # large magnitudes: the top pattern bits set

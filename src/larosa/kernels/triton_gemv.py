@@ -368,7 +368,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k."""
     rows, d_in = x.shape
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
-    block_d = triton.next_power_of_2(d_in)
+    block_d = max(2, triton.next_power_of_2(d_in))  # the packed select pairs entries
     kernel = {"hist": select_kernel, "bisect": select_bisect_kernel, "bisect2": select_bisect2_kernel,
               "packed": select_packed_kernel}[impl]
     kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d))
