@@ -146,3 +146,23 @@ def test_cli_sparsify_auto_form_saves_the_chosen_form(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["sparsify", "--model", str(d), "--out", str(out), "--form", "nope",
                                    "--data-dir", str(tmp_path / "data")])
     assert res.exit_code == 2 and "unknown form 'nope'" in res.output
+
+
+def test_sparsify_auto_saves_the_candidate_it_chose_equal_to_building_that_form(tmp_path, monkeypatch):
+    """form="auto" keeps the candidate it measured instead of building the winner again; the saved
+    model must equal the one `sparsify` builds when asked for that form directly."""
+    import torch
+
+    from larosa.api import sparsify
+    from larosa.io import load
+
+    d = save_tiny_hf_dir(tmp_path / "tiny")
+    tiny_wikitext(tmp_path, monkeypatch, 8, 400)
+    kw = dict(sparsity=0.5, cal_samples=2, cal_seqlen=32, data_dir=tmp_path / "data", progress=False)
+    auto = sparsify(str(d), tmp_path / "auto", form="auto", **kw)
+    fixed = sparsify(str(d), tmp_path / "fixed", form=auto["form_choice"].form, **kw)
+    ids = torch.randint(0, fixed["loaded"].model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        want = fixed["loaded"].model(ids).logits
+        assert torch.allclose(auto["loaded"].model(ids).logits, want, atol=1e-5)
+        assert torch.allclose(load(tmp_path / "auto").model(ids).logits, want, atol=1e-5)

@@ -202,14 +202,15 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
     if form == "auto" or search:
         ids = tokenize_source(lm.tokenizer, calibration_source(None, data_dir))
         held_out_ids = calibration_batches(ids, held_out[0], held_out[1], cal_seed + 1)
-    choice = None
+    choice = chosen = None
     if form == "auto":
-        net, choice = choose_form(lm.model, plan, rot, held_out_ids, selection=selection, progress=progress,
-                                  rotation=rotation, q_basis=q_basis)
+        chosen, choice = choose_form(lm.model, plan, rot, held_out_ids, selection=selection, progress=progress,
+                                     rotation=rotation, q_basis=q_basis)
         form = choice.form
-        del net
         if form != "fused":
             rot = None
+        if search:  # the plan changes: the chosen candidate is rebuilt below
+            chosen = None
     searched = None
     if search:
         net = _apply(copy.deepcopy(lm.model), LarosaConfig(form, rotation, plan, selection=selection,
@@ -226,7 +227,10 @@ def sparsify(model: str, out: str | os.PathLike, sparsity: float = 0.4, form: st
             "held_out": list(held_out), "table": searched.table},
         "form_choice": None if choice is None else {**choice.to_dict(), "held_out": list(held_out)}},
         selection=selection, q_basis=q_basis)
-    apply(lm.model, cfg, rot)
+    if chosen is not None:  # the candidate `auto` kept was built from this same config: no second build
+        lm.model = chosen
+    else:
+        apply(lm.model, cfg, rot)
     path = _save(lm.model, lm.tokenizer, out, cfg)
     return {"path": path, "config": cfg, "sparsity": report, "loaded": lm, "search": searched, "form_choice": choice}
 
