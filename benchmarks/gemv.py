@@ -230,14 +230,15 @@ def batch_crossover(dtype, d_in=4096, d_out=11008, s=0.5):
     return rows_out
 
 
-def select_sweep(dtype):
-    """Time the select kernel alone for each d_in, implementation and warp count; best per d_in."""
+def select_sweep(dtype, widths=(4096, 11008, 14336), impls=None, warps=(4, 8, 16)):
+    """Time the select kernel alone for each d_in, implementation and warp count (k = d_in / 2); best per
+    d_in. 1 and 2 warps were 1.3-11x slower than 4 (results/history/gemv-v9-tuned.log)."""
     out, best = [], {}
-    for d_in in (4096, 11008, 14336):
+    for d_in in widths:
         xs = [torch.randn(1, d_in, device="cuda", dtype=dtype) for _ in range(8)]
         k = d_in // 2
-        for impl in triton_gemv.SELECT_IMPLS:
-            for nw in (4, 8, 16):  # 1 and 2 warps: 1.3-11x slower (results/history/gemv-v9-tuned.log)
+        for impl in impls or triton_gemv.SELECT_IMPLS:
+            for nw in warps:
                 try:
                     t = graph_time_us([(lambda x=x: triton_gemv.select(x, k, nw, impl)) for x in xs], reps=20)
                 except Exception as exc:  # too few warps for the row (resources): skip

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemv import graph_time_us  # noqa: E402
+from gemv import select_sweep  # noqa: E402
 from larosa.kernels import triton_gemv  # noqa: E402
 
 
@@ -33,15 +33,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/select_bench.py needs a CUDA GPU")
     torch.manual_seed(0)
-    rows = []
-    print("| d_in | impl | warps | us |\n|---|---|---|---|", flush=True)
-    for d_in in (int(v) for v in args.widths.split(",")):
-        xs = [torch.randn(1, d_in, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
-        for impl in args.impls.split(","):
-            for nw in (int(v) for v in args.warps.split(",")):
-                t = graph_time_us([(lambda x=x: triton_gemv.select(x, d_in // 2, nw, impl)) for x in xs], reps=20)
-                rows.append({"d_in": d_in, "impl": impl, "num_warps": nw, "us": t})
-                print(f"| {d_in} | {impl} | {nw} | {t:.2f} |", flush=True)
+    rows, _ = select_sweep(torch.bfloat16, widths=[int(v) for v in args.widths.split(",")],
+                           impls=args.impls.split(","), warps=[int(v) for v in args.warps.split(",")])
+    print("| d_in | impl | warps | us |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['d_in']} | {r['impl']} | {r['num_warps']} | {r['us']:.2f} |")
     props = torch.cuda.get_device_properties(0)
     rec = {"gpu": props.name, "dtype": "bf16", "batch": 1, "k": "d_in / 2",
            "timing": "CUDA graph replay, median per call", "torch": torch.__version__,

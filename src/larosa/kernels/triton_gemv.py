@@ -113,6 +113,13 @@ def select_compact_kernel(x_ptr, idx_ptr, xv_ptr, d_in, k, stride_x, BLOCK_D: tl
 
 
 @triton.jit
+def _count_ge_packed(lanes, cand):
+    """Entries >= cand among the two guarded 15-bit patterns of every lane (see select_packed_kernel)."""
+    tot = tl.sum(((lanes - (cand * 0x10001).to(tl.uint32)) >> 15) & 0x10001, 0)
+    return ((tot & 0xFFFF) + (tot >> 16)).to(tl.int32)
+
+
+@triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
     """Bisection on two 15-bit patterns per 32-bit lane (v10): lane = 1 hi 1 lo with the guard bits 31 and
     15 set, so (lane - cand * 0x10001) keeps bit 31 iff hi >= cand and bit 15 iff lo >= cand (the guard
@@ -128,13 +135,10 @@ def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
     t = 0
     for b in tl.static_range(14, -1, -1):
         cand = t | (1 << b)
-        flags = ((lanes - (cand * 0x10001).to(tl.uint32)) >> 15) & 0x10001
-        tot = tl.sum(flags, 0)
-        if (tot & 0xFFFF) + (tot >> 16) >= k:
+        if _count_ge_packed(lanes, cand) >= k:
             t = cand
     # ties on half-width lanes too: entries > t, then the need_eq-th entry == t (lower index first)
-    tot = tl.sum(((lanes - ((t + 1) * 0x10001).to(tl.uint32)) >> 15) & 0x10001, 0)
-    need_eq = k - ((tot & 0xFFFF) + (tot >> 16)).to(tl.int32)
+    need_eq = k - _count_ge_packed(lanes, t + 1)
     v_lo, v_hi = tl.split(tl.reshape(valid.to(tl.int32), (BLOCK_D // 2, 2)))
     e_lo = ((lo == t) & (v_lo > 0)).to(tl.int32)
     e_hi = ((hi == t) & (v_hi > 0)).to(tl.int32)
@@ -340,11 +344,9 @@ def default_config(d_in: int, d_out: int) -> dict:
     """Tile sizes from the H200 sweep of benchmarks/gemv.py --tune (benchmarks/NOTES.md)."""
     if d_out <= 4096 and d_in <= 4096:
         return {"block_n": 128, "block_k": 64, "rows_per_split": 256, "num_warps": 4, "num_stages": 3}
-    if d_in <= 4096 and d_out <= 8192:  # e.g. LLaMA3-8B qkv 4096->6144 (v9 sweep: 21.8 vs 26.2 us)
-        return {"block_n": 64, "block_k": 16, "rows_per_split": 256, "num_warps": 4, "num_stages": 3}
-    if d_in <= 4096:
-        return {"block_n": 64, "block_k": 16, "rows_per_split": 512, "num_warps": 4, "num_stages": 3}
-    return {"block_n": 64, "block_k": 16, "rows_per_split": 512, "num_warps": 4, "num_stages": 3}  # v9 sweep
+    # wider: 256 rows per split up to d_out 8192 (LLaMA3-8B qkv 4096->6144, v9 sweep: 21.8 vs 26.2 us)
+    rps = 256 if d_in <= 4096 and d_out <= 8192 else 512
+    return {"block_n": 64, "block_k": 16, "rows_per_split": rps, "num_warps": 4, "num_stages": 3}
 
 
 def split_chunk(n_splits: int, block_n: int) -> int:
