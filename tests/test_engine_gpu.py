@@ -27,10 +27,17 @@ def test_compiled_graph_step_equals_eager_fp32(method):
     torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["tile", "split"])
 @pytest.mark.parametrize("method", ["dense", "larosa", "topk", "teal"])
-def test_compiled_graph_step_equals_eager(method):
-    """bf16 with the Triton kernels: graph replay is bit-identical to the uncaptured step; compiled vs
-    eager differs only by rounding (which can flip a few Top-K ties), so logits stay close."""
+def test_compiled_graph_step_equals_eager(monkeypatch, method, impl):
+    """bf16 with the Triton kernels: graph replay equals the uncaptured step, bit for bit where the
+    kernels sum in a fixed order (split-K partials; dense; TEAL's threshold kernel) and up to the fp32
+    atomic summation order with the tile kernel (v11, the Top-K default); compiled vs eager differs only
+    by rounding (which can flip a few Top-K ties), so logits stay close."""
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
+    deterministic = impl == "split" or method in ("dense", "teal")
+    if method == "teal" and impl == "tile":  # threshold mode with the tile kernel (not the default)
+        deterministic = False
     base = random_base(SMALL, torch.bfloat16, "cuda", seed=0)
     prompt = torch.randint(0, SMALL.vocab, (1, 16), device="cuda")
     thr = teal_thresholds(base, 0.5, prompt) if method == "teal" else None
@@ -51,7 +58,10 @@ def test_compiled_graph_step_equals_eager(method):
     for j in range(1, n):
         for e in engines:
             e.step()
-        assert torch.equal(fast.logits, nograph.logits)
+        if deterministic:
+            assert torch.equal(fast.logits, nograph.logits)
+        else:  # same function, atomics add the split sums in a different order: last-bit differences
+            assert torch.nn.functional.cosine_similarity(fast.logits.float(), nograph.logits.float()).item() > 0.99
         worst = min(worst, torch.nn.functional.cosine_similarity(fast.logits, slow.logits).item())
         for e in engines:
             e.tok.copy_(ref[:, j:j + 1].cuda())

@@ -167,20 +167,25 @@ def test_masked_and_gather_modes_agree_with_reference(gather, gated):
         wt = torch.randn(d_in, d_out).bfloat16()
         wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
         y = torch.empty(2, d_out, dtype=torch.bfloat16)
-        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, gather=gather)
+        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, gather=gather, impl="split")
         ref = topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)
         assert _rel(y, ref) < 1e-2, (gather, gated, d_in, k)
 
 
 def test_kernel_impl_env_override(monkeypatch):
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
+    # measured defaults (benchmarks/NOTES.md v11): tile kernel for Top-K, split-K for the TEAL threshold mode
+    assert ops.triton_gemv.default_impl(0) == "tile" and ops.triton_gemv.default_impl(1) == "split"
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "inline")
-    assert ops.triton_gemv.default_impl() == "inline"
+    assert ops.triton_gemv.default_impl() == "inline" and ops.triton_gemv.default_impl(1) == "inline"
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "bogus")
     with pytest.raises(ValueError, match="LAROSA_KERNEL_IMPL"):
         ops.triton_gemv.default_impl()
 
 
 IMPL_TILES = {  # small tiles so the interpreter walks several blocks and splits
+    "split": {"block_n": 32, "block_k": 16, "rows_per_split": 64},  # v4-v10 default: select launch + split-K
+    "tile": {"block_m": 64, "block_n": 32},  # v11 default: one tile per program, fp32 atomics, finishing launch
     "fused": {"block_n": 32, "block_k": 64},  # one launch, column-complete programs, no workspace
     "inline": {"block_n": 32, "block_k": 16, "rows_per_split": 64},  # split-K, each program selects itself
 }
@@ -190,7 +195,8 @@ IMPL_TILES = {  # small tiles so the interpreter walks several blocks and splits
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("gated", [False, True])
 def test_selecting_kernel_variants_agree_with_reference(impl, dtype, gated):
-    """impl="fused" / "inline": selection inside every program instead of a select launch."""
+    """Every implementation on exact ties and both dtypes ("fused" / "inline": selection inside every
+    program instead of a select launch)."""
     for d_in, d_out, k in ((300, 70, 1), (1100, 33, 600), (257, 130, 257), (96, 40, 17)):
         x = torch.randn(3, d_in).to(dtype)
         x[1, ::3] = x[1, 0]  # heavy exact ties: the lower index must win, as in the reference
@@ -223,13 +229,13 @@ def test_caller_owned_counters_are_used_and_left_zeroed(monkeypatch):
     monkeypatch.setattr(ops.triton_gemv, "launch", lambda *a, **k: (seen.append(k.get("counters")), real(*a, **k))[1])
     x = torch.randn(2, 300).bfloat16()
     wt, wu = torch.randn(300, 130).bfloat16(), torch.randn(300, 130).bfloat16()
-    cnt = torch.zeros(64, dtype=torch.int32)
+    cnt = ops.counter_workspace(2, 130)
     assert _rel(topk_linear(x, wt, 100, None, cnt), topk_gemv_ref(x, wt, 100)) < 1e-2
     assert _rel(topk_gate_up(x, wt, wu, 100, cnt), topk_gate_up_ref(x, wt, wu, 100)) < 1e-2
     assert _rel(threshold_linear(x, wt, 0.5, cnt), threshold_gemv_ref(x, wt, 0.5)) < 1e-2
     assert all(c is cnt for c in seen) and len(seen) == 3
     assert not cnt.any()  # the kernels leave the workspace zeroed for the next call
-    small = torch.zeros(2, dtype=torch.int32)  # too small for 2 rows x 3 column blocks: the op allocates its own
+    small = torch.zeros(2, dtype=torch.int32)  # too small for 2 rows of counters and sums: the op allocates its own
     assert _rel(topk_linear(x, wt, 100, None, small), topk_gemv_ref(x, wt, 100)) < 1e-2 and seen[-1] is None
 
 
@@ -260,3 +266,65 @@ def test_split_k_one_tile_per_program_and_chunked_partial_sums(tiles, gated):
         ref = topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)
         assert _rel(y, ref) < 1e-2, (tiles, gated, d_in, k)
     assert ops.triton_gemv.split_chunk(19, 512) == 8 and ops.triton_gemv.split_chunk(35, 64) == 64
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("gated", [False, True])
+def test_atomic_split_k_reduction_matches_reference_and_leaves_the_buffer_zeroed(mode, gated):
+    """reduce="atomic": every split adds its partial into fp32 sums kept in the counter buffer; the last
+    program of a column block reads them, writes the output and zeroes them, so the same buffer serves the
+    next call (checked by calling twice with fresh inputs)."""
+    d_in, d_out, k, rows = 300, 70, 120, 2
+    tiles = {"block_n": 32, "block_k": 16, "rows_per_split": 32}  # 10 splits, 3 column blocks (last partial)
+    buf = torch.zeros(ops.triton_gemv._ws_offset(rows * 3) + rows * 2 * d_out, dtype=torch.int32)
+    for _ in range(2):
+        x = torch.randn(rows, d_in).bfloat16()
+        wt = torch.randn(d_in, d_out).bfloat16()
+        wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
+        bias = None if gated else torch.randn(d_out).bfloat16()
+        thr = 0.7
+        y = torch.empty(rows, d_out, dtype=torch.bfloat16)
+        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, bias=bias, mode=mode, threshold=thr, impl="split",
+                               reduce="atomic", counters=buf, **tiles)
+        if mode == 1:
+            xs = torch.where(x.float().abs() > thr, x.float(), 0.0)
+            ref = ((torch.nn.functional.silu(xs @ wt.float()) * (xs @ wt2.float())) if gated
+                   else xs @ wt.float() + bias.float()).bfloat16()
+        else:
+            kk = k if mode == 0 else d_in
+            ref = topk_gate_up_ref(x, wt, wt2, kk) if gated else topk_gemv_ref(x, wt, kk, bias)
+        assert _rel(y, ref) < 1e-2, (mode, gated)
+        assert not buf.any(), "the atomic reduction left its counters or sums non-zero"
+    with pytest.raises(ValueError, match="reduction"):
+        ops.triton_gemv.launch(x, wt, y, k, reduce="tree", impl="split")
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("gated", [False, True])
+def test_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(mode, gated):
+    """impl="tile" (v11): one weight tile per program, fp32 atomics into sums kept in the counter buffer,
+    turned into the output by the last program of each column block and zeroed again; odd sizes (partial
+    row and column tiles), two rows, called twice on the same buffer with fresh inputs."""
+    d_in, d_out, k, rows = 300, 70, 120, 2
+    tiles = {"block_m": 64, "block_n": 32}  # 5 row tiles (last partial), 3 column blocks (last partial)
+    buf = torch.zeros(ops.triton_gemv.tile_workspace_needed(rows, d_out, True, 32), dtype=torch.int32)
+    for _ in range(2):
+        x = torch.randn(rows, d_in).bfloat16()
+        wt = torch.randn(d_in, d_out).bfloat16()
+        wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
+        bias = None if gated else torch.randn(d_out).bfloat16()
+        thr = 0.7
+        y = torch.empty(rows, d_out, dtype=torch.bfloat16)
+        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, bias=bias, mode=mode, threshold=thr, impl="tile",
+                               counters=buf, **tiles)
+        if mode == 1:
+            xs = torch.where(x.float().abs() > thr, x.float(), 0.0)
+            ref = ((torch.nn.functional.silu(xs @ wt.float()) * (xs @ wt2.float())) if gated
+                   else xs @ wt.float() + bias.float()).bfloat16()
+        else:
+            kk = k if mode == 0 else d_in
+            ref = topk_gate_up_ref(x, wt, wt2, kk) if gated else topk_gemv_ref(x, wt, kk, bias)
+        assert _rel(y, ref) < 1e-2, (mode, gated)
+        assert not buf.any(), "the tile kernel left its counters or sums non-zero"
+    with pytest.raises(ValueError, match="counters"):
+        ops.triton_gemv.launch(x, wt, y, k, impl="tile", counters=torch.zeros(4, dtype=torch.int32))

@@ -198,7 +198,9 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
 def _kernel_impl() -> str | None:
     from .kernels import ops
 
-    return ops.triton_gemv.default_impl() if ops.HAVE_TRITON else None
+    if not ops.HAVE_TRITON:
+        return None
+    return f"{ops.triton_gemv.default_impl(0)} (Top-K), {ops.triton_gemv.default_impl(1)} (threshold)"
 
 
 def _header(setup: dict) -> str:

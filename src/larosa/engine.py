@@ -86,7 +86,7 @@ class LayerWeights:
     # weighted selection: x -> x * s before ranking (the weights' input rows were divided by s)
     scale_attn_out: Optional[torch.Tensor] = None
     scale_mlp_out: Optional[torch.Tensor] = None
-    # zeroed int32 workspace of the split-K kernels (left zeroed by them): no memset launch per projection
+    # zeroed int32 workspace of the GEMV kernels (counters, fp32 sums; left zeroed): no memset per projection
     counters: Optional[torch.Tensor] = None
 
     def tensors(self) -> tuple:

@@ -5,8 +5,8 @@
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
 
 Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
-the split-K kernel for its per-column-block counters and left zeroed; without it every call allocates a
-zeroed buffer (one memset launch). It never changes the result.
+the kernels for their per-column-block counters (and the tile kernel's fp32 sums) and left zeroed;
+without it every call allocates a zeroed buffer (one memset launch). It does not change what is computed.
 
 `wt` is the weight stored input-major (W^T, shape d_in x d_out, contiguous). x may have any leading
 shape; rows are flattened. Up to `max_kernel_rows()` rows run the Triton kernel with per-row selection;
@@ -73,14 +73,18 @@ def _check(x: torch.Tensor, wt: torch.Tensor, k: int) -> None:
 
 def counter_workspace(rows: int, d_out: int, device=None) -> torch.Tensor:
     """A zeroed int32 workspace for `counters=`: large enough for `rows` rows of outputs up to `d_out`
-    wide under every default tile (the smallest block_n is 64)."""
-    return torch.zeros(rows * -(-d_out // 64), dtype=torch.int32, device=device)
+    wide under every default tile (the smallest block_n is 32), the atomic reduction's fp32 sums of a
+    gated op included."""
+    n_cnt = rows * -(-d_out // 32)
+    return torch.zeros(-(-n_cnt // 32) * 32 + rows * 2 * d_out, dtype=torch.int32, device=device)
 
 
-def _counters(counters: Optional[torch.Tensor], x2: torch.Tensor, wt: torch.Tensor) -> Optional[torch.Tensor]:
-    """The caller's zeroed buffer if it is large enough for this call's counters, else None (the
-    kernel then allocates its own: one memset per call)."""
-    if counters is None or counters.numel() < triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1]):
+def _counters(counters: Optional[torch.Tensor], x2: torch.Tensor, wt: torch.Tensor,
+              gated: bool = False) -> Optional[torch.Tensor]:
+    """The caller's zeroed buffer if it is large enough for this call, else None (the kernel then
+    allocates its own: one memset per call)."""
+    need = triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1], gated)
+    if counters is None or counters.numel() < need:
         return None
     return counters
 
@@ -124,7 +128,7 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
     kk = min(k, x.shape[-1])
     triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(),
                        mode=0 if kk < x.shape[-1] else 2,
-                       counters=_counters(counters, x2, wt_gate))
+                       counters=_counters(counters, x2, wt_gate, gated=True))
     return y.view(*x.shape[:-1], wt_gate.shape[1])
 
 

@@ -8,25 +8,45 @@ Two launches per op, no host synchronisation, no index list, a fixed amount of w
    lane; `select_bisect_kernel` does the same one pattern per lane; `select_kernel` does a two-level
    radix select with histograms (top 8 bits, then the low 7). Among entries equal to t the lower indices
    win (a prefix sum gives the cutoff index), so exactly k entries are kept. Output: (t, cutoff) per row.
-2. `sparse_gemv_kernel`, split-K: program (n, s, row) owns BLOCK_N output columns and ROWS_PER_SPLIT
-   input channels; a weight row W^T[i, cols] (contiguous, coalesced) is loaded only when x_i is kept
-   (masked loads: skipped rows cost no memory traffic), accumulating in fp32. Partial sums go to an fp32
-   workspace; the last program of each column block (an atomic counter, reset by that program, so the
-   counters stay zero between calls) adds them up, applies the bias or the silu(gate) * up epilogue and
-   writes the 16-bit output. No 16-bit atomics are needed, and bf16 and fp16 work alike.
+2. `tile_gemv_kernel` (v11, the default): one BLOCK_M x BLOCK_N weight tile per program; a weight row
+   W^T[i, cols] (contiguous, coalesced) is loaded only when x_i is kept (masked loads: skipped rows cost no
+   memory traffic), the fp32 partial sum is added with atomics into fp32 sums kept in a caller-owned zeroed
+   buffer, and the last program of each column block (an atomic counter, reset by that program) applies
+   the bias or the silu(gate) * up epilogue, writes the 16-bit output and zeroes the sums again. On
+   Hopper the GEMV is launched as a programmatic dependent of the select (PDL): its programs are resident
+   and have loaded their slice of x when the select finishes. No 16-bit atomics; bf16 and fp16 alike.
+   The sums are added in whatever order the programs finish, so results can differ in the last bits
+   between calls; `impl="split"` is the deterministic alternative.
 
-Measured alternatives, selectable with `launch(..., impl=...)` or `LAROSA_KERNEL_IMPL` and tested, but
-slower on the H200 (benchmarks/NOTES.md): "inline" (the split-K grid, every program finding (t, cutoff)
-itself, no select launch) and "fused" (one launch, column-complete programs).
+Measured alternatives, selectable with `launch(..., impl=...)` or `LAROSA_KERNEL_IMPL` and tested, slower
+on the H200 for Top-K (benchmarks/NOTES.md): "split" (v4-v10: split-K over ROWS_PER_SPLIT input rows per
+program, per-split partials summed in a fixed order by the last program; the default for the TEAL-style
+threshold mode, where it was faster end to end), "inline" (the split-K grid, every program finding
+(t, cutoff) itself, no select launch) and "fused" (one launch, column-complete programs).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # programmatic dependent launch (Hopper+): the GEMV's programs start while the select finishes
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAVE_GDC = True
+except ImportError:  # pragma: no cover - older Triton
+    HAVE_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 
 @triton.jit
@@ -120,11 +140,14 @@ def _count_ge_packed(lanes, cand):
 
 
 @triton.jit
-def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
+def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10): lane = 1 hi 1 lo with the guard bits 31 and
     15 set, so (lane - cand * 0x10001) keeps bit 31 iff hi >= cand and bit 15 iff lo >= cand (the guard
     stops the borrow); one subtraction, shift and mask count two entries, and the counts of both halves
-    add up in one 32-bit sum (each < 2^15). Same output as `select_bisect_kernel`."""
+    add up in one 32-bit sum (each < 2^15). Same output as `select_bisect_kernel`.
+    PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff))."""
+    if PDL:
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     valid = offs < d_in
@@ -212,7 +235,9 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
                        GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr,
                        INLINE: tl.constexpr = False,  # MODE 0: every program finds (t, cutoff) itself
-                       BLOCK_D: tl.constexpr = 16, SPLIT_CHUNK: tl.constexpr = 1):
+                       BLOCK_D: tl.constexpr = 16, SPLIT_CHUNK: tl.constexpr = 1,
+                       ATOMIC: tl.constexpr = False,  # split-K sums by fp32 atomics into a zeroed workspace
+                       PDL: tl.constexpr = False):  # launched as a programmatic dependent of the select
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
@@ -224,6 +249,8 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
         if INLINE:
             t, cutoff = _row_select(x_row, d_in, k, BLOCK_D)
         else:
+            if PDL:  # everything before this overlaps the select kernel's run
+                gdc_wait()
             t = tl.load(sel_ptr + row * 2)
             cutoff = tl.load(sel_ptr + row * 2 + 1)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,28 +277,44 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
                                              threshold, acc_t, acc2_t, MODE, GATED)
     acc = tl.sum(acc_t, axis=0)
     acc2 = tl.sum(acc2_t, axis=0)
-    # split-K reduction: partials to the workspace, the last program of this column block sums them
+    # split-K reduction: partials to the workspace, the last program of this column block sums them;
+    # ATOMIC: every program adds its partial into one fp32 sum per output (fire and forget), the last
+    # program reads that sum once and zeroes it for the next call
     n_parts = 2 if GATED else 1
-    part_row = part_ptr + (row * n_parts * n_splits) * d_out
-    tl.store(part_row + pid_s * d_out + cols, acc, mask=cmask)
-    if GATED:
-        tl.store(part_row + (n_splits + pid_s) * d_out + cols, acc2, mask=cmask)
+    if ATOMIC:
+        part_row = part_ptr + row * n_parts * d_out
+        tl.atomic_add(part_row + cols, acc, mask=cmask, sem="relaxed")
+        if GATED:
+            tl.atomic_add(part_row + d_out + cols, acc2, mask=cmask, sem="relaxed")
+    else:
+        part_row = part_ptr + (row * n_parts * n_splits) * d_out
+        tl.store(part_row + pid_s * d_out + cols, acc, mask=cmask)
+        if GATED:
+            tl.store(part_row + (n_splits + pid_s) * d_out + cols, acc2, mask=cmask)
     tl.debug_barrier()
     cnt_addr = cnt_ptr + row * n_blocks + pid_n
     done = tl.atomic_add(cnt_addr, 1, sem="acq_rel")
     if done == n_splits - 1:
         tl.atomic_xchg(cnt_addr, 0)
-        # SPLIT_CHUNK partials per load: one L2 round trip per chunk instead of one per split (v9)
         tot = tl.zeros([BLOCK_N], dtype=tl.float32)
         tot2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for s0 in range(0, n_splits, SPLIT_CHUNK):
-            ss = s0 + tl.arange(0, SPLIT_CHUNK)
-            pmask = (ss < n_splits)[:, None] & cmask[None, :]
-            p_off = ss[:, None] * d_out + cols[None, :]
-            tot += tl.sum(tl.load(part_row + p_off, mask=pmask, other=0.0, cache_modifier=".cg"), axis=0)
+        if ATOMIC:
+            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
+            tot = tl.load(part_row + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+            tl.store(part_row + cols, zero, mask=cmask)
             if GATED:
-                tot2 += tl.sum(tl.load(part_row + n_splits * d_out + p_off, mask=pmask, other=0.0,
-                                       cache_modifier=".cg"), axis=0)
+                tot2 = tl.load(part_row + d_out + cols, mask=cmask, other=0.0, cache_modifier=".cg")
+                tl.store(part_row + d_out + cols, zero, mask=cmask)
+        else:
+            # SPLIT_CHUNK partials per load: one L2 round trip per chunk instead of one per split (v9)
+            for s0 in range(0, n_splits, SPLIT_CHUNK):
+                ss = s0 + tl.arange(0, SPLIT_CHUNK)
+                pmask = (ss < n_splits)[:, None] & cmask[None, :]
+                p_off = ss[:, None] * d_out + cols[None, :]
+                tot += tl.sum(tl.load(part_row + p_off, mask=pmask, other=0.0, cache_modifier=".cg"), axis=0)
+                if GATED:
+                    tot2 += tl.sum(tl.load(part_row + n_splits * d_out + p_off, mask=pmask, other=0.0,
+                                           cache_modifier=".cg"), axis=0)
         if GATED:
             tot = tot * tl.sigmoid(tot) * tot2
         if HAS_BIAS:
@@ -311,6 +354,109 @@ def fused_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, d_in, d_out, k, t
     tl.store(y_ptr + row * stride_y + cols, acc.to(y_ptr.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr,
+                     d_in, d_out, threshold, stride_x, stride_y,
+                     MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold, 2: dense
+                     GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     PDL: tl.constexpr = False):  # launched as a programmatic dependent of the select
+    """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
+    at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
+    fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
+    zeroed: the last program of each column block (an atomic counter) turns them into the 16-bit output
+    (bias or silu(gate) * up epilogue) and zeroes them."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cmask = rn < d_out
+    valid = rm < d_in
+    xv = tl.load(x_ptr + row * stride_x + rm, mask=valid, other=0.0)  # written before the select ran
+    if MODE == 0:
+        if PDL:
+            gdc_wait()
+        t = tl.load(sel_ptr + row * 2)
+        cutoff = tl.load(sel_ptr + row * 2 + 1)
+        bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        keep = valid & ((bits > t) | ((bits == t) & (rm < cutoff)))
+    elif MODE == 1:
+        keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
+    else:
+        keep = valid
+    xf = tl.where(keep, xv.to(tl.float32), 0.0)
+    wmask = keep[:, None] & cmask[None, :]
+    w_off = rm.to(tl.int64)[:, None] * d_out + rn[None, :]
+    w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
+    acc_row = acc_ptr + row * (2 if GATED else 1) * d_out
+    tl.atomic_add(acc_row + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
+    if GATED:
+        w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
+        tl.atomic_add(acc_row + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
+    tl.debug_barrier()
+    cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
+    if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        tl.atomic_xchg(cnt_addr, 0)
+        _finish_block(acc_row, bias_ptr, y_ptr + row * stride_y, rn, cmask, d_out, GATED, HAS_BIAS)
+
+
+@triton.jit
+def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[rn] from the fp32 sums (silu(gate) * up when GATED, + bias), and the sums zeroed again."""
+    zero = tl.zeros(rn.shape, dtype=tl.float32)
+    tot = tl.load(acc_row + rn, mask=cmask, other=0.0, cache_modifier=".cg")
+    tl.store(acc_row + rn, zero, mask=cmask)
+    if GATED:
+        up = tl.load(acc_row + d_out + rn, mask=cmask, other=0.0, cache_modifier=".cg")
+        tl.store(acc_row + d_out + rn, zero, mask=cmask)
+        tot = tot * tl.sigmoid(tot) * up
+    if HAS_BIAS:
+        tot += tl.load(bias_ptr + rn, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(y_row + rn, tot.to(y_row.dtype.element_ty), mask=cmask)
+
+
+def tile_config(d_in: int, d_out: int, gated: bool = False, mode: int = 0) -> dict:
+    """Tiles of the one-tile-per-program kernel (H200 sweeps of `benchmarks/gemv.py --tune --impl tile` and
+    `benchmarks/floor.py`, benchmarks/NOTES.md v11): 2 warps; 64 x 256 tiles ungated, 64 x 64 for the
+    fused gate+up op (the best counter-finished configurations of the sweep)."""
+    if gated:
+        return {"block_m": 64, "block_n": 64, "num_warps": 2}
+    return {"block_m": 64, "block_n": 256, "num_warps": 2}
+
+
+def tile_workspace_needed(rows: int, d_out: int, gated: bool, block_n: int) -> int:
+    """int32 entries of the zeroed buffer the tile kernel needs: counters, then the fp32 sums."""
+    return _ws_offset(rows * triton.cdiv(d_out, block_n)) + rows * (2 if gated else 1) * d_out
+
+
+def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
+                counters: torch.Tensor | None = None, pdl: bool | None = None, block_m: int | None = None,
+                block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
+                num_stages: int | None = None) -> None:
+    """One-tile-per-program variant of `launch` (same arguments and result), v11."""
+    rows, d_in = x.shape
+    d_out = wt.shape[1]
+    gated = wt2 is not None
+    cfg = tile_config(d_in, d_out, gated, mode)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    n_cnt = rows * triton.cdiv(d_out, block_n)
+    need = tile_workspace_needed(rows, d_out, gated, block_n)
+    if counters is None:
+        counters = torch.zeros(need, dtype=torch.int32, device=x.device)
+    elif counters.numel() < need:
+        raise ValueError(f"counters holds {counters.numel()} entries; this call needs {need}")
+    acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
+    sel_pdl = (pdl_default(x) if pdl is None else pdl) and mode == 0
+    sel = select(x, k, select_num_warps, pdl=sel_pdl) if mode == 0 else x
+    grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
+    tile_gemv_kernel[grid](
+        x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
+        float(threshold), x.stride(0), y.stride(0), MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
+        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}))
+
+
 def fused_config(d_in: int, d_out: int) -> dict:
     """Tile sizes of the one-launch kernel (H200 sweep: benchmarks/NOTES.md)."""
     return {"block_n": 32, "block_k": 128, "num_warps": 4, "num_stages": 3}
@@ -335,18 +481,34 @@ def launch_fused(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
 
 
-def counters_needed(rows: int, d_in: int, d_out: int) -> int:
-    """Counter entries the split-K kernel needs for `rows` rows with its default tiles."""
-    return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
+REDUCES = ("partials", "atomic")
+
+
+def _ws_offset(n_counters: int) -> int:
+    return -(-n_counters // 32) * 32  # the fp32 sums start 128-byte aligned after the counters
+
+
+def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, reduce: str | None = None) -> int:
+    """int32 entries of the zeroed buffer (`counters=`) the split-K kernel needs for `rows` rows with its
+    default tiles: the per-column-block counters, then, for the atomic reduction, rows x (1 or 2) x d_out
+    fp32 sums."""
+    if default_impl() == "tile":
+        return tile_workspace_needed(rows, d_out, gated, tile_config(d_in, d_out, gated)["block_n"])
+    cfg = default_config(d_in, d_out)
+    n = rows * triton.cdiv(d_out, cfg["block_n"])
+    if (reduce or cfg["reduce"]) == "atomic":
+        n = _ws_offset(n) + rows * (2 if gated else 1) * d_out
+    return n
 
 
 def default_config(d_in: int, d_out: int) -> dict:
     """Tile sizes from the H200 sweep of benchmarks/gemv.py --tune (benchmarks/NOTES.md)."""
     if d_out <= 4096 and d_in <= 4096:
-        return {"block_n": 128, "block_k": 64, "rows_per_split": 256, "num_warps": 4, "num_stages": 3}
+        return {"block_n": 128, "block_k": 64, "rows_per_split": 256, "num_warps": 4, "num_stages": 3,
+                "reduce": REDUCE}
     # wider: 256 rows per split up to d_out 8192 (LLaMA3-8B qkv 4096->6144, v9 sweep: 21.8 vs 26.2 us)
     rps = 256 if d_in <= 4096 and d_out <= 8192 else 512
-    return {"block_n": 64, "block_k": 16, "rows_per_split": rps, "num_warps": 4, "num_stages": 3}
+    return {"block_n": 64, "block_k": 16, "rows_per_split": rps, "num_warps": 4, "num_stages": 3, "reduce": REDUCE}
 
 
 def split_chunk(n_splits: int, block_n: int) -> int:
@@ -366,15 +528,35 @@ SELECT_IMPLS = ("hist", "bisect", "bisect2", "packed")
 SELECT_IMPL = "packed"  # default select (v10: 13-25 % faster than "bisect" on the H200, benchmarks/NOTES.md)
 
 
-def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL) -> torch.Tensor:
-    """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k."""
+def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
+           pdl: bool = False) -> torch.Tensor:
+    """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
+    launch is a programmatic dependent (packed select only)."""
     rows, d_in = x.shape
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))  # the packed select pairs entries
     kernel = {"hist": select_kernel, "bisect": select_bisect_kernel, "bisect2": select_bisect2_kernel,
               "packed": select_packed_kernel}[impl]
-    kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d))
+    extra = {"PDL": True} if pdl and impl == "packed" else {}
+    kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d),
+                    **extra)
     return sel
+
+
+PDL = True  # programmatic dependent launch of the GEMV after its select where the GPU supports it
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return HAVE_GDC and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def pdl_default(x: torch.Tensor) -> bool:
+    """PDL on CUDA devices of compute capability >= 9 (Hopper) with a Triton that has grid dependency
+    control, unless `LAROSA_KERNEL_PDL=0`; never under the interpreter."""
+    if not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("LAROSA_KERNEL_PDL") == "0":
+        return False
+    return PDL and _pdl_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 GATHER = False  # default: masked loads (v4). True = compact the kept rows first (v6, slower untuned: NOTES.md)
@@ -391,13 +573,19 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
     return idx, xv
 
 
-IMPLS = ("split", "inline", "fused")
-IMPL = "split"  # default implementation (benchmarks/NOTES.md: measured choice)
+REDUCE = "partials"  # split-K sums: per-split partials summed by the last program, or fp32 atomics
+
+IMPLS = ("split", "inline", "fused", "tile")
+IMPL = "tile"  # default implementation (benchmarks/NOTES.md v11: measured choice)
 
 
-def default_impl() -> str:
-    """The package default, or `LAROSA_KERNEL_IMPL` (for benchmarking the alternatives end to end)."""
-    impl = os.environ.get("LAROSA_KERNEL_IMPL", IMPL)
+THRESHOLD_IMPL = "split"  # threshold mode (TEAL baseline): split-K was faster end to end (NOTES.md v11)
+
+
+def default_impl(mode: int = 0) -> str:
+    """The package default for a kernel mode, or `LAROSA_KERNEL_IMPL` (for benchmarking the alternatives
+    end to end)."""
+    impl = os.environ.get("LAROSA_KERNEL_IMPL", THRESHOLD_IMPL if mode == 1 else IMPL)
     if impl not in IMPLS:
         raise ValueError(f"LAROSA_KERNEL_IMPL={impl!r}; choose from {', '.join(IMPLS)}")
     return impl
@@ -408,15 +596,26 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            counters: torch.Tensor | None = None, select_impl: str = SELECT_IMPL, select_num_warps: int | None = None,
            block_k: int | None = None, block_n: int | None = None,
            rows_per_split: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None) -> None:
+           num_stages: int | None = None, reduce: str | None = None, pdl: bool | None = None,
+           block_m: int | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
-    `counters` (int32, >= B * ceil(d_out / block_n) zeros) may be passed to reuse a buffer; the kernel
-    leaves it zeroed. Without it a zeroed buffer is allocated per call.
+    `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
+    buffer; the kernel leaves it zeroed. Without it a zeroed buffer is allocated per call.
+    `reduce`: how split-K partial sums meet, "partials" (a workspace slot per split, summed by the last
+    program of each column block) or "atomic" (fp32 atomics into one zeroed sum per output, kept in the
+    counter buffer after the counters).
+    `pdl`: launch the GEMV as a programmatic dependent of its select (default `pdl_default(x)`).
     """
-    impl = default_impl() if impl is None else impl
+    impl = default_impl(mode) if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
+    if impl == "tile":
+        if gather:
+            raise ValueError("impl='tile' has no gather mode")
+        return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
+                           pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
+                           select_num_warps=select_num_warps, num_stages=num_stages)
     if impl == "fused":
         return launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
                             block_k=block_k, num_warps=num_warps, num_stages=num_stages)
@@ -434,16 +633,28 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     n_blocks = triton.cdiv(d_out, block_n)
     n_splits = triton.cdiv(d_in, rps)
     inline = impl == "inline" and mode == 0
+    n_parts = 2 if wt2 is not None else 1
+    reduce = reduce or cfg["reduce"]
+    if reduce not in REDUCES:
+        raise ValueError(f"unknown split-K reduction {reduce!r}; choose from {', '.join(REDUCES)}")
+    atomic = reduce == "atomic"
+    n_cnt = rows * n_blocks
+    need = _ws_offset(n_cnt) + rows * n_parts * d_out if atomic else n_cnt
+    if counters is None:
+        counters = torch.zeros(need, dtype=torch.int32, device=x.device)
+    elif counters.numel() < need:
+        raise ValueError(f"counters holds {counters.numel()} entries; this call needs {need}")
+    if atomic:  # the zeroed fp32 sums live in the counter buffer (left zeroed by the kernel)
+        part = counters[_ws_offset(n_cnt):need].view(torch.float32)
+    else:
+        part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
+    # the select is launched last, right before the GEMV (a counter memset in between would take the
+    # place of the select as the GEMV's programmatic predecessor)
+    pdl = (pdl_default(x) if pdl is None else pdl) and mode == 0 and not inline and select_impl == "packed"
     if mode == 0 and not inline:
-        sel = select(x, k, select_num_warps, select_impl)
+        sel = select(x, k, select_num_warps, select_impl, pdl=pdl)
     else:  # the selection happens inside the GEMV programs (inline) or is not needed
         sel = idx if mode == 3 else x
-    n_parts = 2 if wt2 is not None else 1
-    part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
-    if counters is None:
-        counters = torch.zeros(rows * n_blocks, dtype=torch.int32, device=x.device)
-    elif counters.numel() < rows * n_blocks:
-        raise ValueError(f"counters holds {counters.numel()} entries; this call needs {rows * n_blocks}")
     grid = (n_blocks, n_splits, rows)
     sparse_gemv_kernel[grid](
         x, wt, wt2 if wt2 is not None else wt, bias if bias is not None else wt, y, sel, part, counters,
@@ -451,5 +662,6 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None,
         BLOCK_K=block_k, BLOCK_N=block_n, ROWS_PER_SPLIT=rps,
         INLINE=inline, BLOCK_D=triton.next_power_of_2(d_in) if inline else 16,
-        SPLIT_CHUNK=1 if wt2 is not None else split_chunk(n_splits, block_n),
+        SPLIT_CHUNK=1 if wt2 is not None else split_chunk(n_splits, block_n), ATOMIC=atomic,
+        **({"PDL": True, "launch_pdl": True} if pdl else {}),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
