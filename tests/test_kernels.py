@@ -268,6 +268,25 @@ def test_split_k_one_tile_per_program_and_chunked_partial_sums(tiles, gated):
     assert ops.triton_gemv.split_chunk(19, 512) == 8 and ops.triton_gemv.split_chunk(35, 64) == 64
 
 
+def _mode_case(rows, d_in, d_out, gated):
+    """Fresh bf16 inputs for one launch: x, W^T, the up weight (gated) or a bias (not), a threshold."""
+    x = torch.randn(rows, d_in).bfloat16()
+    wt = torch.randn(d_in, d_out).bfloat16()
+    wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
+    bias = None if gated else torch.randn(d_out).bfloat16()
+    return x, wt, wt2, bias, 0.7
+
+
+def _mode_reference(x, wt, wt2, bias, k, thr, mode):
+    """The PyTorch reference of one kernel mode: Top-K (0), |x| > thr (1), dense (2); gated or with bias."""
+    if mode == 1:
+        xs = torch.where(x.float().abs() > thr, x.float(), 0.0)
+        return ((torch.nn.functional.silu(xs @ wt.float()) * (xs @ wt2.float())) if wt2 is not None
+                else xs @ wt.float() + bias.float()).bfloat16()
+    kk = k if mode == 0 else x.shape[-1]
+    return topk_gate_up_ref(x, wt, wt2, kk) if wt2 is not None else topk_gemv_ref(x, wt, kk, bias)
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("gated", [False, True])
 def test_atomic_split_k_reduction_matches_reference_and_leaves_the_buffer_zeroed(mode, gated):
@@ -278,21 +297,11 @@ def test_atomic_split_k_reduction_matches_reference_and_leaves_the_buffer_zeroed
     tiles = {"block_n": 32, "block_k": 16, "rows_per_split": 32}  # 10 splits, 3 column blocks (last partial)
     buf = torch.zeros(ops.triton_gemv._ws_offset(rows * 3) + rows * 2 * d_out, dtype=torch.int32)
     for _ in range(2):
-        x = torch.randn(rows, d_in).bfloat16()
-        wt = torch.randn(d_in, d_out).bfloat16()
-        wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
-        bias = None if gated else torch.randn(d_out).bfloat16()
-        thr = 0.7
+        x, wt, wt2, bias, thr = _mode_case(rows, d_in, d_out, gated)
         y = torch.empty(rows, d_out, dtype=torch.bfloat16)
         ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, bias=bias, mode=mode, threshold=thr, impl="split",
                                reduce="atomic", counters=buf, **tiles)
-        if mode == 1:
-            xs = torch.where(x.float().abs() > thr, x.float(), 0.0)
-            ref = ((torch.nn.functional.silu(xs @ wt.float()) * (xs @ wt2.float())) if gated
-                   else xs @ wt.float() + bias.float()).bfloat16()
-        else:
-            kk = k if mode == 0 else d_in
-            ref = topk_gate_up_ref(x, wt, wt2, kk) if gated else topk_gemv_ref(x, wt, kk, bias)
+        ref = _mode_reference(x, wt, wt2, bias, k, thr, mode)
         assert _rel(y, ref) < 1e-2, (mode, gated)
         assert not buf.any(), "the atomic reduction left its counters or sums non-zero"
     with pytest.raises(ValueError, match="reduction"):
@@ -309,21 +318,11 @@ def test_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(mode, gated)
     tiles = {"block_m": 64, "block_n": 32}  # 5 row tiles (last partial), 3 column blocks (last partial)
     buf = torch.zeros(ops.triton_gemv.tile_workspace_needed(rows, d_out, True, 32), dtype=torch.int32)
     for _ in range(2):
-        x = torch.randn(rows, d_in).bfloat16()
-        wt = torch.randn(d_in, d_out).bfloat16()
-        wt2 = torch.randn(d_in, d_out).bfloat16() if gated else None
-        bias = None if gated else torch.randn(d_out).bfloat16()
-        thr = 0.7
+        x, wt, wt2, bias, thr = _mode_case(rows, d_in, d_out, gated)
         y = torch.empty(rows, d_out, dtype=torch.bfloat16)
         ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, bias=bias, mode=mode, threshold=thr, impl="tile",
                                counters=buf, **tiles)
-        if mode == 1:
-            xs = torch.where(x.float().abs() > thr, x.float(), 0.0)
-            ref = ((torch.nn.functional.silu(xs @ wt.float()) * (xs @ wt2.float())) if gated
-                   else xs @ wt.float() + bias.float()).bfloat16()
-        else:
-            kk = k if mode == 0 else d_in
-            ref = topk_gate_up_ref(x, wt, wt2, kk) if gated else topk_gemv_ref(x, wt, kk, bias)
+        ref = _mode_reference(x, wt, wt2, bias, k, thr, mode)
         assert _rel(y, ref) < 1e-2, (mode, gated)
         assert not buf.any(), "the tile kernel left its counters or sums non-zero"
     with pytest.raises(ValueError, match="counters"):

@@ -203,12 +203,9 @@ def select_bisect2_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constex
 
 
 @triton.jit
-def _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, valid, cols, cmask, d_out, t, cutoff, threshold, acc_t, acc2_t,
-                     MODE: tl.constexpr, GATED: tl.constexpr):
-    """Accumulate x[offs] * W^T[offs, cols] (and the second weight when GATED) into the 2-D fp32
-    accumulators, loading only the weight rows whose input is kept: Top-K by (t, cutoff) (MODE 0),
-    |x| > threshold (MODE 1) or all (MODE 2). Masked-off rows cost no memory traffic."""
-    xv = tl.load(x_row + offs, mask=valid, other=0.0)
+def _keep(xv, offs, valid, t, cutoff, threshold, MODE: tl.constexpr):
+    """Which inputs x[offs] are kept: exact Top-K by (t, cutoff) (MODE 0), |x| > threshold (MODE 1, the
+    TEAL-style baseline), or all (MODE 2)."""
     if MODE == 0:
         bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
         keep = valid & ((bits > t) | ((bits == t) & (offs < cutoff)))
@@ -216,6 +213,17 @@ def _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, valid, cols, cmask, d_out, t,
         keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
     else:
         keep = valid
+    return keep
+
+
+@triton.jit
+def _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, valid, cols, cmask, d_out, t, cutoff, threshold, acc_t, acc2_t,
+                     MODE: tl.constexpr, GATED: tl.constexpr):
+    """Accumulate x[offs] * W^T[offs, cols] (and the second weight when GATED) into the 2-D fp32
+    accumulators, loading only the weight rows whose input is kept: Top-K by (t, cutoff) (MODE 0),
+    |x| > threshold (MODE 1) or all (MODE 2). Masked-off rows cost no memory traffic."""
+    xv = tl.load(x_row + offs, mask=valid, other=0.0)
+    keep = _keep(xv, offs, valid, t, cutoff, threshold, MODE)
     xf = tl.where(keep, xv.to(tl.float32), 0.0)
     wmask = keep[:, None] & cmask[None, :]
     w_off = offs.to(tl.int64)[:, None] * d_out + cols[None, :]
@@ -373,17 +381,14 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     cmask = rn < d_out
     valid = rm < d_in
     xv = tl.load(x_ptr + row * stride_x + rm, mask=valid, other=0.0)  # written before the select ran
+    t = 0
+    cutoff = 0
     if MODE == 0:
         if PDL:
             gdc_wait()
         t = tl.load(sel_ptr + row * 2)
         cutoff = tl.load(sel_ptr + row * 2 + 1)
-        bits = xv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
-        keep = valid & ((bits > t) | ((bits == t) & (rm < cutoff)))
-    elif MODE == 1:
-        keep = valid & (tl.abs(xv.to(tl.float32)) > threshold)
-    else:
-        keep = valid
+    keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
     xf = tl.where(keep, xv.to(tl.float32), 0.0)
     wmask = keep[:, None] & cmask[None, :]
     w_off = rm.to(tl.int64)[:, None] * d_out + rn[None, :]
