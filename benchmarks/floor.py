@@ -67,7 +67,7 @@ VARIANTS = {  # launch() arguments of the op variants timed side by side
     "tile": {"impl": "tile"},  # v11 default: one tile per program, fp32 atomics, counter finisher, PDL
     "tile-no-pdl": {"impl": "tile", "pdl": False},
     "tile-64x64": {"impl": "tile", "block_m": 64, "block_n": 64},
-    "split": {"impl": "split"},  # v10 default: split-K partials, counter finisher
+    "split": {"impl": "split"},  # the v10 default kernel (split-K partials, counter finisher), here with PDL
 }
 
 

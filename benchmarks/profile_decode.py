@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from larosa.engine import DecodeEngine  # noqa: E402
 from larosa.shapes import random_base, sparse_variant  # noqa: E402
 
-KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv"), ("sparse GEMV finish", "finish_kernel"), ("attention", "attention|flash|fmha|sdpa|softmax"),
+KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv"), ("attention", "attention|flash|fmha|sdpa|softmax"),
          ("cuBLAS GEMV/GEMM", "gemv|gemm|cublas|sm90_xmma|nvjet|cutlass"), ("fused elementwise (inductor)", "triton_"),
          ("copies/other", "")]
 

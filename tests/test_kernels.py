@@ -185,7 +185,7 @@ def test_kernel_impl_env_override(monkeypatch):
 
 IMPL_TILES = {  # small tiles so the interpreter walks several blocks and splits
     "split": {"block_n": 32, "block_k": 16, "rows_per_split": 64},  # v4-v10 default: select launch + split-K
-    "tile": {"block_m": 64, "block_n": 32},  # v11 default: one tile per program, fp32 atomics, finishing launch
+    "tile": {"block_m": 64, "block_n": 32},  # v11 default: one tile per program, fp32 atomics, counter finisher
     "fused": {"block_n": 32, "block_k": 64},  # one launch, column-complete programs, no workspace
     "inline": {"block_n": 32, "block_k": 16, "rows_per_split": 64},  # split-K, each program selects itself
 }
@@ -239,9 +239,14 @@ def test_caller_owned_counters_are_used_and_left_zeroed(monkeypatch):
     assert _rel(topk_linear(x, wt, 100, None, small), topk_gemv_ref(x, wt, 100)) < 1e-2 and seen[-1] is None
 
 
-def test_counter_workspace_is_large_enough_and_launch_refuses_a_short_one():
-    for d_in, d_out in ((4096, 4096), (4096, 12288), (4096, 11008), (11008, 4096), (896, 151936)):
-        assert ops.counter_workspace(8, d_out).numel() >= ops.triton_gemv.counters_needed(8, d_in, d_out)
+def test_counter_workspace_is_large_enough_and_launch_refuses_a_short_one(monkeypatch):
+    for impl in ("tile", "split"):
+        monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
+        for d_in, d_out in ((4096, 4096), (4096, 12288), (4096, 11008), (11008, 4096), (896, 151936)):
+            for gated, mode in ((False, 0), (True, 0), (False, 1), (True, 2)):
+                need = ops.triton_gemv.counters_needed(8, d_in, d_out, gated, mode=mode)
+                assert ops.counter_workspace(8, d_out).numel() >= need, (impl, d_in, d_out, gated, mode)
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL")
     x, wt = torch.randn(1, 300).bfloat16(), torch.randn(300, 130).bfloat16()
     y = torch.empty(1, 130, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="counters"):
@@ -327,3 +332,15 @@ def test_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(mode, gated)
         assert not buf.any(), "the tile kernel left its counters or sums non-zero"
     with pytest.raises(ValueError, match="counters"):
         ops.triton_gemv.launch(x, wt, y, k, impl="tile", counters=torch.zeros(4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rows_per_split"):
+        ops.triton_gemv.launch(x, wt, y, k, impl="tile", rows_per_split=64)
+
+
+def test_pdl_is_off_where_it_cannot_run():
+    """PDL needs a Hopper GPU and compiled kernels: asking for it under the interpreter changes nothing."""
+    x, wt = torch.randn(1, 300).bfloat16(), torch.randn(300, 70).bfloat16()
+    assert not ops.triton_gemv.pdl_default(x) and not ops.triton_gemv._use_pdl(x, True)
+    for impl in ("tile", "split"):
+        y = torch.empty(1, 70, dtype=torch.bfloat16)
+        ops.triton_gemv.launch(x, wt, y, 100, impl=impl, pdl=True)
+        assert _rel(y, topk_gemv_ref(x, wt, 100)) < 1e-2, impl

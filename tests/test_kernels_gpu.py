@@ -9,6 +9,13 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
+@pytest.fixture(autouse=True)
+def _multi_row_kernel(monkeypatch):
+    """Rows up to 4 run the per-row kernel (the default, 1, would send the 2- and 3-row cases to the
+    dense fallback)."""
+    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "4")
+
+
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 

@@ -80,10 +80,10 @@ def counter_workspace(rows: int, d_out: int, device=None) -> torch.Tensor:
 
 
 def _counters(counters: Optional[torch.Tensor], x2: torch.Tensor, wt: torch.Tensor,
-              gated: bool = False) -> Optional[torch.Tensor]:
+              gated: bool = False, mode: int = 0) -> Optional[torch.Tensor]:
     """The caller's zeroed buffer if it is large enough for this call, else None (the kernel then
     allocates its own: one memset per call)."""
-    need = triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1], gated)
+    need = triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1], gated, mode=mode)
     if counters is None or counters.numel() < need:
         return None
     return counters
@@ -146,7 +146,7 @@ def threshold_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float,
         return ref.threshold_gemv_ref(x2, wt, threshold).view(*x.shape[:-1], wt.shape[1])
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
     triton_gemv.launch(x2, wt.contiguous(), y, 1, threshold=threshold, mode=1,
-                       counters=_counters(counters, x2, wt))
+                       counters=_counters(counters, x2, wt, mode=1))
     return y.view(*x.shape[:-1], wt.shape[1])
 
 

@@ -420,10 +420,11 @@ def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexp
     tl.store(y_row + rn, tot.to(y_row.dtype.element_ty), mask=cmask)
 
 
-def tile_config(d_in: int, d_out: int, gated: bool = False, mode: int = 0) -> dict:
+def tile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
     """Tiles of the one-tile-per-program kernel (H200 sweeps of `benchmarks/gemv.py --tune --impl tile` and
     `benchmarks/floor.py`, benchmarks/NOTES.md v11): 2 warps; 64 x 256 tiles ungated, 64 x 64 for the
-    fused gate+up op (the best counter-finished configurations of the sweep)."""
+    fused gate+up op (the best counter-finished configurations of the sweep). In threshold mode, which
+    runs split-K by default, 64 x 64 measured faster (`results/floor-h200-bf16.json`, "tile-64x64")."""
     if gated:
         return {"block_m": 64, "block_n": 64, "num_warps": 2}
     return {"block_m": 64, "block_n": 256, "num_warps": 2}
@@ -437,12 +438,12 @@ def tile_workspace_needed(rows: int, d_out: int, gated: bool, block_n: int) -> i
 def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
                 counters: torch.Tensor | None = None, pdl: bool | None = None, block_m: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
-                num_stages: int | None = None) -> None:
+                select_impl: str | None = None, num_stages: int | None = None) -> None:
     """One-tile-per-program variant of `launch` (same arguments and result), v11."""
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gated = wt2 is not None
-    cfg = tile_config(d_in, d_out, gated, mode)
+    cfg = tile_config(d_in, d_out, gated)
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     n_cnt = rows * triton.cdiv(d_out, block_n)
@@ -452,8 +453,9 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     elif counters.numel() < need:
         raise ValueError(f"counters holds {counters.numel()} entries; this call needs {need}")
     acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
-    sel_pdl = (pdl_default(x) if pdl is None else pdl) and mode == 0
-    sel = select(x, k, select_num_warps, pdl=sel_pdl) if mode == 0 else x
+    select_impl = select_impl or SELECT_IMPL
+    sel_pdl = _use_pdl(x, pdl) and mode == 0 and select_impl == "packed"
+    sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl) if mode == 0 else x
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
@@ -493,11 +495,12 @@ def _ws_offset(n_counters: int) -> int:
     return -(-n_counters // 32) * 32  # the fp32 sums start 128-byte aligned after the counters
 
 
-def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, reduce: str | None = None) -> int:
-    """int32 entries of the zeroed buffer (`counters=`) the split-K kernel needs for `rows` rows with its
-    default tiles: the per-column-block counters, then, for the atomic reduction, rows x (1 or 2) x d_out
-    fp32 sums."""
-    if default_impl() == "tile":
+def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, reduce: str | None = None,
+                    mode: int = 0) -> int:
+    """int32 entries of the zeroed buffer (`counters=`) the default kernel of `mode` needs for `rows` rows
+    with its default tiles: the per-column-block counters, then, for the tile kernel and the split-K atomic
+    reduction, rows x (1 or 2) x d_out fp32 sums."""
+    if default_impl(mode) == "tile":
         return tile_workspace_needed(rows, d_out, gated, tile_config(d_in, d_out, gated)["block_n"])
     cfg = default_config(d_in, d_out)
     n = rows * triton.cdiv(d_out, cfg["block_n"])
@@ -554,6 +557,14 @@ PDL = True  # programmatic dependent launch of the GEMV after its select where t
 @functools.cache
 def _pdl_capable(device_index: int) -> bool:
     return HAVE_GDC and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
+    """The caller's choice (default: `pdl_default`), never where the device or Triton cannot do it."""
+    if pdl is None:
+        return pdl_default(x)
+    return bool(pdl) and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and _pdl_capable(
+        x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def pdl_default(x: torch.Tensor) -> bool:
@@ -616,11 +627,13 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl == "tile":
-        if gather:
-            raise ValueError("impl='tile' has no gather mode")
+        unused = {n: v for n, v in (("gather", gather), ("block_k", block_k), ("rows_per_split", rows_per_split),
+                                    ("reduce", reduce)) if v}
+        if unused:
+            raise ValueError(f"impl='tile' takes none of {', '.join(unused)} (split-K options)")
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
-                           select_num_warps=select_num_warps, num_stages=num_stages)
+                           select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages)
     if impl == "fused":
         return launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
                             block_k=block_k, num_warps=num_warps, num_stages=num_stages)
@@ -655,7 +668,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     # the select is launched last, right before the GEMV (a counter memset in between would take the
     # place of the select as the GEMV's programmatic predecessor)
-    pdl = (pdl_default(x) if pdl is None else pdl) and mode == 0 and not inline and select_impl == "packed"
+    pdl = _use_pdl(x, pdl) and mode == 0 and not inline and select_impl == "packed"
     if mode == 0 and not inline:
         sel = select(x, k, select_num_warps, select_impl, pdl=pdl)
     else:  # the selection happens inside the GEMV programs (inline) or is not needed
