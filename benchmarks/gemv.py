@@ -175,7 +175,7 @@ def teal_call(x, wt, thr, cfg):
     return y
 
 
-def _tile_grid(impl, reduce=None):
+def _tile_grid(impl):
     if impl == "fused":  # one launch, column-complete programs
         for bn, bk, nw, ns in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3, 4)):
             if bn * bk <= 64 * 256:
@@ -186,23 +186,14 @@ def _tile_grid(impl, reduce=None):
             if bm * bn <= 32768:
                 yield {"impl": "tile", "block_m": bm, "block_n": bn, "num_warps": nw}
         return
-    if reduce == "atomic":  # many splits cost no extra partial traffic: favour short programs
-        for bn, bk, rps in itertools.product((32, 64, 128, 256), (16, 32, 64, 128), (16, 32, 64, 128, 256, 512)):
-            if bn * bk > 256 * 32 or rps < bk or (rps != bk and rps < 128):
-                continue
-            for nw in ((4, 8) if bn * bk >= 4096 else (4,)):
-                yield {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3,
-                       "reduce": reduce}
-        return
     for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64, 128), (32, 64, 128, 256, 512), (4, 8)):
         # rps == bk: one tile per program (v9: every weight load of a program in flight at once)
         if bn * bk > 256 * 32 or rps < bk or (rps < 128 and rps != bk):
             continue
-        yield {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3,
-               **({"reduce": reduce} if reduce else {})}
+        yield {"block_n": bn, "block_k": bk, "rows_per_split": rps, "num_warps": nw, "num_stages": 3}
 
 
-def tune(d_in, d_out, dtype, s=0.5, sel=None, impl="split", gated=False, reduce=None):
+def tune(d_in, d_out, dtype, s=0.5, sel=None, impl="split", gated=False):
     n_mats = 2 if gated else 1
     copies = n_copies(d_in * d_out * 2 * n_mats)
     wts = [torch.randn(d_in, d_out, device="cuda", dtype=dtype) for _ in range(copies * n_mats)]
@@ -210,7 +201,7 @@ def tune(d_in, d_out, dtype, s=0.5, sel=None, impl="split", gated=False, reduce=
     k = int((1 - s) * d_in)
     best = None
     results = []
-    for tile in _tile_grid(impl, reduce):
+    for tile in _tile_grid(impl):
         cfg = {**tile, **(sel or {}), "impl": impl} if impl not in ("fused", "tile") else tile
         call = ((lambda i: triton_gemv_call(x, wts[2 * i], k, cfg, wt2=wts[2 * i + 1])) if gated
                 else (lambda i: triton_gemv_call(x, wts[i], k, cfg)))
@@ -276,8 +267,6 @@ def main() -> None:
                     help="1: compact the kept rows first (v6), 0: masked loads (v4); default: the package default")
     ap.add_argument("--impl", choices=list(triton_gemv.IMPLS), default=None,
                     help="kernel implementation for 'ours' (default: the package default)")
-    ap.add_argument("--reduce", choices=list(triton_gemv.REDUCES), default=None,
-                    help="split-K reduction for 'ours' and the TEAL-style kernel (default: the package default)")
     ap.add_argument("--sparsities", default=None, help="comma list (default 0,0.25,0.4,0.5,0.75,0.9)")
     ap.add_argument("--no-select-sweep", action="store_true")
     args = ap.parse_args()
@@ -301,19 +290,18 @@ def main() -> None:
         for name, (d_in, d_out, kind) in shapes.items():
             if kind not in ("linear", "gate_up") or (d_in, d_out, kind) in tuned:
                 continue
-            if kind == "gate_up" and impl not in ("fused", "tile") and not args.reduce:
+            if kind == "gate_up" and impl not in ("fused", "tile"):
                 continue
             t0 = time.time()
             best, log = tune(d_in, d_out, dtype, sel={**sel_best.get(d_in, {}), "gather": gather}, impl=impl,
-                             gated=kind == "gate_up", reduce=args.reduce)
+                             gated=kind == "gate_up")
             tuned[(d_in, d_out, kind)] = best[0]
             tune_log[f"{kind} {d_in}x{d_out}"] = {"best": best[0], "best_us": best[1], "all": log}
             print(f"# tuned {kind} {d_in}->{d_out}: {best[0]} {best[1]:.2f} us ({time.time() - t0:.0f} s)", flush=True)
     rows = []
     for name, (d_in, d_out, kind) in shapes.items():
         cfg = (tuned.get((d_in, d_out, kind)) or tuned.get((d_in, d_out, "linear"))
-               or ({"impl": "fused"} if impl == "fused" else {**sel_best.get(d_in, {}), "gather": gather, "impl": impl,
-                                                               **({"reduce": args.reduce} if args.reduce else {})}))
+               or ({"impl": "fused"} if impl == "fused" else {**sel_best.get(d_in, {}), "gather": gather, "impl": impl}))
         rows += bench_shape(name, d_in, d_out, kind, dtype, bw, cfg, sparsities=sparsities)
         print(f"# done {name}", flush=True)
     cross = [] if args.no_crossover else batch_crossover(dtype)
@@ -334,7 +322,6 @@ def main() -> None:
     rec = {"gpu": props.name, "sms": props.multi_processor_count, "copy_bandwidth_Bps": bw, "dtype": args.dtype,
            "batch": 1, "timing": "CUDA graph replay, median per call, weights cycled over copies > 4x L2",
            "activations": "random normal", "torch": torch.__version__, "gather": gather, "impl": impl,
-           "reduce": (args.reduce or triton_gemv.REDUCE) if impl == "split" else None,
            "triton": __import__("triton").__version__, "rows": rows, "batch_crossover": cross,
            "tuning": tune_log, "select_sweep": sel_sweep, "select_best": {str(k): v for k, v in sel_best.items()}, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

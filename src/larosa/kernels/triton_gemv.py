@@ -244,7 +244,6 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr,
                        INLINE: tl.constexpr = False,  # MODE 0: every program finds (t, cutoff) itself
                        BLOCK_D: tl.constexpr = 16, SPLIT_CHUNK: tl.constexpr = 1,
-                       ATOMIC: tl.constexpr = False,  # split-K sums by fp32 atomics into a zeroed workspace
                        PDL: tl.constexpr = False):  # launched as a programmatic dependent of the select
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -285,20 +284,12 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
                                              threshold, acc_t, acc2_t, MODE, GATED)
     acc = tl.sum(acc_t, axis=0)
     acc2 = tl.sum(acc2_t, axis=0)
-    # split-K reduction: partials to the workspace, the last program of this column block sums them;
-    # ATOMIC: every program adds its partial into one fp32 sum per output (fire and forget), the last
-    # program reads that sum once and zeroes it for the next call
+    # split-K reduction: partials to the workspace, the last program of this column block sums them
     n_parts = 2 if GATED else 1
-    if ATOMIC:
-        part_row = part_ptr + row * n_parts * d_out
-        tl.atomic_add(part_row + cols, acc, mask=cmask, sem="relaxed")
-        if GATED:
-            tl.atomic_add(part_row + d_out + cols, acc2, mask=cmask, sem="relaxed")
-    else:
-        part_row = part_ptr + (row * n_parts * n_splits) * d_out
-        tl.store(part_row + pid_s * d_out + cols, acc, mask=cmask)
-        if GATED:
-            tl.store(part_row + (n_splits + pid_s) * d_out + cols, acc2, mask=cmask)
+    part_row = part_ptr + (row * n_parts * n_splits) * d_out
+    tl.store(part_row + pid_s * d_out + cols, acc, mask=cmask)
+    if GATED:
+        tl.store(part_row + (n_splits + pid_s) * d_out + cols, acc2, mask=cmask)
     tl.debug_barrier()
     cnt_addr = cnt_ptr + row * n_blocks + pid_n
     done = tl.atomic_add(cnt_addr, 1, sem="acq_rel")
@@ -306,28 +297,26 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
         tl.atomic_xchg(cnt_addr, 0)
         tot = tl.zeros([BLOCK_N], dtype=tl.float32)
         tot2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        if ATOMIC:
-            zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-            tot = tl.load(part_row + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-            tl.store(part_row + cols, zero, mask=cmask)
+        # SPLIT_CHUNK partials per load: one L2 round trip per chunk instead of one per split (v9)
+        for s0 in range(0, n_splits, SPLIT_CHUNK):
+            ss = s0 + tl.arange(0, SPLIT_CHUNK)
+            pmask = (ss < n_splits)[:, None] & cmask[None, :]
+            p_off = ss[:, None] * d_out + cols[None, :]
+            tot += tl.sum(tl.load(part_row + p_off, mask=pmask, other=0.0, cache_modifier=".cg"), axis=0)
             if GATED:
-                tot2 = tl.load(part_row + d_out + cols, mask=cmask, other=0.0, cache_modifier=".cg")
-                tl.store(part_row + d_out + cols, zero, mask=cmask)
-        else:
-            # SPLIT_CHUNK partials per load: one L2 round trip per chunk instead of one per split (v9)
-            for s0 in range(0, n_splits, SPLIT_CHUNK):
-                ss = s0 + tl.arange(0, SPLIT_CHUNK)
-                pmask = (ss < n_splits)[:, None] & cmask[None, :]
-                p_off = ss[:, None] * d_out + cols[None, :]
-                tot += tl.sum(tl.load(part_row + p_off, mask=pmask, other=0.0, cache_modifier=".cg"), axis=0)
-                if GATED:
-                    tot2 += tl.sum(tl.load(part_row + n_splits * d_out + p_off, mask=pmask, other=0.0,
-                                           cache_modifier=".cg"), axis=0)
-        if GATED:
-            tot = tot * tl.sigmoid(tot) * tot2
-        if HAS_BIAS:
-            tot += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * stride_y + cols, tot.to(y_ptr.dtype.element_ty), mask=cmask)
+                tot2 += tl.sum(tl.load(part_row + n_splits * d_out + p_off, mask=pmask, other=0.0,
+                                       cache_modifier=".cg"), axis=0)
+        _epilogue_store(tot, tot2, bias_ptr, y_ptr + row * stride_y, cols, cmask, GATED, HAS_BIAS)
+
+
+@triton.jit
+def _epilogue_store(tot, up, bias_ptr, y_row, cols, cmask, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """y[cols] = silu(tot) * up (GATED) or tot (+ bias), cast to the output dtype."""
+    if GATED:
+        tot = tot * tl.sigmoid(tot) * up
+    if HAS_BIAS:
+        tot += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(y_row + cols, tot.to(y_row.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
@@ -411,13 +400,11 @@ def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexp
     zero = tl.zeros(rn.shape, dtype=tl.float32)
     tot = tl.load(acc_row + rn, mask=cmask, other=0.0, cache_modifier=".cg")
     tl.store(acc_row + rn, zero, mask=cmask)
+    up = zero
     if GATED:
         up = tl.load(acc_row + d_out + rn, mask=cmask, other=0.0, cache_modifier=".cg")
         tl.store(acc_row + d_out + rn, zero, mask=cmask)
-        tot = tot * tl.sigmoid(tot) * up
-    if HAS_BIAS:
-        tot += tl.load(bias_ptr + rn, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(y_row + rn, tot.to(y_row.dtype.element_ty), mask=cmask)
+    _epilogue_store(tot, up, bias_ptr, y_row, rn, cmask, GATED, HAS_BIAS)
 
 
 def tile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
@@ -428,6 +415,15 @@ def tile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
     if gated:
         return {"block_m": 64, "block_n": 64, "num_warps": 2}
     return {"block_m": 64, "block_n": 256, "num_warps": 2}
+
+
+def _zeroed_buffer(counters: torch.Tensor | None, need: int, device) -> torch.Tensor:
+    """The caller's zeroed int32 buffer, checked for size, or a fresh one (one memset)."""
+    if counters is None:
+        return torch.zeros(need, dtype=torch.int32, device=device)
+    if counters.numel() < need:
+        raise ValueError(f"counters holds {counters.numel()} entries; this call needs {need}")
+    return counters
 
 
 def tile_workspace_needed(rows: int, d_out: int, gated: bool, block_n: int) -> int:
@@ -448,10 +444,7 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     block_n = block_n or cfg["block_n"]
     n_cnt = rows * triton.cdiv(d_out, block_n)
     need = tile_workspace_needed(rows, d_out, gated, block_n)
-    if counters is None:
-        counters = torch.zeros(need, dtype=torch.int32, device=x.device)
-    elif counters.numel() < need:
-        raise ValueError(f"counters holds {counters.numel()} entries; this call needs {need}")
+    counters = _zeroed_buffer(counters, need, x.device)
     acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
     select_impl = select_impl or SELECT_IMPL
     sel_pdl = _use_pdl(x, pdl) and mode == 0 and select_impl == "packed"
@@ -488,35 +481,26 @@ def launch_fused(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
 
 
-REDUCES = ("partials", "atomic")
-
-
 def _ws_offset(n_counters: int) -> int:
     return -(-n_counters // 32) * 32  # the fp32 sums start 128-byte aligned after the counters
 
 
-def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, reduce: str | None = None,
-                    mode: int = 0) -> int:
+def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, mode: int = 0) -> int:
     """int32 entries of the zeroed buffer (`counters=`) the default kernel of `mode` needs for `rows` rows
-    with its default tiles: the per-column-block counters, then, for the tile kernel and the split-K atomic
-    reduction, rows x (1 or 2) x d_out fp32 sums."""
+    with its default tiles: the per-column-block counters, then, for the tile kernel, rows x (1 or 2) x
+    d_out fp32 sums."""
     if default_impl(mode) == "tile":
         return tile_workspace_needed(rows, d_out, gated, tile_config(d_in, d_out, gated)["block_n"])
-    cfg = default_config(d_in, d_out)
-    n = rows * triton.cdiv(d_out, cfg["block_n"])
-    if (reduce or cfg["reduce"]) == "atomic":
-        n = _ws_offset(n) + rows * (2 if gated else 1) * d_out
-    return n
+    return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
 
 
 def default_config(d_in: int, d_out: int) -> dict:
     """Tile sizes from the H200 sweep of benchmarks/gemv.py --tune (benchmarks/NOTES.md)."""
     if d_out <= 4096 and d_in <= 4096:
-        return {"block_n": 128, "block_k": 64, "rows_per_split": 256, "num_warps": 4, "num_stages": 3,
-                "reduce": REDUCE}
+        return {"block_n": 128, "block_k": 64, "rows_per_split": 256, "num_warps": 4, "num_stages": 3}
     # wider: 256 rows per split up to d_out 8192 (LLaMA3-8B qkv 4096->6144, v9 sweep: 21.8 vs 26.2 us)
     rps = 256 if d_in <= 4096 and d_out <= 8192 else 512
-    return {"block_n": 64, "block_k": 16, "rows_per_split": rps, "num_warps": 4, "num_stages": 3, "reduce": REDUCE}
+    return {"block_n": 64, "block_k": 16, "rows_per_split": rps, "num_warps": 4, "num_stages": 3}
 
 
 def split_chunk(n_splits: int, block_n: int) -> int:
@@ -559,20 +543,22 @@ def _pdl_capable(device_index: int) -> bool:
     return HAVE_GDC and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
-def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
-    """The caller's choice (default: `pdl_default`), never where the device or Triton cannot do it."""
-    if pdl is None:
-        return pdl_default(x)
-    return bool(pdl) and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and _pdl_capable(
-        x.device.index if x.device.index is not None else torch.cuda.current_device())
+def _pdl_possible(x: torch.Tensor) -> bool:
+    """Compiled kernels on a CUDA device of compute capability >= 9 (Hopper), with a Triton that has grid
+    dependency control."""
+    if not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _pdl_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 def pdl_default(x: torch.Tensor) -> bool:
-    """PDL on CUDA devices of compute capability >= 9 (Hopper) with a Triton that has grid dependency
-    control, unless `LAROSA_KERNEL_PDL=0`; never under the interpreter."""
-    if not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1" or os.environ.get("LAROSA_KERNEL_PDL") == "0":
-        return False
-    return PDL and _pdl_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    """PDL wherever it is possible, unless `LAROSA_KERNEL_PDL=0`."""
+    return PDL and os.environ.get("LAROSA_KERNEL_PDL") != "0" and _pdl_possible(x)
+
+
+def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
+    """The caller's choice (default: `pdl_default`), never where it is not possible."""
+    return pdl_default(x) if pdl is None else bool(pdl) and _pdl_possible(x)
 
 
 GATHER = False  # default: masked loads (v4). True = compact the kept rows first (v6, slower untuned: NOTES.md)
@@ -588,8 +574,6 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
                                    num_warps=num_warps or select_warps(block_d))
     return idx, xv
 
-
-REDUCE = "partials"  # split-K sums: per-split partials summed by the last program, or fp32 atomics
 
 IMPLS = ("split", "inline", "fused", "tile")
 IMPL = "tile"  # default implementation (benchmarks/NOTES.md v11: measured choice)
@@ -612,23 +596,19 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            counters: torch.Tensor | None = None, select_impl: str = SELECT_IMPL, select_num_warps: int | None = None,
            block_k: int | None = None, block_n: int | None = None,
            rows_per_split: int | None = None, num_warps: int | None = None,
-           num_stages: int | None = None, reduce: str | None = None, pdl: bool | None = None,
+           num_stages: int | None = None, pdl: bool | None = None,
            block_m: int | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
     `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
     buffer; the kernel leaves it zeroed. Without it a zeroed buffer is allocated per call.
-    `reduce`: how split-K partial sums meet, "partials" (a workspace slot per split, summed by the last
-    program of each column block) or "atomic" (fp32 atomics into one zeroed sum per output, kept in the
-    counter buffer after the counters).
     `pdl`: launch the GEMV as a programmatic dependent of its select (default `pdl_default(x)`).
     """
     impl = default_impl(mode) if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl == "tile":
-        unused = {n: v for n, v in (("gather", gather), ("block_k", block_k), ("rows_per_split", rows_per_split),
-                                    ("reduce", reduce)) if v}
+        unused = [n for n, v in (("gather", gather), ("block_k", block_k), ("rows_per_split", rows_per_split)) if v]
         if unused:
             raise ValueError(f"impl='tile' takes none of {', '.join(unused)} (split-K options)")
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
@@ -652,20 +632,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     n_splits = triton.cdiv(d_in, rps)
     inline = impl == "inline" and mode == 0
     n_parts = 2 if wt2 is not None else 1
-    reduce = reduce or cfg["reduce"]
-    if reduce not in REDUCES:
-        raise ValueError(f"unknown split-K reduction {reduce!r}; choose from {', '.join(REDUCES)}")
-    atomic = reduce == "atomic"
-    n_cnt = rows * n_blocks
-    need = _ws_offset(n_cnt) + rows * n_parts * d_out if atomic else n_cnt
-    if counters is None:
-        counters = torch.zeros(need, dtype=torch.int32, device=x.device)
-    elif counters.numel() < need:
-        raise ValueError(f"counters holds {counters.numel()} entries; this call needs {need}")
-    if atomic:  # the zeroed fp32 sums live in the counter buffer (left zeroed by the kernel)
-        part = counters[_ws_offset(n_cnt):need].view(torch.float32)
-    else:
-        part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
+    counters = _zeroed_buffer(counters, rows * n_blocks, x.device)
+    part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     # the select is launched last, right before the GEMV (a counter memset in between would take the
     # place of the select as the GEMV's programmatic predecessor)
     pdl = _use_pdl(x, pdl) and mode == 0 and not inline and select_impl == "packed"
@@ -680,6 +648,6 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None,
         BLOCK_K=block_k, BLOCK_N=block_n, ROWS_PER_SPLIT=rps,
         INLINE=inline, BLOCK_D=triton.next_power_of_2(d_in) if inline else 16,
-        SPLIT_CHUNK=1 if wt2 is not None else split_chunk(n_splits, block_n), ATOMIC=atomic,
+        SPLIT_CHUNK=1 if wt2 is not None else split_chunk(n_splits, block_n),
         **({"PDL": True, "launch_pdl": True} if pdl else {}),
         num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or cfg["num_stages"])
