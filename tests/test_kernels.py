@@ -1,6 +1,8 @@
 """Triton kernels vs the plain PyTorch reference: compiled on a GPU, under TRITON_INTERPRET=1 on the CPU
 (tests/conftest.py sets it on machines without CUDA)."""
 
+import os
+
 import pytest
 import torch
 
@@ -61,13 +63,19 @@ def test_selection_is_exact_k_with_ties(dtype):
         assert ((y != 0) | (x == 0)).sum(-1).ge(k).all()
 
 
-def test_bias_and_leading_shape():
+@pytest.mark.parametrize("d_out", [37, 64, 100])
+def test_bias_and_leading_shape(d_out):
+    """Output widths that leave a partial column group: compiled, the tile kernel's finisher once read zeroed
+    sums there when a bias was added (fixed by a barrier between reading and zeroing the sums)."""
     x = torch.randn(1, 2, 150).bfloat16()
-    wt = torch.randn(150, 37).bfloat16()
-    b = torch.randn(37).bfloat16()
-    y = topk_linear(x, wt, 60, b)
-    assert y.shape == (1, 2, 37)
-    assert _rel(y, topk_gemv_ref(x, wt, 60, b)) < 1e-2
+    wt = torch.randn(150, d_out).bfloat16()
+    b = torch.randn(d_out).bfloat16()
+    for _ in range(2):  # the second call reuses the sums the first one zeroed
+        y = topk_linear(x, wt, 60, b)
+        assert y.shape == (1, 2, d_out)
+        assert _rel(y, topk_gemv_ref(x, wt, 60, b)) < 1e-2
+    wu = torch.randn(150, d_out).bfloat16()
+    assert _rel(topk_gate_up(x, wt, wu, 60), topk_gate_up_ref(x, wt, wu, 60)) < 1e-2
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
@@ -334,10 +342,16 @@ def test_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(mode, gated)
         ops.triton_gemv.launch(x, wt, y, k, impl="tile", rows_per_split=64)
 
 
-def test_pdl_is_off_where_it_cannot_run():
-    """PDL needs a Hopper GPU and compiled kernels: asking for it under the interpreter changes nothing."""
+def test_pdl_only_where_it_can_run(monkeypatch):
+    """PDL needs compiled kernels on a Hopper (or newer) GPU: under the interpreter or on older GPUs asking for
+    it changes nothing; where it can run it is the default unless LAROSA_KERNEL_PDL=0. Results are the same."""
     x, wt = torch.randn(1, 300).bfloat16(), torch.randn(300, 70).bfloat16()
-    assert not ops.triton_gemv.pdl_default(x) and not ops.triton_gemv._use_pdl(x, True)
+    hopper = (x.is_cuda and ops.triton_gemv.HAVE_GDC and torch.cuda.get_device_capability()[0] >= 9
+              and os.environ.get("TRITON_INTERPRET") != "1")
+    assert ops.triton_gemv.pdl_default(x) == hopper and ops.triton_gemv._use_pdl(x, True) == hopper
+    monkeypatch.setenv("LAROSA_KERNEL_PDL", "0")
+    assert not ops.triton_gemv.pdl_default(x) and ops.triton_gemv._use_pdl(x, True) == hopper
+    monkeypatch.delenv("LAROSA_KERNEL_PDL")
     for impl in ("tile", "split"):
         y = torch.empty(1, 70, dtype=torch.bfloat16)
         ops.triton_gemv.launch(x, wt, y, 100, impl=impl, pdl=True)
