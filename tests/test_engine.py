@@ -151,3 +151,47 @@ def test_model_weights_nbytes_counts_every_tensor_once_per_holder():
     assert w.nbytes() == want
     w.layers[0].add_counters(rows=2)
     assert w.nbytes() == want + w.layers[0].counters.numel() * 4
+
+
+@pytest.mark.parametrize("mode", ["dense", "topk"])
+def test_fold_adapter_is_down_then_adapter(mode):
+    from larosa.engine import Site, fold_adapter
+
+    g = torch.Generator().manual_seed(0)
+    d_in, d_out = 12, 8
+    w = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)  # HF layout
+    r = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64))[0]
+    m = torch.randn(3, d_in, generator=g, dtype=torch.float64)
+    site = Site(mode, 0 if mode == "dense" else 6)
+    layout = w if mode == "dense" else w.t().contiguous()
+    folded = fold_adapter(layout, r, site)
+    got = m @ folded.t() if mode == "dense" else m @ folded
+    torch.testing.assert_close(got, (m @ w.t()) @ r, atol=1e-12, rtol=0)
+    assert folded.shape == layout.shape
+
+
+def test_overlapped_adapter_step_matches_plain_step():
+    """The decode step with x_mid R_l split off (run in order on the CPU) equals the plain layer."""
+    model = tiny_model("llama", seed=7)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    fused = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.5)), rot)
+    w = from_hf(fused)
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    plain = DecodeEngine(w, max_len=16, batch=2)
+    split = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=True)
+    assert split.overlap and not plain.overlap
+    torch.testing.assert_close(split.prefill(ids), plain.prefill(ids))
+    ref = _hf_greedy(fused, ids, 5)
+    for eng in (plain, split):
+        eng.prefill(ids)
+        eng.tok.copy_(ref[:, :1])
+    for j in range(1, 5):
+        plain.step()
+        split.step()
+        torch.testing.assert_close(split.logits, plain.logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(split.tok, plain.tok)
+        plain.tok.copy_(ref[:, j:j + 1])
+        split.tok.copy_(ref[:, j:j + 1])
+    # no adapters (model-level Q): nothing to overlap
+    mono = apply(copy.deepcopy(model), LarosaConfig("fused", "model", SparsityPlan.from_nominal(0.5)), rot)
+    assert not DecodeEngine(from_hf(mono), max_len=16, overlap_adapters=True).overlap

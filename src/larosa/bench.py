@@ -76,7 +76,8 @@ def _pct(v: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, warmup: int = 8) -> dict:
+def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, warmup: int = 8,
+             **engine_kw) -> dict:
     dev = w.device
     max_len = int(math.ceil((prompt.shape[1] + gen_len + 1) / 64) * 64)
     held = 0
@@ -84,7 +85,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
         held = torch.cuda.memory_allocated(dev)  # this model's weights and whatever else the benchmark holds
-    eng = DecodeEngine(w, max_len=max_len, batch=prompt.shape[0])
+    eng = DecodeEngine(w, max_len=max_len, batch=prompt.shape[0], **engine_kw)
     t0 = time.perf_counter()
     eng.generate(prompt, min(warmup, gen_len))  # compile + graph capture + warm-up: not timed
     setup_s = time.perf_counter() - t0

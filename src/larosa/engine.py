@@ -16,8 +16,10 @@ registry) or from a shape with random weights (`larosa.shapes`), for speed work 
 On CUDA the per-layer function is compiled with `torch.compile` (one graph reused by every layer with
 the same static signature) and the whole decode step (embedding, layers, head, sampling, cache write,
 position update) is captured in one CUDA graph: generating n tokens is n graph replays, no host sync
-per token. On the CPU everything runs eagerly (tests); the custom ops fall back to their PyTorch
-references there, so the CPU path is the plain-PyTorch reference of the GPU path.
+per token. The decode position's attention is `larosa::decode_attention` (reads only the filled cache
+positions), and each residual adapter GEMV runs on a side stream concurrent with its layer's MLP half
+(`DecodeEngine(overlap_adapters=...)`). On the CPU everything runs eagerly (tests); the custom ops fall
+back to their PyTorch references there, so the CPU path is the plain-PyTorch reference of the GPU path.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class LayerWeights:
     q_norm: Optional[torch.Tensor] = None
     k_norm: Optional[torch.Tensor] = None
     rotate_mlp: Optional[torch.Tensor] = None
+    # residual adapter R_l: the layer returns x_mid R_l + down'(m), with R_l already folded into `wdown`
     adapter: Optional[torch.Tensor] = None
     # TEAL: thresholds of (attn_in, attn_out, mlp_in, mlp_out) as a tensor, so layers share one graph
     thresholds: Optional[torch.Tensor] = None
@@ -160,26 +163,33 @@ def _gate_up(h: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, site: Site,
             * torch.ops.larosa.threshold_linear(h, wu, 0.0, cnt))
 
 
-def _attention(q, kc, vc, mask, st: LayerStatic) -> torch.Tensor:
+def _attention(q, kc, vc, mask, pos, st: LayerStatic) -> torch.Tensor:
     """q (B, T, H, hd) against the whole static cache (B, KVH, L, hd); GQA without repeating K/V:
-    the G query heads of a KV head are laid out as G*T query rows of that head."""
+    the G query heads of a KV head are laid out as G*T query rows of that head. One position (decode)
+    takes `larosa::decode_attention`, which reads only the cache positions 0..pos."""
     b, t = q.shape[0], q.shape[1]
     g = st.heads // st.kv_heads
     qg = q.view(b, t, st.kv_heads, g, st.head_dim).permute(0, 2, 3, 1, 4).reshape(b, st.kv_heads, g * t,
                                                                                   st.head_dim)
-    m = mask.repeat(g, 1)[None, None]
-    o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=m, scale=st.scaling)
+    if t == 1:
+        o = torch.ops.larosa.decode_attention(qg, kc, vc, pos, st.scaling)
+    else:
+        m = mask.repeat(g, 1)[None, None]
+        o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=m, scale=st.scaling)
     return o.view(b, st.kv_heads, g, t, st.head_dim).permute(0, 3, 1, 2, 4).reshape(b, t, st.heads * st.head_dim)
 
 
-def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                  kc: torch.Tensor, vc: torch.Tensor, w: tuple, st: LayerStatic,
-                  probe: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
-    """One decoder layer on x (B, T, D) at positions `pos` (T,), writing K/V into the cache in place.
+def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, mask: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, w: tuple,
+               st: LayerStatic, probe: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+    """The attention half of a layer: returns the mid-layer residual x + o(attn(norm(x))), writing K/V.
 
-    `probe(site_index, x)` (eager use only) sees the four site inputs before sparsification."""
-    (attn_norm, wqkv, bqkv, wo, bo, mlp_norm, wgate, wup, wdown, q_norm, k_norm, rotate_mlp, adapter, thr,
-     s_ao, s_mo, cnt) = w
+    `res` (or None) is added to x first: the previous layer's adapted residual when the adapter ran on
+    its own stream (see `DecodeEngine`)."""
+    (attn_norm, wqkv, bqkv, wo, bo, _mlp_norm, _wgate, _wup, _wdown, q_norm, k_norm, _rotate_mlp, _adapter,
+     thr, s_ao, _s_mo, cnt) = w
+    if res is not None:
+        x = x + res
     b, t, _ = x.shape
     h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
     qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt)
@@ -192,17 +202,47 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
-    a = _site_input(_attention(q, kc, vc, mask, st), s_ao, probe, thr, 1, st.attn_out)
-    x = x + _linear(a, wo, bo, st.attn_out, cnt)
+    a = _site_input(_attention(q, kc, vc, mask, pos, st), s_ao, probe, thr, 1, st.attn_out)
+    return x + _linear(a, wo, bo, st.attn_out, cnt)
+
+
+def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
+              probe: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+    """The MLP half on the mid-layer residual x: x + down(...) without an adapter; with one, only
+    down(...), already in the next layer's basis (R_l folded into the down projection, `fold_adapter`),
+    and the caller adds x @ R_l."""
+    (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, _adapter,
+     thr, _s_ao, s_mo, cnt) = w
     h = _rms(x, mlp_norm, st.eps)
     if st.rotate_mlp:
         h = h @ rotate_mlp
     h = _site_input(h, None, probe, thr, 2, st.mlp_in)
     act = _site_input(_gate_up(h, wgate, wup, st.mlp_in, cnt), s_mo, probe, thr, 3, st.mlp_out)
-    x = x + _linear(act, wdown, None, st.mlp_out, cnt)
-    if st.adapter:
-        x = x @ adapter
-    return x
+    y = _linear(act, wdown, None, st.mlp_out, cnt)
+    return y if st.adapter else x + y
+
+
+def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                  kc: torch.Tensor, vc: torch.Tensor, w: tuple, st: LayerStatic,
+                  probe: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+    """One decoder layer on x (B, T, D) at positions `pos` (T,), writing K/V into the cache in place.
+
+    With an adapter R_l the layer returns (x_mid + down(m)) R_l computed as x_mid R_l + down'(m), where
+    down' = down R_l is folded into the weights. `probe(site_index, x)` (eager use only) sees the four
+    site inputs before sparsification."""
+    x = attn_block(x, None, pos, cos, sin, mask, kc, vc, w, st, probe)
+    y = mlp_block(x, w, st, probe)
+    return x @ w[12] + y if st.adapter else y
+
+
+def fold_adapter(wdown: torch.Tensor, adapter: torch.Tensor, site: Site) -> torch.Tensor:
+    """The down projection followed by the residual adapter R as one weight: down(m) R = m W' with
+    W' = W^T R (input-major layout: W R; (d_out, d_in) layout: R^T W). Accumulated in fp32 (fp64 on
+    the CPU), rounded once to the weight dtype."""
+    acc = torch.float64 if wdown.device.type == "cpu" else torch.float32
+    if site.mode == "dense":
+        return (adapter.to(acc).t() @ wdown.to(acc)).to(wdown.dtype).contiguous()
+    return (wdown.to(acc) @ adapter.to(acc)).to(wdown.dtype).contiguous()
 
 
 @dataclass
@@ -377,6 +417,8 @@ def from_hf(model: nn.Module) -> ModelWeights:
             adapter=layer.adapter.detach() if hasattr(layer, "adapter") else None, thresholds=thr,
             scale_attn_out=None if sc_ao is None else sc_ao.to(a_gamma.dtype),
             scale_mlp_out=None if sc_mo is None else sc_mo.to(a_gamma.dtype))
+        if lw.adapter is not None:
+            lw.wdown = fold_adapter(lw.wdown, lw.adapter, s_mo)
         if any(site.mode != "dense" for site in (s_ai, s_ao, s_mi, s_mo)):
             lw.add_counters()
         if any(getattr(lin, "bias", None) is not None for lin in (g_lin, u_lin, d_lin)):
@@ -449,10 +491,16 @@ class DecodeEngine:
     """Static-cache decoder for `ModelWeights`: `prefill`, then `step` one token at a time.
 
     compile: None = on CUDA only. graphs: None = on CUDA only (the decode step is one CUDA graph).
+    overlap_adapters: None = on with CUDA graphs when the model has residual adapters. The decode step then
+    runs each adapter GEMV x_mid R_l on a second stream, concurrent with the layer's MLP half (which does
+    not need it: R_l is folded into the down projection), and the next layer adds the two. On the CPU
+    `True` runs the same split step in order (tests); prefill always runs the plain layer.
+    capture_priority: CUDA stream priority of the captured step (None: the highest when overlapping).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
-                 graphs: Optional[bool] = None):
+                 graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
+                 capture_priority: Optional[int] = None):
         self.w = weights
         self.device = weights.device
         self.dtype = weights.dtype
@@ -478,8 +526,23 @@ class DecodeEngine:
         self.positions = torch.arange(self.max_len, device=self.device)
         self._tensors = [lw.tensors() for lw in weights.layers]
         self._layer_fn: Callable = decoder_layer
+        self._attn_fn: Callable = attn_block
+        self._mlp_fn: Callable = mlp_block
         if self.compile:
             self._layer_fn = torch.compile(decoder_layer, fullgraph=True, dynamic=False)
+            self._attn_fn = torch.compile(attn_block, fullgraph=True, dynamic=False)
+            self._mlp_fn = torch.compile(mlp_block, fullgraph=True, dynamic=False)
+        has_adapters = any(st.adapter for st in weights.statics)
+        self.overlap = has_adapters and (self.graphs if overlap_adapters is None else bool(overlap_adapters))
+        self._side = torch.cuda.Stream(self.device) if self.overlap and cuda else None
+        # capture the step on a high-priority stream, so the side stream's adapter GEMVs fill gaps only
+        if capture_priority is None:
+            capture_priority = torch.cuda.Stream.priority_range()[1] if self._side is not None else 0
+        self.capture_priority = capture_priority
+        # ping-pong buffers for x_mid R_l: layer l writes one while layer l + 1 reads the other
+        d = weights.embed.shape[1]
+        self._res = [torch.zeros(self.batch, 1, d, dtype=self.dtype, device=self.device)
+                     for _ in range(2 if self.overlap else 0)]
         # decode-step state (static buffers, so a captured graph can read and update them)
         self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -501,8 +564,39 @@ class DecodeEngine:
                 st = _all_inputs_kept(st, lw)
             layer_probe = None if probe is None else (lambda site, t, i=i: probe(i, site, t))
             x = layer_fn(x, pos, cos, sin, mask, kc, vc, lw, st, layer_probe)
+        return self._head(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
         h = _rms(x[:, -1:], self.w.final_norm, self.w.final_eps)
         return F.linear(h, self.w.head)[:, 0].to(self.logits_dtype)
+
+    def _forward_overlapped(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One decode position (ids (B, 1)) with each adapter GEMV x_mid R_l on the side stream, concurrent
+        with the MLP half of its layer; the next layer's attention half adds it to the residual."""
+        x = F.embedding(ids, self.w.embed)
+        cos, sin = self.cos[pos], self.sin[pos]
+        mask = self.positions[None, :] <= pos[:, None]
+        main = torch.cuda.current_stream(self.device) if self._side is not None else None
+        res = None
+        for i, (lw, st, kc, vc) in enumerate(zip(self._tensors, self.w.statics, self.k_cache, self.v_cache)):
+            x = self._attn_fn(x, res, pos, cos, sin, mask, kc, vc, lw, st)
+            if not st.adapter:
+                x, res = self._mlp_fn(x, lw, st), None
+                continue
+            buf = self._res[i % 2]
+            if self._side is None:
+                torch.mm(x.view(-1, x.shape[-1]), lw[12], out=buf.view(-1, buf.shape[-1]))
+                y = self._mlp_fn(x, lw, st)
+            else:
+                self._side.wait_stream(main)
+                with torch.cuda.stream(self._side):
+                    torch.mm(x.view(-1, x.shape[-1]), lw[12], out=buf.view(-1, buf.shape[-1]))
+                y = self._mlp_fn(x, lw, st)
+                main.wait_stream(self._side)  # before x (read by the side stream) can be freed
+            x, res = y, buf
+        if res is not None:
+            x = x + res
+        return self._head(x)
 
     def reset(self) -> None:
         for c in self.k_cache + self.v_cache:
@@ -539,7 +633,10 @@ class DecodeEngine:
 
     def _step_body(self, temperature: float, top_k: int) -> None:
         """Decode the token in `self.tok` at `self.pos`; write the next token; advance pos."""
-        logits = self._forward(self.tok, self.pos, self._layer_fn)
+        if self.overlap:
+            logits = self._forward_overlapped(self.tok, self.pos)
+        else:
+            logits = self._forward(self.tok, self.pos, self._layer_fn)
         self.logits.copy_(logits)
         nxt = self._sample(logits, temperature, top_k)
         self.tok.copy_(nxt)
@@ -553,14 +650,14 @@ class DecodeEngine:
         saved = (self.tok.clone(), self.pos.clone(), self.out.clone(), [c.clone() for c in self.k_cache],
                  [c.clone() for c in self.v_cache])
         self.pos.zero_()
-        s = torch.cuda.Stream()
+        s = torch.cuda.Stream(self.device, priority=self.capture_priority)
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s), _compile_limits():
             for _ in range(2):  # compile + warm up outside the graph
                 self._step_body(temperature, top_k)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        with torch.cuda.graph(g, stream=s):
             self._step_body(temperature, top_k)
         self._graph, self._graph_key = g, key
         self.tok.copy_(saved[0])

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .engine import LayerStatic, LayerWeights, ModelWeights, Site
+from .engine import LayerStatic, LayerWeights, ModelWeights, Site, fold_adapter
 from .errors import LarosaError
 from .sparsity import SparsityPlan
 
@@ -123,9 +123,10 @@ def sparse_variant(base: ModelWeights, method: str, sparsity: float, split=(0.8,
         adapter = None
         if method == "larosa" and i < n - 1:
             adapter = _orthogonal(d, gen, dev).to(base.dtype)
+        wdown = _t(lw.wdown) if adapter is None else fold_adapter(_t(lw.wdown), adapter, sites[3])
         layers.append(LayerWeights(
             attn_norm=lw.attn_norm, wqkv=_t(lw.wqkv), bqkv=lw.bqkv, wo=_t(lw.wo), bo=lw.bo, mlp_norm=lw.mlp_norm,
-            wgate=_t(lw.wgate), wup=_t(lw.wup), wdown=_t(lw.wdown), adapter=adapter, thresholds=thr).add_counters())
+            wgate=_t(lw.wgate), wup=_t(lw.wup), wdown=wdown, adapter=adapter, thresholds=thr).add_counters())
         statics.append(st._replace(attn_in=sites[0], attn_out=sites[1], mlp_in=sites[2], mlp_out=sites[3],
                                    adapter=adapter is not None))
     meta = dict(base.meta, method=method, sparsity=sparsity, split=list(split))

@@ -3,6 +3,7 @@
     torch.ops.larosa.topk_linear(x, wt, k, bias)        y = TopK_k(x) @ wt (+ bias)
     torch.ops.larosa.topk_gate_up(x, wt_gate, wt_up, k)  h = silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up)
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
+    torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
 
 Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
 the kernels for their per-column-block counters (and the tile kernel's fp32 sums) and left zeroed;
@@ -27,7 +28,7 @@ from . import reference as ref
 try:
     import triton  # noqa: F401
 
-    from . import triton_gemv
+    from . import triton_attention, triton_gemv
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - triton missing or broken
@@ -161,3 +162,34 @@ def dense_linear_kernel(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
     triton_gemv.launch(x2, wt, y, x.shape[-1], mode=2)
     return y.view(*x.shape[:-1], wt.shape[1])
+
+
+def attention_impl() -> str:
+    """`LAROSA_ATTENTION`: "split" (default, the Triton split-cache kernel) or "sdpa" (PyTorch's)."""
+    impl = os.environ.get("LAROSA_ATTENTION", "split")
+    if impl not in ("split", "sdpa"):
+        raise ValueError(f"LAROSA_ATTENTION must be 'split' or 'sdpa', got {impl!r}")
+    return impl
+
+
+@torch.library.custom_op("larosa::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q (B, KVH, G, HD), one query position `pos` ((1,) int64 on the device), against the first pos + 1
+    positions of static caches (B, KVH, L, HD); returns (B, KVH, G, HD). Reads only those positions."""
+    if q.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[:2] != q.shape[:2] \
+            or k_cache.shape[3] != q.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} / caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}: expected "
+                         f"(B, KVH, G, HD) and (B, KVH, L, HD)")
+    hd = q.shape[3]
+    if (HAVE_TRITON and q.dtype in KERNEL_DTYPES and hd == 1 << (hd.bit_length() - 1) and hd >= 16
+            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and attention_impl() == "split"):
+        return triton_attention.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
+                                                 pos, scale)
+    # SDPA may return a permuted layout; the op's output is contiguous, as its fake says
+    return ref.decode_attention_ref(q, k_cache, v_cache, pos, scale).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, k_cache, v_cache, pos, scale):
+    return q.new_empty(q.shape)

@@ -48,3 +48,10 @@ def topk_gate_up_ref(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor
     acc = _acc(x)
     xs = torch.where(topk_keep_mask(x, k), x, torch.zeros_like(x)).to(acc)
     return (F.silu(xs @ wt_gate.to(acc)) * (xs @ wt_up.to(acc))).to(x.dtype)
+
+
+def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """q (B, KVH, G, HD) of one position `pos` against cache positions 0..pos of (B, KVH, L, HD) caches."""
+    keep = (torch.arange(k_cache.shape[2], device=q.device) <= pos.reshape(-1)[:1]).expand(q.shape[2], -1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=keep, scale=scale)

@@ -1,0 +1,67 @@
+"""The split-cache decode attention kernel vs the PyTorch reference (sdpa with a position mask):
+compiled on a GPU, under TRITON_INTERPRET=1 on the CPU (tests/conftest.py)."""
+
+import pytest
+import torch
+
+from larosa.kernels import HAVE_TRITON, ops
+from larosa.kernels.reference import decode_attention_ref
+
+pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(b, kvh, g, hd, L, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, kvh, g, hd, generator=gen).to(DEV, dtype)
+    kc = torch.randn(b, kvh, L, hd, generator=gen).to(DEV, dtype)
+    vc = torch.randn(b, kvh, L, hd, generator=gen).to(DEV, dtype)
+    return q, kc, vc
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,kvh,g,hd,L,pos", [(1, 2, 1, 64, 200, 0), (1, 2, 4, 64, 200, 130), (2, 1, 3, 32, 70, 69),
+                                              (1, 3, 2, 128, 129, 64), (1, 1, 8, 16, 1000, 999)])
+def test_decode_attention_matches_reference(dtype, b, kvh, g, hd, L, pos):
+    q, kc, vc = _case(b, kvh, g, hd, L, dtype)
+    p = torch.tensor([pos], device=DEV)
+    scale = hd ** -0.5
+    got = ops.triton_attention.decode_attention(q, kc, vc, p, scale)
+    want = decode_attention_ref(q.double(), kc.double(), vc.double(), p, scale)
+    assert got.shape == q.shape and got.dtype == dtype
+    # 16-bit inputs, fp32 accumulation, probabilities rounded to 16 bits before the value product
+    torch.testing.assert_close(got.double(), want, atol=2e-2, rtol=2e-2)
+    # positions after pos are never read: garbage there changes nothing
+    kc[:, :, pos + 1:] = float("nan")
+    vc[:, :, pos + 1:] = float("nan")
+    assert torch.equal(ops.triton_attention.decode_attention(q, kc, vc, p, scale), got)
+
+
+def test_decode_attention_op_dispatch(monkeypatch):
+    q, kc, vc = _case(1, 2, 2, 64, 96, torch.bfloat16)
+    p = torch.tensor([40], device=DEV)
+    calls = []
+    real = ops.triton_attention.decode_attention
+    monkeypatch.setattr(ops.triton_attention, "decode_attention", lambda *a: (calls.append(1), real(*a))[1])
+    y = torch.ops.larosa.decode_attention(q, kc, vc, p, 0.125)
+    assert calls == [1]
+    monkeypatch.setenv("LAROSA_ATTENTION", "sdpa")
+    torch.testing.assert_close(torch.ops.larosa.decode_attention(q, kc, vc, p, 0.125), y, atol=2e-2, rtol=2e-2)
+    assert calls == [1]
+    # fp32 and head sizes that are not a power of two take the reference
+    q32, k32, v32 = (t.float() for t in (q, kc, vc))
+    y32 = torch.ops.larosa.decode_attention(q32, k32, v32, p, 0.125)
+    assert y32.is_contiguous()  # as the fake implementation promises the compiler
+    torch.ops.larosa.decode_attention(q[..., :48], kc[..., :48], vc[..., :48], p, 0.125)
+    assert calls == [1]
+    monkeypatch.setenv("LAROSA_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="LAROSA_ATTENTION"):
+        torch.ops.larosa.decode_attention(q, kc, vc, p, 0.125)
+    with pytest.raises(ValueError, match="expected"):
+        torch.ops.larosa.decode_attention(q, kc[:, :1], vc[:, :1], p, 0.125)
+
+
+def test_split_plan_covers_the_cache():
+    for b, kvh, L in [(1, 32, 320), (1, 8, 2048), (4, 8, 64), (1, 1, 5000)]:
+        n, chunk = ops.triton_attention.plan(b, kvh, L)
+        assert n * chunk >= L > (n - 1) * chunk and chunk % ops.triton_attention.BLOCK_L == 0
