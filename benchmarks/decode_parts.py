@@ -1,0 +1,140 @@
+"""Decode-step parts on the GPU (H200): the attention kernel and the adapter side stream, each A/B.
+
+    PYTHONPATH=src python3 benchmarks/decode_parts.py --out benchmarks/results/decode-parts-h200.json
+
+1. Attention of one decode position (bf16, batch 1) over a static cache of L positions filled up to
+   `pos`: PyTorch's SDPA with a position mask (the engine's path before, reads all L positions) vs
+   `larosa::decode_attention` (split-cache Triton kernel, reads positions 0..pos). 32 layers' caches
+   cycled in one CUDA graph; median per call; bytes = K and V of the positions read.
+2. The whole decode engine (LLaMA2-7B shape, random weights, prompt 128, 128 new tokens): dense and
+   LaRoSA at p = 0.5 with the attention kernel on/off and the adapter GEMVs on the side stream on/off
+   (and on with the capture stream at default priority). tok/s and p50 from `larosa.bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from gemv import graph_time_us  # noqa: E402
+
+from larosa.bench import _measure, copy_bandwidth  # noqa: E402
+from larosa.kernels import ops  # noqa: E402
+from larosa.shapes import get_shape, random_base, sparse_variant  # noqa: E402
+
+ATTN_SHAPES = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}  # KV heads, query heads per KV head, hd
+
+
+def attention_rows(layers: int = 32) -> list[dict]:
+    rows = []
+    for name, (kvh, g, hd) in ATTN_SHAPES.items():
+        for L, pos in ((320, 200), (2176, 2047), (2176, 255)):
+            qs = [torch.randn(1, kvh, g, hd, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+            kc = [torch.randn(1, kvh, L, hd, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+            vc = [torch.randn(1, kvh, L, hd, device="cuda", dtype=torch.bfloat16) for _ in range(layers)]
+            p = torch.tensor([pos], device="cuda")
+            mask = (torch.arange(L, device="cuda") <= p).expand(g, L)[None, None]
+
+            def sdpa(i, q=qs, k=kc, v=vc, m=mask, s=hd ** -0.5):
+                return lambda: F.scaled_dot_product_attention(q[i], k[i], v[i], attn_mask=m, scale=s)
+
+            def split(i, q=qs, k=kc, v=vc, p=p, s=hd ** -0.5):
+                return lambda: ops.triton_attention.decode_attention(q[i], k[i], v[i], p, s)
+
+            err = (split(0)().float() - sdpa(0)().float()).abs().max().item()
+            t_sdpa = graph_time_us([sdpa(i) for i in range(layers)])
+            t_split = graph_time_us([split(i) for i in range(layers)])
+            read = 2 * kvh * (pos + 1) * hd * 2
+            rows.append({"shape": name, "L": L, "pos": pos, "sdpa_us": t_sdpa, "split_us": t_split,
+                         "speedup": t_sdpa / t_split, "bytes_read_split": read,
+                         "split_GBps": read / t_split / 1e3, "max_abs_diff": err})
+            print(f"attention {name:10s} L={L:5d} pos={pos:5d}: sdpa {t_sdpa:6.2f} us  split {t_split:6.2f} us "
+                  f"({t_sdpa / t_split:.2f}x, {read / t_split / 1e3:.0f} GB/s)  max|diff| {err:.1e}", flush=True)
+    return rows
+
+
+DENSE_SHAPES = {"qkv 4096->12288": (4096, 12288), "o 4096->4096": (4096, 4096),
+                "gate+up 4096->22016": (4096, 22016), "down 11008->4096": (11008, 4096),
+                "head 4096->32000": (4096, 32000), "qkv 4096->6144": (4096, 6144),
+                "gate+up 4096->28672": (4096, 28672), "down 14336->4096": (14336, 4096)}
+
+
+def dense_layout_rows() -> list[dict]:
+    """cuBLAS at batch 1 on the two weight layouts: F.linear(x, W) with W (d_out, d_in) ("TN", the
+    engine's dense layout) vs x @ Wt with Wt (d_in, d_out) contiguous ("NN")."""
+    from gemv import L2_BYTES
+
+    rows = []
+    for name, (d_in, d_out) in DENSE_SHAPES.items():
+        nbytes = d_in * d_out * 2
+        copies = max(3, -(-4 * L2_BYTES // nbytes))
+        ws = [torch.randn(d_out, d_in, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        wts = [w.t().contiguous() for w in ws]
+        x = torch.randn(1, d_in, device="cuda", dtype=torch.bfloat16)
+        t_tn = graph_time_us([(lambda w=w: F.linear(x, w)) for w in ws])
+        t_nn = graph_time_us([(lambda w=w: x @ w) for w in wts])
+        t_mv = graph_time_us([(lambda w=w: torch.mv(w, x[0])) for w in ws])
+        bw_tn = nbytes / t_tn / 1e3
+        rows.append({"shape": name, "d_in": d_in, "d_out": d_out, "linear_TN_us": t_tn, "matmul_NN_us": t_nn,
+                     "mv_us": t_mv, "TN_GBps": bw_tn})
+        print(f"dense {name:22s}: F.linear {t_tn:6.2f} us ({bw_tn:.0f} GB/s)  x @ Wt {t_nn:6.2f} us  "
+              f"mv {t_mv:6.2f} us", flush=True)
+        del ws, wts
+    return rows
+
+
+def engine_rows(shape: str, gen_len: int) -> list[dict]:
+    bw = copy_bandwidth(torch.device("cuda"))
+    base = random_base(get_shape(shape), torch.bfloat16, "cuda", 0)
+    prompt = torch.randint(0, 1000, (1, 128), device="cuda")
+    lar = sparse_variant(base, "larosa", 0.5)
+    rows = []
+    configs = [("dense", base, "sdpa", {}), ("dense", base, "split", {}),
+               ("larosa", lar, "sdpa", {"overlap_adapters": False}), ("larosa", lar, "split", {"overlap_adapters": False}),
+               ("larosa", lar, "split", {"overlap_adapters": True}), ("larosa", lar, "split", {"overlap_adapters": True,
+                                                                                            "capture_priority": 0})]
+    for method, w, attn, kw in configs:
+        os.environ["LAROSA_ATTENTION"] = attn
+        r = _measure(w, prompt, gen_len, bw, **kw)
+        prio = kw.get("capture_priority")
+        row = {"shape": shape, "method": method, "attention": attn, "overlap_adapters": kw.get("overlap_adapters"),
+               "capture_priority": "default" if prio is not None else "high", "tok_s": r["tok_s"],
+               "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"], "bandwidth_fraction": r["bandwidth_fraction"]}
+        rows.append(row)
+        print(f"engine {shape} {method:6s} attn={attn:5s} overlap={row['overlap_adapters']} prio={row['capture_priority']}: "
+              f"{r['tok_s']:.1f} tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+    os.environ.pop("LAROSA_ATTENTION", None)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--parts", default="attention,engine")
+    ap.add_argument("--shape", default="llama2-7b")
+    ap.add_argument("--gen-len", type=int, default=128)
+    a = ap.parse_args()
+    parts = a.parts.split(",")  # attention, engine, dense_layout
+    res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
+    if "attention" in parts:
+        res["attention"] = attention_rows()
+    if "dense_layout" in parts:
+        res["dense_layout"] = dense_layout_rows()
+    if "engine" in parts:
+        res["engine"] = engine_rows(a.shape, a.gen_len)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
