@@ -55,8 +55,9 @@ def test_decode_attention_op_dispatch(monkeypatch):
     torch.ops.larosa.decode_attention(q[..., :48], kc[..., :48], vc[..., :48], p, 0.125)
     assert calls == [1]
     monkeypatch.setenv("LAROSA_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="LAROSA_ATTENTION"):
-        torch.ops.larosa.decode_attention(q, kc, vc, p, 0.125)
+    for args in ((q, kc, vc), (q32, k32, v32)):  # refused on the kernel path and on the reference path
+        with pytest.raises(ValueError, match="LAROSA_ATTENTION"):
+            torch.ops.larosa.decode_attention(*args, p, 0.125)
     with pytest.raises(ValueError, match="expected"):
         torch.ops.larosa.decode_attention(q, kc[:, :1], vc[:, :1], p, 0.125)
 

@@ -69,13 +69,15 @@ def test_bias_and_leading_shape(d_out):
     sums there when a bias was added (fixed by a barrier between reading and zeroing the sums)."""
     x = torch.randn(1, 2, 150).bfloat16()
     wt = torch.randn(150, d_out).bfloat16()
+    wu = torch.randn(150, d_out).bfloat16()
     b = torch.randn(d_out).bfloat16()
-    for _ in range(2):  # the second call reuses the sums the first one zeroed
-        y = topk_linear(x, wt, 60, b)
+    buf = ops.counter_workspace(2, d_out)
+    for _ in range(2):  # the second call reuses the sums the first one left zeroed
+        y = topk_linear(x, wt, 60, b, buf)
         assert y.shape == (1, 2, d_out)
         assert _rel(y, topk_gemv_ref(x, wt, 60, b)) < 1e-2
-    wu = torch.randn(150, d_out).bfloat16()
-    assert _rel(topk_gate_up(x, wt, wu, 60), topk_gate_up_ref(x, wt, wu, 60)) < 1e-2
+        assert _rel(topk_gate_up(x, wt, wu, 60, buf), topk_gate_up_ref(x, wt, wu, 60)) < 1e-2
+        assert not buf.any()
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])

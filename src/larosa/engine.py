@@ -238,8 +238,8 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
 def fold_adapter(wdown: torch.Tensor, adapter: torch.Tensor, site: Site) -> torch.Tensor:
     """The down projection followed by the residual adapter R as one weight: down(m) R = m W' with
     W' = W^T R (input-major layout: W R; (d_out, d_in) layout: R^T W). Accumulated in fp32 (fp64 on
-    the CPU), rounded once to the weight dtype."""
-    acc = torch.float64 if wdown.device.type == "cpu" else torch.float32
+    the CPU and for fp64 weights), rounded once to the weight dtype."""
+    acc = torch.float64 if wdown.device.type == "cpu" else torch.promote_types(wdown.dtype, torch.float32)
     if site.mode == "dense":
         return (adapter.to(acc).t() @ wdown.to(acc)).to(wdown.dtype).contiguous()
     return (wdown.to(acc) @ adapter.to(acc)).to(wdown.dtype).contiguous()
@@ -539,7 +539,8 @@ class DecodeEngine:
         if capture_priority is None:
             capture_priority = torch.cuda.Stream.priority_range()[1] if self._side is not None else 0
         self.capture_priority = capture_priority
-        # ping-pong buffers for x_mid R_l: layer l writes one while layer l + 1 reads the other
+        # x_mid R_l lands in a static buffer (two, by layer parity; one would do, since every layer joins
+        # the side stream before the next layer forks it)
         d = weights.embed.shape[1]
         self._res = [torch.zeros(self.batch, 1, d, dtype=self.dtype, device=self.device)
                      for _ in range(2 if self.overlap else 0)]

@@ -182,8 +182,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"q {tuple(q.shape)} / caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}: expected "
                          f"(B, KVH, G, HD) and (B, KVH, L, HD)")
     hd = q.shape[3]
+    impl = attention_impl()  # checked on every path, so a bad value never passes silently
     if (HAVE_TRITON and q.dtype in KERNEL_DTYPES and hd == 1 << (hd.bit_length() - 1) and hd >= 16
-            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and attention_impl() == "split"):
+            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and impl == "split"):
         return triton_attention.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
                                                  pos, scale)
     # SDPA may return a permuted layout; the op's output is contiguous, as its fake says

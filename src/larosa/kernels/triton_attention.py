@@ -31,7 +31,7 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
     nsplit = tl.num_programs(1)
     n_valid = tl.load(pos_ptr).to(tl.int32) + 1
     start = sp * chunk
-    end = tl.minimum(start + chunk, n_valid)
+    end = tl.minimum(tl.minimum(start + chunk, n_valid), L)  # never past the cache
     rg = tl.arange(0, GP)
     rd = tl.arange(0, HD)
     q = tl.load(q_ptr + bh * G * HD + rg[:, None] * HD + rd[None, :], mask=(rg < G)[:, None], other=0.0)
