@@ -302,23 +302,30 @@ def _mode_reference(x, wt, wt2, bias, k, thr, mode):
     return topk_gate_up_ref(x, wt, wt2, kk) if wt2 is not None else topk_gemv_ref(x, wt, kk, bias)
 
 
+def _twice_on_one_buffer(impl, tiles, buf, mode, gated, left_dirty):
+    """Two calls with fresh inputs (2 rows, 300 -> 70, k = 120) on the same zeroed buffer: each output
+    matches the reference and the kernel leaves the buffer zeroed. Returns the last (x, wt, y)."""
+    d_in, d_out, k, rows = 300, 70, 120, 2
+    for _ in range(2):
+        x, wt, wt2, bias, thr = _mode_case(rows, d_in, d_out, gated)
+        y = torch.empty(rows, d_out, dtype=torch.bfloat16)
+        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, bias=bias, mode=mode, threshold=thr, impl=impl,
+                               counters=buf, **tiles)
+        ref = _mode_reference(x, wt, wt2, bias, k, thr, mode)
+        assert _rel(y, ref) < 1e-2, (mode, gated)
+        assert not buf.any(), left_dirty
+    return x, wt, y
+
+
 @pytest.mark.parametrize("mode", [0, 1, 2])
 @pytest.mark.parametrize("gated", [False, True])
 def test_split_k_every_mode_matches_reference_and_leaves_the_buffer_zeroed(mode, gated):
     """impl="split": every split writes its partial, the last program of a column block sums them, writes
     the output and resets its counter, so the same buffer serves the next call (called twice with fresh
     inputs); Top-K, threshold and dense modes, gated or with bias."""
-    d_in, d_out, k, rows = 300, 70, 120, 2
     tiles = {"block_n": 32, "block_k": 16, "rows_per_split": 32}  # 10 splits, 3 column blocks (last partial)
-    buf = torch.zeros(rows * 3, dtype=torch.int32)
-    for _ in range(2):
-        x, wt, wt2, bias, thr = _mode_case(rows, d_in, d_out, gated)
-        y = torch.empty(rows, d_out, dtype=torch.bfloat16)
-        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, bias=bias, mode=mode, threshold=thr, impl="split",
-                               counters=buf, **tiles)
-        ref = _mode_reference(x, wt, wt2, bias, k, thr, mode)
-        assert _rel(y, ref) < 1e-2, (mode, gated)
-        assert not buf.any(), "the split-K kernel left its counters non-zero"
+    buf = torch.zeros(2 * 3, dtype=torch.int32)
+    _twice_on_one_buffer("split", tiles, buf, mode, gated, "the split-K kernel left its counters non-zero")
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -327,21 +334,14 @@ def test_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(mode, gated)
     """impl="tile" (v11): one weight tile per program, fp32 atomics into sums kept in the counter buffer,
     turned into the output by the last program of each column block and zeroed again; odd sizes (partial
     row and column tiles), two rows, called twice on the same buffer with fresh inputs."""
-    d_in, d_out, k, rows = 300, 70, 120, 2
     tiles = {"block_m": 64, "block_n": 32}  # 5 row tiles (last partial), 3 column blocks (last partial)
-    buf = torch.zeros(ops.triton_gemv.tile_workspace_needed(rows, d_out, True, 32), dtype=torch.int32)
-    for _ in range(2):
-        x, wt, wt2, bias, thr = _mode_case(rows, d_in, d_out, gated)
-        y = torch.empty(rows, d_out, dtype=torch.bfloat16)
-        ops.triton_gemv.launch(x, wt, y, k, wt2=wt2, bias=bias, mode=mode, threshold=thr, impl="tile",
-                               counters=buf, **tiles)
-        ref = _mode_reference(x, wt, wt2, bias, k, thr, mode)
-        assert _rel(y, ref) < 1e-2, (mode, gated)
-        assert not buf.any(), "the tile kernel left its counters or sums non-zero"
+    buf = torch.zeros(ops.triton_gemv.tile_workspace_needed(2, 70, True, 32), dtype=torch.int32)
+    x, wt, y = _twice_on_one_buffer("tile", tiles, buf, mode, gated,
+                                    "the tile kernel left its counters or sums non-zero")
     with pytest.raises(ValueError, match="counters"):
-        ops.triton_gemv.launch(x, wt, y, k, impl="tile", counters=torch.zeros(4, dtype=torch.int32))
+        ops.triton_gemv.launch(x, wt, y, 120, impl="tile", counters=torch.zeros(4, dtype=torch.int32))
     with pytest.raises(ValueError, match="rows_per_split"):
-        ops.triton_gemv.launch(x, wt, y, k, impl="tile", rows_per_split=64)
+        ops.triton_gemv.launch(x, wt, y, 120, impl="tile", rows_per_split=64)
 
 
 def test_pdl_only_where_it_can_run(monkeypatch):

@@ -24,6 +24,7 @@ back to their PyTorch references there, so the CPU path is the plain-PyTorch ref
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple, Optional
@@ -468,8 +469,6 @@ def _compile_limits():
     """Dynamo's recompile limit raised for the engine's calls only: one graph per distinct LayerStatic
     (k values, adapters; every layer of a per-layer plan can differ), which would otherwise exceed the
     default of 8 and fall back to eager."""
-    import contextlib
-
     import torch._dynamo as dynamo
 
     names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo.config, n)]
@@ -539,11 +538,10 @@ class DecodeEngine:
         if capture_priority is None:
             capture_priority = torch.cuda.Stream.priority_range()[1] if self._side is not None else 0
         self.capture_priority = capture_priority
-        # x_mid R_l lands in a static buffer (two, by layer parity; one would do, since every layer joins
-        # the side stream before the next layer forks it)
-        d = weights.embed.shape[1]
-        self._res = [torch.zeros(self.batch, 1, d, dtype=self.dtype, device=self.device)
-                     for _ in range(2 if self.overlap else 0)]
+        # x_mid R_l lands in one static buffer: the next layer's attention half reads it before that
+        # layer forks the side stream to overwrite it
+        self._res = (torch.zeros(self.batch, 1, weights.embed.shape[1], dtype=self.dtype, device=self.device)
+                     if self.overlap else None)
         # decode-step state (static buffers, so a captured graph can read and update them)
         self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -557,15 +555,17 @@ class DecodeEngine:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, layer_fn: Callable, dense: bool = False,
                  probe=None):
         """Logits of the last position; ids (B, T) at positions pos (T,)."""
-        x = F.embedding(ids, self.w.embed)
-        cos, sin = self.cos[pos], self.sin[pos]
-        mask = self.positions[None, :] <= pos[:, None]
+        x, cos, sin, mask = self._inputs(ids, pos)
         for i, (lw, st, kc, vc) in enumerate(zip(self._tensors, self.w.statics, self.k_cache, self.v_cache)):
             if dense:
                 st = _all_inputs_kept(st, lw)
             layer_probe = None if probe is None else (lambda site, t, i=i: probe(i, site, t))
             x = layer_fn(x, pos, cos, sin, mask, kc, vc, lw, st, layer_probe)
         return self._head(x)
+
+    def _inputs(self, ids: torch.Tensor, pos: torch.Tensor):
+        """Embedded ids, the rotary rows and the causal mask over the static cache for positions pos."""
+        return F.embedding(ids, self.w.embed), self.cos[pos], self.sin[pos], self.positions[None, :] <= pos[:, None]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         h = _rms(x[:, -1:], self.w.final_norm, self.w.final_eps)
@@ -574,27 +574,23 @@ class DecodeEngine:
     def _forward_overlapped(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode position (ids (B, 1)) with each adapter GEMV x_mid R_l on the side stream, concurrent
         with the MLP half of its layer; the next layer's attention half adds it to the residual."""
-        x = F.embedding(ids, self.w.embed)
-        cos, sin = self.cos[pos], self.sin[pos]
-        mask = self.positions[None, :] <= pos[:, None]
-        main = torch.cuda.current_stream(self.device) if self._side is not None else None
+        x, cos, sin, mask = self._inputs(ids, pos)
+        side = self._side
+        main = torch.cuda.current_stream(self.device) if side is not None else None
         res = None
-        for i, (lw, st, kc, vc) in enumerate(zip(self._tensors, self.w.statics, self.k_cache, self.v_cache)):
-            x = self._attn_fn(x, res, pos, cos, sin, mask, kc, vc, lw, st)
+        for lw, st, kc, vc in zip(self._tensors, self.w.statics, self.k_cache, self.v_cache):
+            x = self._attn_fn(x, res, pos, cos, sin, mask, kc, vc, lw, st)  # reads res before the fork below
             if not st.adapter:
                 x, res = self._mlp_fn(x, lw, st), None
                 continue
-            buf = self._res[i % 2]
-            if self._side is None:
-                torch.mm(x.view(-1, x.shape[-1]), lw[12], out=buf.view(-1, buf.shape[-1]))
-                y = self._mlp_fn(x, lw, st)
-            else:
-                self._side.wait_stream(main)
-                with torch.cuda.stream(self._side):
-                    torch.mm(x.view(-1, x.shape[-1]), lw[12], out=buf.view(-1, buf.shape[-1]))
-                y = self._mlp_fn(x, lw, st)
-                main.wait_stream(self._side)  # before x (read by the side stream) can be freed
-            x, res = y, buf
+            if side is not None:
+                side.wait_stream(main)
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                torch.mm(x.view(-1, x.shape[-1]), lw[12], out=self._res.view(-1, self._res.shape[-1]))
+            y = self._mlp_fn(x, lw, st)
+            if side is not None:
+                main.wait_stream(side)  # before x (read by the side stream) can be freed, and res read
+            x, res = y, self._res
         if res is not None:
             x = x + res
         return self._head(x)

@@ -75,9 +75,9 @@ def _check(x: torch.Tensor, wt: torch.Tensor, k: int) -> None:
 def counter_workspace(rows: int, d_out: int, device=None) -> torch.Tensor:
     """A zeroed int32 workspace for `counters=`: large enough for `rows` rows of outputs up to `d_out`
     wide under every default tile (the smallest block_n is 32), the atomic reduction's fp32 sums of a
-    gated op included."""
-    n_cnt = rows * -(-d_out // 32)
-    return torch.zeros(-(-n_cnt // 32) * 32 + rows * 2 * d_out, dtype=torch.int32, device=device)
+    gated op included. Without Triton no kernel runs: an empty buffer."""
+    need = triton_gemv.tile_workspace_needed(rows, d_out, gated=True, block_n=32) if HAVE_TRITON else 0
+    return torch.zeros(need, dtype=torch.int32, device=device)
 
 
 def _counters(counters: Optional[torch.Tensor], x2: torch.Tensor, wt: torch.Tensor,

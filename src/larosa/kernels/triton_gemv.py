@@ -455,7 +455,7 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     counters = _zeroed_buffer(counters, need, x.device)
     acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
     select_impl = select_impl or SELECT_IMPL
-    sel_pdl = _use_pdl(x, pdl) and mode == 0 and select_impl == "packed"
+    sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
     sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl) if mode == 0 else x
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
@@ -569,6 +569,12 @@ def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
     return pdl_default(x) if pdl is None else bool(pdl) and _pdl_possible(x)
 
 
+def _select_then_pdl(x: torch.Tensor, pdl: bool | None, mode: int, select_impl: str) -> bool:
+    """Whether a select kernel runs and launches the GEMV as its programmatic dependent: Top-K mode, the
+    packed select (the one that triggers its dependents), and PDL wanted and possible."""
+    return mode == 0 and select_impl == "packed" and _use_pdl(x, pdl)
+
+
 GATHER = False  # default: masked loads (v4). True = compact the kept rows first (v6, slower untuned: NOTES.md)
 
 
@@ -644,7 +650,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     # the select is launched last, right before the GEMV (a counter memset in between would take the
     # place of the select as the GEMV's programmatic predecessor)
-    pdl = _use_pdl(x, pdl) and mode == 0 and not inline and select_impl == "packed"
+    pdl = not inline and _select_then_pdl(x, pdl, mode, select_impl)
     if mode == 0 and not inline:
         sel = select(x, k, select_num_warps, select_impl, pdl=pdl)
     else:  # the selection happens inside the GEMV programs (inline) or is not needed
