@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from larosa.bench import bench_decode, param_weighted
+from larosa.bench import bench_decode, kv_positions_read, param_weighted
 from larosa.engine import DecodeEngine
 from larosa.errors import LarosaError
 from larosa.shapes import SHAPES, random_base, sparse_variant, teal_thresholds
@@ -78,6 +78,10 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     lar_w = 4 * (kept + norms + head + d + adapters)
     assert lar["bytes_per_token"]["weights"] == lar_w
     assert lar["byte_model_limit"] == pytest.approx(dense_w / lar_w)
+    # KV bytes: the 11 timed steps sit at positions 8..18 and read pos + 1 cache positions, mean 14
+    assert dense["kv_positions_read"] == 14 and dense["max_len"] == 64
+    assert dense["bytes_per_token"]["kv"] == 4 * 2 * sh.layers * kv * 14
+    assert dense["bytes_per_token"]["total"] == dense_w + dense["bytes_per_token"]["kv"]
     # TEAL sits at LaRoSA's parameter-weighted sparsity; its bytes vary per token and are not claimed
     assert teal["param_weighted"] == pytest.approx(lar["param_weighted"])
     assert teal["achieved_GBps"] is None and teal["byte_model_limit"] is None
@@ -98,3 +102,11 @@ def test_bench_decode_argument_errors():
         bench_decode(shape="gpt5", progress=False, device="cpu")
     with pytest.raises(LarosaError, match="unknown method"):
         bench_decode(shape="tiny", methods=("cats",), progress=False, device="cpu")
+
+
+def test_kv_positions_read_follows_the_attention_impl(monkeypatch):
+    monkeypatch.delenv("LAROSA_ATTENTION", raising=False)
+    # timed steps at positions 128..254 read 129..255 positions: mean 192
+    assert kv_positions_read(128, 128, 320) == sum(range(129, 256)) / 127
+    monkeypatch.setenv("LAROSA_ATTENTION", "sdpa")  # masked SDPA reads the whole static cache
+    assert kv_positions_read(128, 128, 320) == 320

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .engine import DecodeEngine, ModelWeights
 from .errors import LarosaError
+from .kernels.ops import attention_impl
 from .record import run_record, write_json
 from .report import markdown_table
 from .sparsity import SparsityPlan
@@ -76,6 +77,16 @@ def _pct(v: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
+def kv_positions_read(prompt_len: int, gen_len: int, max_len: int) -> int:
+    """Cache positions one timed decode step reads per KV head, averaged over the steps. The timed steps
+    are the gen_len - 1 after the prefill's token, at positions pos = prompt_len .. prompt_len + gen_len - 2;
+    the decode attention kernel reads positions 0..pos (mean prompt_len + gen_len / 2), SDPA
+    (`LAROSA_ATTENTION=sdpa`) reads all max_len of them with a mask."""
+    if attention_impl() == "sdpa":
+        return max_len
+    return round(prompt_len + gen_len / 2)
+
+
 def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, warmup: int = 8,
              **engine_kw) -> dict:
     dev = w.device
@@ -93,12 +104,12 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     steps = res.step_ms
     mean = statistics.fmean(steps)
     tok_s = 1000.0 / mean * prompt.shape[0]
-    # the attention reads the whole static cache every step (masked), so count it
-    nb = w.bytes_per_token(context=max_len, batch=prompt.shape[0])
+    nb = w.bytes_per_token(context=kv_positions_read(prompt.shape[1], gen_len, max_len), batch=prompt.shape[0])
     steps_s = tok_s / prompt.shape[0]  # decode steps per second
     out = {"tok_s": tok_s, "step_ms_mean": mean, "p50_ms": statistics.median(steps), "p99_ms": _pct(steps, 0.99),
            "max_ms": max(steps), "steps_timed": len(steps), "prefill_ms": 1000 * res.prefill_s,
            "setup_s": round(setup_s, 1), "bytes_per_token": nb, "max_len": max_len,
+           "kv_positions_read": kv_positions_read(prompt.shape[1], gen_len, max_len),
            "achieved_GBps": nb["total"] * steps_s / 1e9 if nb["total"] is not None else None,
            "bandwidth_fraction": nb["total"] * steps_s / bw if nb["total"] is not None and bw == bw else None}
     out["p99_over_p50"] = out["p99_ms"] / out["p50_ms"]
