@@ -9,6 +9,10 @@
 2. The whole decode engine (LLaMA2-7B shape, random weights, prompt 128, 128 new tokens): dense and
    LaRoSA at p = 0.5 with the attention kernel on/off and the adapter GEMVs on the side stream on/off
    (and on with the capture stream at default priority). tok/s and p50 from `larosa.bench`.
+3. `--parts fused_norm`: the block input's RMSNorm with the Top-K select folded in (`larosa::rmsnorm_topk`)
+   vs the compiled norm, the select kernel and the GEMV: per op (q/k/v and gate+up of the shape, 32 layers'
+   weights cycled in one CUDA graph, both sides compiled) and the whole engine (LaRoSA at 0.4 / 0.5 / 0.75
+   and un-rotated Top-K at 0.5, each measured off and on in turn).
 """
 
 from __future__ import annotations
@@ -117,6 +121,69 @@ def engine_rows(shape: str, gen_len: int) -> list[dict]:
     return rows
 
 
+def fused_norm_op_rows(shape: str, p: float = 0.5, layers: int = 32) -> list[dict]:
+    """Norm (+ residual add) -> select -> GEMV, compiled as the engine compiles it, vs the one-kernel norm +
+    select followed by the GEMV; weights of `layers` layers cycled so they stream from DRAM."""
+    from larosa.engine import _rms
+    from larosa.sparsity import SparsityPlan, k_for
+
+    sh = get_shape(shape)
+    d = sh.hidden
+    plan = SparsityPlan.from_nominal(p)
+    qkv_out = sh.hidden + 2 * sh.kv_heads * sh.head_dim
+    rows = []
+    for site, wide, gated in (("attn_in", qkv_out, False), ("mlp_in", sh.intermediate, True)):
+        k = k_for(plan.sites[site], d)
+        ws = [torch.randn(d, wide, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+        wu = [torch.randn(d, wide, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)] if gated \
+            else [None] * layers
+        x = torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(1, 1, d, device="cuda", dtype=torch.bfloat16)
+        g = torch.ones(d, device="cuda", dtype=torch.bfloat16)
+        buf = ops.counter_workspace(1, wide, "cuda")
+
+        def plain_fn(x, r, wt, wt_up):
+            h = _rms(x + r, g, 1e-5)
+            if wt_up is None:
+                return torch.ops.larosa.topk_linear(h, wt, k, None, buf)
+            return torch.ops.larosa.topk_gate_up(h, wt, wt_up, k, buf)
+
+        def fused_fn(x, r, wt, wt_up):
+            return torch.ops.larosa.rmsnorm_topk(x, r, g, 1e-5, wt, wt_up, k, None, buf)
+
+        plain = torch.compile(plain_fn, fullgraph=True, dynamic=False)
+        fused = torch.compile(fused_fn, fullgraph=True, dynamic=False)
+        err = ((fused(x, r, ws[0], wu[0])[1].float() - plain(x, r, ws[0], wu[0]).float()).norm()
+               / plain(x, r, ws[0], wu[0]).float().norm()).item()
+        t_plain = graph_time_us([(lambda a=a, b=b: plain(x, r, a, b)) for a, b in zip(ws, wu)])
+        t_fused = graph_time_us([(lambda a=a, b=b: fused(x, r, a, b)) for a, b in zip(ws, wu)])
+        rows.append({"shape": shape, "site": site, "d_in": d, "d_out": wide, "gated": gated, "k": k,
+                     "plain_us": t_plain, "fused_us": t_fused, "saved_us": t_plain - t_fused, "rel_diff": err})
+        print(f"norm+select {shape} {site:7s} {d}->{wide}{' x2' if gated else ''} k={k}: norm, select, GEMV "
+              f"{t_plain:6.2f} us  fused norm+select, GEMV {t_fused:6.2f} us  (saved {t_plain - t_fused:5.2f} us, "
+              f"rel diff {err:.1e})", flush=True)
+        del ws, wu
+    return rows
+
+
+def fused_norm_engine_rows(shape: str, gen_len: int) -> list[dict]:
+    bw = copy_bandwidth(torch.device("cuda"))
+    base = random_base(get_shape(shape), torch.bfloat16, "cuda", 0)
+    prompt = torch.randint(0, 1000, (1, 128), device="cuda")
+    rows = []
+    for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
+        w = sparse_variant(base, method, p)
+        for fused in (False, True):
+            r = _measure(w, prompt, gen_len, bw, fuse_norm_select=fused)
+            rows.append({"shape": shape, "method": method, "nominal": p, "fuse_norm_select": fused,
+                         "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
+            print(f"engine {shape} {method:6s} p={p:.2f} fuse_norm_select={fused!s:5s}: {r['tok_s']:.1f} tok/s  "
+                  f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+        del w
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -124,7 +191,10 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fused_norm
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fused_norm"}
+    if unknown:
+        ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
     if "attention" in parts:
         res["attention"] = attention_rows()
@@ -132,6 +202,9 @@ def main() -> None:
         res["dense_layout"] = dense_layout_rows()
     if "engine" in parts:
         res["engine"] = engine_rows(a.shape, a.gen_len)
+    if "fused_norm" in parts:
+        res["fused_norm_ops"] = fused_norm_op_rows(a.shape)
+        res["fused_norm_engine"] = fused_norm_engine_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

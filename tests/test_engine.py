@@ -9,6 +9,7 @@ from larosa import LarosaConfig, SparsityPlan, apply
 from larosa.baselines import apply_cats, apply_teal, collect_thresholds
 from larosa.calibrate import calibrate
 from larosa.engine import DecodeEngine, from_hf
+from larosa.kernels import ops as _ops
 from larosa.errors import LarosaError
 
 from tiny import tiny_model
@@ -194,3 +195,53 @@ def test_overlapped_adapter_step_matches_plain_step():
     # no adapters (model-level Q): nothing to overlap
     mono = apply(copy.deepcopy(model), LarosaConfig("fused", "model", SparsityPlan.from_nominal(0.5)), rot)
     assert not DecodeEngine(from_hf(mono), max_len=16, overlap_adapters=True).overlap
+
+
+def _larosa_tiny(seed=7, level="layer"):
+    model = tiny_model("llama", seed=seed)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    return model, apply(copy.deepcopy(model), LarosaConfig("fused", level, SparsityPlan.from_nominal(0.5)), rot)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fused_norm_select_engine_equals_plain_engine_fp32(overlap):
+    """fp32 (reference ops): the norm + select op is the same arithmetic as the plain layer, so the logits
+    are identical, with the adapters in the layer or split off (the residual added inside the op)."""
+    model, fused = _larosa_tiny()
+    w = from_hf(fused)
+    ids = torch.randint(3, model.config.vocab_size, (2, 6))
+    plain = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap)
+    fns = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap, fuse_norm_select=True)
+    assert fns.overlap == overlap and all(st.fused_norm for st in fns._statics)
+    assert not any(st.fused_norm for st in plain._statics)
+    for e in (plain, fns):
+        e.prefill(ids)
+    torch.testing.assert_close(fns.out, plain.out, rtol=0, atol=0)
+    for _ in range(4):
+        plain.step()
+        fns.step()
+        torch.testing.assert_close(fns.logits, plain.logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_fused_norm_select_engine_runs_the_kernel_bf16(monkeypatch, overlap):
+    """bf16, batch 1: the decode step runs the Triton norm + select kernel (interpreted on the CPU) for the
+    q/k/v and gate/up sites of every layer, and its logits follow the plain kernel engine's."""
+    _, fused = _larosa_tiny(seed=3)
+    w = from_hf(fused).to(dtype=torch.bfloat16)
+    calls = []
+    real = _ops.triton_gemv.rmsnorm_select
+    monkeypatch.setattr(_ops.triton_gemv, "rmsnorm_select", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
+    plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap)
+    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, fuse_norm_select=True)
+    for e in (plain, fns):
+        e.prefill(ids)  # 6 rows: the reference path, no kernel
+    assert not calls
+    for _ in range(3):
+        plain.step()
+        fns.step()
+        cos = torch.nn.functional.cosine_similarity(fns.logits, plain.logits, dim=-1).item()
+        assert cos > 0.999, cos
+        fns.tok.copy_(plain.tok)
+    assert len(calls) == 3 * 2 * len(w.layers)

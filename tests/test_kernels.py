@@ -6,8 +6,9 @@ import os
 import pytest
 import torch
 
-from larosa.kernels import (HAVE_TRITON, threshold_gemv_ref, threshold_linear, topk_gate_up,  # noqa: E402
-                            topk_gate_up_ref, topk_gemv_ref, topk_keep_mask, topk_linear)
+from larosa.kernels import (HAVE_TRITON, rmsnorm_ref, rmsnorm_topk_ref, threshold_gemv_ref,  # noqa: E402
+                            threshold_linear, topk_gate_up, topk_gate_up_ref, topk_gemv_ref, topk_keep_mask,
+                            topk_linear)
 from larosa.kernels import ops  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
@@ -358,3 +359,95 @@ def test_pdl_only_where_it_can_run(monkeypatch):
         y = torch.empty(1, 70, dtype=torch.bfloat16)
         ops.triton_gemv.launch(x, wt, y, 100, impl=impl, pdl=True)
         assert _rel(y, topk_gemv_ref(x, wt, 100)) < 1e-2, impl
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in units in the last place between two 16-bit float tensors of the same sign."""
+    ia, ib = a.view(torch.int16).to(torch.int32), b.view(torch.int16).to(torch.int32)
+    return int((ia - ib).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,k", [(37, 5), (300, 150), (1025, 1), (2048, 1024)])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rmsnorm_select_kernel_matches_reference(dtype, d, k, with_res):
+    """The select folded into the RMSNorm: xs = x + res exactly, h = HF's RMSNorm within one unit in the last
+    place (the fp32 sum of squares may add in another order), and (t, cutoff) exactly the selection of h."""
+    x = (torch.randn(3, d) * 2).to(dtype)
+    x[1, : d // 2] = x[1, 0]  # ties in |h|
+    res = torch.randn(3, d).to(dtype) if with_res else None
+    g = (torch.rand(d) + 0.5).to(dtype)
+    xs, h, sel = ops.triton_gemv.rmsnorm_select(x, res, g, 1e-5, k)
+    want_xs = x if res is None else x + res
+    if with_res:
+        assert torch.equal(xs, want_xs)
+    else:
+        assert xs is None
+    assert _ulps(h, rmsnorm_ref(want_xs, g, 1e-5)) <= 1
+    bits = h.view(torch.int16).to(torch.int32) & 0x7FFF
+    keep = (bits > sel[:, :1]) | ((bits == sel[:, :1]) & (torch.arange(d) < sel[:, 1:]))
+    assert torch.equal(keep, topk_keep_mask(h, k))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("with_res", [False, True])
+@pytest.mark.parametrize("impl", ["tile", "split", "inline"])
+def test_rmsnorm_topk_op_matches_its_parts(monkeypatch, gated, with_res, impl):
+    """The op's output is the GEMV of the kernel's own h, under every GEMV implementation (the precomputed
+    selection is used by tile and split, recomputed by inline), and close to the all-reference composition."""
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
+    calls = _kernel_used(monkeypatch)
+    d, d_out, k = 300, 70, 120
+    x = torch.randn(1, 2, d).bfloat16()
+    res = torch.randn(1, 2, d).bfloat16() if with_res else None
+    g = (torch.rand(d) + 0.5).bfloat16()
+    wt, wu = torch.randn(d, d_out).bfloat16(), torch.randn(d, d_out).bfloat16()
+    b = None if gated else torch.randn(d_out).bfloat16()
+    buf = ops.counter_workspace(2, d_out)
+    xs, y = torch.ops.larosa.rmsnorm_topk(x, res, g, 1e-6, wt, wu if gated else None, k, b, buf)
+    assert calls, "the Triton GEMV did not run"
+    assert not buf.any(), "the workspace was not left zeroed"
+    _, h, _ = ops.triton_gemv.rmsnorm_select(x.view(2, d), None if res is None else res.view(2, d), g, 1e-6, k)
+    want = topk_gate_up_ref(h, wt, wu, k) if gated else topk_gemv_ref(h, wt, k, b)
+    assert y.shape == (1, 2, d_out) and _rel(y.view(2, d_out), want) < 1e-2
+    ref_xs, ref_y = rmsnorm_topk_ref(x, res, g, 1e-6, wt, wu if gated else None, k, b)
+    assert _rel(y, ref_y) < 3e-2
+    if with_res:
+        assert torch.equal(xs, ref_xs)
+    else:
+        assert xs.numel() == 0
+
+
+def test_rmsnorm_topk_reference_paths_and_errors():
+    """fp32 (no kernel) and k >= d take the reference exactly; shape and argument errors are clear."""
+    x, res, g = torch.randn(2, 40), torch.randn(2, 40), torch.rand(40) + 0.5
+    wt, wu, b = torch.randn(40, 9), torch.randn(40, 9), torch.randn(9)
+    for kk in (7, 40, 99):
+        for wup, bias in ((None, b), (wu, None)):
+            xs, y = torch.ops.larosa.rmsnorm_topk(x, res, g, 1e-6, wt, wup, kk, bias)
+            rx, ry = rmsnorm_topk_ref(x, res, g, 1e-6, wt, wup, kk, bias)
+            assert torch.equal(xs, rx)
+            torch.testing.assert_close(y, ry)
+    with pytest.raises(ValueError, match="no bias"):
+        torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-6, wt, wu, 7, b)
+    with pytest.raises(ValueError, match="differ in shape"):
+        torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-6, wt, torch.randn(40, 8), 7)
+    with pytest.raises(ValueError, match="res"):
+        torch.ops.larosa.rmsnorm_topk(x, res[:1], g, 1e-6, wt, None, 7)
+    with pytest.raises(ValueError, match="norm weight"):
+        ops.triton_gemv.rmsnorm_select(x.bfloat16(), None, g[:39].bfloat16(), 1e-6, 7)
+    with pytest.raises(ValueError, match="sel must be"):
+        ops.triton_gemv.launch(x.bfloat16(), wt.bfloat16(), torch.empty(2, 9).bfloat16(), 7,
+                               sel=torch.zeros(2, 3, dtype=torch.int32))
+
+
+def test_rmsnorm_topk_opcheck_and_compile():
+    x, res = torch.randn(1, 64).bfloat16(), torch.randn(1, 64).bfloat16()
+    g, wt = (torch.rand(64) + 0.5).bfloat16(), torch.randn(64, 16).bfloat16()
+    for r in (None, res):
+        torch.library.opcheck(torch.ops.larosa.rmsnorm_topk.default, (x, r, g, 1e-6, wt, None, 20),
+                              test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda a, b: torch.ops.larosa.rmsnorm_topk(a, b, g, 1e-6, wt, wt, 20)[1] * 2,
+                       fullgraph=True, backend="aot_eager")
+    _, h, _ = ops.triton_gemv.rmsnorm_select(x, res, g, 1e-6, 20)
+    torch.testing.assert_close(fn(x, res), topk_gate_up_ref(h, wt, wt, 20) * 2, rtol=1e-2, atol=1e-2)

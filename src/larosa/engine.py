@@ -36,6 +36,7 @@ from torch import nn
 from .arch import decoder_layers, get_submodule, layer_body, spec_for
 from .errors import LarosaError
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.larosa.*)
+from .kernels.reference import rmsnorm_ref
 
 MODES = ("dense", "topk", "threshold")
 
@@ -64,6 +65,8 @@ class LayerStatic(NamedTuple):
     adapter: bool
     q_size: int
     kv_size: int
+    # Top-K block inputs: the RMSNorm and the select in one kernel (`larosa::rmsnorm_topk`); set by the engine
+    fused_norm: bool = False
 
 
 @dataclass
@@ -115,11 +118,7 @@ class LayerWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
 
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm arithmetic: normalise in fp32, cast back, then scale."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return w * xf.to(x.dtype)
+_rms = rmsnorm_ref  # HF's RMSNorm arithmetic (the fused norm + select op computes the same)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -189,11 +188,15 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     its own stream (see `DecodeEngine`)."""
     (attn_norm, wqkv, bqkv, wo, bo, _mlp_norm, _wgate, _wup, _wdown, q_norm, k_norm, _rotate_mlp, _adapter,
      thr, s_ao, _s_mo, cnt) = w
-    if res is not None:
-        x = x + res
     b, t, _ = x.shape
-    h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
-    qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt)
+    if st.fused_norm and st.attn_in.mode == "topk" and probe is None:
+        xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt)
+        x = x if res is None else xs
+    else:
+        if res is not None:
+            x = x + res
+        h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
+        qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt)
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
     q = q.view(b, t, st.heads, st.head_dim)
     k = k.view(b, t, st.kv_heads, st.head_dim)
@@ -214,11 +217,15 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
     and the caller adds x @ R_l."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, _adapter,
      thr, _s_ao, s_mo, cnt) = w
-    h = _rms(x, mlp_norm, st.eps)
-    if st.rotate_mlp:
-        h = h @ rotate_mlp
-    h = _site_input(h, None, probe, thr, 2, st.mlp_in)
-    act = _site_input(_gate_up(h, wgate, wup, st.mlp_in, cnt), s_mo, probe, thr, 3, st.mlp_out)
+    if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
+        act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt)[1]
+    else:
+        h = _rms(x, mlp_norm, st.eps)
+        if st.rotate_mlp:
+            h = h @ rotate_mlp
+        h = _site_input(h, None, probe, thr, 2, st.mlp_in)
+        act = _gate_up(h, wgate, wup, st.mlp_in, cnt)
+    act = _site_input(act, s_mo, probe, thr, 3, st.mlp_out)
     y = _linear(act, wdown, None, st.mlp_out, cnt)
     return y if st.adapter else x + y
 
@@ -495,12 +502,18 @@ class DecodeEngine:
     not need it: R_l is folded into the down projection), and the next layer adds the two. On the CPU
     `True` runs the same split step in order (tests); prefill always runs the plain layer.
     capture_priority: CUDA stream priority of the captured step (None: the highest when overlapping).
+    fuse_norm_select: Top-K block inputs (q/k/v and gate/up sites, without an in-layer MLP rotation) take
+    `larosa::rmsnorm_topk`: the residual add, the RMSNorm and the Top-K select in one kernel, then the GEMV
+    without a select launch. Same function (the norm within one rounding of HF's; tested); off by default
+    until measured end to end (`benchmarks/decode_parts.py --parts fused_norm`).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
                  graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
-                 capture_priority: Optional[int] = None):
+                 capture_priority: Optional[int] = None, fuse_norm_select: bool = False):
         self.w = weights
+        self.fuse_norm_select = bool(fuse_norm_select)
+        self._statics = [st._replace(fused_norm=self.fuse_norm_select) for st in weights.statics]
         self.device = weights.device
         self.dtype = weights.dtype
         cuda = self.device.type == "cuda"
@@ -556,7 +569,7 @@ class DecodeEngine:
                  probe=None):
         """Logits of the last position; ids (B, T) at positions pos (T,)."""
         x, cos, sin, mask = self._inputs(ids, pos)
-        for i, (lw, st, kc, vc) in enumerate(zip(self._tensors, self.w.statics, self.k_cache, self.v_cache)):
+        for i, (lw, st, kc, vc) in enumerate(zip(self._tensors, self._statics, self.k_cache, self.v_cache)):
             if dense:
                 st = _all_inputs_kept(st, lw)
             layer_probe = None if probe is None else (lambda site, t, i=i: probe(i, site, t))
@@ -578,7 +591,7 @@ class DecodeEngine:
         side = self._side
         main = torch.cuda.current_stream(self.device) if side is not None else None
         res = None
-        for lw, st, kc, vc in zip(self._tensors, self.w.statics, self.k_cache, self.v_cache):
+        for lw, st, kc, vc in zip(self._tensors, self._statics, self.k_cache, self.v_cache):
             x = self._attn_fn(x, res, pos, cos, sin, mask, kc, vc, lw, st)  # reads res before the fork below
             if not st.adapter:
                 x, res = self._mlp_fn(x, lw, st), None

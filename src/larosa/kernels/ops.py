@@ -3,6 +3,8 @@
     torch.ops.larosa.topk_linear(x, wt, k, bias)        y = TopK_k(x) @ wt (+ bias)
     torch.ops.larosa.topk_gate_up(x, wt_gate, wt_up, k)  h = silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up)
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
+    torch.ops.larosa.rmsnorm_topk(x, res, g, eps, wt, wt_up, k, bias)
+                                                         the block input's RMSNorm with the select folded in
     torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
 
 Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
@@ -136,6 +138,45 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
 @topk_gate_up.register_fake
 def _(x, wt_gate, wt_up, k, counters=None):
     return x.new_empty(*x.shape[:-1], wt_gate.shape[1])
+
+
+@torch.library.custom_op("larosa::rmsnorm_topk", mutates_args=())
+def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Tensor, eps: float,
+                 wt: torch.Tensor, wt_up: Optional[torch.Tensor], k: int, bias: Optional[torch.Tensor] = None,
+                 counters: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block input's RMSNorm with the Top-K select folded in: xs = x + res, h = RMSNorm(xs) * norm_w,
+    y = TopK_k(h) @ wt (+ bias), or silu(TopK_k(h) @ wt) * (TopK_k(h) @ wt_up). Returns (xs, y); xs is
+    empty when res is None (the caller keeps x). Where the kernels run, one kernel computes xs, h and h's
+    selection (`triton_gemv.rmsnorm_select`), and the GEMV follows without a select launch; elsewhere the
+    reference (`reference.rmsnorm_topk_ref`), or, for many rows on CUDA, the same norm and `topk_linear`."""
+    _check(x, wt, k)
+    if wt_up is not None and wt_up.shape != wt.shape:
+        raise ValueError(f"gate {tuple(wt.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
+    if wt_up is not None and bias is not None:
+        raise ValueError("the gated form takes no bias")
+    if res is not None and res.shape != x.shape:
+        raise ValueError(f"res {tuple(res.shape)} does not match x {tuple(x.shape)}")
+    x2 = _rows(x)
+    d_out = wt.shape[1]
+    kk = min(k, x.shape[-1])
+    if not _use_kernel(x2, x2.shape[0]) or kk >= x.shape[-1]:
+        xs = x if res is None else x + res
+        h = ref.rmsnorm_ref(xs, norm_w, eps)
+        y = topk_gate_up(h, wt, wt_up, k, counters) if wt_up is not None else topk_linear(h, wt, k, bias, counters)
+        return (x.new_empty(0) if res is None else xs), y
+    pdl = triton_gemv.pdl_default(x2)
+    xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
+                                            pdl=pdl)
+    y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
+    gated = wt_up is not None
+    triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
+                       counters=_counters(counters, x2, wt, gated=gated), sel=sel, pdl=pdl)
+    return (x.new_empty(0) if xs is None else xs.view(x.shape)), y.view(*x.shape[:-1], d_out)
+
+
+@rmsnorm_topk.register_fake
+def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None):
+    return (x.new_empty(0) if res is None else x.new_empty(x.shape)), x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
 @torch.library.custom_op("larosa::threshold_linear", mutates_args=())

@@ -50,6 +50,28 @@ def topk_gate_up_ref(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor
     return (F.silu(xs @ wt_gate.to(acc)) * (xs @ wt_up.to(acc))).to(x.dtype)
 
 
+def rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm arithmetic: normalise in fp32 (fp64 inputs too, as HF does), cast back to x's dtype,
+    then scale by w."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+def rmsnorm_topk_ref(x: torch.Tensor, res: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
+                     wt: torch.Tensor, wt_up: torch.Tensor | None, k: int,
+                     bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(xs, y): xs = x + res (x without res), h = RMSNorm(xs) * norm_w, y = TopK_k(h) @ wt (+ bias), or
+    silu(TopK_k(h) @ wt) * (TopK_k(h) @ wt_up) when wt_up is given."""
+    xs = x if res is None else x + res
+    h = rmsnorm_ref(xs, norm_w, eps)
+    if wt_up is None:
+        return xs, topk_gemv_ref(h, wt, k, bias)
+    if bias is not None:
+        raise ValueError("the gated form takes no bias")
+    return xs, topk_gate_up_ref(h, wt, wt_up, k)
+
+
 def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          scale: float) -> torch.Tensor:
     """q (B, KVH, G, HD) of one position `pos` against cache positions 0..pos of (B, KVH, L, HD) caches."""

@@ -141,10 +141,8 @@ def _count_ge_packed(lanes, cand):
 
 @triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
-    """Bisection on two 15-bit patterns per 32-bit lane (v10): lane = 1 hi 1 lo with the guard bits 31 and
-    15 set, so (lane - cand * 0x10001) keeps bit 31 iff hi >= cand and bit 15 iff lo >= cand (the guard
-    stops the borrow); one subtraction, shift and mask count two entries, and the counts of both halves
-    add up in one 32-bit sum (each < 2^15). Same output as `select_bisect_kernel`.
+    """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
+    `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff))."""
     if PDL:
         gdc_launch_dependents()
@@ -152,6 +150,19 @@ def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
     offs = tl.arange(0, BLOCK_D)
     valid = offs < d_in
     x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    t, cutoff = _packed_select(x, valid, k, BLOCK_D)
+    tl.store(sel_ptr + row * 2, t)
+    tl.store(sel_ptr + row * 2 + 1, cutoff)
+
+
+@triton.jit
+def _packed_select(x, valid, k, BLOCK_D: tl.constexpr):
+    """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
+
+    Two 15-bit patterns per 32-bit lane: lane = 1 hi 1 lo with the guard bits 31 and 15 set, so
+    (lane - cand * 0x10001) keeps bit 31 iff hi >= cand and bit 15 iff lo >= cand (the guard stops the
+    borrow); one subtraction, shift and mask count two entries, and the counts of both halves add up in
+    one 32-bit sum (each < 2^15)."""
     raw = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # padding is 0: never >= a candidate (>= 1)
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
@@ -169,7 +180,47 @@ def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
     lane = tl.arange(0, BLOCK_D // 2)
     cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
                    tl.where((e_hi > 0) & (cs == need_eq), 2 * lane + 2, 0))
-    cutoff = tl.max(cut, 0)
+    return t, tl.max(cut, 0)
+
+
+@triton.jit
+def _round(xf, dst: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """fp32 -> dst rounded to nearest even, as torch rounds. Compiled casts do that; the interpreter's
+    fp32 -> bf16 cast truncates, so there (ROUND_BF16) bf16 is rounded on the bits (finite values)."""
+    if ROUND_BF16:
+        b = xf.to(tl.uint32, bitcast=True)
+        b = b + 0x7FFF + ((b >> 16) & 1)
+        return (b >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return xf.to(dst)
+
+
+@triton.jit
+def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, d_in, k, eps,
+                          stride_x, stride_r, stride_xs, stride_h,
+                          HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
+                          ROUND_BF16: tl.constexpr = False):
+    """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
+    with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
+    (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
+    and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h."""
+    if PDL:
+        gdc_launch_dependents()
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < d_in
+    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=valid, other=0.0)
+        x = _round(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)
+        tl.store(xs_ptr + row * stride_xs + offs, x, mask=valid)
+    xf = x.to(tl.float32)
+    inv = tl.rsqrt(tl.sum(xf * xf, 0) / d_in + eps)
+    hn = _round(xf * inv, x_ptr.dtype.element_ty, ROUND_BF16)
+    w = tl.load(w_ptr + offs, mask=valid, other=0.0)
+    h = _round(w.to(tl.float32) * hn.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)  # padding: w = 0, h = 0
+    tl.store(h_ptr + row * stride_h + offs, h, mask=valid)
+    t, cutoff = _packed_select(h, valid, k, BLOCK_D)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -356,7 +407,8 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      d_in, d_out, threshold, stride_x, stride_y,
                      MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold, 2: dense
                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PDL: tl.constexpr = False):  # launched as a programmatic dependent of the select
+                     PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
+                     X_LATE: tl.constexpr = False):  # with PDL: x too is written by that predecessor
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
@@ -369,12 +421,16 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cmask = rn < d_out
     valid = rm < d_in
-    xv = tl.load(x_ptr + row * stride_x + rm, mask=valid, other=0.0)  # written before the select ran
+    if PDL:
+        if X_LATE:  # x comes from the predecessor (`rmsnorm_select_kernel`): wait before loading it
+            gdc_wait()
+    xv = tl.load(x_ptr + row * stride_x + rm, mask=valid, other=0.0)  # else written before the select ran
     t = 0
     cutoff = 0
     if MODE == 0:
         if PDL:
-            gdc_wait()
+            if not X_LATE:
+                gdc_wait()
         t = tl.load(sel_ptr + row * 2)
         cutoff = tl.load(sel_ptr + row * 2 + 1)
     keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
@@ -442,7 +498,8 @@ def tile_workspace_needed(rows: int, d_out: int, gated: bool, block_n: int) -> i
 def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
                 counters: torch.Tensor | None = None, pdl: bool | None = None, block_m: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
-                select_impl: str | None = None, num_stages: int | None = None) -> None:
+                select_impl: str | None = None, num_stages: int | None = None,
+                sel: torch.Tensor | None = None) -> None:
     """One-tile-per-program variant of `launch` (same arguments and result), v11."""
     rows, d_in = x.shape
     d_out = wt.shape[1]
@@ -455,14 +512,49 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     counters = _zeroed_buffer(counters, need, x.device)
     acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
     select_impl = select_impl or SELECT_IMPL
-    sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
-    sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl) if mode == 0 else x
+    late = sel is not None
+    if late:  # (t, cutoff) and x from the kernel launched just before (`rmsnorm_select`)
+        sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
+    else:
+        sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
+        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl) if mode == 0 else x
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
         float(threshold), x.stride(0), y.stride(0), MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
-        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}))
+        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}))
+
+
+def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
+    if mode != 0:
+        raise ValueError("a precomputed selection (sel=) is for Top-K mode (mode=0) only")
+    if sel.shape != (x.shape[0], 2) or sel.dtype != torch.int32:
+        raise ValueError(f"sel must be (rows, 2) int32 (t, cutoff) per row, got {tuple(sel.shape)} {sel.dtype}")
+    return True
+
+
+def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
+                   pdl: bool = False, num_warps: int | None = None):
+    """(xs, h, sel): xs = x + res (None without res), h = w * RMSNorm(xs) (HF arithmetic) and the (rows, 2)
+    int32 (t, cutoff) of h's exact Top-k, from one kernel (`rmsnorm_select_kernel`). `pdl`: the next
+    launch is a programmatic dependent that waits before reading h and sel (`launch(..., sel=sel)`)."""
+    rows, d_in = x.shape
+    if w.shape != (d_in,):
+        raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
+    if res is not None and res.shape != x.shape:
+        raise ValueError(f"res {tuple(res.shape)} does not match x {tuple(x.shape)}")
+    xs = torch.empty_like(x) if res is not None else None
+    h = torch.empty_like(x)
+    sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
+    block_d = max(2, triton.next_power_of_2(d_in))
+    rmsnorm_select_kernel[(rows,)](
+        x, res if res is not None else x, w, xs if xs is not None else h, h, sel, d_in, k, float(eps),
+        x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
+        HAS_RES=res is not None, BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d),
+        ROUND_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        **({"PDL": True} if pdl and _pdl_possible(x) else {}))
+    return xs, h, sel
 
 
 def fused_config(d_in: int, d_out: int) -> dict:
@@ -611,12 +703,15 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            block_k: int | None = None, block_n: int | None = None,
            rows_per_split: int | None = None, num_warps: int | None = None,
            num_stages: int | None = None, pdl: bool | None = None,
-           block_m: int | None = None) -> None:
+           block_m: int | None = None, sel: torch.Tensor | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
     `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
     buffer; the kernel leaves it zeroed. Without it a zeroed buffer is allocated per call.
     `pdl`: launch the GEMV as a programmatic dependent of its select (default `pdl_default(x)`).
+    `sel`: Top-K mode with x's (t, cutoff) already found by the kernel launched just before (`rmsnorm_select`,
+    which also wrote x): no select launch; with `pdl` the GEMV is that kernel's dependent. The "inline" and
+    "fused" implementations find the selection themselves and ignore it.
     """
     impl = default_impl(mode) if impl is None else impl
     if impl not in IMPLS:
@@ -627,14 +722,16 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
             raise ValueError(f"impl='tile' takes none of {', '.join(unused)} (split-K options)")
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
-                           select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages)
+                           select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages,
+                           sel=sel)
     if impl == "fused":
         return launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
                             block_k=block_k, num_warps=num_warps, num_stages=num_stages)
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gather = GATHER if gather is None else gather
-    if mode == 0 and gather:
+    presel = sel is not None and _check_presel(x, sel, mode) and impl == "split"
+    if mode == 0 and gather and not presel:
         idx, xv = select_compact(x, k, select_num_warps)
         x, d_in, mode = xv, k, 3
     cfg = default_config(d_in, d_out)
@@ -650,11 +747,14 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     part = torch.empty(rows * n_parts * n_splits * d_out, dtype=torch.float32, device=x.device)
     # the select is launched last, right before the GEMV (a counter memset in between would take the
     # place of the select as the GEMV's programmatic predecessor)
-    pdl = not inline and _select_then_pdl(x, pdl, mode, select_impl)
-    if mode == 0 and not inline:
-        sel = select(x, k, select_num_warps, select_impl, pdl=pdl)
-    else:  # the selection happens inside the GEMV programs (inline) or is not needed
-        sel = idx if mode == 3 else x
+    if presel:  # the split-K programs load x after waiting for (t, cutoff): safe as a dependent
+        pdl = _use_pdl(x, pdl)
+    else:
+        pdl = not inline and _select_then_pdl(x, pdl, mode, select_impl)
+        if mode == 0 and not inline:
+            sel = select(x, k, select_num_warps, select_impl, pdl=pdl)
+        else:  # the selection happens inside the GEMV programs (inline) or is not needed
+            sel = idx if mode == 3 else x
     grid = (n_blocks, n_splits, rows)
     sparse_gemv_kernel[grid](
         x, wt, wt2 if wt2 is not None else wt, bias if bias is not None else wt, y, sel, part, counters,
