@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU work of a session in few device calls (each stage fits the 10-minute limit of one call).
+# Run from the repository root on the GPU machine, results under $OUT (or /tmp/h200-out), packed as one
+# tarball because only a few files come back from a device call:
+#
+#   bash benchmarks/h200_session.sh tests        # compiled kernel + engine GPU tests (~4.5 min)
+#   bash benchmarks/h200_session.sh fused_norm   # norm + select A/B, per op and end to end (~3 min)
+#   bash benchmarks/h200_session.sh tables       # decode tables, LLaMA2-7B and LLaMA3-8B (~4 min)
+#   bash benchmarks/h200_session.sh genlens      # generation lengths 128/512/2048 at p = 0.5 (~3 min)
+#   bash benchmarks/h200_session.sh gemv         # per-op GEMV table (~1 min)
+#
+# Several stages in one call: `bash benchmarks/h200_session.sh tests fused_norm`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src
+[ $# -gt 0 ] || { echo "usage: $0 tests|fused_norm|tables|genlens|gemv ..." >&2; exit 2; }
+out=${OUT:-/tmp/h200-out}/r
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)" >> "$out/gpu.txt"
+rc=0
+for stage in "$@"; do
+  start=$(date +%s)
+  case $stage in
+    tests)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels.py \
+        tests/test_kernels_gpu.py tests/test_attention_kernel.py > "$out/kernel-tests.log" 2>&1 || rc=1
+      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py > "$out/engine-tests.log" 2>&1 || rc=1
+      tail -n 3 "$out/kernel-tests.log" "$out/engine-tests.log" ;;
+    fused_norm)
+      python3 benchmarks/decode_parts.py --parts fused_norm --out "$out/fused-norm-h200.json" \
+        2>&1 | tee "$out/fused-norm-h200.log" || rc=1 ;;
+    tables)
+      for shape in llama2-7b llama3-8b; do
+        python3 -m larosa bench decode --shape $shape --methods dense,larosa,topk,teal \
+          --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-h200-$shape" \
+          2>&1 | grep -v "%|" | tee "$out/decode-h200-$shape.log" || rc=1
+      done ;;
+    genlens)
+      python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,teal --sparsities 0.5 \
+        --gen-lens 128,512,2048 --out "$out/decode-h200-llama2-7b-genlens" \
+        2>&1 | grep -v "%|" | tee "$out/decode-h200-llama2-7b-genlens.log" || rc=1 ;;
+    gemv)
+      python3 benchmarks/gemv.py --no-select-sweep --out "$out/gemv-h200-bf16.json" \
+        2>&1 | tee "$out/gemv-h200-bf16.log" || rc=1 ;;
+    *)
+      echo "unknown stage $stage" >&2; rc=2 ;;
+  esac
+  echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$out/stages.txt"
+done
+(cd "$(dirname "$out")" && tar czf results.tgz "$(basename "$out")" && rm -rf "$(basename "$out")")
+echo "packed $(dirname "$out")/results.tgz"
+exit $rc
