@@ -13,6 +13,20 @@ pytestmark = [pytest.mark.gpu,
 SMALL = Shape(512, 1376, 3, 8, 2, 1000)
 
 
+def _teacher_forced(engines, prompt, ref):
+    """Prefill every engine, then step them together along the tokens `ref` (B, n): yields after each of
+    the n - 1 steps, with every engine's logits for the same input token."""
+    for e in engines:
+        e.prefill(prompt)
+        e.tok.copy_(ref[:, :1].cuda())
+    for j in range(1, ref.shape[1]):
+        for e in engines:
+            e.step()
+        yield j
+        for e in engines:
+            e.tok.copy_(ref[:, j:j + 1].cuda())
+
+
 @pytest.mark.parametrize("method", ["dense", "larosa", "topk", "teal"])
 def test_compiled_graph_step_equals_eager_fp32(method):
     """fp32 (PyTorch reference ops): the compiled, captured step computes the eager function."""
@@ -57,22 +71,14 @@ def test_compiled_graph_step_equals_eager(monkeypatch, method, impl):
     ref = slow.generate(prompt, n).tokens
     got = fast.generate(prompt, n)
     # teacher-forced logits along the eager tokens: the compiled step computes the same function
-    engines = (fast, slow, nograph)
-    for e in engines:
-        e.prefill(prompt)
-        e.tok.copy_(ref[:, :1].cuda())
     worst = 1.0
-    for j in range(1, n):
-        for e in engines:
-            e.step()
+    for _ in _teacher_forced((fast, slow, nograph), prompt, ref):
         if deterministic:
             assert torch.equal(fast.logits, nograph.logits)
         else:  # same function, the atomics add in another order: rounding-level differences, which a
             # flipped Top-K tie can amplify over the layers; a broken step gives a cosine near 0
             assert torch.nn.functional.cosine_similarity(fast.logits.float(), nograph.logits.float()).item() > 0.99
         worst = min(worst, torch.nn.functional.cosine_similarity(fast.logits, slow.logits).item())
-        for e in engines:
-            e.tok.copy_(ref[:, j:j + 1].cuda())
     assert worst > 0.9, worst  # a broken step gives ~0; rounding + Top-K tie flips over 3 layers ~0.93-0.99
     assert got.tokens.shape == ref.shape
     assert len(got.step_ms) == 0  # no timing asked
@@ -119,17 +125,9 @@ def test_fused_norm_select_graph_step_follows_the_plain_step(method):
     n = 24
     ref = slow.generate(prompt, n).tokens
     assert fast.generate(prompt, n).tokens.shape == ref.shape
-    engines = (fast, nograph, slow)
-    for e in engines:
-        e.prefill(prompt)
-        e.tok.copy_(ref[:, :1].cuda())
     worst = 1.0
-    for j in range(1, n):
-        for e in engines:
-            e.step()
-        cos = torch.nn.functional.cosine_similarity
+    cos = torch.nn.functional.cosine_similarity
+    for _ in _teacher_forced((fast, nograph, slow), prompt, ref):
         assert cos(fast.logits.float(), nograph.logits.float()).item() > 0.99
         worst = min(worst, cos(fast.logits, slow.logits).item())
-        for e in engines:
-            e.tok.copy_(ref[:, j:j + 1].cuda())
     assert worst > 0.9, worst
