@@ -371,8 +371,10 @@ def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
 @pytest.mark.parametrize("d,k", [(37, 5), (300, 150), (1025, 1), (2048, 1024)])
 @pytest.mark.parametrize("with_res", [False, True])
 def test_rmsnorm_select_kernel_matches_reference(dtype, d, k, with_res):
-    """The select folded into the RMSNorm: xs = x + res exactly, h = HF's RMSNorm within one unit in the last
-    place (the fp32 sum of squares may add in another order), and (t, cutoff) exactly the selection of h."""
+    """The select folded into the RMSNorm: xs = x + res exactly, h = HF's RMSNorm (bit for bit under the
+    interpreter; compiled, the fp32 sum of squares adds in another order and rsqrt may differ in its last
+    bit, so within two units in the last place of the 16-bit result), and (t, cutoff) exactly the
+    selection of the kernel's own h."""
     x = (torch.randn(3, d) * 2).to(dtype)
     x[1, : d // 2] = x[1, 0]  # ties in |h|
     res = torch.randn(3, d).to(dtype) if with_res else None
@@ -383,7 +385,7 @@ def test_rmsnorm_select_kernel_matches_reference(dtype, d, k, with_res):
         assert torch.equal(xs, want_xs)
     else:
         assert xs is None
-    assert _ulps(h, rmsnorm_ref(want_xs, g, 1e-5)) <= 1
+    assert _ulps(h, rmsnorm_ref(want_xs, g, 1e-5)) <= (0 if os.environ.get("TRITON_INTERPRET") == "1" else 2)
     bits = h.view(torch.int16).to(torch.int32) & 0x7FFF
     keep = (bits > sel[:, :1]) | ((bits == sel[:, :1]) & (torch.arange(d) < sel[:, 1:]))
     assert torch.equal(keep, topk_keep_mask(h, k))
