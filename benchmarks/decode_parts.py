@@ -9,10 +9,12 @@
 2. The whole decode engine (LLaMA2-7B shape, random weights, prompt 128, 128 new tokens): dense and
    LaRoSA at p = 0.5 with the attention kernel on/off and the adapter GEMVs on the side stream on/off
    (and on with the capture stream at default priority). tok/s and p50 from `larosa.bench`.
-3. `--parts fused_norm`: the block input's RMSNorm with the Top-K select folded in (`larosa::rmsnorm_topk`)
-   vs the compiled norm, the select kernel and the GEMV: per op (q/k/v and gate+up of the shape, 32 layers'
-   weights cycled in one CUDA graph, both sides compiled) and the whole engine (LaRoSA at 0.4 / 0.5 / 0.75
-   and un-rotated Top-K at 0.5, each measured off and on in turn).
+3. `--parts fusions`: (a) the block input's RMSNorm with the Top-K select folded in (`larosa::rmsnorm_topk`)
+   vs the compiled norm, the select kernel and the GEMV, and (b) the residual add in the GEMV epilogue
+   (`topk_linear(..., residual=)`) vs the GEMV then a compiled add: per op (q/k/v, gate+up, o and down of
+   the shape, 32 layers' weights cycled in one CUDA graph, both sides compiled), and the whole engine
+   (LaRoSA at 0.4 / 0.5 / 0.75 and un-rotated Top-K at 0.5, each with no fusion, each one and both, in
+   turn).
 """
 
 from __future__ import annotations
@@ -121,6 +123,36 @@ def engine_rows(shape: str, gen_len: int) -> list[dict]:
     return rows
 
 
+def residual_op_rows(shape: str, p: float = 0.5, layers: int = 32) -> list[dict]:
+    """GEMV then the residual add (compiled, as in the engine) vs the add in the GEMV's epilogue."""
+    from larosa.sparsity import SparsityPlan, k_for
+
+    sh = get_shape(shape)
+    plan = SparsityPlan.from_nominal(p)
+    rows = []
+    for site, d_in in (("attn_out", sh.hidden), ("mlp_out", sh.intermediate)):
+        d_out = sh.hidden
+        k = k_for(plan.sites[site], d_in)
+        ws = [torch.randn(d_in, d_out, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(layers)]
+        x = torch.randn(1, 1, d_in, device="cuda", dtype=torch.bfloat16)
+        r = torch.randn(1, 1, d_out, device="cuda", dtype=torch.bfloat16)
+        buf = ops.counter_workspace(1, d_out, "cuda")
+        plain = torch.compile(lambda x, r, wt: r + torch.ops.larosa.topk_linear(x, wt, k, None, buf),
+                              fullgraph=True, dynamic=False)
+        fused = torch.compile(lambda x, r, wt: torch.ops.larosa.topk_linear(x, wt, k, None, buf, r),
+                              fullgraph=True, dynamic=False)
+        want = plain(x, r, ws[0]).float()
+        err = ((fused(x, r, ws[0]).float() - want).norm() / want.norm()).item()
+        t_plain = graph_time_us([(lambda a=a: plain(x, r, a)) for a in ws])
+        t_fused = graph_time_us([(lambda a=a: fused(x, r, a)) for a in ws])
+        rows.append({"shape": shape, "site": site, "d_in": d_in, "d_out": d_out, "k": k, "plain_us": t_plain,
+                     "fused_us": t_fused, "saved_us": t_plain - t_fused, "rel_diff": err})
+        print(f"residual {shape} {site:8s} {d_in}->{d_out} k={k}: GEMV, add {t_plain:6.2f} us  GEMV with the add "
+              f"{t_fused:6.2f} us  (saved {t_plain - t_fused:5.2f} us, rel diff {err:.1e})", flush=True)
+        del ws
+    return rows
+
+
 def fused_norm_op_rows(shape: str, p: float = 0.5, layers: int = 32) -> list[dict]:
     """Norm (+ residual add) -> select -> GEMV, compiled as the engine compiles it, vs the one-kernel norm +
     select followed by the GEMV; weights of `layers` layers cycled so they stream from DRAM."""
@@ -166,18 +198,20 @@ def fused_norm_op_rows(shape: str, p: float = 0.5, layers: int = 32) -> list[dic
     return rows
 
 
-def fused_norm_engine_rows(shape: str, gen_len: int) -> list[dict]:
+def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
+    from larosa.bench import fusion_kwargs
+
     bw = copy_bandwidth(torch.device("cuda"))
     base = random_base(get_shape(shape), torch.bfloat16, "cuda", 0)
     prompt = torch.randint(0, 1000, (1, 128), device="cuda")
     rows = []
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = sparse_variant(base, method, p)
-        for fused in (False, True):
-            r = _measure(w, prompt, gen_len, bw, fuse_norm_select=fused)
-            rows.append({"shape": shape, "method": method, "nominal": p, "fuse_norm_select": fused,
+        for fuse in ((), ("norm",), ("residual",), ("norm", "residual")):
+            r = _measure(w, prompt, gen_len, bw, **fusion_kwargs(fuse))
+            rows.append({"shape": shape, "method": method, "nominal": p, "fuse": list(fuse),
                          "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
-            print(f"engine {shape} {method:6s} p={p:.2f} fuse_norm_select={fused!s:5s}: {r['tok_s']:.1f} tok/s  "
+            print(f"engine {shape} {method:6s} p={p:.2f} fuse={'+'.join(fuse) or 'none':13s}: {r['tok_s']:.1f} tok/s  "
                   f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
         del w
         torch.cuda.empty_cache()
@@ -191,8 +225,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fused_norm
-    unknown = set(parts) - {"attention", "engine", "dense_layout", "fused_norm"}
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -202,9 +236,10 @@ def main() -> None:
         res["dense_layout"] = dense_layout_rows()
     if "engine" in parts:
         res["engine"] = engine_rows(a.shape, a.gen_len)
-    if "fused_norm" in parts:
+    if "fusions" in parts:
         res["fused_norm_ops"] = fused_norm_op_rows(a.shape)
-        res["fused_norm_engine"] = fused_norm_engine_rows(a.shape, a.gen_len)
+        res["residual_ops"] = residual_op_rows(a.shape)
+        res["fusion_engine"] = fusion_engine_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -4,16 +4,17 @@
 # tarball because only a few files come back from a device call:
 #
 #   bash benchmarks/h200_session.sh tests        # compiled kernel + engine GPU tests (~4.5 min)
-#   bash benchmarks/h200_session.sh fused_norm   # norm + select A/B, per op and end to end (~3 min)
+#   bash benchmarks/h200_session.sh fusions      # norm + select and residual-epilogue A/B, per op and
+#                                                # end to end (~5 min)
 #   bash benchmarks/h200_session.sh tables       # decode tables, LLaMA2-7B and LLaMA3-8B (~4 min)
 #   bash benchmarks/h200_session.sh genlens      # generation lengths 128/512/2048 at p = 0.5 (~3 min)
 #   bash benchmarks/h200_session.sh gemv         # per-op GEMV table (~1 min)
 #
-# Several stages in one call: `bash benchmarks/h200_session.sh tests fused_norm`.
+# Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|fused_norm|tables|genlens|gemv ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|fusions|tables|genlens|gemv ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -27,9 +28,9 @@ for stage in "$@"; do
         tests/test_kernels_gpu.py tests/test_attention_kernel.py > "$out/kernel-tests.log" 2>&1 || rc=1
       python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py > "$out/engine-tests.log" 2>&1 || rc=1
       tail -n 3 "$out/kernel-tests.log" "$out/engine-tests.log" ;;
-    fused_norm)
-      python3 benchmarks/decode_parts.py --parts fused_norm --out "$out/fused-norm-h200.json" \
-        2>&1 | tee "$out/fused-norm-h200.log" || rc=1 ;;
+    fusions)
+      python3 benchmarks/decode_parts.py --parts fusions --out "$out/fusions-h200.json" \
+        2>&1 | tee "$out/fusions-h200.log" || rc=1 ;;
     tables)
       for shape in llama2-7b llama3-8b; do
         python3 -m larosa bench decode --shape $shape --methods dense,larosa,topk,teal \

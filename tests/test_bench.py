@@ -112,24 +112,26 @@ def test_kv_positions_read_follows_the_attention_impl(monkeypatch):
     assert kv_positions_read(128, 128, 320) == 320
 
 
-def test_cli_bench_decode_tiny_with_fused_norm_select(tmp_path):
-    """`larosa bench decode --fuse-norm-select` on the CPU: the setup records the option, the header says so,
-    and the rows are those of the plain run (same methods, bytes and steps; the engines' equality is
-    tested in tests/test_engine.py)."""
+def test_cli_bench_decode_tiny_with_fusions(tmp_path):
+    """`larosa bench decode --fuse norm,residual` on the CPU: the setup records the fusions, the header says
+    so, and the rows are those of the plain run (same methods, bytes and steps; the engines' equality is
+    tested in tests/test_engine.py). An unknown fusion is a one-line error."""
     from typer.testing import CliRunner
 
     from larosa.cli import app
 
     args = ["bench", "decode", "--shape", "tiny", "--methods", "dense,larosa", "--sparsities", "0.5",
             "--prompt-len", "8", "--gen-lens", "6", "--dtype", "float32", "--device", "cpu"]
-    res = CliRunner().invoke(app, args + ["--fuse-norm-select", "--out", str(tmp_path / "f")])
+    res = CliRunner().invoke(app, args + ["--fuse", "residual,norm", "--out", str(tmp_path / "f")])
     assert res.exit_code == 0, res.output
-    assert "norm + select fused" in res.output
+    assert "fused: norm, residual" in res.output
     fused = json.loads((tmp_path / "f" / "results.json").read_text())
-    assert fused["config"]["fuse_norm_select"] is True
+    assert fused["config"]["fuse"] == ["norm", "residual"]
     plain = bench_decode(shape="tiny", methods=("dense", "larosa"), sparsities=(0.5,), prompt_len=8, gen_lens=(6,),
                          dtype="float32", device="cpu", progress=False)
-    assert plain["setup"]["fuse_norm_select"] is False
+    assert plain["setup"]["fuse"] == []
     for a, b in zip(fused["rows"], plain["record"]["rows"]):
         assert a["method"] == b["method"] and a["bytes_per_token"] == b["bytes_per_token"]
         assert a["steps_timed"] == b["steps_timed"] == 5
+    res = CliRunner().invoke(app, args + ["--fuse", "attention"])
+    assert res.exit_code != 0 and "unknown fusion attention" in res.output

@@ -203,17 +203,24 @@ def _larosa_tiny(seed=7, level="layer"):
     return model, apply(copy.deepcopy(model), LarosaConfig("fused", level, SparsityPlan.from_nominal(0.5)), rot)
 
 
+FUSIONS = [{"fuse_norm_select": True}, {"fuse_residual": True}, {"fuse_norm_select": True, "fuse_residual": True}]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS, ids=["norm", "residual", "both"])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_fused_norm_select_engine_equals_plain_engine_fp32(overlap):
-    """fp32 (reference ops): the norm + select op is the same arithmetic as the plain layer, so the logits
-    are identical, with the adapters in the layer or split off (the residual added inside the op)."""
+def test_fused_engine_equals_plain_engine_fp32(overlap, fusion):
+    """fp32 (reference ops): the norm + select op and the residual in the GEMV are the same arithmetic as the
+    plain layer, so the logits are identical, with the adapters in the layer or split off (the adapter
+    residual then added inside the norm op)."""
     model, fused = _larosa_tiny()
     w = from_hf(fused)
     ids = torch.randint(3, model.config.vocab_size, (2, 6))
     plain = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap)
-    fns = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap, fuse_norm_select=True)
-    assert fns.overlap == overlap and all(st.fused_norm for st in fns._statics)
-    assert not any(st.fused_norm for st in plain._statics)
+    fns = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap, **fusion)
+    assert fns.overlap == overlap
+    assert all(st.fused_norm == fusion.get("fuse_norm_select", False)
+               and st.fused_residual == fusion.get("fuse_residual", False) for st in fns._statics)
+    assert not any(st.fused_norm or st.fused_residual for st in plain._statics)
     for e in (plain, fns):
         e.prefill(ids)
     torch.testing.assert_close(fns.out, plain.out, rtol=0, atol=0)
@@ -223,25 +230,33 @@ def test_fused_norm_select_engine_equals_plain_engine_fp32(overlap):
         torch.testing.assert_close(fns.logits, plain.logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fusion", FUSIONS, ids=["norm", "residual", "both"])
 @pytest.mark.parametrize("overlap", [False, True])
-def test_fused_norm_select_engine_runs_the_kernel_bf16(monkeypatch, overlap):
+def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     """bf16, batch 1: the decode step runs the Triton norm + select kernel (interpreted on the CPU) for the
-    q/k/v and gate/up sites of every layer, and its logits follow the plain kernel engine's."""
+    q/k/v and gate/up sites of every layer and/or the GEMVs with the residual in their epilogue (o of every
+    layer, down where no adapter follows), and its logits follow the plain kernel engine's."""
     _, fused = _larosa_tiny(seed=3)
     w = from_hf(fused).to(dtype=torch.bfloat16)
-    calls = []
-    real = _ops.triton_gemv.rmsnorm_select
-    monkeypatch.setattr(_ops.triton_gemv, "rmsnorm_select", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    norms, residuals = [], []
+    real_norm, real_launch = _ops.triton_gemv.rmsnorm_select, _ops.triton_gemv.launch
+    monkeypatch.setattr(_ops.triton_gemv, "rmsnorm_select",
+                        lambda *a, **k: (norms.append(1), real_norm(*a, **k))[1])
+    monkeypatch.setattr(_ops.triton_gemv, "launch",
+                        lambda *a, **k: (residuals.append(k.get("residual") is not None), real_launch(*a, **k))[1])
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
     plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap)
-    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, fuse_norm_select=True)
+    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, **fusion)
     for e in (plain, fns):
         e.prefill(ids)  # 6 rows: the reference path, no kernel
-    assert not calls
+    assert not norms and not residuals
     for _ in range(3):
         plain.step()
         fns.step()
         cos = torch.nn.functional.cosine_similarity(fns.logits, plain.logits, dim=-1).item()
         assert cos > 0.999, cos
         fns.tok.copy_(plain.tok)
-    assert len(calls) == 3 * 2 * len(w.layers)
+    per_step_norms = 2 * len(w.layers) if fusion.get("fuse_norm_select") else 0
+    per_step_res = sum(1 + (not st.adapter) for st in w.statics) if fusion.get("fuse_residual") else 0
+    assert len(norms) == 3 * per_step_norms
+    assert sum(residuals) == 3 * per_step_res

@@ -109,17 +109,18 @@ def test_seeded_sampling_is_reproducible_across_calls_with_graphs():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fusion", [{"fuse_norm_select": True}, {"fuse_residual": True},
+                                    {"fuse_norm_select": True, "fuse_residual": True}], ids=["norm", "residual", "both"])
 @pytest.mark.parametrize("method", ["larosa", "topk"])
-def test_fused_norm_select_graph_step_follows_the_plain_step(method):
-    """The norm + select kernel in the compiled, captured step (PDL into the GEMV, adapters on the side
-    stream for LaRoSA): teacher-forced logits follow the plain eager engine's and the same compiled step
-    without the graph."""
+def test_fused_graph_step_follows_the_plain_step(method, fusion):
+    """The norm + select kernel (PDL into the GEMV) and the residual in the GEMV epilogue, in the compiled,
+    captured step (adapters on the side stream for LaRoSA): teacher-forced logits follow the plain eager
+    engine's and the same compiled step without the graph."""
     base = random_base(SMALL, torch.bfloat16, "cuda", seed=3)
     w = sparse_variant(base, method, 0.5)
     prompt = torch.randint(0, SMALL.vocab, (1, 16), device="cuda")
-    fast = DecodeEngine(w, max_len=64, fuse_norm_select=True)
-    nograph = DecodeEngine(w, max_len=64, compile=True, graphs=False, overlap_adapters=fast.overlap,
-                           fuse_norm_select=True)
+    fast = DecodeEngine(w, max_len=64, **fusion)
+    nograph = DecodeEngine(w, max_len=64, compile=True, graphs=False, overlap_adapters=fast.overlap, **fusion)
     slow = DecodeEngine(w, max_len=64, compile=False, graphs=False)
     assert fast.graphs and fast.overlap == (method == "larosa")
     n = 24

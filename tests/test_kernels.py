@@ -453,3 +453,37 @@ def test_rmsnorm_topk_opcheck_and_compile():
                        fullgraph=True, backend="aot_eager")
     _, h, _ = ops.triton_gemv.rmsnorm_select(x, res, g, 1e-6, 20)
     torch.testing.assert_close(fn(x, res), topk_gate_up_ref(h, wt, wt, 20) * 2, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("impl", ["tile", "split", "inline", "fused"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_in_the_epilogue(monkeypatch, impl, dtype):
+    """y = residual + TopK(x) @ W (+ bias): added in fp32 before the one rounding (tile, split, inline), after
+    it for the one-launch kernel; the buffer is left zeroed. The residual dominates the sum, as in a layer."""
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
+    calls = _kernel_used(monkeypatch)
+    d_in, d_out, k = 300, 70, 120
+    x = torch.randn(1, 2, d_in).to(dtype)
+    wt = (torch.randn(d_in, d_out) * 0.05).to(dtype)
+    b = torch.randn(d_out).to(dtype)
+    r = (torch.randn(1, 2, d_out) * 8).to(dtype)
+    buf = ops.counter_workspace(2, d_out)
+    y = topk_linear(x, wt, k, b, buf, r)
+    assert calls and not buf.any()
+    want64 = (torch.where(topk_keep_mask(x, k), x, 0).double() @ wt.double() + b.double() + r.double())
+    assert y.shape == r.shape and _rel(y, want64) < 4e-3
+    assert _rel(y, topk_gemv_ref(x, wt, k, b, r)) < 4e-3
+    # the residual dominates: a kernel that dropped it would be far off
+    assert _rel(topk_linear(x, wt, k, b, buf), want64) > 0.5
+
+
+def test_residual_reference_path_and_errors():
+    x, wt, b, r = torch.randn(2, 40), torch.randn(40, 9), torch.randn(9), torch.randn(2, 9)
+    torch.testing.assert_close(topk_linear(x, wt, 7, b, None, r), topk_gemv_ref(x, wt, 7, b) + r)
+    with pytest.raises(ValueError, match="residual"):
+        topk_linear(x, wt, 7, b, None, r[:1])
+    xb, wb = x.bfloat16(), wt.bfloat16()
+    with pytest.raises(ValueError, match="gated form takes no residual"):
+        ops.triton_gemv.launch(xb, wb, torch.empty(2, 9).bfloat16(), 7, wt2=wb, residual=r.bfloat16())
+    torch.library.opcheck(torch.ops.larosa.topk_linear.default, (xb, wb, 7, None, None, r.bfloat16()),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -87,6 +87,17 @@ def kv_positions_read(prompt_len: int, gen_len: int, max_len: int) -> int:
     return round(prompt_len + gen_len / 2)
 
 
+FUSIONS = {"norm": "fuse_norm_select", "residual": "fuse_residual"}
+
+
+def fusion_kwargs(fuse) -> dict:
+    """`DecodeEngine` keyword arguments of the named fusions ("norm", "residual")."""
+    unknown = set(fuse) - set(FUSIONS)
+    if unknown:
+        raise LarosaError(f"unknown fusion {', '.join(sorted(unknown))}; choose from {', '.join(FUSIONS)}")
+    return {FUSIONS[f]: True for f in fuse}
+
+
 def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, warmup: int = 8,
              **engine_kw) -> dict:
     dev = w.device
@@ -124,13 +135,15 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
 def bench_decode(shape: str | None = None, model: str | None = None, methods=("dense", "larosa", "teal"),
                  sparsities=(0.25, 0.4, 0.5, 0.75), prompt_len: int = 128, gen_lens=(128,), batch: int = 1,
                  dtype: str = "bfloat16", device: str = "auto", out: str | Path | None = None, seed: int = 0,
-                 split=(0.8, 1.2), progress: bool = True, fuse_norm_select: bool = False) -> dict:
+                 split=(0.8, 1.2), progress: bool = True, fuse=()) -> dict:
     """Run the benchmark; returns {"rows", "table", "record"} and writes JSON/markdown/PNG to `out`.
-    `fuse_norm_select`: the engines run Top-K block inputs with the norm + select kernel (`DecodeEngine`)."""
+    `fuse`: engine fusions for Top-K sites, any of "norm" (the norm + select kernel) and "residual" (the
+    residual add in the GEMV epilogue); see `DecodeEngine`."""
     from .shapes import get_shape, random_base, sparse_variant, teal_thresholds
 
     if (shape is None) == (model is None):
         raise LarosaError("give exactly one of --shape or --model")
+    engine_kw = fusion_kwargs(fuse)
     for m in methods:
         if m not in BENCH_METHODS:
             raise LarosaError(f"unknown method {m!r}; choose from {', '.join(BENCH_METHODS)}")
@@ -162,7 +175,7 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
                 w = variant("teal", pw, teal_thresholds(base, pw, prompt) if shape else None)
             else:
                 w = variant(m, s, None)
-            r = _measure(w, prompt, gen_len, bw, fuse_norm_select=fuse_norm_select)
+            r = _measure(w, prompt, gen_len, bw, **engine_kw)
             r.update({"method": m, "nominal": s, "param_weighted": param_weighted(w) if m != "teal" else pw,
                       "gen_len": gen_len, "prompt_len": prompt_len, "batch": batch})
             if m == "dense":
@@ -194,7 +207,7 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
              "gen_lens": list(gen_lens), "methods": list(methods), "sparsities": list(sparsities),
              "split": list(split), "copy_bandwidth_TBps": bw / 1e12,
              "weights": "random (Gaussian-like activations)" if shape else "real",
-             "kernel_impl": _kernel_impl(), "fuse_norm_select": bool(fuse_norm_select)}
+             "kernel_impl": _kernel_impl(), "fuse": sorted(set(fuse))}
     dense_bytes = dense_by_len[gen_lens[0]]["bytes_per_token"]["total"]
     setup["dense_roofline_tok_s"] = bw / dense_bytes if bw == bw else None
     table = markdown_table(rows)
@@ -219,7 +232,7 @@ def _kernel_impl() -> str | None:
 def _header(setup: dict) -> str:
     bw = setup["copy_bandwidth_TBps"]
     roof = setup.get("dense_roofline_tok_s")
-    fused = " | norm + select fused" if setup.get("fuse_norm_select") else ""
+    fused = f" | fused: {', '.join(setup['fuse'])}" if setup.get("fuse") else ""
     return (f"{setup['shape'] or setup['model']} | {setup['device']} | {setup['dtype']} | batch {setup['batch']} | "
             f"prompt {setup['prompt_len']} | copy BW {bw:.2f} TB/s | dense roofline "
             f"{roof:.0f} tok/s (weights + KV read per token){fused}" if roof else f"{setup['device']}{fused}")

@@ -328,8 +328,9 @@ def bench_decode_cmd(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     device: str = DeviceOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for results.json, table.md, decode.png"),
-    fuse_norm_select: bool = typer.Option(False, "--fuse-norm-select", help="Top-K block inputs: RMSNorm and "
-                                          "select in one kernel (not yet the default: see benchmarks/NOTES.md)"),
+    fuse: str = typer.Option("", help="engine fusions for Top-K sites, comma list: norm (RMSNorm and select in "
+                             "one kernel), residual (residual add in the GEMV epilogue); not yet defaults, "
+                             "see benchmarks/NOTES.md"),
 ) -> None:
     """Decode tokens/s, p50/p99 latency, GB/s vs copy bandwidth: dense vs LaRoSA vs TEAL."""
     try:
@@ -338,7 +339,7 @@ def bench_decode_cmd(
         res = bench_decode(shape, model, tuple(m.strip() for m in methods.split(",") if m.strip()),
                            _floats(sparsities, "--sparsities"), prompt_len,
                            tuple(int(x) for x in _floats(gen_lens, "--gen-lens")), batch, dtype, device, out,
-                           fuse_norm_select=fuse_norm_select)
+                           fuse=tuple(f.strip() for f in fuse.split(",") if f.strip()))
     except LarosaError as exc:
         _fail(exc)
         return

@@ -67,6 +67,8 @@ class LayerStatic(NamedTuple):
     kv_size: int
     # Top-K block inputs: the RMSNorm and the select in one kernel (`larosa::rmsnorm_topk`); set by the engine
     fused_norm: bool = False
+    # Top-K o and down projections: the residual add in the GEMV's epilogue; set by the engine
+    fused_residual: bool = False
 
 
 @dataclass
@@ -143,6 +145,14 @@ def _site_input(x: torch.Tensor, scale, probe, thr, i: int, site: Site) -> torch
     return _apply_threshold(x, thr, i, site)
 
 
+def _residual_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
+                     cnt: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+    """r + the site's projection of x; with `fused` and a Top-K site the add happens in the kernel's epilogue."""
+    if fused and site.mode == "topk":
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r)
+    return r + _linear(x, w, b, site, cnt)
+
+
 def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
             cnt: Optional[torch.Tensor] = None) -> torch.Tensor:
     if site.mode == "dense":
@@ -207,7 +217,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
     a = _site_input(_attention(q, kc, vc, mask, pos, st), s_ao, probe, thr, 1, st.attn_out)
-    return x + _linear(a, wo, bo, st.attn_out, cnt)
+    return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual)
 
 
 def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
@@ -226,8 +236,9 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
         h = _site_input(h, None, probe, thr, 2, st.mlp_in)
         act = _gate_up(h, wgate, wup, st.mlp_in, cnt)
     act = _site_input(act, s_mo, probe, thr, 3, st.mlp_out)
-    y = _linear(act, wdown, None, st.mlp_out, cnt)
-    return y if st.adapter else x + y
+    if st.adapter:
+        return _linear(act, wdown, None, st.mlp_out, cnt)
+    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st.fused_residual)
 
 
 def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -505,15 +516,21 @@ class DecodeEngine:
     fuse_norm_select: Top-K block inputs (q/k/v and gate/up sites, without an in-layer MLP rotation) take
     `larosa::rmsnorm_topk`: the residual add, the RMSNorm and the Top-K select in one kernel, then the GEMV
     without a select launch. Same function (the norm within one rounding of HF's; tested); off by default
-    until measured end to end (`benchmarks/decode_parts.py --parts fused_norm`).
+    until measured end to end (`benchmarks/decode_parts.py --parts fusions`).
+    fuse_residual: Top-K o and down projections (the down one where no adapter follows) add the residual in
+    the GEMV's epilogue, in fp32 before the one rounding (the plain step rounds the GEMV output, then adds):
+    no separate add kernel. Off by default until measured (same benchmark).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
                  graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
-                 capture_priority: Optional[int] = None, fuse_norm_select: bool = False):
+                 capture_priority: Optional[int] = None, fuse_norm_select: bool = False,
+                 fuse_residual: bool = False):
         self.w = weights
         self.fuse_norm_select = bool(fuse_norm_select)
-        self._statics = [st._replace(fused_norm=self.fuse_norm_select) for st in weights.statics]
+        self.fuse_residual = bool(fuse_residual)
+        self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual)
+                         for st in weights.statics]
         self.device = weights.device
         self.dtype = weights.dtype
         cuda = self.device.type == "cuda"

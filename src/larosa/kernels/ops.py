@@ -1,6 +1,7 @@
 """`torch.library` custom ops around the Triton kernels, with fake implementations.
 
-    torch.ops.larosa.topk_linear(x, wt, k, bias)        y = TopK_k(x) @ wt (+ bias)
+    torch.ops.larosa.topk_linear(x, wt, k, bias, residual=r)
+                                                         y = TopK_k(x) @ wt (+ bias) (+ r)
     torch.ops.larosa.topk_gate_up(x, wt_gate, wt_up, k)  h = silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up)
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
     torch.ops.larosa.rmsnorm_topk(x, res, g, eps, wt, wt_up, k, bias)
@@ -98,23 +99,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("larosa::topk_linear", mutates_args=())
 def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None,
-                counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+                counters: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`residual` (x's leading shape, d_out): y = residual + TopK_k(x) @ wt (+ bias), added in fp32 before the
+    one rounding where the kernel runs (the residual add of a decoder layer folded into the GEMV)."""
     _check(x, wt, k)
+    out_shape = (*x.shape[:-1], wt.shape[1])
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match the output {out_shape}")
     x2 = _rows(x)
+    r2 = None if residual is None else residual.reshape(-1, wt.shape[1]).contiguous()
     if k >= x.shape[-1] and x.is_cuda:  # nothing to skip: cuBLAS
         y = x2 @ wt if bias is None else torch.addmm(bias, x2, wt)
-        return y.view(*x.shape[:-1], wt.shape[1])
+        return (y if r2 is None else y + r2).view(out_shape)
     if k < x.shape[-1] and x.is_cuda and x.dtype in KERNEL_DTYPES and x2.shape[0] > max_kernel_rows():
-        return _dense_fallback(x2, wt, k, bias).view(*x.shape[:-1], wt.shape[1])
+        y = _dense_fallback(x2, wt, k, bias)
+        return (y if r2 is None else y + r2).view(out_shape)
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
-        return ref.topk_gemv_ref(x2, wt, k, bias).view(*x.shape[:-1], wt.shape[1])
+        return ref.topk_gemv_ref(x2, wt, k, bias, r2).view(out_shape)
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt))
-    return y.view(*x.shape[:-1], wt.shape[1])
+    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt), residual=r2)
+    return y.view(out_shape)
 
 
 @topk_linear.register_fake
-def _(x, wt, k, bias=None, counters=None):
+def _(x, wt, k, bias=None, counters=None, residual=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 

@@ -26,13 +26,17 @@ def topk_keep_mask(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order, True)
 
 
-def topk_gemv_ref(x: torch.Tensor, wt: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = TopK_k(x) @ wt (+ bias); x (..., d_in), wt = W^T (d_in, d_out). fp32 accumulate (fp64 for fp64)."""
+def topk_gemv_ref(x: torch.Tensor, wt: torch.Tensor, k: int, bias: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None) -> torch.Tensor:
+    """y = TopK_k(x) @ wt (+ bias) (+ residual); x (..., d_in), wt = W^T (d_in, d_out). fp32 accumulate (fp64
+    for fp64), rounded once."""
     xs = torch.where(topk_keep_mask(x, k), x, torch.zeros_like(x))
     acc = _acc(x)
     y = xs.to(acc) @ wt.to(acc)
     if bias is not None:
         y = y + bias.to(acc)
+    if residual is not None:
+        y = y + residual.to(acc)
     return y.to(x.dtype)
 
 

@@ -288,14 +288,15 @@ def _masked_rows_fma(x_row, wt_ptr, wt2_ptr, offs, valid, cols, cmask, d_out, t,
 
 @triton.jit
 def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_ptr, cnt_ptr,
-                       d_in, d_out, k, threshold, stride_x, stride_y, n_splits,
+                       d_in, d_out, k, threshold, stride_x, stride_y, n_splits, res_ptr, stride_r,
                        MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold (TEAL-style), 2: dense,
                        # 3: gather (x_ptr = compacted fp32 values, sel_ptr = their int32 indices, d_in = k)
                        GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, ROWS_PER_SPLIT: tl.constexpr,
                        INLINE: tl.constexpr = False,  # MODE 0: every program finds (t, cutoff) itself
                        BLOCK_D: tl.constexpr = 16, SPLIT_CHUNK: tl.constexpr = 1,
-                       PDL: tl.constexpr = False):  # launched as a programmatic dependent of the select
+                       PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
+                       HAS_RES: tl.constexpr = False):  # y = res + ..., added in fp32 before rounding
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
@@ -357,16 +358,20 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
             if GATED:
                 tot2 += tl.sum(tl.load(part_row + n_splits * d_out + p_off, mask=pmask, other=0.0,
                                        cache_modifier=".cg"), axis=0)
-        _epilogue_store(tot, tot2, bias_ptr, y_ptr + row * stride_y, cols, cmask, GATED, HAS_BIAS)
+        _epilogue_store(tot, tot2, bias_ptr, y_ptr + row * stride_y, cols, cmask, GATED, HAS_BIAS,
+                        res_ptr + row * stride_r, HAS_RES)
 
 
 @triton.jit
-def _epilogue_store(tot, up, bias_ptr, y_row, cols, cmask, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y[cols] = silu(tot) * up (GATED) or tot (+ bias), cast to the output dtype."""
+def _epilogue_store(tot, up, bias_ptr, y_row, cols, cmask, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    res_row, HAS_RES: tl.constexpr):
+    """y[cols] = silu(tot) * up (GATED) or tot (+ bias) (+ the residual row), cast to the output dtype."""
     if GATED:
         tot = tot * tl.sigmoid(tot) * up
     if HAS_BIAS:
         tot += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        tot += tl.load(res_row + cols, mask=cmask, other=0.0).to(tl.float32)
     tl.store(y_row + cols, tot.to(y_row.dtype.element_ty), mask=cmask)
 
 
@@ -404,11 +409,12 @@ def fused_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, d_in, d_out, k, t
 
 @triton.jit
 def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr,
-                     d_in, d_out, threshold, stride_x, stride_y,
+                     d_in, d_out, threshold, stride_x, stride_y, res_ptr, stride_r,
                      MODE: tl.constexpr,  # 0: exact Top-K (sel_ptr), 1: |x| > threshold, 2: dense
                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
-                     X_LATE: tl.constexpr = False):  # with PDL: x too is written by that predecessor
+                     X_LATE: tl.constexpr = False,  # with PDL: x too is written by that predecessor
+                     HAS_RES: tl.constexpr = False):  # y = res + ..., added in fp32 before rounding
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
@@ -447,12 +453,14 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
     if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - 1:
         tl.atomic_xchg(cnt_addr, 0)
-        _finish_block(acc_row, bias_ptr, y_ptr + row * stride_y, rn, cmask, d_out, GATED, HAS_BIAS)
+        _finish_block(acc_row, bias_ptr, y_ptr + row * stride_y, rn, cmask, d_out, GATED, HAS_BIAS,
+                      res_ptr + row * stride_r, HAS_RES)
 
 
 @triton.jit
-def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """y[rn] from the fp32 sums (silu(gate) * up when GATED, + bias), and the sums zeroed again.
+def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  res_row, HAS_RES: tl.constexpr):
+    """y[rn] from the fp32 sums (silu(gate) * up when GATED, + bias, + residual), and the sums zeroed again.
 
     The barrier keeps every thread's read of the sums before any thread's zeroing store: the compiler may
     lay the loaded and the stored vectors out over different threads, and without it the compiled kernel
@@ -468,7 +476,7 @@ def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexp
     tl.store(acc_row + rn, zero, mask=cmask)
     if GATED:
         tl.store(acc_row + d_out + rn, zero, mask=cmask)
-    _epilogue_store(tot, up, bias_ptr, y_row, rn, cmask, GATED, HAS_BIAS)
+    _epilogue_store(tot, up, bias_ptr, y_row, rn, cmask, GATED, HAS_BIAS, res_row, HAS_RES)
 
 
 def tile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
@@ -499,8 +507,9 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
                 counters: torch.Tensor | None = None, pdl: bool | None = None, block_m: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
                 select_impl: str | None = None, num_stages: int | None = None,
-                sel: torch.Tensor | None = None) -> None:
+                sel: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
     """One-tile-per-program variant of `launch` (same arguments and result), v11."""
+    _check_residual(residual, y, wt2)
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gated = wt2 is not None
@@ -521,9 +530,21 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
-        float(threshold), x.stride(0), y.stride(0), MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
+        float(threshold), x.stride(0), y.stride(0), residual if residual is not None else y,
+        residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
         **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}))
+
+
+def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
+    if residual is None:
+        return
+    if wt2 is not None:
+        raise ValueError("the gated form takes no residual")
+    if residual.shape != y.shape or residual.stride(-1) != 1:
+        raise ValueError(f"residual {tuple(residual.shape)} must match the output {tuple(y.shape)} "
+                         f"(rows with unit stride)")
 
 
 def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
@@ -703,7 +724,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            block_k: int | None = None, block_n: int | None = None,
            rows_per_split: int | None = None, num_warps: int | None = None,
            num_stages: int | None = None, pdl: bool | None = None,
-           block_m: int | None = None, sel: torch.Tensor | None = None) -> None:
+           block_m: int | None = None, sel: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
     `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
@@ -712,7 +734,10 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     `sel`: Top-K mode with x's (t, cutoff) already found by the kernel launched just before (`rmsnorm_select`,
     which also wrote x): no select launch; with `pdl` the GEMV is that kernel's dependent. The "inline" and
     "fused" implementations find the selection themselves and ignore it.
+    `residual` (rows, d_out), ungated only: y = residual + ..., added in fp32 in the epilogue before the one
+    rounding (the "fused" implementation adds it afterwards: one more rounding).
     """
+    _check_residual(residual, y, wt2)
     impl = default_impl(mode) if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
@@ -723,10 +748,13 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
                            select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages,
-                           sel=sel)
+                           sel=sel, residual=residual)
     if impl == "fused":
-        return launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
-                            block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+        launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
+                     block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+        if residual is not None:
+            y.copy_(y.float() + residual.float())
+        return
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gather = GATHER if gather is None else gather
@@ -759,7 +787,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     sparse_gemv_kernel[grid](
         x, wt, wt2 if wt2 is not None else wt, bias if bias is not None else wt, y, sel, part, counters,
         d_in, d_out, k, float(threshold), x.stride(0), y.stride(0), n_splits,
-        MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None,
+        residual if residual is not None else y, residual.stride(0) if residual is not None else 0,
+        MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         BLOCK_K=block_k, BLOCK_N=block_n, ROWS_PER_SPLIT=rps,
         INLINE=inline, BLOCK_D=triton.next_power_of_2(d_in) if inline else 16,
         SPLIT_CHUNK=1 if wt2 is not None else split_chunk(n_splits, block_n),
