@@ -98,10 +98,14 @@ def dense_layout_rows() -> list[dict]:
     return rows
 
 
+def _engine_setup(shape: str):
+    """Copy bandwidth, random bf16 weights of the shape, a 128-token prompt."""
+    return (copy_bandwidth(torch.device("cuda")), random_base(get_shape(shape), torch.bfloat16, "cuda", 0),
+            torch.randint(0, 1000, (1, 128), device="cuda"))
+
+
 def engine_rows(shape: str, gen_len: int) -> list[dict]:
-    bw = copy_bandwidth(torch.device("cuda"))
-    base = random_base(get_shape(shape), torch.bfloat16, "cuda", 0)
-    prompt = torch.randint(0, 1000, (1, 128), device="cuda")
+    bw, base, prompt = _engine_setup(shape)
     lar = sparse_variant(base, "larosa", 0.5)
     rows = []
     configs = [("dense", base, "sdpa", {}), ("dense", base, "split", {}),
@@ -201,9 +205,7 @@ def fused_norm_op_rows(shape: str, p: float = 0.5, layers: int = 32) -> list[dic
 def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
     from larosa.bench import fusion_kwargs
 
-    bw = copy_bandwidth(torch.device("cuda"))
-    base = random_base(get_shape(shape), torch.bfloat16, "cuda", 0)
-    prompt = torch.randint(0, 1000, (1, 128), device="cuda")
+    bw, base, prompt = _engine_setup(shape)
     rows = []
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = sparse_variant(base, method, p)
