@@ -26,7 +26,8 @@ for stage in "$@"; do
     tests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels.py \
         tests/test_kernels_gpu.py tests/test_attention_kernel.py > "$out/kernel-tests.log" 2>&1 || rc=1
-      python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_engine_gpu.py > "$out/engine-tests.log" 2>&1 || rc=1
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine.py \
+        > "$out/engine-tests.log" 2>&1 || rc=1
       tail -n 3 "$out/kernel-tests.log" "$out/engine-tests.log" ;;
     fusions)
       python3 benchmarks/decode_parts.py --parts fusions --out "$out/fusions-h200.json" \

@@ -233,11 +233,13 @@ def test_fused_engine_equals_plain_engine_fp32(overlap, fusion):
 @pytest.mark.parametrize("fusion", FUSIONS, ids=["norm", "residual", "both"])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
-    """bf16, batch 1: the decode step runs the Triton norm + select kernel (interpreted on the CPU) for the
-    q/k/v and gate/up sites of every layer and/or the GEMVs with the residual in their epilogue (o of every
-    layer, down where no adapter follows), and its logits follow the plain kernel engine's."""
+    """bf16, batch 1: the decode step runs the Triton norm + select kernel (interpreted on the CPU, compiled
+    on a GPU, eager either way) for the q/k/v and gate/up sites of every layer and/or the GEMVs with the
+    residual in their epilogue (o of every layer, down where no adapter follows), and its logits follow
+    the plain kernel engine's."""
     _, fused = _larosa_tiny(seed=3)
-    w = from_hf(fused).to(dtype=torch.bfloat16)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels under the interpreter
+    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
     norms, residuals = [], []
     real_norm, real_launch = _ops.triton_gemv.rmsnorm_select, _ops.triton_gemv.launch
     monkeypatch.setattr(_ops.triton_gemv, "rmsnorm_select",
@@ -245,8 +247,8 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     monkeypatch.setattr(_ops.triton_gemv, "launch",
                         lambda *a, **k: (residuals.append(k.get("residual") is not None), real_launch(*a, **k))[1])
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
-    plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap)
-    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, **fusion)
+    plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False)
+    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **fusion)
     for e in (plain, fns):
         e.prefill(ids)  # 6 rows: the reference path, no kernel
     assert not norms and not residuals

@@ -172,13 +172,17 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
         h = ref.rmsnorm_ref(xs, norm_w, eps)
         y = topk_gate_up(h, wt, wt_up, k, counters) if wt_up is not None else topk_linear(h, wt, k, bias, counters)
         return (x.new_empty(0) if res is None else xs), y
+    gated = wt_up is not None
+    cnt = _counters(counters, x2, wt, gated=gated)
+    if cnt is None:  # zeroed here, so no memset lands between the norm kernel and its dependent GEMV
+        cnt = torch.zeros(triton_gemv.counters_needed(x2.shape[0], wt.shape[0], d_out, gated), dtype=torch.int32,
+                          device=x.device)
     pdl = triton_gemv.pdl_default(x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl)
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
-    gated = wt_up is not None
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
-                       counters=_counters(counters, x2, wt, gated=gated), sel=sel, pdl=pdl)
+                       counters=cnt, sel=sel, pdl=pdl)
     return (x.new_empty(0) if xs is None else xs.view(x.shape)), y.view(*x.shape[:-1], d_out)
 
 
