@@ -115,12 +115,13 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     steps = res.step_ms
     mean = statistics.fmean(steps)
     tok_s = 1000.0 / mean * prompt.shape[0]
-    nb = w.bytes_per_token(context=kv_positions_read(prompt.shape[1], gen_len, max_len), batch=prompt.shape[0])
+    kv_read = kv_positions_read(prompt.shape[1], gen_len, max_len)
+    nb = w.bytes_per_token(context=kv_read, batch=prompt.shape[0])
     steps_s = tok_s / prompt.shape[0]  # decode steps per second
     out = {"tok_s": tok_s, "step_ms_mean": mean, "p50_ms": statistics.median(steps), "p99_ms": _pct(steps, 0.99),
            "max_ms": max(steps), "steps_timed": len(steps), "prefill_ms": 1000 * res.prefill_s,
            "setup_s": round(setup_s, 1), "bytes_per_token": nb, "max_len": max_len,
-           "kv_positions_read": kv_positions_read(prompt.shape[1], gen_len, max_len),
+           "kv_positions_read": kv_read,
            "achieved_GBps": nb["total"] * steps_s / 1e9 if nb["total"] is not None else None,
            "bandwidth_fraction": nb["total"] * steps_s / bw if nb["total"] is not None and bw == bw else None}
     out["p99_over_p50"] = out["p99_ms"] / out["p50_ms"]

@@ -84,12 +84,12 @@ def counter_workspace(rows: int, d_out: int, device=None) -> torch.Tensor:
 
 
 def _counters(counters: Optional[torch.Tensor], x2: torch.Tensor, wt: torch.Tensor,
-              gated: bool = False, mode: int = 0) -> Optional[torch.Tensor]:
+              gated: bool = False, mode: int = 0, alloc: bool = False) -> Optional[torch.Tensor]:
     """The caller's zeroed buffer if it is large enough for this call, else None (the kernel then
-    allocates its own: one memset per call)."""
+    allocates its own: one memset per call), or with `alloc` a fresh zeroed one right away."""
     need = triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1], gated, mode=mode)
     if counters is None or counters.numel() < need:
-        return None
+        return torch.zeros(need, dtype=torch.int32, device=x2.device) if alloc else None
     return counters
 
 
@@ -173,10 +173,8 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
         y = topk_gate_up(h, wt, wt_up, k, counters) if wt_up is not None else topk_linear(h, wt, k, bias, counters)
         return (x.new_empty(0) if res is None else xs), y
     gated = wt_up is not None
-    cnt = _counters(counters, x2, wt, gated=gated)
-    if cnt is None:  # zeroed here, so no memset lands between the norm kernel and its dependent GEMV
-        cnt = torch.zeros(triton_gemv.counters_needed(x2.shape[0], wt.shape[0], d_out, gated), dtype=torch.int32,
-                          device=x.device)
+    # zeroed here if needed, so no memset lands between the norm kernel and its dependent GEMV
+    cnt = _counters(counters, x2, wt, gated=gated, alloc=True)
     pdl = triton_gemv.pdl_default(x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl)

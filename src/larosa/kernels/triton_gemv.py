@@ -144,15 +144,22 @@ def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexp
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff))."""
+    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
+    t, cutoff = _packed_select(x, valid, k, BLOCK_D)
+    tl.store(sel_ptr + row * 2, t)
+    tl.store(sel_ptr + row * 2 + 1, cutoff)
+
+
+@triton.jit
+def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """A one-program-per-row kernel's start: let the dependent GEMV launch (PDL), then load the row
+    (0 past d_in). Returns (row, offs, valid, x)."""
     if PDL:
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     valid = offs < d_in
-    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
-    t, cutoff = _packed_select(x, valid, k, BLOCK_D)
-    tl.store(sel_ptr + row * 2, t)
-    tl.store(sel_ptr + row * 2 + 1, cutoff)
+    return row, offs, valid, tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -204,12 +211,7 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, d_in, k
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
     and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h."""
-    if PDL:
-        gdc_launch_dependents()
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_D)
-    valid = offs < d_in
-    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
+    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=valid, other=0.0)
         x = _round(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)
