@@ -9,12 +9,14 @@
 #   bash benchmarks/h200_session.sh tables       # decode tables, LLaMA2-7B and LLaMA3-8B (~4 min)
 #   bash benchmarks/h200_session.sh genlens      # generation lengths 128/512/2048 at p = 0.5 (~3 min)
 #   bash benchmarks/h200_session.sh gemv         # per-op GEMV table (~1 min)
+#   bash benchmarks/h200_session.sh enginetests  # the engine's GPU tests alone (~1 min)
+#   bash benchmarks/h200_session.sh profile      # per-kernel CUDA time of a step, LLaMA2-7B, p = 0.5 (~1 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|fusions|tables|genlens|gemv ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -29,6 +31,13 @@ for stage in "$@"; do
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine.py \
         > "$out/engine-tests.log" 2>&1 || rc=1
       tail -n 3 "$out/kernel-tests.log" "$out/engine-tests.log" ;;
+    enginetests)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py tests/test_engine.py \
+        > "$out/engine-tests.log" 2>&1 || rc=1
+      tail -n 3 "$out/engine-tests.log" ;;
+    profile)
+      python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 \
+        --out "$out/profile-decode-llama2-7b.json" 2>&1 | tee "$out/profile-decode-llama2-7b.log" || rc=1 ;;
     fusions)
       python3 benchmarks/decode_parts.py --parts fusions --out "$out/fusions-h200.json" \
         2>&1 | tee "$out/fusions-h200.log" || rc=1 ;;

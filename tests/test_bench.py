@@ -135,3 +135,19 @@ def test_cli_bench_decode_tiny_with_fusions(tmp_path):
         assert a["steps_timed"] == b["steps_timed"] == 5
     res = CliRunner().invoke(app, args + ["--fuse", "attention"])
     assert res.exit_code != 0 and "unknown fusion attention" in res.output
+
+
+def test_fuse_option_resolves_to_engine_flags():
+    """`--fuse auto` leaves the engine's defaults (both on with CUDA, off on the CPU), `none` turns both
+    off, a list turns on exactly those."""
+    from larosa.bench import fusion_kwargs, parse_fuse
+    from larosa.shapes import get_shape
+
+    assert parse_fuse("auto") is None and fusion_kwargs(None) == {}
+    assert fusion_kwargs(parse_fuse("none")) == {"fuse_norm_select": False, "fuse_residual": False}
+    assert fusion_kwargs(parse_fuse(" residual ")) == {"fuse_norm_select": False, "fuse_residual": True}
+    assert fusion_kwargs(parse_fuse("norm,residual")) == {"fuse_norm_select": True, "fuse_residual": True}
+    with pytest.raises(LarosaError, match="unknown fusion all"):
+        fusion_kwargs(parse_fuse("all"))
+    eng = DecodeEngine(random_base(get_shape("tiny"), torch.float32, "cpu"), max_len=8)
+    assert not eng.fuse_norm_select and not eng.fuse_residual  # CPU default

@@ -247,8 +247,9 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     monkeypatch.setattr(_ops.triton_gemv, "launch",
                         lambda *a, **k: (residuals.append(k.get("residual") is not None), real_launch(*a, **k))[1])
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
-    plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False)
-    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **fusion)
+    off = {"fuse_norm_select": False, "fuse_residual": False}  # explicit: CUDA's default is both on
+    plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **off)
+    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **{**off, **fusion})
     for e in (plain, fns):
         e.prefill(ids)  # 6 rows: the reference path, no kernel
     assert not norms and not residuals

@@ -76,8 +76,10 @@ def test_compiled_graph_step_equals_eager(monkeypatch, method, impl):
         if deterministic:
             assert torch.equal(fast.logits, nograph.logits)
         else:  # same function, the atomics add in another order: rounding-level differences, which a
-            # flipped Top-K tie can amplify over the layers; a broken step gives a cosine near 0
-            assert torch.nn.functional.cosine_similarity(fast.logits.float(), nograph.logits.float()).item() > 0.99
+            # flipped Top-K tie or TEAL threshold crossing can amplify over the layers and the steps (each
+            # engine keeps its own KV cache; TEAL on the tile kernel reached 0.978 once, v13 GPU run);
+            # a broken step gives a cosine near 0
+            assert torch.nn.functional.cosine_similarity(fast.logits.float(), nograph.logits.float()).item() > 0.95
         worst = min(worst, torch.nn.functional.cosine_similarity(fast.logits, slow.logits).item())
     assert worst > 0.9, worst  # a broken step gives ~0; rounding + Top-K tie flips over 3 layers ~0.93-0.99
     assert got.tokens.shape == ref.shape

@@ -91,11 +91,25 @@ FUSIONS = {"norm": "fuse_norm_select", "residual": "fuse_residual"}
 
 
 def fusion_kwargs(fuse) -> dict:
-    """`DecodeEngine` keyword arguments of the named fusions ("norm", "residual")."""
+    """`DecodeEngine` keyword arguments that turn on exactly the named fusions ("norm", "residual") and
+    turn off the others; None = the engine's defaults (on with CUDA)."""
+    if fuse is None:
+        return {}
     unknown = set(fuse) - set(FUSIONS)
     if unknown:
-        raise LarosaError(f"unknown fusion {', '.join(sorted(unknown))}; choose from {', '.join(FUSIONS)}")
-    return {FUSIONS[f]: True for f in fuse}
+        raise LarosaError(f"unknown fusion {', '.join(sorted(unknown))}; choose from {', '.join(FUSIONS)}, "
+                          f"or none")
+    return {kw: name in fuse for name, kw in FUSIONS.items()}
+
+
+def parse_fuse(text: str):
+    """The CLI's `--fuse`: "auto" (None: the engine's defaults), "none" (), or a comma list of fusions."""
+    text = text.strip()
+    if text == "auto":
+        return None
+    if text == "none":
+        return ()
+    return tuple(f.strip() for f in text.split(",") if f.strip())
 
 
 def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, warmup: int = 8,
@@ -136,10 +150,10 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
 def bench_decode(shape: str | None = None, model: str | None = None, methods=("dense", "larosa", "teal"),
                  sparsities=(0.25, 0.4, 0.5, 0.75), prompt_len: int = 128, gen_lens=(128,), batch: int = 1,
                  dtype: str = "bfloat16", device: str = "auto", out: str | Path | None = None, seed: int = 0,
-                 split=(0.8, 1.2), progress: bool = True, fuse=()) -> dict:
+                 split=(0.8, 1.2), progress: bool = True, fuse=None) -> dict:
     """Run the benchmark; returns {"rows", "table", "record"} and writes JSON/markdown/PNG to `out`.
     `fuse`: engine fusions for Top-K sites, any of "norm" (the norm + select kernel) and "residual" (the
-    residual add in the GEMV epilogue); see `DecodeEngine`."""
+    residual add in the GEMV epilogue); None = the engine's defaults (both on with CUDA); see `DecodeEngine`."""
     from .shapes import get_shape, random_base, sparse_variant, teal_thresholds
 
     if (shape is None) == (model is None):
@@ -208,7 +222,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
              "gen_lens": list(gen_lens), "methods": list(methods), "sparsities": list(sparsities),
              "split": list(split), "copy_bandwidth_TBps": bw / 1e12,
              "weights": "random (Gaussian-like activations)" if shape else "real",
-             "kernel_impl": _kernel_impl(), "fuse": sorted(set(fuse))}
+             "kernel_impl": _kernel_impl(),
+             "fuse": sorted(set(FUSIONS) if fuse is None and dev.type == "cuda" else set(fuse or ()))}
     dense_bytes = dense_by_len[gen_lens[0]]["bytes_per_token"]["total"]
     setup["dense_roofline_tok_s"] = bw / dense_bytes if bw == bw else None
     table = markdown_table(rows)

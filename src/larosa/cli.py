@@ -328,18 +328,18 @@ def bench_decode_cmd(
     dtype: str = typer.Option("bfloat16", help="bfloat16 | float16 | float32"),
     device: str = DeviceOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for results.json, table.md, decode.png"),
-    fuse: str = typer.Option("", help="engine fusions for Top-K sites, comma list: norm (RMSNorm and select in "
-                             "one kernel), residual (residual add in the GEMV epilogue); not yet defaults, "
-                             "see benchmarks/NOTES.md"),
+    fuse: str = typer.Option("auto", help="engine fusions for Top-K sites: auto (both on CUDA, none on the "
+                             "CPU), none, or a comma list of norm (RMSNorm and select in one kernel), residual "
+                             "(residual add in the GEMV epilogue)"),
 ) -> None:
     """Decode tokens/s, p50/p99 latency, GB/s vs copy bandwidth: dense vs LaRoSA vs TEAL."""
     try:
-        from .bench import bench_decode
+        from .bench import bench_decode, parse_fuse
 
         res = bench_decode(shape, model, tuple(m.strip() for m in methods.split(",") if m.strip()),
                            _floats(sparsities, "--sparsities"), prompt_len,
                            tuple(int(x) for x in _floats(gen_lens, "--gen-lens")), batch, dtype, device, out,
-                           fuse=tuple(f.strip() for f in fuse.split(",") if f.strip()))
+                           fuse=parse_fuse(fuse))
     except LarosaError as exc:
         _fail(exc)
         return

@@ -515,20 +515,22 @@ class DecodeEngine:
     capture_priority: CUDA stream priority of the captured step (None: the highest when overlapping).
     fuse_norm_select: Top-K block inputs (q/k/v and gate/up sites, without an in-layer MLP rotation) take
     `larosa::rmsnorm_topk`: the residual add, the RMSNorm and the Top-K select in one kernel, then the GEMV
-    without a select launch. Same function (the norm within one rounding of HF's; tested); off by default
-    until measured end to end (`benchmarks/decode_parts.py --parts fusions`).
+    without a select launch. Same function (the norm within one rounding of HF's; tested).
     fuse_residual: Top-K o and down projections (the down one where no adapter follows) add the residual in
     the GEMV's epilogue, in fp32 before the one rounding (the plain step rounds the GEMV output, then adds):
-    no separate add kernel. Off by default until measured (same benchmark).
+    no separate add kernel.
+    Both None = on with CUDA (measured together: +0.9 % LaRoSA, +3 % un-rotated Top-K tokens/s on the
+    H200, `benchmarks/results/fusions-h200.json`), off on the CPU (where they only change the rounding).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
                  graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
-                 capture_priority: Optional[int] = None, fuse_norm_select: bool = False,
-                 fuse_residual: bool = False):
+                 capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
+                 fuse_residual: Optional[bool] = None):
         self.w = weights
-        self.fuse_norm_select = bool(fuse_norm_select)
-        self.fuse_residual = bool(fuse_residual)
+        cuda = weights.device.type == "cuda"
+        self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
+        self.fuse_residual = cuda if fuse_residual is None else bool(fuse_residual)
         self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual)
                          for st in weights.statics]
         self.device = weights.device
