@@ -361,6 +361,48 @@ def test_pdl_only_where_it_can_run(monkeypatch):
         assert _rel(y, topk_gemv_ref(x, wt, 100)) < 1e-2, impl
 
 
+class _Recorder:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **kw)` records kw."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *a, **kw: self.calls.append((self.name, kw))
+
+
+@pytest.mark.parametrize("chain", [True, False])
+def test_pdl_chain_launch_flags(monkeypatch, chain):
+    """The v13 chain where PDL can run: every Top-K GEMV lets the next launch start early (TRIGGER), and the
+    select / norm + select before a GEMV is launched as a programmatic dependent that waits before touching
+    memory (WAIT, launch_pdl) and only then triggers its GEMV (PDL); LAROSA_KERNEL_PDL_CHAIN=0 turns the
+    chain off and leaves the select -> GEMV dependency. (The kernels' arithmetic under PDL is checked compiled
+    on the GPU by the other tests here; this checks what is asked of each launch.)"""
+    tg = ops.triton_gemv
+    calls = []
+    monkeypatch.setattr(tg, "_pdl_possible", lambda x: True)
+    for name in ("select_packed_kernel", "tile_gemv_kernel", "sparse_gemv_kernel", "rmsnorm_select_kernel"):
+        monkeypatch.setattr(tg, name, _Recorder(name, calls))
+    if not chain:
+        monkeypatch.setenv("LAROSA_KERNEL_PDL_CHAIN", "0")
+    x, wt = torch.randn(1, 256).bfloat16(), torch.randn(256, 64).bfloat16()
+    y = torch.empty(1, 64, dtype=torch.bfloat16)
+    for impl in ("tile", "split"):
+        tg.launch(x, wt, y, 100, impl=impl)
+    tg.rmsnorm_select(x, None, torch.ones(256, dtype=torch.bfloat16), 1e-5, 100, pdl=True, wait=chain)
+    tg.launch(x, wt, y, 100, impl="tile", threshold=0.5, mode=1)  # threshold mode: no select, still a GEMV
+    names = [n for n, _ in calls]
+    assert names == ["select_packed_kernel", "tile_gemv_kernel", "select_packed_kernel", "sparse_gemv_kernel",
+                     "rmsnorm_select_kernel", "tile_gemv_kernel"]
+    for name, kw in calls:
+        if name in ("select_packed_kernel", "rmsnorm_select_kernel"):
+            assert kw.get("PDL") is True
+            assert kw.get("WAIT", False) is chain and kw.get("launch_pdl", False) is chain
+        else:
+            assert kw["TRIGGER"] is chain
+    assert all(kw.get("launch_pdl") is True for n, kw in calls[:4] if n.endswith("gemv_kernel"))
+
+
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
     """Largest distance in units in the last place between two 16-bit float tensors of the same sign."""
     ia, ib = a.view(torch.int16).to(torch.int32), b.view(torch.int16).to(torch.int32)
