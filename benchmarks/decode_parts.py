@@ -222,17 +222,14 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
 
 def pdl_chain_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """The v13 PDL chain (selects launched as programmatic dependents of the GEMV before them) on and off
-    (`LAROSA_KERNEL_PDL_CHAIN=0`), end to end with the default fusions, alternating on/off `repeats` times."""
+    (`LAROSA_KERNEL_PDL_CHAIN=1` / `0`), end to end with the default fusions, alternating on/off `repeats` times."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = sparse_variant(base, method, p)
         for rep in range(repeats):
             for chain in (True, False):
-                if chain:
-                    os.environ.pop("LAROSA_KERNEL_PDL_CHAIN", None)
-                else:
-                    os.environ["LAROSA_KERNEL_PDL_CHAIN"] = "0"
+                os.environ["LAROSA_KERNEL_PDL_CHAIN"] = "1" if chain else "0"
                 r = _measure(w, prompt, gen_len, bw)
                 rows.append({"shape": shape, "method": method, "nominal": p, "chain": chain, "repeat": rep,
                              "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})

@@ -12,12 +12,13 @@
 #   bash benchmarks/h200_session.sh enginetests  # the engine's GPU tests alone (~1 min)
 #   bash benchmarks/h200_session.sh profile      # per-kernel CUDA time of a step, LLaMA2-7B, p = 0.5 (~1 min)
 #   bash benchmarks/h200_session.sh pdlchain     # PDL chain on/off A/B, end to end (~2 min)
+#   bash benchmarks/h200_session.sh selectsteps  # select time vs bisection steps (~1 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|pdlchain|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|pdlchain|selectsteps|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -39,6 +40,9 @@ for stage in "$@"; do
     profile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 \
         --out "$out/profile-decode-llama2-7b.json" 2>&1 | tee "$out/profile-decode-llama2-7b.log" || rc=1 ;;
+    selectsteps)
+      python3 benchmarks/select_bench.py --steps 15,12,8,4,0 --out "$out/select-steps-h200.json" \
+        2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;
     pdlchain)
       python3 benchmarks/decode_parts.py --parts pdl_chain --out "$out/pdl-chain-h200.json" \
         2>&1 | tee "$out/pdl-chain-h200.log" || rc=1 ;;

@@ -19,8 +19,36 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemv import select_sweep  # noqa: E402
+from gemv import graph_time_us, select_sweep  # noqa: E402
 from larosa.kernels import triton_gemv  # noqa: E402
+
+
+def steps_sweep(widths, steps, out: Path) -> None:
+    """The packed select at its default warps with the bisection cut to `steps` steps (0: load, tie prefix
+    sum and stores only): the time a narrower search window (fewer steps) could save."""
+    import triton
+
+    rows = []
+    print("| d_in | bisection steps | us |\n|---|---|---|")
+    for d_in in widths:
+        xs = [torch.randn(1, d_in, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        sel = torch.empty(1, 2, dtype=torch.int32, device="cuda")
+        bd = triton.next_power_of_2(d_in)
+        for n in steps:
+            def call(x, n=n):
+                triton_gemv.select_packed_kernel[(1,)](x, sel, d_in, d_in // 2, x.stride(0), BLOCK_D=bd,
+                                                       num_warps=triton_gemv.select_warps(bd), FIRST_BIT=n - 1)
+            t = graph_time_us([(lambda x=x: call(x)) for x in xs], reps=20)
+            rows.append({"d_in": d_in, "steps": n, "us": t})
+            print(f"| {d_in} | {n} | {t:.2f} |", flush=True)
+    props = torch.cuda.get_device_properties(0)
+    rec = {"gpu": props.name, "dtype": "bf16", "batch": 1, "k": "d_in / 2", "impl": "packed, default warps",
+           "timing": "CUDA graph replay, median per call", "torch": torch.__version__,
+           "triton": __import__("triton").__version__, "steps_sweep": rows,
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -29,10 +57,15 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8,16")
     ap.add_argument("--widths", default="4096,11008,14336")
     ap.add_argument("--out", default="benchmarks/results/select.json")
+    ap.add_argument("--steps", default=None, help="comma list of bisection step counts (15 = the real kernel): "
+                    "time the packed select cut short, to see what fewer steps could save (wrong selections)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/select_bench.py needs a CUDA GPU")
     torch.manual_seed(0)
+    if args.steps:
+        return steps_sweep([int(v) for v in args.widths.split(",")], [int(v) for v in args.steps.split(",")],
+                           Path(args.out))
     rows, _ = select_sweep(torch.bfloat16, widths=[int(v) for v in args.widths.split(",")],
                            impls=args.impls.split(","), warps=[int(v) for v in args.warps.split(",")])
     print("| d_in | impl | warps | us |\n|---|---|---|---|")

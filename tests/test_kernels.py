@@ -375,16 +375,17 @@ class _Recorder:
 def test_pdl_chain_launch_flags(monkeypatch, chain):
     """The v13 chain where PDL can run: every Top-K GEMV lets the next launch start early (TRIGGER), and the
     select / norm + select before a GEMV is launched as a programmatic dependent that waits before touching
-    memory (WAIT, launch_pdl) and only then triggers its GEMV (PDL); LAROSA_KERNEL_PDL_CHAIN=0 turns the
-    chain off and leaves the select -> GEMV dependency. (The kernels' arithmetic under PDL is checked compiled
+    memory (WAIT, launch_pdl) and only then triggers its GEMV (PDL); LAROSA_KERNEL_PDL_CHAIN=0 (the default,
+    measured no faster) leaves only the select -> GEMV dependency. (The kernels' arithmetic under PDL is checked compiled
     on the GPU by the other tests here; this checks what is asked of each launch.)"""
     tg = ops.triton_gemv
     calls = []
     monkeypatch.setattr(tg, "_pdl_possible", lambda x: True)
     for name in ("select_packed_kernel", "tile_gemv_kernel", "sparse_gemv_kernel", "rmsnorm_select_kernel"):
         monkeypatch.setattr(tg, name, _Recorder(name, calls))
-    if not chain:
-        monkeypatch.setenv("LAROSA_KERNEL_PDL_CHAIN", "0")
+    monkeypatch.delenv("LAROSA_KERNEL_PDL_CHAIN", raising=False)
+    assert tg.pdl_default(torch.zeros(1)) and not tg.pdl_chain_default(torch.zeros(1))  # off by default
+    monkeypatch.setenv("LAROSA_KERNEL_PDL_CHAIN", "1" if chain else "0")
     x, wt = torch.randn(1, 256).bfloat16(), torch.randn(256, 64).bfloat16()
     y = torch.empty(1, 64, dtype=torch.bfloat16)
     for impl in ("tile", "split"):

@@ -141,13 +141,15 @@ def _count_ge_packed(lanes, cand):
 
 @triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-                         WAIT: tl.constexpr = False):
+                         WAIT: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
-    WAIT: launched as a programmatic dependent of the kernel that wrote x (v13 chain, see `_row_prologue`)."""
+    WAIT: launched as a programmatic dependent of the kernel that wrote x (v13 chain, see `_row_prologue`).
+    FIRST_BIT < 14 is for timing only (benchmarks/select_bench.py --steps): fewer bisection steps, wrong
+    selections."""
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL, WAIT)
-    t, cutoff = _packed_select(x, valid, k, BLOCK_D)
+    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -171,7 +173,7 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 
 
 @triton.jit
-def _packed_select(x, valid, k, BLOCK_D: tl.constexpr):
+def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
 
     Two 15-bit patterns per 32-bit lane: lane = 1 hi 1 lo with the guard bits 31 and 15 set, so
@@ -182,7 +184,7 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr):
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
     t = 0
-    for b in tl.static_range(14, -1, -1):
+    for b in tl.static_range(FIRST_BIT, -1, -1):
         cand = t | (1 << b)
         if _count_ge_packed(lanes, cand) >= k:
             t = cand
@@ -699,12 +701,14 @@ def pdl_default(x: torch.Tensor) -> bool:
     return PDL and os.environ.get("LAROSA_KERNEL_PDL") != "0" and _pdl_possible(x)
 
 
-PDL_CHAIN = True  # v13: the GEMVs let the next select launch early too (select and norm + select wait first)
+PDL_CHAIN = False  # v13 experiment: no gain end to end (benchmarks/results/pdl-chain-h200.json, NOTES.md)
 
 
 def pdl_chain_default(x: torch.Tensor) -> bool:
-    """Chain the selects to the kernel before them as well, unless `LAROSA_KERNEL_PDL_CHAIN=0` (or PDL off)."""
-    return PDL_CHAIN and os.environ.get("LAROSA_KERNEL_PDL_CHAIN") != "0" and pdl_default(x)
+    """Also chain each select (and norm + select, attention combine) to the kernel before it as a programmatic
+    dependent: `PDL_CHAIN`, or `LAROSA_KERNEL_PDL_CHAIN=1` / `0`; only where PDL runs."""
+    env = os.environ.get("LAROSA_KERNEL_PDL_CHAIN")
+    return (PDL_CHAIN if env is None else env == "1") and pdl_default(x)
 
 
 def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
