@@ -220,24 +220,24 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
     return rows
 
 
-def pdl_chain_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
-    """The v13 PDL chain (selects launched as programmatic dependents of the GEMV before them) on and off
-    (`LAROSA_KERNEL_PDL_CHAIN=1` / `0`), end to end with the default fusions, alternating on/off `repeats` times."""
+def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2) -> list[dict]:
+    """End-to-end A/B of an environment switch read when the engine is built (`var` = on / off), with the
+    default fusions, alternating on/off `repeats` times per method."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = sparse_variant(base, method, p)
         for rep in range(repeats):
-            for chain in (True, False):
-                os.environ["LAROSA_KERNEL_PDL_CHAIN"] = "1" if chain else "0"
+            for val in (on, off):
+                os.environ[var] = val
                 r = _measure(w, prompt, gen_len, bw)
-                rows.append({"shape": shape, "method": method, "nominal": p, "chain": chain, "repeat": rep,
+                rows.append({"shape": shape, "method": method, "nominal": p, var: val, "repeat": rep,
                              "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
-                print(f"engine {shape} {method:6s} p={p:.2f} chain={'on ' if chain else 'off'} #{rep}: "
-                      f"{r['tok_s']:.1f} tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+                print(f"engine {shape} {method:6s} p={p:.2f} {var}={val} #{rep}: {r['tok_s']:.1f} tok/s  "
+                      f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
         del w
         torch.cuda.empty_cache()
-    os.environ.pop("LAROSA_KERNEL_PDL_CHAIN", None)
+    os.environ.pop(var, None)
     return rows
 
 
@@ -248,8 +248,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, pdl_chain
-    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "pdl_chain"}
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, pdl_chain, select_window
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "pdl_chain", "select_window"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -264,7 +264,11 @@ def main() -> None:
         res["residual_ops"] = residual_op_rows(a.shape)
         res["fusion_engine"] = fusion_engine_rows(a.shape, a.gen_len)
     if "pdl_chain" in parts:
-        res["pdl_chain"] = pdl_chain_rows(a.shape, a.gen_len)
+        # v13: selects chained to the kernel before them (measured no faster: off by default)
+        res["pdl_chain"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_KERNEL_PDL_CHAIN", "1", "0")
+    if "select_window" in parts:
+        # v13: the select searches near the previous token's threshold first (window 2^6 patterns) vs not
+        res["select_window"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SELECT_WINDOW", "6", "0")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -13,12 +13,14 @@
 #   bash benchmarks/h200_session.sh profile      # per-kernel CUDA time of a step, LLaMA2-7B, p = 0.5 (~1 min)
 #   bash benchmarks/h200_session.sh pdlchain     # PDL chain on/off A/B, end to end (~2 min)
 #   bash benchmarks/h200_session.sh selectsteps  # select time vs bisection steps (~1 min)
+#   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
+#   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|pdlchain|selectsteps|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|pdlchain|selectsteps|window|hinttests|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -43,6 +45,15 @@ for stage in "$@"; do
     selectsteps)
       python3 benchmarks/select_bench.py --steps 15,12,8,4,0 --out "$out/select-steps-h200.json" \
         2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;
+    window)
+      python3 benchmarks/decode_parts.py --parts select_window --out "$out/select-window-h200.json" \
+        2>&1 | tee "$out/select-window-h200.log" || rc=1 ;;
+    hinttests)
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py -k "hint or pdl" \
+        > "$out/hint-tests.log" 2>&1 || rc=1
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py \
+        >> "$out/hint-tests.log" 2>&1 || rc=1
+      grep -E "passed|failed" "$out/hint-tests.log" ;;
     pdlchain)
       python3 benchmarks/decode_parts.py --parts pdl_chain --out "$out/pdl-chain-h200.json" \
         2>&1 | tee "$out/pdl-chain-h200.log" || rc=1 ;;

@@ -36,11 +36,21 @@ def steps_sweep(widths, steps, out: Path) -> None:
         bd = triton.next_power_of_2(d_in)
         for n in steps:
             def call(x, n=n):
-                triton_gemv.select_packed_kernel[(1,)](x, sel, d_in, d_in // 2, x.stride(0), BLOCK_D=bd,
+                triton_gemv.select_packed_kernel[(1,)](x, sel, sel, d_in, d_in // 2, x.stride(0), BLOCK_D=bd,
                                                        num_warps=triton_gemv.select_warps(bd), FIRST_BIT=n - 1)
             t = graph_time_us([(lambda x=x: call(x)) for x in xs], reps=20)
             rows.append({"d_in": d_in, "steps": n, "us": t})
             print(f"| {d_in} | {n} | {t:.2f} |", flush=True)
+        # the real (exact) select with a threshold hint that hits: 2 + WINDOW counts
+        for w in (4, 6):
+            hints = [triton_gemv.select(x, d_in // 2)[:, 0].contiguous() for x in xs]
+
+            def hinted(x, h, w=w):
+                triton_gemv.select_packed_kernel[(1,)](x, sel, h, d_in, d_in // 2, x.stride(0), BLOCK_D=bd,
+                                                       num_warps=triton_gemv.select_warps(bd), WINDOW=w)
+            t = graph_time_us([(lambda x=x, h=h: hinted(x, h)) for x, h in zip(xs, hints)], reps=20)
+            rows.append({"d_in": d_in, "steps": 2 + w, "window": w, "hint": "hit", "us": t})
+            print(f"| {d_in} | {2 + w} (window {w}, hint hits) | {t:.2f} |", flush=True)
     props = torch.cuda.get_device_properties(0)
     rec = {"gpu": props.name, "dtype": "bf16", "batch": 1, "k": "d_in / 2", "impl": "packed, default warps",
            "timing": "CUDA graph replay, median per call", "torch": torch.__version__,

@@ -263,3 +263,35 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     per_step_res = sum(1 + (not st.adapter) for st in w.statics) if fusion.get("fuse_residual") else 0
     assert len(norms) == 3 * per_step_norms
     assert sum(residuals) == 3 * per_step_res
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
+    """bf16 kernels, batch 1: each layer's four Top-K selects keep their row's threshold in the engine's
+    hint slots (searched near first at the next token), and the logits are those of the engine with the
+    hinted search off (LAROSA_SELECT_WINDOW=0), bit for bit (split-K GEMV: it sums in a fixed order)."""
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "split")
+    _, fused = _larosa_tiny(seed=5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
+    kw = dict(max_len=16, compile=False, graphs=False, overlap_adapters=False, fuse_norm_select=fuse,
+              fuse_residual=fuse)
+    hinted = DecodeEngine(w, **kw)
+    hints = [t[-1] for t in hinted._tensors]
+    assert all(h is not None and h.shape == (4, 1) and not h.any() for h in hints)
+    monkeypatch.setenv("LAROSA_SELECT_WINDOW", "0")
+    plain = DecodeEngine(w, **kw)
+    plain.prefill(ids)
+    logits = []
+    for _ in range(3):
+        plain.step()
+        logits.append(plain.logits.clone())
+    assert not any(t[-1].any() for t in plain._tensors)  # window off: hints untouched
+    monkeypatch.delenv("LAROSA_SELECT_WINDOW")
+    hinted.prefill(ids)  # several rows: the reference path, no select kernel
+    assert not any(h.any() for h in hints)
+    for want in logits:
+        hinted.step()
+        assert torch.equal(hinted.logits, want)
+    assert all(h.all() for h in hints)  # every site's select left its threshold

@@ -530,3 +530,52 @@ def test_residual_reference_path_and_errors():
         ops.triton_gemv.launch(xb, wb, torch.empty(2, 9).bfloat16(), 7, wt2=wb, residual=r.bfloat16())
     torch.library.opcheck(torch.ops.larosa.topk_linear.default, (xb, wb, 7, None, None, r.bfloat16()),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,k", [(37, 5), (300, 150), (1025, 1), (2048, 1024), (2048, 2048)])
+def test_hinted_select_is_exact_for_any_hint(monkeypatch, dtype, d, k):
+    """The windowed select (v13) returns the plain select's (t, cutoff) whatever the hint: in the window,
+    just below or above it (fallback to the full search), at the pattern range's ends, garbage; and it
+    leaves each row's threshold in its hint slot. LAROSA_SELECT_WINDOW=0 ignores the hint."""
+    tg = ops.triton_gemv
+    x = (torch.randn(3, d) * 3).to(dtype)
+    x[1] = (x[1] * 2).round()  # heavy ties in one row
+    want = tg.select(x, k)
+    t = want[:, 0]
+    for w in (1, 6, 14):
+        monkeypatch.setenv("LAROSA_SELECT_WINDOW", str(w))
+        for h in (t, t + 1, t - 1, t + 40, t - 40, torch.zeros_like(t), torch.full_like(t, 0x7FFF),
+                  torch.full_like(t, -5), torch.full_like(t, 1 << 20)):
+            hint = h.to(torch.int32).contiguous()
+            assert torch.equal(tg.select(x, k, hint=hint), want), (w, h)
+            assert torch.equal(hint, t)
+    monkeypatch.setenv("LAROSA_SELECT_WINDOW", "0")
+    hint = torch.full((3,), 7, dtype=torch.int32)
+    assert torch.equal(tg.select(x, k, hint=hint), want) and (hint == 7).all()
+
+
+def test_hinted_ops_compute_the_same_and_refuse_bad_hints(monkeypatch):
+    """topk_linear / topk_gate_up / rmsnorm_topk with a hint compute what they compute without (the hint
+    changes the time only) and update it; a hint of the wrong dtype or too few slots is an error, and so
+    is a window out of range."""
+    tg = ops.triton_gemv
+    x, r = torch.randn(2, 300).bfloat16(), torch.randn(2, 300).bfloat16()
+    wt, wu = torch.randn(300, 70).bfloat16(), torch.randn(300, 70).bfloat16()
+    g = torch.rand(300).bfloat16() + 0.5
+    for hint0 in (torch.zeros(2, dtype=torch.int32), torch.full((4,), 0x3F00, dtype=torch.int32)):
+        hint = hint0.clone()
+        assert torch.equal(topk_linear(x, wt, 120, None, None, None, hint), topk_linear(x, wt, 120))
+        assert (hint[:2] != hint0[:2]).any() and torch.equal(hint[:2], tg.select(x, 120)[:, 0])
+        assert torch.equal(topk_gate_up(x, wt, wu, 120, None, hint0.clone()), topk_gate_up(x, wt, wu, 120))
+        for wup in (None, wu):
+            a = torch.ops.larosa.rmsnorm_topk(x, r, g, 1e-5, wt, wup, 120, None, None, hint0.clone())
+            b = torch.ops.larosa.rmsnorm_topk(x, r, g, 1e-5, wt, wup, 120)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(ValueError, match="hint"):
+        tg.select(x, 120, hint=torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="hint"):
+        tg.select(x, 120, hint=torch.zeros(1, dtype=torch.int32))
+    monkeypatch.setenv("LAROSA_SELECT_WINDOW", "15")
+    with pytest.raises(ValueError, match="LAROSA_SELECT_WINDOW"):
+        tg.select(x, 120, hint=torch.zeros(2, dtype=torch.int32))

@@ -145,30 +145,35 @@ def _site_input(x: torch.Tensor, scale, probe, thr, i: int, site: Site) -> torch
     return _apply_threshold(x, thr, i, site)
 
 
+def _hint(hints: Optional[torch.Tensor], site: int) -> Optional[torch.Tensor]:
+    """The select's threshold hints of one site (a slot per row), or None."""
+    return None if hints is None else hints[site]
+
+
 def _residual_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
-                     cnt: Optional[torch.Tensor], fused: bool) -> torch.Tensor:
+                     cnt: Optional[torch.Tensor], fused: bool, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """r + the site's projection of x; with `fused` and a Top-K site the add happens in the kernel's epilogue."""
     if fused and site.mode == "topk":
-        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r)
-    return r + _linear(x, w, b, site, cnt)
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r, hint)
+    return r + _linear(x, w, b, site, cnt, hint)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
-            cnt: Optional[torch.Tensor] = None) -> torch.Tensor:
+            cnt: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     if site.mode == "dense":
         return F.linear(x, w, b)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt)
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, None, hint)
     y = torch.ops.larosa.threshold_linear(x, w, 0.0, cnt)  # inputs already thresholded: skip the zeros
     return y if b is None else y + b
 
 
 def _gate_up(h: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, site: Site,
-             cnt: Optional[torch.Tensor] = None) -> torch.Tensor:
+             cnt: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     if site.mode == "dense":
         return F.silu(F.linear(h, wg)) * F.linear(h, wu)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k, cnt)
+        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k, cnt, hint)
     return (F.silu(torch.ops.larosa.threshold_linear(h, wg, 0.0, cnt))
             * torch.ops.larosa.threshold_linear(h, wu, 0.0, cnt))
 
@@ -197,16 +202,17 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     `res` (or None) is added to x first: the previous layer's adapted residual when the adapter ran on
     its own stream (see `DecodeEngine`)."""
     (attn_norm, wqkv, bqkv, wo, bo, _mlp_norm, _wgate, _wup, _wdown, q_norm, k_norm, _rotate_mlp, _adapter,
-     thr, s_ao, _s_mo, cnt) = w
+     thr, s_ao, _s_mo, cnt, hints) = w
     b, t, _ = x.shape
     if st.fused_norm and st.attn_in.mode == "topk" and probe is None:
-        xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt)
+        xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt,
+                                                _hint(hints, 0))
         x = x if res is None else xs
     else:
         if res is not None:
             x = x + res
         h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
-        qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt)
+        qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt, _hint(hints, 0))
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
     q = q.view(b, t, st.heads, st.head_dim)
     k = k.view(b, t, st.kv_heads, st.head_dim)
@@ -217,7 +223,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
     a = _site_input(_attention(q, kc, vc, mask, pos, st), s_ao, probe, thr, 1, st.attn_out)
-    return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual)
+    return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1))
 
 
 def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
@@ -226,19 +232,20 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
     down(...), already in the next layer's basis (R_l folded into the down projection, `fold_adapter`),
     and the caller adds x @ R_l."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, _adapter,
-     thr, _s_ao, s_mo, cnt) = w
+     thr, _s_ao, s_mo, cnt, hints) = w
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
-        act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt)[1]
+        act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
+                                            _hint(hints, 2))[1]
     else:
         h = _rms(x, mlp_norm, st.eps)
         if st.rotate_mlp:
             h = h @ rotate_mlp
         h = _site_input(h, None, probe, thr, 2, st.mlp_in)
-        act = _gate_up(h, wgate, wup, st.mlp_in, cnt)
+        act = _gate_up(h, wgate, wup, st.mlp_in, cnt, _hint(hints, 2))
     act = _site_input(act, s_mo, probe, thr, 3, st.mlp_out)
     if st.adapter:
-        return _linear(act, wdown, None, st.mlp_out, cnt)
-    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st.fused_residual)
+        return _linear(act, wdown, None, st.mlp_out, cnt, _hint(hints, 3))
+    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st.fused_residual, _hint(hints, 3))
 
 
 def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -555,7 +562,10 @@ class DecodeEngine:
         self.cos = (emb.cos() * weights.rope_scaling).to(self.dtype)
         self.sin = (emb.sin() * weights.rope_scaling).to(self.dtype)
         self.positions = torch.arange(self.max_len, device=self.device)
-        self._tensors = [lw.tensors() for lw in weights.layers]
+        # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
+        # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
+        self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
+                                         if lw.counters is not None else None,) for lw in weights.layers]
         self._layer_fn: Callable = decoder_layer
         self._attn_fn: Callable = attn_block
         self._mlp_fn: Callable = mlp_block

@@ -11,6 +11,9 @@
 Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
 the kernels for their per-column-block counters (and the tile kernel's fp32 sums) and left zeroed;
 without it every call allocates a zeroed buffer (one memset launch). It does not change what is computed.
+The Top-K ops also take an optional `hint`: an int32 slot per row, owned by the caller, one per call site,
+where the select kernel keeps the row's last threshold and searches near it first (`triton_gemv.select`).
+It too changes only the time, never the result.
 
 `wt` is the weight stored input-major (W^T, shape d_in x d_out, contiguous). x may have any leading
 shape; rows are flattened. Up to `max_kernel_rows()` rows run the Triton kernel with per-row selection;
@@ -99,7 +102,8 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("larosa::topk_linear", mutates_args=())
 def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None,
-                counters: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+                counters: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`residual` (x's leading shape, d_out): y = residual + TopK_k(x) @ wt (+ bias), added in fp32 before the
     one rounding where the kernel runs (the residual add of a decoder layer folded into the GEMV)."""
     _check(x, wt, k)
@@ -117,18 +121,19 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
         return ref.topk_gemv_ref(x2, wt, k, bias, r2).view(out_shape)
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt), residual=r2)
+    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt), residual=r2,
+                       hint=hint)
     return y.view(out_shape)
 
 
 @topk_linear.register_fake
-def _(x, wt, k, bias=None, counters=None, residual=None):
+def _(x, wt, k, bias=None, counters=None, residual=None, hint=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
 @torch.library.custom_op("larosa::topk_gate_up", mutates_args=())
 def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k: int,
-                 counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     _check(x, wt_gate, k)
     if wt_up.shape != wt_gate.shape:
         raise ValueError(f"gate {tuple(wt_gate.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
@@ -139,19 +144,20 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
     kk = min(k, x.shape[-1])
     triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(),
                        mode=0 if kk < x.shape[-1] else 2,
-                       counters=_counters(counters, x2, wt_gate, gated=True))
+                       counters=_counters(counters, x2, wt_gate, gated=True), hint=hint)
     return y.view(*x.shape[:-1], wt_gate.shape[1])
 
 
 @topk_gate_up.register_fake
-def _(x, wt_gate, wt_up, k, counters=None):
+def _(x, wt_gate, wt_up, k, counters=None, hint=None):
     return x.new_empty(*x.shape[:-1], wt_gate.shape[1])
 
 
 @torch.library.custom_op("larosa::rmsnorm_topk", mutates_args=())
 def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Tensor, eps: float,
                  wt: torch.Tensor, wt_up: Optional[torch.Tensor], k: int, bias: Optional[torch.Tensor] = None,
-                 counters: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 counters: Optional[torch.Tensor] = None,
+                 hint: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The block input's RMSNorm with the Top-K select folded in: xs = x + res, h = RMSNorm(xs) * norm_w,
     y = TopK_k(h) @ wt (+ bias), or silu(TopK_k(h) @ wt) * (TopK_k(h) @ wt_up). Returns (xs, y); xs is
     empty when res is None (the caller keeps x). Where the kernels run, one kernel computes xs, h and h's
@@ -177,7 +183,7 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
     cnt = _counters(counters, x2, wt, gated=gated, alloc=True)
     pdl = triton_gemv.pdl_default(x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
-                                            pdl=pdl, wait=pdl and triton_gemv.pdl_chain_default(x2))
+                                            pdl=pdl, wait=pdl and triton_gemv.pdl_chain_default(x2), hint=hint)
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
                        counters=cnt, sel=sel, pdl=pdl)
@@ -185,7 +191,7 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
 
 
 @rmsnorm_topk.register_fake
-def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None):
+def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None):
     return (x.new_empty(0) if res is None else x.new_empty(x.shape)), x.new_empty(*x.shape[:-1], wt.shape[1])
 
 

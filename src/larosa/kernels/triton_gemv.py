@@ -140,16 +140,19 @@ def _count_ge_packed(lanes, cand):
 
 
 @triton.jit
-def select_packed_kernel(x_ptr, sel_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-                         WAIT: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14):
+def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr,
+                         PDL: tl.constexpr = False, WAIT: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14,
+                         WINDOW: tl.constexpr = 0):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
     WAIT: launched as a programmatic dependent of the kernel that wrote x (v13 chain, see `_row_prologue`).
     FIRST_BIT < 14 is for timing only (benchmarks/select_bench.py --steps): fewer bisection steps, wrong
-    selections."""
+    selections.
+    WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
+    to hint_ptr[row]."""
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL, WAIT)
-    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT)
+    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -173,8 +176,16 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 
 
 @triton.jit
-def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14):
+def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14, hint_ptr=None,
+                   WINDOW: tl.constexpr = 0):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
+
+    t is the largest 15-bit pattern with at least k entries >= t. Plain: fixed bit by bit (15 counts).
+    WINDOW > 0 (v13): a hint h (the row's threshold at the previous token, in hint_ptr) gives the window
+    [lo, hi) = [h - 2^(WINDOW-1), lo + 2^WINDOW); two counts check that t lies in it (at least k entries
+    >= lo, fewer than k >= hi), and then WINDOW counts find it there: 2 + WINDOW counts instead of 15.
+    Where the check fails the full 15-count search runs. Exact either way (any hint gives the same t);
+    the new t is stored as the next hint.
 
     Two 15-bit patterns per 32-bit lane: lane = 1 hi 1 lo with the guard bits 31 and 15 set, so
     (lane - cand * 0x10001) keeps bit 31 iff hi >= cand and bit 15 iff lo >= cand (the guard stops the
@@ -184,10 +195,30 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
     t = 0
-    for b in tl.static_range(FIRST_BIT, -1, -1):
-        cand = t | (1 << b)
-        if _count_ge_packed(lanes, cand) >= k:
-            t = cand
+    if WINDOW > 0:
+        h = tl.load(hint_ptr)
+        w_lo = tl.minimum(tl.maximum(h - (1 << (WINDOW - 1)), 0), 0x7FFF)
+        w_hi = tl.minimum(w_lo + (1 << WINDOW), 0x8000)  # 0x8000: no pattern reaches it (count 0)
+        # count(>= 0) = d_in >= k always; candidates are >= 1 (the zero padding is never counted)
+        ok = ((w_lo == 0) | (_count_ge_packed(lanes, tl.maximum(w_lo, 1)) >= k)) \
+            & (_count_ge_packed(lanes, w_hi) < k)
+        if ok:
+            t = w_lo
+            for b in tl.static_range(WINDOW - 1, -1, -1):
+                cand = tl.minimum(t + (1 << b), w_hi)  # w_hi never qualifies
+                if _count_ge_packed(lanes, cand) >= k:
+                    t = cand
+        else:
+            for b in tl.static_range(14, -1, -1):
+                cand = t | (1 << b)
+                if _count_ge_packed(lanes, cand) >= k:
+                    t = cand
+        tl.store(hint_ptr, t)
+    else:
+        for b in tl.static_range(FIRST_BIT, -1, -1):
+            cand = t | (1 << b)
+            if _count_ge_packed(lanes, cand) >= k:
+                t = cand
     # ties on half-width lanes too: entries > t, then the need_eq-th entry == t (lower index first)
     need_eq = k - _count_ge_packed(lanes, t + 1)
     v_lo, v_hi = tl.split(tl.reshape(valid.to(tl.int32), (BLOCK_D // 2, 2)))
@@ -213,10 +244,11 @@ def _round(xf, dst: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 
 @triton.jit
-def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, d_in, k, eps,
+def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps,
                           stride_x, stride_r, stride_xs, stride_h,
                           HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-                          ROUND_BF16: tl.constexpr = False, WAIT: tl.constexpr = False):
+                          ROUND_BF16: tl.constexpr = False, WAIT: tl.constexpr = False,
+                          WINDOW: tl.constexpr = 0):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
@@ -232,7 +264,7 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, d_in, k
     w = tl.load(w_ptr + offs, mask=valid, other=0.0)
     h = _round(w.to(tl.float32) * hn.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)  # padding: w = 0, h = 0
     tl.store(h_ptr + row * stride_h + offs, h, mask=valid)
-    t, cutoff = _packed_select(h, valid, k, BLOCK_D)
+    t, cutoff = _packed_select(h, valid, k, BLOCK_D, 14, hint_ptr + row, WINDOW)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -525,7 +557,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
                 counters: torch.Tensor | None = None, pdl: bool | None = None, block_m: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
                 select_impl: str | None = None, num_stages: int | None = None,
-                sel: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> None:
+                sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                hint: torch.Tensor | None = None) -> None:
     """One-tile-per-program variant of `launch` (same arguments and result), v11."""
     _check_residual(residual, y, wt2)
     rows, d_in = x.shape
@@ -544,8 +577,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
-        sel = (select(x, k, select_num_warps, select_impl, pdl=sel_pdl, wait=sel_pdl and pdl_chain_default(x))
-               if mode == 0 else x)
+        sel = (select(x, k, select_num_warps, select_impl, pdl=sel_pdl, wait=sel_pdl and pdl_chain_default(x),
+                      hint=hint) if mode == 0 else x)
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
@@ -575,11 +608,13 @@ def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
 
 
 def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
-                   pdl: bool = False, num_warps: int | None = None, wait: bool = False):
+                   pdl: bool = False, num_warps: int | None = None, wait: bool = False,
+                   hint: torch.Tensor | None = None):
     """(xs, h, sel): xs = x + res (None without res), h = w * RMSNorm(xs) (HF arithmetic) and the (rows, 2)
     int32 (t, cutoff) of h's exact Top-k, from one kernel (`rmsnorm_select_kernel`). `pdl`: the next
     launch is a programmatic dependent that waits before reading h and sel (`launch(..., sel=sel)`);
-    `wait`: this launch is a programmatic dependent of the kernel before it (v13 chain)."""
+    `wait`: this launch is a programmatic dependent of the kernel before it (v13 chain); `hint`: as in
+    `select`."""
     rows, d_in = x.shape
     if w.shape != (d_in,):
         raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
@@ -589,10 +624,12 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
     h = torch.empty_like(x)
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))
+    hint, window = _hint_args(hint, rows)
     rmsnorm_select_kernel[(rows,)](
-        x, res if res is not None else x, w, xs if xs is not None else h, h, sel, d_in, k, float(eps),
+        x, res if res is not None else x, w, xs if xs is not None else h, h, sel,
+        hint if hint is not None else sel, d_in, k, float(eps),
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
-        HAS_RES=res is not None, BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d),
+        HAS_RES=res is not None, BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d), WINDOW=window,
         ROUND_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         **({"PDL": True} if pdl and _pdl_possible(x) else {}),
         **({"WAIT": True, "launch_pdl": True} if wait and _pdl_possible(x) else {}))
@@ -662,21 +699,49 @@ SELECT_IMPLS = ("hist", "bisect", "bisect2", "packed")
 SELECT_IMPL = "packed"  # default select (v10: 13-25 % faster than "bisect" on the H200, benchmarks/NOTES.md)
 
 
+HINT_WINDOW = 6  # v13: windowed select around the previous token's threshold (2^6 patterns, 8 counts)
+
+
+def select_window() -> int:
+    """Width (log2 patterns) of the hinted search window, or 0 for none: `HINT_WINDOW`, or
+    `LAROSA_SELECT_WINDOW` (0-14)."""
+    w = int(os.environ.get("LAROSA_SELECT_WINDOW", HINT_WINDOW))
+    if not 0 <= w <= 14:
+        raise ValueError(f"LAROSA_SELECT_WINDOW={w}: use 0 (off) to 14")
+    return w
+
+
+def _hint_args(hint: torch.Tensor | None, rows: int, impl: str = "packed") -> tuple[torch.Tensor | None, int]:
+    """(hint buffer, WINDOW) for a select launch: a hint needs the packed select, int32 and a slot per row."""
+    if hint is None or impl != "packed" or select_window() == 0:
+        return None, 0
+    if hint.dtype != torch.int32 or hint.numel() < rows or not hint.is_contiguous():
+        raise ValueError(f"hint must be a contiguous int32 buffer of at least {rows} entries, got "
+                         f"{tuple(hint.shape)} {hint.dtype}")
+    return hint, select_window()
+
+
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
-           pdl: bool = False, wait: bool = False) -> torch.Tensor:
+           pdl: bool = False, wait: bool = False, hint: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
-    launch is a programmatic dependent; `wait`: this launch is one of the kernel before it (v13 chain;
-    packed select only, both)."""
+    launch is a programmatic dependent; `wait`: this launch is one of the kernel before it (v13 chain).
+    `hint` (int32, a slot per row, any values): each row's threshold from the previous call, to search near
+    first; updated in place. It changes the time, never the result (packed select only, all three)."""
     rows, d_in = x.shape
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))  # the packed select pairs entries
     kernel = {"hist": select_kernel, "bisect": select_bisect_kernel, "bisect2": select_bisect2_kernel,
               "packed": select_packed_kernel}[impl]
-    extra = {"PDL": True} if pdl and impl == "packed" else {}
-    if wait and impl == "packed" and _pdl_possible(x):
+    warps = num_warps or select_warps(block_d)
+    if impl != "packed":
+        kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=warps)
+        return sel
+    hint, window = _hint_args(hint, rows)
+    extra = {"PDL": True} if pdl else {}
+    if wait and _pdl_possible(x):
         extra.update(WAIT=True, launch_pdl=True)
-    kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d),
-                    **extra)
+    kernel[(rows,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
+                    num_warps=warps, WINDOW=window, **extra)
     return sel
 
 
@@ -759,7 +824,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            rows_per_split: int | None = None, num_warps: int | None = None,
            num_stages: int | None = None, pdl: bool | None = None,
            block_m: int | None = None, sel: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None) -> None:
+           residual: torch.Tensor | None = None, hint: torch.Tensor | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
     `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
@@ -770,6 +835,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     "fused" implementations find the selection themselves and ignore it.
     `residual` (rows, d_out), ungated only: y = residual + ..., added in fp32 in the epilogue before the one
     rounding (the "fused" implementation adds it afterwards: one more rounding).
+    `hint`: the select's per-row threshold hint (`select`); the select kernel reads and updates it. The
+    "inline" and "fused" implementations (no select kernel) ignore it.
     """
     _check_residual(residual, y, wt2)
     impl = default_impl(mode) if impl is None else impl
@@ -782,7 +849,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
                            select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages,
-                           sel=sel, residual=residual)
+                           sel=sel, residual=residual, hint=hint)
     if impl == "fused":
         launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
                      block_k=block_k, num_warps=num_warps, num_stages=num_stages)
@@ -814,7 +881,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     else:
         pdl = not inline and _select_then_pdl(x, pdl, mode, select_impl)
         if mode == 0 and not inline:
-            sel = select(x, k, select_num_warps, select_impl, pdl=pdl, wait=pdl and pdl_chain_default(x))
+            sel = select(x, k, select_num_warps, select_impl, pdl=pdl, wait=pdl and pdl_chain_default(x),
+                         hint=hint)
         else:  # the selection happens inside the GEMV programs (inline) or is not needed
             sel = idx if mode == 3 else x
     grid = (n_blocks, n_splits, rows)
