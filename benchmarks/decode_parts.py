@@ -220,9 +220,9 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
     return rows
 
 
-def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2) -> list[dict]:
+def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2, **engine_kw) -> list[dict]:
     """End-to-end A/B of an environment switch read when the engine is built (`var` = on / off), with the
-    default fusions, alternating on/off `repeats` times per method."""
+    default fusions (and `engine_kw`), alternating on/off `repeats` times per method."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
@@ -230,8 +230,8 @@ def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: 
         for rep in range(repeats):
             for val in (on, off):
                 os.environ[var] = val
-                r = _measure(w, prompt, gen_len, bw)
-                rows.append({"shape": shape, "method": method, "nominal": p, var: val, "repeat": rep,
+                r = _measure(w, prompt, gen_len, bw, **engine_kw)
+                rows.append({"shape": shape, "method": method, "nominal": p, var: val, "repeat": rep, **engine_kw,
                              "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
                 print(f"engine {shape} {method:6s} p={p:.2f} {var}={val} #{rep}: {r['tok_s']:.1f} tok/s  "
                       f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
@@ -268,7 +268,8 @@ def main() -> None:
         res["pdl_chain"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_KERNEL_PDL_CHAIN", "1", "0")
     if "select_window" in parts:
         # v13: the select searches near the previous token's threshold first (window 2^6 patterns) vs not
-        res["select_window"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SELECT_WINDOW", "6", "0")
+        # (hints forced on: the engine's default leaves them off where the adapters overlap)
+        res["select_window"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SELECT_WINDOW", "6", "0", select_hints=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

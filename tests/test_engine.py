@@ -278,8 +278,13 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     kw = dict(max_len=16, compile=False, graphs=False, overlap_adapters=False, fuse_norm_select=fuse,
               fuse_residual=fuse)
     hinted = DecodeEngine(w, **kw)
+    assert hinted.select_hints  # the default without overlapped adapters
     hints = [t[-1] for t in hinted._tensors]
     assert all(h is not None and h.shape == (4, 1) and not h.any() for h in hints)
+    overlapped = DecodeEngine(w, **{**kw, "overlap_adapters": True})
+    assert not overlapped.select_hints and all(t[-1] is None for t in overlapped._tensors)
+    assert all(t[-1] is not None for t in DecodeEngine(w, **{**kw, "overlap_adapters": True},
+                                                        select_hints=True)._tensors)
     monkeypatch.setenv("LAROSA_SELECT_WINDOW", "0")
     plain = DecodeEngine(w, **kw)
     plain.prefill(ids)

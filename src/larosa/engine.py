@@ -528,12 +528,16 @@ class DecodeEngine:
     no separate add kernel.
     Both None = on with CUDA (measured together: +0.9 % LaRoSA, +3 % un-rotated Top-K tokens/s on the
     H200, `benchmarks/results/fusions-h200.json`), off on the CPU (where they only change the rounding).
+    select_hints: each Top-K select keeps its row's threshold in an engine-owned slot and, at the next token,
+    searches a small window around it first (`triton_gemv.select`; exact either way). None = on unless the
+    adapters run on the side stream: measured on the H200 (`benchmarks/results/select-window-h200.json`),
+    +3.5 % tok/s for un-rotated Top-K at p = 0.5, but -1 to -3 % for LaRoSA with the overlapped adapters.
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
                  graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
                  capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
-                 fuse_residual: Optional[bool] = None):
+                 fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
@@ -562,10 +566,6 @@ class DecodeEngine:
         self.cos = (emb.cos() * weights.rope_scaling).to(self.dtype)
         self.sin = (emb.sin() * weights.rope_scaling).to(self.dtype)
         self.positions = torch.arange(self.max_len, device=self.device)
-        # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
-        # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
-        self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
-                                         if lw.counters is not None else None,) for lw in weights.layers]
         self._layer_fn: Callable = decoder_layer
         self._attn_fn: Callable = attn_block
         self._mlp_fn: Callable = mlp_block
@@ -575,6 +575,12 @@ class DecodeEngine:
             self._mlp_fn = torch.compile(mlp_block, fullgraph=True, dynamic=False)
         has_adapters = any(st.adapter for st in weights.statics)
         self.overlap = has_adapters and (self.graphs if overlap_adapters is None else bool(overlap_adapters))
+        self.select_hints = not self.overlap if select_hints is None else bool(select_hints)
+        # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
+        # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
+        self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
+                                         if self.select_hints and lw.counters is not None else None,)
+                         for lw in weights.layers]
         self._side = torch.cuda.Stream(self.device) if self.overlap and cuda else None
         # capture the step on a high-priority stream, so the side stream's adapter GEMVs fill gaps only
         if capture_priority is None:
