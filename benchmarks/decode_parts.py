@@ -241,6 +241,24 @@ def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: 
     return rows
 
 
+def hints_overlap_rows(shape: str, gen_len: int) -> list[dict]:
+    """LaRoSA p = 0.5: select hints on/off x adapters on the side stream or in order, in one run (v13 found
+    hints +3.5 % without adapters but -2.3 % with the overlapped ones: is it the overlap?)."""
+    bw, base, prompt = _engine_setup(shape)
+    w = sparse_variant(base, "larosa", 0.5)
+    rows = []
+    for rep in range(2):
+        for overlap in (True, False):
+            for hints in (True, False):
+                r = _measure(w, prompt, gen_len, bw, overlap_adapters=overlap, select_hints=hints)
+                rows.append({"shape": shape, "method": "larosa", "nominal": 0.5, "overlap_adapters": overlap,
+                             "select_hints": hints, "repeat": rep, "tok_s": r["tok_s"], "p50_ms": r["p50_ms"],
+                             "p99_over_p50": r["p99_over_p50"]})
+                print(f"engine {shape} larosa p=0.50 overlap={overlap!s:5s} hints={hints!s:5s} #{rep}: "
+                      f"{r['tok_s']:.1f} tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -248,8 +266,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, pdl_chain, select_window
-    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "pdl_chain", "select_window"}
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, pdl_chain, select_window, hints_overlap
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "pdl_chain", "select_window",
+                            "hints_overlap"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -270,6 +289,8 @@ def main() -> None:
         # v13: the select searches near the previous token's threshold first (window 2^6 patterns) vs not
         # (hints forced on: the engine's default leaves them off where the adapters overlap)
         res["select_window"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SELECT_WINDOW", "6", "0", select_hints=True)
+    if "hints_overlap" in parts:
+        res["hints_overlap"] = hints_overlap_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -15,12 +15,13 @@
 #   bash benchmarks/h200_session.sh selectsteps  # select time vs bisection steps (~1 min)
 #   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
+#   bash benchmarks/h200_session.sh hintsoverlap # LaRoSA: select hints x adapter overlap, end to end (~1 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|pdlchain|selectsteps|window|hinttests|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|pdlchain|selectsteps|window|hinttests|hintsoverlap|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -45,6 +46,9 @@ for stage in "$@"; do
     selectsteps)
       python3 benchmarks/select_bench.py --steps 15,12,8,4,0 --out "$out/select-steps-h200.json" \
         2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;
+    hintsoverlap)
+      python3 benchmarks/decode_parts.py --parts hints_overlap --out "$out/hints-overlap-h200.json" \
+        2>&1 | tee "$out/hints-overlap-h200.log" || rc=1 ;;
     window)
       python3 benchmarks/decode_parts.py --parts select_window --out "$out/select-window-h200.json" \
         2>&1 | tee "$out/select-window-h200.log" || rc=1 ;;

@@ -35,7 +35,7 @@ def steps_sweep(widths, steps, out: Path) -> None:
         sel = torch.empty(1, 2, dtype=torch.int32, device="cuda")
         bd = triton.next_power_of_2(d_in)
         for n in steps:
-            def call(x, n=n):
+            def call(x, n=n, sel=sel, d_in=d_in, bd=bd):
                 triton_gemv.select_packed_kernel[(1,)](x, sel, sel, d_in, d_in // 2, x.stride(0), BLOCK_D=bd,
                                                        num_warps=triton_gemv.select_warps(bd), FIRST_BIT=n - 1)
             t = graph_time_us([(lambda x=x: call(x)) for x in xs], reps=20)
@@ -45,7 +45,7 @@ def steps_sweep(widths, steps, out: Path) -> None:
         for w in (4, 6):
             hints = [triton_gemv.select(x, d_in // 2)[:, 0].contiguous() for x in xs]
 
-            def hinted(x, h, w=w):
+            def hinted(x, h, w=w, sel=sel, d_in=d_in, bd=bd):
                 triton_gemv.select_packed_kernel[(1,)](x, sel, h, d_in, d_in // 2, x.stride(0), BLOCK_D=bd,
                                                        num_warps=triton_gemv.select_warps(bd), WINDOW=w)
             t = graph_time_us([(lambda x=x, h=h: hinted(x, h)) for x, h in zip(xs, hints)], reps=20)

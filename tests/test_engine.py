@@ -275,8 +275,8 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
-    kw = dict(max_len=16, compile=False, graphs=False, overlap_adapters=False, fuse_norm_select=fuse,
-              fuse_residual=fuse)
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": False, "fuse_norm_select": fuse,
+          "fuse_residual": fuse}
     hinted = DecodeEngine(w, **kw)
     assert hinted.select_hints  # the default without overlapped adapters
     hints = [t[-1] for t in hinted._tensors]
