@@ -27,6 +27,8 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)" >> "$out/gpu.txt"
 rc=0
+# one benchmarks/decode_parts.py part, its JSON and log under $out/NAME.{json,log}
+parts() { python3 benchmarks/decode_parts.py --parts "$1" --out "$out/$2.json" 2>&1 | tee "$out/$2.log" || rc=1; }
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
@@ -47,11 +49,9 @@ for stage in "$@"; do
       python3 benchmarks/select_bench.py --steps 15,12,8,4,0 --out "$out/select-steps-h200.json" \
         2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;
     hintsoverlap)
-      python3 benchmarks/decode_parts.py --parts hints_overlap --out "$out/hints-overlap-h200.json" \
-        2>&1 | tee "$out/hints-overlap-h200.log" || rc=1 ;;
+      parts hints_overlap hints-overlap-h200 ;;
     window)
-      python3 benchmarks/decode_parts.py --parts select_window --out "$out/select-window-h200.json" \
-        2>&1 | tee "$out/select-window-h200.log" || rc=1 ;;
+      parts select_window select-window-h200 ;;
     hinttests)
       python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py -k "hint or pdl" \
         > "$out/hint-tests.log" 2>&1 || rc=1
@@ -59,11 +59,9 @@ for stage in "$@"; do
         >> "$out/hint-tests.log" 2>&1 || rc=1
       grep -E "passed|failed" "$out/hint-tests.log" ;;
     pdlchain)
-      python3 benchmarks/decode_parts.py --parts pdl_chain --out "$out/pdl-chain-h200.json" \
-        2>&1 | tee "$out/pdl-chain-h200.log" || rc=1 ;;
+      parts pdl_chain pdl-chain-h200 ;;
     fusions)
-      python3 benchmarks/decode_parts.py --parts fusions --out "$out/fusions-h200.json" \
-        2>&1 | tee "$out/fusions-h200.log" || rc=1 ;;
+      parts fusions fusions-h200 ;;
     tables)
       for shape in llama2-7b llama3-8b; do
         python3 -m larosa bench decode --shape $shape --methods dense,larosa,topk,teal \
