@@ -221,10 +221,12 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
 
 
 def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2, **engine_kw) -> list[dict]:
-    """End-to-end A/B of an environment switch read when the engine is built (`var` = on / off), with the
+    """End-to-end A/B of an environment switch read at the kernel launches while the engine captures its step
+    (`var` = on / off), with the
     default fusions (and `engine_kw`), alternating on/off `repeats` times per method."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
+    before = os.environ.get(var)
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = sparse_variant(base, method, p)
         for rep in range(repeats):
@@ -237,7 +239,10 @@ def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: 
                       f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
         del w
         torch.cuda.empty_cache()
-    os.environ.pop(var, None)
+    if before is None:
+        os.environ.pop(var, None)
+    else:
+        os.environ[var] = before
     return rows
 
 

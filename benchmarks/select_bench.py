@@ -66,13 +66,15 @@ def main() -> None:
     ap.add_argument("--impls", default=",".join(triton_gemv.SELECT_IMPLS))
     ap.add_argument("--warps", default="4,8,16")
     ap.add_argument("--widths", default="4096,11008,14336")
-    ap.add_argument("--out", default="benchmarks/results/select.json")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/select.json, with "
+                    "--steps benchmarks/results/select-steps.json)")
     ap.add_argument("--steps", default=None, help="comma list of bisection step counts (15 = the real kernel): "
                     "time the packed select cut short, to see what fewer steps could save (wrong selections)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/select_bench.py needs a CUDA GPU")
     torch.manual_seed(0)
+    args.out = args.out or f"benchmarks/results/select{'-steps' if args.steps else ''}.json"
     if args.steps:
         return steps_sweep([int(v) for v in args.widths.split(",")], [int(v) for v in args.steps.split(",")],
                            Path(args.out))

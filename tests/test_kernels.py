@@ -390,11 +390,14 @@ def test_pdl_chain_launch_flags(monkeypatch, chain):
     y = torch.empty(1, 64, dtype=torch.bfloat16)
     for impl in ("tile", "split"):
         tg.launch(x, wt, y, 100, impl=impl)
-    tg.rmsnorm_select(x, None, torch.ones(256, dtype=torch.bfloat16), 1e-5, 100, pdl=True, wait=chain)
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "tile")
+    torch.ops.larosa.rmsnorm_topk(x[None], None, torch.ones(256, dtype=torch.bfloat16), 1e-5, wt, None, 100)
     tg.launch(x, wt, y, 100, impl="tile", threshold=0.5, mode=1)  # threshold mode: no select, still a GEMV
     names = [n for n, _ in calls]
     assert names == ["select_packed_kernel", "tile_gemv_kernel", "select_packed_kernel", "sparse_gemv_kernel",
-                     "rmsnorm_select_kernel", "tile_gemv_kernel"]
+                     "rmsnorm_select_kernel", "tile_gemv_kernel", "tile_gemv_kernel"]
+    after_norm = calls[5][1]  # the GEMV after the norm + select: its dependent, waiting before it loads h
+    assert after_norm["launch_pdl"] is True and after_norm["X_LATE"] is True
     for name, kw in calls:
         if name in ("select_packed_kernel", "rmsnorm_select_kernel"):
             assert kw.get("PDL") is True
@@ -402,6 +405,7 @@ def test_pdl_chain_launch_flags(monkeypatch, chain):
         else:
             assert kw["TRIGGER"] is chain
     assert all(kw.get("launch_pdl") is True for n, kw in calls[:4] if n.endswith("gemv_kernel"))
+    assert "launch_pdl" not in calls[6][1]  # threshold mode: no select before it
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -574,8 +578,33 @@ def test_hinted_ops_compute_the_same_and_refuse_bad_hints(monkeypatch):
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="hint"):
         tg.select(x, 120, hint=torch.zeros(2, dtype=torch.int64))
-    with pytest.raises(ValueError, match="hint"):
-        tg.select(x, 120, hint=torch.zeros(1, dtype=torch.int32))
-    monkeypatch.setenv("LAROSA_SELECT_WINDOW", "15")
-    with pytest.raises(ValueError, match="LAROSA_SELECT_WINDOW"):
-        tg.select(x, 120, hint=torch.zeros(2, dtype=torch.int32))
+    short = torch.full((1,), 9, dtype=torch.int32)  # fewer slots than rows (an engine's, in a prefill): unused
+    assert torch.equal(tg.select(x, 120, hint=short), tg.select(x, 120)) and short.item() == 9
+    for bad in ("15", "six", "-1"):
+        monkeypatch.setenv("LAROSA_SELECT_WINDOW", bad)
+        with pytest.raises(ValueError, match="LAROSA_SELECT_WINDOW"):
+            tg.select(x, 120, hint=torch.zeros(2, dtype=torch.int32))
+
+
+def test_hinted_select_takes_the_window_path():
+    """With the fallback search switched off (FALLBACK=False, a test-only switch), a hint near t still gives
+    the exact threshold (the window search works on its own) and one far from it does not (the window
+    check rejects it): so the window path is what runs when the hint is good."""
+    tg = ops.triton_gemv
+    x = torch.randn(2, 1000).bfloat16()
+    k = 400
+    want = tg.select(x, k)
+    t = want[:, 0]
+    bd = 1024
+
+    def run(h, window=6):
+        sel = torch.empty(2, 2, dtype=torch.int32)
+        hint = h.to(torch.int32).contiguous()
+        tg.select_packed_kernel[(2,)](x, sel, hint, 1000, k, x.stride(0), BLOCK_D=bd, num_warps=4,
+                                      WINDOW=window, FALLBACK=False)
+        return sel
+
+    for off in (0, 5, -5, 32, -31):  # t in [h - 32, h + 32)
+        assert torch.equal(run(t + off), want), off
+    far = run(t + 500)
+    assert not torch.equal(far[:, 0], t)

@@ -95,10 +95,12 @@ def fusion_kwargs(fuse) -> dict:
     turn off the others; None = the engine's defaults (on with CUDA)."""
     if fuse is None:
         return {}
+    if isinstance(fuse, str):
+        fuse = parse_fuse(fuse) or ()
     unknown = set(fuse) - set(FUSIONS)
     if unknown:
         raise LarosaError(f"unknown fusion {', '.join(sorted(unknown))}; choose from {', '.join(FUSIONS)}, "
-                          f"or none")
+                          f"auto or none")
     return {kw: name in fuse for name, kw in FUSIONS.items()}
 
 
@@ -107,7 +109,7 @@ def parse_fuse(text: str):
     text = text.strip()
     if text == "auto":
         return None
-    if text == "none":
+    if text in ("none", ""):
         return ()
     return tuple(f.strip() for f in text.split(",") if f.strip())
 
@@ -158,6 +160,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
 
     if (shape is None) == (model is None):
         raise LarosaError("give exactly one of --shape or --model")
+    if isinstance(fuse, str):
+        fuse = parse_fuse(fuse)
     engine_kw = fusion_kwargs(fuse)
     for m in methods:
         if m not in BENCH_METHODS:

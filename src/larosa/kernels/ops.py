@@ -13,7 +13,9 @@ the kernels for their per-column-block counters (and the tile kernel's fp32 sums
 without it every call allocates a zeroed buffer (one memset launch). It does not change what is computed.
 The Top-K ops also take an optional `hint`: an int32 slot per row, owned by the caller, one per call site,
 where the select kernel keeps the row's last threshold and searches near it first (`triton_gemv.select`).
-It too changes only the time, never the result.
+It too changes only the time, never the result, which is why the ops do not declare it mutated (declared,
+torch.compile would functionalise it: copies every step); tests/test_engine_gpu.py checks that the
+captured graph's selects do write the engine's hint buffers.
 
 `wt` is the weight stored input-major (W^T, shape d_in x d_out, contiguous). x may have any leading
 shape; rows are flattened. Up to `max_kernel_rows()` rows run the Triton kernel with per-row selection;

@@ -142,7 +142,7 @@ def _count_ge_packed(lanes, cand):
 @triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr,
                          PDL: tl.constexpr = False, WAIT: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14,
-                         WINDOW: tl.constexpr = 0):
+                         WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
@@ -150,9 +150,9 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     FIRST_BIT < 14 is for timing only (benchmarks/select_bench.py --steps): fewer bisection steps, wrong
     selections.
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
-    to hint_ptr[row]."""
+    to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses."""
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL, WAIT)
-    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW)
+    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -177,7 +177,7 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 
 @triton.jit
 def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14, hint_ptr=None,
-                   WINDOW: tl.constexpr = 0):
+                   WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
 
     t is the largest 15-bit pattern with at least k entries >= t. Plain: fixed bit by bit (15 counts).
@@ -209,10 +209,11 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
                 if _count_ge_packed(lanes, cand) >= k:
                     t = cand
         else:
-            for b in tl.static_range(14, -1, -1):
-                cand = t | (1 << b)
-                if _count_ge_packed(lanes, cand) >= k:
-                    t = cand
+            if FALLBACK:
+                for b in tl.static_range(14, -1, -1):
+                    cand = t | (1 << b)
+                    if _count_ge_packed(lanes, cand) >= k:
+                        t = cand
         tl.store(hint_ptr, t)
     else:
         for b in tl.static_range(FIRST_BIT, -1, -1):
@@ -624,7 +625,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
     h = torch.empty_like(x)
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))
-    hint, window = _hint_args(hint, rows)
+    hint, window = _hint_args(hint, x)
     rmsnorm_select_kernel[(rows,)](
         x, res if res is not None else x, w, xs if xs is not None else h, h, sel,
         hint if hint is not None else sel, d_in, k, float(eps),
@@ -705,20 +706,22 @@ HINT_WINDOW = 6  # v13: windowed select around the previous token's threshold (2
 def select_window() -> int:
     """Width (log2 patterns) of the hinted search window, or 0 for none: `HINT_WINDOW`, or
     `LAROSA_SELECT_WINDOW` (0-14)."""
-    w = int(os.environ.get("LAROSA_SELECT_WINDOW", HINT_WINDOW))
-    if not 0 <= w <= 14:
-        raise ValueError(f"LAROSA_SELECT_WINDOW={w}: use 0 (off) to 14")
-    return w
+    raw = os.environ.get("LAROSA_SELECT_WINDOW", str(HINT_WINDOW))
+    if not raw.strip().isdigit() or not 0 <= int(raw) <= 14:
+        raise ValueError(f"LAROSA_SELECT_WINDOW={raw!r}: use an integer from 0 (off) to 14")
+    return int(raw)
 
 
-def _hint_args(hint: torch.Tensor | None, rows: int, impl: str = "packed") -> tuple[torch.Tensor | None, int]:
-    """(hint buffer, WINDOW) for a select launch: a hint needs the packed select, int32 and a slot per row."""
-    if hint is None or impl != "packed" or select_window() == 0:
+def _hint_args(hint: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """(hint buffer, WINDOW) for a select launch: a hint needs the packed select and must be a contiguous
+    int32 buffer on the rows' device; one with fewer slots than rows (a decode engine's hints, sized for its
+    batch, during a multi-row prefill) is not used."""
+    if hint is None or select_window() == 0:
         return None, 0
-    if hint.dtype != torch.int32 or hint.numel() < rows or not hint.is_contiguous():
-        raise ValueError(f"hint must be a contiguous int32 buffer of at least {rows} entries, got "
-                         f"{tuple(hint.shape)} {hint.dtype}")
-    return hint, select_window()
+    if hint.dtype != torch.int32 or not hint.is_contiguous() or hint.device != x.device:
+        raise ValueError(f"hint must be a contiguous int32 buffer on {x.device}, got {tuple(hint.shape)} "
+                         f"{hint.dtype} on {hint.device}")
+    return (hint, select_window()) if hint.numel() >= x.shape[0] else (None, 0)
 
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
@@ -736,7 +739,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     if impl != "packed":
         kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=warps)
         return sel
-    hint, window = _hint_args(hint, rows)
+    hint, window = _hint_args(hint, x)
     extra = {"PDL": True} if pdl else {}
     if wait and _pdl_possible(x):
         extra.update(WAIT=True, launch_pdl=True)
