@@ -271,9 +271,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, pdl_chain, select_window, hints_overlap
-    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "pdl_chain", "select_window",
-                            "hints_overlap"}
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -287,9 +286,6 @@ def main() -> None:
         res["fused_norm_ops"] = fused_norm_op_rows(a.shape)
         res["residual_ops"] = residual_op_rows(a.shape)
         res["fusion_engine"] = fusion_engine_rows(a.shape, a.gen_len)
-    if "pdl_chain" in parts:
-        # v13: selects chained to the kernel before them (measured no faster: off by default)
-        res["pdl_chain"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_KERNEL_PDL_CHAIN", "1", "0")
     if "select_window" in parts:
         # v13: the select searches near the previous token's threshold first (window 2^6 patterns) vs not
         # (hints forced on: the engine's default leaves them off where the adapters overlap)

@@ -11,7 +11,6 @@
 #   bash benchmarks/h200_session.sh gemv         # per-op GEMV table (~1 min)
 #   bash benchmarks/h200_session.sh enginetests  # the engine's GPU tests alone (~1 min)
 #   bash benchmarks/h200_session.sh profile      # per-kernel CUDA time of a step, LLaMA2-7B, p = 0.5 (~1 min)
-#   bash benchmarks/h200_session.sh pdlchain     # PDL chain on/off A/B, end to end (~2 min)
 #   bash benchmarks/h200_session.sh selectsteps  # select time vs bisection steps (~1 min)
 #   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
@@ -21,7 +20,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|pdlchain|selectsteps|window|hinttests|hintsoverlap|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -58,8 +57,6 @@ for stage in "$@"; do
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py \
         >> "$out/hint-tests.log" 2>&1 || rc=1
       grep -E "passed|failed" "$out/hint-tests.log" ;;
-    pdlchain)
-      parts pdl_chain pdl-chain-h200 ;;
     fusions)
       parts fusions fusions-h200 ;;
     tables)

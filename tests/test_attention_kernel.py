@@ -67,31 +67,3 @@ def test_split_plan_covers_the_cache():
         n, chunk = ops.triton_attention.plan(b, kvh, L)
         assert n * chunk >= L > (n - 1) * chunk and chunk % ops.triton_attention.BLOCK_L == 0
 
-
-@pytest.mark.skipif(not HAVE_TRITON, reason="needs triton")
-@pytest.mark.parametrize("chain", [True, False])
-def test_decode_attention_pdl_chain_flags(monkeypatch, chain):
-    """With the v13 PDL chain the split kernel lets the combine launch early (TRIGGER) and the combine, a
-    programmatic dependent (launch_pdl), waits for it first (CHAIN); without it both launch plainly.
-    (Compiled arithmetic under PDL: the GPU runs of the other tests here.)"""
-    from larosa.kernels import triton_attention as ta
-
-    calls = []
-
-    class Rec:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: calls.append((self.name, kw))
-
-    monkeypatch.setattr(ta, "pdl_chain_default", lambda q: chain)
-    monkeypatch.setattr(ta, "decode_attn_split_kernel", Rec("split"))
-    monkeypatch.setattr(ta, "decode_attn_combine_kernel", Rec("combine"))
-    q = torch.randn(1, 2, 4, 16, dtype=torch.bfloat16)
-    kc = torch.randn(1, 2, 64, 16, dtype=torch.bfloat16)
-    ta.decode_attention(q, kc, kc, torch.tensor([5]), 0.25)
-    (n1, split), (n2, combine) = calls
-    assert (n1, n2) == ("split", "combine")
-    assert split["TRIGGER"] is chain
-    assert combine.get("CHAIN", False) is chain and combine.get("launch_pdl", False) is chain

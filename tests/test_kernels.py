@@ -371,21 +371,18 @@ class _Recorder:
         return lambda *a, **kw: self.calls.append((self.name, kw))
 
 
-@pytest.mark.parametrize("chain", [True, False])
-def test_pdl_chain_launch_flags(monkeypatch, chain):
-    """The v13 chain where PDL can run: every Top-K GEMV lets the next launch start early (TRIGGER), and the
-    select / norm + select before a GEMV is launched as a programmatic dependent that waits before touching
-    memory (WAIT, launch_pdl) and only then triggers its GEMV (PDL); LAROSA_KERNEL_PDL_CHAIN=0 (the default,
-    measured no faster) leaves only the select -> GEMV dependency. (The kernels' arithmetic under PDL is checked compiled
-    on the GPU by the other tests here; this checks what is asked of each launch.)"""
+def test_pdl_launch_flags(monkeypatch):
+    """Where PDL can run, each select (and the norm + select) triggers its GEMV early (PDL) and is itself
+    launched plainly, after the kernel that wrote x; the GEMV after a select is its programmatic dependent
+    (launch_pdl), the one after the norm + select waits before it loads h too (X_LATE); a threshold-mode
+    GEMV has no select before it. (The kernels' arithmetic under PDL is checked compiled on the GPU by the
+    other tests here; this checks what is asked of each launch.)"""
     tg = ops.triton_gemv
     calls = []
     monkeypatch.setattr(tg, "_pdl_possible", lambda x: True)
     for name in ("select_packed_kernel", "tile_gemv_kernel", "sparse_gemv_kernel", "rmsnorm_select_kernel"):
         monkeypatch.setattr(tg, name, _Recorder(name, calls))
-    monkeypatch.delenv("LAROSA_KERNEL_PDL_CHAIN", raising=False)
-    assert tg.pdl_default(torch.zeros(1)) and not tg.pdl_chain_default(torch.zeros(1))  # off by default
-    monkeypatch.setenv("LAROSA_KERNEL_PDL_CHAIN", "1" if chain else "0")
+    assert tg.pdl_default(torch.zeros(1))
     x, wt = torch.randn(1, 256).bfloat16(), torch.randn(256, 64).bfloat16()
     y = torch.empty(1, 64, dtype=torch.bfloat16)
     for impl in ("tile", "split"):
@@ -400,10 +397,7 @@ def test_pdl_chain_launch_flags(monkeypatch, chain):
     assert after_norm["launch_pdl"] is True and after_norm["X_LATE"] is True
     for name, kw in calls:
         if name in ("select_packed_kernel", "rmsnorm_select_kernel"):
-            assert kw.get("PDL") is True
-            assert kw.get("WAIT", False) is chain and kw.get("launch_pdl", False) is chain
-        else:
-            assert kw["TRIGGER"] is chain
+            assert kw.get("PDL") is True and "launch_pdl" not in kw
     assert all(kw.get("launch_pdl") is True for n, kw in calls[:4] if n.endswith("gemv_kernel"))
     assert "launch_pdl" not in calls[6][1]  # threshold mode: no select before it
 

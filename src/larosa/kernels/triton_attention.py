@@ -18,8 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import gdc_launch_dependents, gdc_wait, pdl_chain_default
-
 BLOCK_L = 64
 TARGET_PROGRAMS = 256  # about two programs per SM on an H100/H200
 
@@ -27,9 +25,7 @@ TARGET_PROGRAMS = 256  # about two programs per SM on an H100/H200
 @triton.jit
 def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, L, chunk, scale,
                   G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
-                  DOT_F32: tl.constexpr, TRIGGER: tl.constexpr = False):
-    if TRIGGER:  # the combine may launch now: it waits for this kernel before reading anything
-        gdc_launch_dependents()
+                  DOT_F32: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -73,10 +69,7 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
 
 @triton.jit
 def decode_attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: tl.constexpr,
-                    GR: tl.constexpr, NSP: tl.constexpr, HD: tl.constexpr, CHAIN: tl.constexpr = False):
-    if CHAIN:  # a programmatic dependent of the split kernel: wait for it, then let the next launch start
-        gdc_wait()
-        gdc_launch_dependents()
+                    GR: tl.constexpr, NSP: tl.constexpr, HD: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     rs = tl.arange(0, NSP)
     rg = tl.arange(0, GR)
@@ -114,11 +107,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     den = torch.empty_like(m)
     o = torch.empty(b * kvh * nsplit * gp, hd, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    chain = pdl_chain_default(q)  # v13: the combine as a programmatic dependent of the split kernel
     decode_attn_split_kernel[(b * kvh, nsplit)](q, k_cache, v_cache, pos, m, den, o, L, chunk, scale,
                                      G=g, GP=gp, HD=hd, BLOCK=BLOCK_L,
-                                     DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4, TRIGGER=chain)
+                                     DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
     decode_attn_combine_kernel[(b * kvh,)](m, den, o, out, nsplit, G=g, GP=gp, GR=triton.next_power_of_2(g),
-                                NSP=triton.next_power_of_2(nsplit), HD=hd, num_warps=4,
-                                **({"CHAIN": True, "launch_pdl": True} if chain else {}))
+                                NSP=triton.next_power_of_2(nsplit), HD=hd, num_warps=4)
     return out

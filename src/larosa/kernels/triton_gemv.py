@@ -141,32 +141,25 @@ def _count_ge_packed(lanes, cand):
 
 @triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr,
-                         PDL: tl.constexpr = False, WAIT: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14,
+                         PDL: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14,
                          WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
-    WAIT: launched as a programmatic dependent of the kernel that wrote x (v13 chain, see `_row_prologue`).
     FIRST_BIT < 14 is for timing only (benchmarks/select_bench.py --steps): fewer bisection steps, wrong
     selections.
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
     to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses."""
-    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL, WAIT)
+    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
 
 @triton.jit
-def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexpr, WAIT: tl.constexpr = False):
-    """A one-program-per-row kernel's start: with WAIT (launched as a programmatic dependent of the kernel
-    before it) wait for that kernel to complete, before touching memory; then let the dependent GEMV
-    launch (PDL), then load the row (0 past d_in). Returns (row, offs, valid, x).
-
-    The order matters: the GEMV reads x before its own wait, and a kernel's completion is what makes the
-    writes of the kernels before it visible, so the trigger comes only once x is complete."""
-    if WAIT:
-        gdc_wait()
+def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """A one-program-per-row kernel's start: let the dependent GEMV launch (PDL), then load the row
+    (0 past d_in). Returns (row, offs, valid, x)."""
     if PDL:
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -248,13 +241,12 @@ def _round(xf, dst: tl.constexpr, ROUND_BF16: tl.constexpr):
 def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps,
                           stride_x, stride_r, stride_xs, stride_h,
                           HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-                          ROUND_BF16: tl.constexpr = False, WAIT: tl.constexpr = False,
-                          WINDOW: tl.constexpr = 0):
+                          ROUND_BF16: tl.constexpr = False, WINDOW: tl.constexpr = 0):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
     and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h."""
-    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL, WAIT)
+    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=valid, other=0.0)
         x = _round(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)
@@ -341,10 +333,7 @@ def sparse_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, bias_ptr, y_ptr, sel_ptr, part_pt
                        INLINE: tl.constexpr = False,  # MODE 0: every program finds (t, cutoff) itself
                        BLOCK_D: tl.constexpr = 16, SPLIT_CHUNK: tl.constexpr = 1,
                        PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
-                       HAS_RES: tl.constexpr = False,  # y = res + ..., added in fp32 before rounding
-                       TRIGGER: tl.constexpr = False):  # let the next select launch now (it waits for us)
-    if TRIGGER:
-        gdc_launch_dependents()
+                       HAS_RES: tl.constexpr = False):  # y = res + ..., added in fp32 before rounding
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
@@ -462,8 +451,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
                      X_LATE: tl.constexpr = False,  # with PDL: x too is written by that predecessor
-                     HAS_RES: tl.constexpr = False,  # y = res + ..., added in fp32 before rounding
-                     TRIGGER: tl.constexpr = False):  # let the next select launch now (it waits for us)
+                     HAS_RES: tl.constexpr = False):  # y = res + ..., added in fp32 before rounding
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
@@ -476,8 +464,6 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cmask = rn < d_out
     valid = rm < d_in
-    if TRIGGER:
-        gdc_launch_dependents()
     if PDL:
         if X_LATE:  # x comes from the predecessor (`rmsnorm_select_kernel`): wait before loading it
             gdc_wait()
@@ -578,14 +564,13 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
-        sel = (select(x, k, select_num_warps, select_impl, pdl=sel_pdl, wait=sel_pdl and pdl_chain_default(x),
-                      hint=hint) if mode == 0 else x)
+        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint) if mode == 0 else x
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
         float(threshold), x.stride(0), y.stride(0), residual if residual is not None else y,
         residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, TRIGGER=pdl_chain_default(x),
+        HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
         **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}))
 
@@ -609,13 +594,11 @@ def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
 
 
 def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
-                   pdl: bool = False, num_warps: int | None = None, wait: bool = False,
-                   hint: torch.Tensor | None = None):
+                   pdl: bool = False, num_warps: int | None = None, hint: torch.Tensor | None = None):
     """(xs, h, sel): xs = x + res (None without res), h = w * RMSNorm(xs) (HF arithmetic) and the (rows, 2)
     int32 (t, cutoff) of h's exact Top-k, from one kernel (`rmsnorm_select_kernel`). `pdl`: the next
     launch is a programmatic dependent that waits before reading h and sel (`launch(..., sel=sel)`);
-    `wait`: this launch is a programmatic dependent of the kernel before it (v13 chain); `hint`: as in
-    `select`."""
+    `hint`: as in `select`."""
     rows, d_in = x.shape
     if w.shape != (d_in,):
         raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
@@ -632,8 +615,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
         HAS_RES=res is not None, BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d), WINDOW=window,
         ROUND_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        **({"PDL": True} if pdl and _pdl_possible(x) else {}),
-        **({"WAIT": True, "launch_pdl": True} if wait and _pdl_possible(x) else {}))
+        **({"PDL": True} if pdl and _pdl_possible(x) else {}))
     return xs, h, sel
 
 
@@ -725,11 +707,11 @@ def _hint_args(hint: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
-           pdl: bool = False, wait: bool = False, hint: torch.Tensor | None = None) -> torch.Tensor:
+           pdl: bool = False, hint: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
-    launch is a programmatic dependent; `wait`: this launch is one of the kernel before it (v13 chain).
-    `hint` (int32, a slot per row, any values): each row's threshold from the previous call, to search near
-    first; updated in place. It changes the time, never the result (packed select only, all three)."""
+    launch is a programmatic dependent. `hint` (int32, a slot per row, any values): each row's threshold
+    from the previous call, to search near first; updated in place. It changes the time, never the result
+    (packed select only, both)."""
     rows, d_in = x.shape
     sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))  # the packed select pairs entries
@@ -740,11 +722,8 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
         kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=warps)
         return sel
     hint, window = _hint_args(hint, x)
-    extra = {"PDL": True} if pdl else {}
-    if wait and _pdl_possible(x):
-        extra.update(WAIT=True, launch_pdl=True)
     kernel[(rows,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
-                    num_warps=warps, WINDOW=window, **extra)
+                    num_warps=warps, WINDOW=window, **({"PDL": True} if pdl else {}))
     return sel
 
 
@@ -767,16 +746,6 @@ def _pdl_possible(x: torch.Tensor) -> bool:
 def pdl_default(x: torch.Tensor) -> bool:
     """PDL wherever it is possible, unless `LAROSA_KERNEL_PDL=0`."""
     return PDL and os.environ.get("LAROSA_KERNEL_PDL") != "0" and _pdl_possible(x)
-
-
-PDL_CHAIN = False  # v13 experiment: no gain end to end (benchmarks/results/pdl-chain-h200.json, NOTES.md)
-
-
-def pdl_chain_default(x: torch.Tensor) -> bool:
-    """Also chain each select (and norm + select, attention combine) to the kernel before it as a programmatic
-    dependent: `PDL_CHAIN`, or `LAROSA_KERNEL_PDL_CHAIN=1` / `0`; only where PDL runs."""
-    env = os.environ.get("LAROSA_KERNEL_PDL_CHAIN")
-    return (PDL_CHAIN if env is None else env == "1") and pdl_default(x)
 
 
 def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
@@ -884,8 +853,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     else:
         pdl = not inline and _select_then_pdl(x, pdl, mode, select_impl)
         if mode == 0 and not inline:
-            sel = select(x, k, select_num_warps, select_impl, pdl=pdl, wait=pdl and pdl_chain_default(x),
-                         hint=hint)
+            sel = select(x, k, select_num_warps, select_impl, pdl=pdl, hint=hint)
         else:  # the selection happens inside the GEMV programs (inline) or is not needed
             sel = idx if mode == 3 else x
     grid = (n_blocks, n_splits, rows)
@@ -894,7 +862,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         d_in, d_out, k, float(threshold), x.stride(0), y.stride(0), n_splits,
         residual if residual is not None else y, residual.stride(0) if residual is not None else 0,
         MODE=mode, GATED=wt2 is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        TRIGGER=pdl_chain_default(x), BLOCK_K=block_k, BLOCK_N=block_n, ROWS_PER_SPLIT=rps,
+        BLOCK_K=block_k, BLOCK_N=block_n, ROWS_PER_SPLIT=rps,
         INLINE=inline, BLOCK_D=triton.next_power_of_2(d_in) if inline else 16,
         SPLIT_CHUNK=1 if wt2 is not None else split_chunk(n_splits, block_n),
         **({"PDL": True, "launch_pdl": True} if pdl else {}),
