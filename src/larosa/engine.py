@@ -546,7 +546,6 @@ class DecodeEngine:
                          for st in weights.statics]
         self.device = weights.device
         self.dtype = weights.dtype
-        cuda = self.device.type == "cuda"
         self.compile = cuda if compile is None else compile
         self.graphs = cuda if graphs is None else graphs
         if self.graphs and not cuda:

@@ -140,6 +140,18 @@ def _count_ge_packed(lanes, cand):
 
 
 @triton.jit
+def _bisect_packed(lanes, k, t, TOP_BIT: tl.constexpr, hi):
+    """The largest pattern t' in [t, hi) with at least k entries >= t', fixed from bit TOP_BIT down: the
+    caller knows count(>= t) >= k and count(>= hi) < k (hi <= 0x8000, where no pattern reaches)."""
+    t = tl.zeros((), tl.int32) + t  # a 0-d tensor, so the conditional update below keeps one type
+    for b in tl.static_range(TOP_BIT, -1, -1):
+        cand = tl.minimum(t + (1 << b), hi)  # hi never qualifies
+        if _count_ge_packed(lanes, cand) >= k:
+            t = cand
+    return t
+
+
+@triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr,
                          PDL: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14,
                          WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True):
@@ -187,7 +199,6 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     raw = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # padding is 0: never >= a candidate (>= 1)
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
-    t = 0
     if WINDOW > 0:
         h = tl.load(hint_ptr)
         w_lo = tl.minimum(tl.maximum(h - (1 << (WINDOW - 1)), 0), 0x7FFF)
@@ -195,24 +206,15 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         # count(>= 0) = d_in >= k always; candidates are >= 1 (the zero padding is never counted)
         ok = ((w_lo == 0) | (_count_ge_packed(lanes, tl.maximum(w_lo, 1)) >= k)) \
             & (_count_ge_packed(lanes, w_hi) < k)
+        t = tl.zeros((), tl.int32)
         if ok:
-            t = w_lo
-            for b in tl.static_range(WINDOW - 1, -1, -1):
-                cand = tl.minimum(t + (1 << b), w_hi)  # w_hi never qualifies
-                if _count_ge_packed(lanes, cand) >= k:
-                    t = cand
+            t = _bisect_packed(lanes, k, w_lo, WINDOW - 1, w_hi)
         else:
             if FALLBACK:
-                for b in tl.static_range(14, -1, -1):
-                    cand = t | (1 << b)
-                    if _count_ge_packed(lanes, cand) >= k:
-                        t = cand
+                t = _bisect_packed(lanes, k, 0, 14, 0x8000)
         tl.store(hint_ptr, t)
     else:
-        for b in tl.static_range(FIRST_BIT, -1, -1):
-            cand = t | (1 << b)
-            if _count_ge_packed(lanes, cand) >= k:
-                t = cand
+        t = _bisect_packed(lanes, k, 0, FIRST_BIT, 0x8000)
     # ties on half-width lanes too: entries > t, then the need_eq-th entry == t (lower index first)
     need_eq = k - _count_ge_packed(lanes, t + 1)
     v_lo, v_hi = tl.split(tl.reshape(valid.to(tl.int32), (BLOCK_D // 2, 2)))
