@@ -95,8 +95,6 @@ def fusion_kwargs(fuse) -> dict:
     turn off the others; None = the engine's defaults (on with CUDA)."""
     if fuse is None:
         return {}
-    if isinstance(fuse, str):
-        fuse = parse_fuse(fuse) or ()
     unknown = set(fuse) - set(FUSIONS)
     if unknown:
         raise LarosaError(f"unknown fusion {', '.join(sorted(unknown))}; choose from {', '.join(FUSIONS)}, "
@@ -145,6 +143,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
         # the engine's own peak: this model's weights + what generation allocated on top (KV cache,
         # workspaces, graphs); other models the benchmark keeps alive (the dense base) are not counted
         out["peak_mem_GiB"] = (w.nbytes() + torch.cuda.max_memory_allocated(dev) - held) / 2 ** 30
+    out["fuse"] = [name for name, flag in FUSIONS.items() if getattr(eng, flag)]  # what the engine ran
     del eng
     return out
 
@@ -227,7 +226,7 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
              "split": list(split), "copy_bandwidth_TBps": bw / 1e12,
              "weights": "random (Gaussian-like activations)" if shape else "real",
              "kernel_impl": _kernel_impl(),
-             "fuse": sorted(set(FUSIONS) if fuse is None and dev.type == "cuda" else set(fuse or ()))}
+             "fuse": raw[0]["fuse"]}
     dense_bytes = dense_by_len[gen_lens[0]]["bytes_per_token"]["total"]
     setup["dense_roofline_tok_s"] = bw / dense_bytes if bw == bw else None
     table = markdown_table(rows)
