@@ -18,7 +18,8 @@ def test_kernels_compile_for_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from an earlier run's cache
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "src"), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=900,
+                         check=False)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     sys.path.insert(0, str(script.parent))
     try:
