@@ -602,3 +602,107 @@ def test_hinted_select_takes_the_window_path():
         assert torch.equal(run(t + off), want), off
     far = run(t + 500)
     assert not torch.equal(far[:, 0], t)
+
+
+def _chain_inputs(dtype, rows=1, d=64, d_ff=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cpu") * scale).to(dtype).to(torch.get_default_device())
+    return (r(rows, d), r(d, d, scale=0.125), r(rows, d), (torch.rand(d, generator=g, device="cpu") + 0.5).to(dtype).to(
+        torch.get_default_device()), r(d, d_ff, scale=0.125), r(d, d_ff, scale=0.125))
+
+
+def _chain_reference(a, wo, k_o, x, g, wg, wu, k_mlp):
+    x_mid = topk_gemv_ref(a, wo, k_o, None, x)
+    return x_mid, topk_gate_up_ref(rmsnorm_ref(x_mid, g, 1e-6), wg, wu, k_mlp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_o_mlp_in_chain_matches_reference(monkeypatch, dtype, rows):
+    """The five-kernel chain (o GEMV and gate/up GEMV leaving their sums to the norm + select and the
+    gated select kernels): x_mid and act equal the reference within a rounding, sel is act's exact
+    selection, the hints hold the three sites' thresholds, and the workspace is left zeroed (twice in a
+    row: the second call starts from what the first left)."""
+    chain = []
+    real = ops.triton_gemv.o_mlp_in_chain
+    monkeypatch.setattr(ops.triton_gemv, "o_mlp_in_chain", lambda *a, **k: (chain.append(1), real(*a, **k))[1])
+    a, wo, x, g, wg, wu = _chain_inputs(dtype, rows)
+    cnt = ops.counter_workspace(rows, 96)
+    hints = torch.zeros(3, rows, dtype=torch.int32)
+    for _ in range(2):
+        xs, act, sel = torch.ops.larosa.o_mlp_in(a, wo, 30, x, g, 1e-6, wg, wu, 40, 50, cnt, hints)
+        assert not cnt.any()
+    assert len(chain) == 2
+    x_mid, act_ref = _chain_reference(a, wo, 30, x, g, wg, wu, 40)
+    assert _rel(xs, x_mid) < 1e-2 and _rel(act, act_ref) < 2e-2
+    assert torch.equal(sel, ops.topk_sel_ref(act, 50))
+    assert torch.equal(hints[2], sel[:, 0])  # the down site's threshold, kept as its next hint
+    assert hints[0].all() and hints[1].all()
+    # the down projection with that selection: no select launch, the same result as without it
+    wd = _chain_inputs(dtype, seed=1)[4].T.contiguous()
+    with_sel = torch.ops.larosa.topk_linear(act, wd, 50, None, cnt, xs, None, sel)
+    without = torch.ops.larosa.topk_linear(act, wd, 50, None, cnt, xs)
+    if torch.cuda.is_available():  # the GPU's atomics add in arrival order
+        assert _rel(with_sel, without) < 1e-2
+    else:
+        torch.testing.assert_close(with_sel, without, rtol=0, atol=0)
+    assert not cnt.any()
+
+
+def test_o_mlp_in_other_paths_and_errors():
+    """Without a workspace, in fp32 (reference ops) or with a site kept whole, the op computes the same
+    function from the other ops; bad shapes and a bad sel are refused."""
+    a, wo, x, g, wg, wu = _chain_inputs(torch.bfloat16)
+    ref_mid, ref_act = _chain_reference(a, wo, 30, x, g, wg, wu, 40)
+    xs, act, sel = torch.ops.larosa.o_mlp_in(a, wo, 30, x, g, 1e-6, wg, wu, 40, 50)  # no workspace
+    assert _rel(xs, ref_mid) < 1e-2 and _rel(act, ref_act) < 2e-2 and torch.equal(sel, ops.topk_sel_ref(act, 50))
+    f32 = [t.float() for t in (a, wo, x, g, wg, wu)]
+    xs, act, sel = torch.ops.larosa.o_mlp_in(f32[0], f32[1], 30, f32[2], f32[3], 1e-6, f32[4], f32[5], 40, 50,
+                                             ops.counter_workspace(1, 96))
+    want_mid, want_act = _chain_reference(f32[0], f32[1], 30, f32[2], f32[3], f32[4], f32[5], 40)
+    torch.testing.assert_close(xs, want_mid, rtol=0, atol=0)
+    torch.testing.assert_close(act, want_act, rtol=0, atol=0)
+    assert not sel.any()  # fp32 rows: no (t, cutoff) patterns; only the kernel path reads sel
+    xs, act, _ = torch.ops.larosa.o_mlp_in(a, wo, 64, x, g, 1e-6, wg, wu, 40, 50, ops.counter_workspace(1, 96))
+    assert _rel(act, _chain_reference(a, wo, 64, x, g, wg, wu, 40)[1]) < 2e-2
+    with pytest.raises(ValueError, match="does not match the o projection"):
+        torch.ops.larosa.o_mlp_in(a, wo, 30, torch.cat([x, x]), g, 1e-6, wg, wu, 40, 50)
+    with pytest.raises(ValueError, match="differ in shape"):
+        torch.ops.larosa.o_mlp_in(a, wo, 30, x, g, 1e-6, wg, wu[:, :8], 40, 50)
+    with pytest.raises(ValueError, match="k_down"):
+        torch.ops.larosa.o_mlp_in(a, wo, 30, x, g, 1e-6, wg, wu, 40, 0)
+    with pytest.raises(ValueError, match="sel must be"):
+        torch.ops.larosa.topk_linear(a, wo, 30, None, None, None, None, torch.zeros(1, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="16-bit"):
+        ops.topk_sel_ref(f32[0], 3)
+    tg = ops.triton_gemv
+    with pytest.raises(ValueError, match="no bias or residual"):
+        tg.launch_tile(a, wo, None, 30, residual=x, finish=False)
+    with pytest.raises(ValueError, match="fp32 sums"):
+        tg.acc_rmsnorm_select(torch.zeros(1, 32), x, g, 1e-6, 20)
+    with pytest.raises(ValueError, match="rows, 2 \\* d"):
+        tg.gated_select(torch.zeros(1, 33), 5, torch.bfloat16)
+    with pytest.raises(ValueError, match="zeroed int32 entries"):
+        tg.o_mlp_in_chain(a, wo, 30, x, g, 1e-6, wg, wu, 40, 50, torch.zeros(8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_sel_ref_is_the_select_kernels_selection(dtype):
+    """(t, cutoff) of the reference equals the select kernel's, ties included (few distinct values)."""
+    x = torch.cat([torch.randn(2, 200), torch.randint(-3, 4, (2, 200)).float() / 2]).to(dtype)
+    for k in (1, 7, 100, 199, 200):
+        torch.testing.assert_close(ops.topk_sel_ref(x, k), ops.triton_gemv.select(x, k), rtol=0, atol=0)
+
+
+def test_o_mlp_in_opcheck_and_compile():
+    a, wo, x, g, wg, wu = _chain_inputs(torch.bfloat16)
+    cnt = ops.counter_workspace(1, 96)
+    torch.library.opcheck(torch.ops.larosa.o_mlp_in.default, (a, wo, 30, x, g, 1e-6, wg, wu, 40, 50),
+                          test_utils=("test_schema", "test_faketensor"))
+    fn = torch.compile(lambda a_, x_: torch.ops.larosa.o_mlp_in(a_, wo, 30, x_, g, 1e-6, wg, wu, 40, 50, cnt)[1],
+                       fullgraph=True, backend="aot_eager")
+    got, want = fn(a, x), torch.ops.larosa.o_mlp_in(a, wo, 30, x, g, 1e-6, wg, wu, 40, 50, cnt)[1]
+    assert _rel(got, want) < 1e-2 if torch.cuda.is_available() else torch.equal(got, want)
+    assert not cnt.any()
