@@ -15,9 +15,6 @@
    the shape, 32 layers' weights cycled in one CUDA graph, both sides compiled), and the whole engine
    (LaRoSA at 0.4 / 0.5 / 0.75 and un-rotated Top-K at 0.5, each with no fusion, each one and both, in
    turn).
-4. `--parts chain` (v14): `larosa::o_mlp_in` (the o and gate/up GEMVs' sums finished by the next kernel)
-   vs the default fused ops, per layer (o -> down, 32 layers cycled in one CUDA graph) and end to end
-   (`fuse_chain` on/off, alternating).
 """
 
 from __future__ import annotations
@@ -223,64 +220,6 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
     return rows
 
 
-def chain_op_rows(shape: str, p: float = 0.5, layers: int = 32) -> list[dict]:
-    """v14, per layer from the attention output to the down GEMV's output, 32 layers' weights cycled in one
-    CUDA graph (the engine's default fusions on both sides): o with the residual in its epilogue, the
-    norm + select kernel and the gate/up GEMV (`rmsnorm_topk`), the down GEMV with its select, vs
-    `o_mlp_in` (five kernels, the o and gate/up sums finished by the next kernel) and the down GEMV on the
-    selection it returned."""
-    from larosa.sparsity import SparsityPlan, k_for
-
-    sh = get_shape(shape)
-    d, f = sh.hidden, sh.intermediate
-    plan = SparsityPlan.from_nominal(p)
-    k_o, k_in, k_dn = (k_for(plan.sites["attn_out"], d), k_for(plan.sites["mlp_in"], d),
-                       k_for(plan.sites["mlp_out"], f))
-    bf = dict(device="cuda", dtype=torch.bfloat16)
-    lw = [(torch.randn(d, d, **bf) * 0.02, torch.randn(d, f, **bf) * 0.02, torch.randn(d, f, **bf) * 0.02,
-           torch.randn(f, d, **bf) * 0.02) for _ in range(layers)]
-    a = torch.randn(1, 1, d, **bf)
-    x = torch.randn(1, 1, d, **bf)
-    g = torch.rand(d, **bf) + 0.5
-    buf = ops.counter_workspace(1, f, "cuda")
-
-    def plain(wo, wg, wu, wd):
-        xm = torch.ops.larosa.topk_linear(a, wo, k_o, None, buf, x)
-        act = torch.ops.larosa.rmsnorm_topk(xm, None, g, 1e-5, wg, wu, k_in, None, buf)[1]
-        return torch.ops.larosa.topk_linear(act, wd, k_dn, None, buf, xm)
-
-    def chain(wo, wg, wu, wd):
-        xm, act, sel = torch.ops.larosa.o_mlp_in(a, wo, k_o, x, g, 1e-5, wg, wu, k_in, k_dn, buf)
-        return torch.ops.larosa.topk_linear(act, wd, k_dn, None, buf, xm, None, sel)
-
-    want = plain(*lw[0]).float()
-    err = ((chain(*lw[0]).float() - want).norm() / want.norm()).item()
-    t_plain = graph_time_us([(lambda w=w: plain(*w)) for w in lw])
-    t_chain = graph_time_us([(lambda w=w: chain(*w)) for w in lw])
-    print(f"chain {shape} p={p}: o -> down, plain {t_plain:6.2f} us  chained {t_chain:6.2f} us  "
-          f"(saved {t_plain - t_chain:5.2f} us per layer, rel diff {err:.1e})", flush=True)
-    return [{"shape": shape, "nominal": p, "k": [k_o, k_in, k_dn], "plain_us": t_plain, "chain_us": t_chain,
-             "saved_us": t_plain - t_chain, "rel_diff": err}]
-
-
-def chain_engine_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
-    """v14, end to end: `fuse_chain` on/off (default fusions otherwise), alternating `repeats` times."""
-    bw, base, prompt = _engine_setup(shape)
-    rows = []
-    for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
-        w = sparse_variant(base, method, p)
-        for rep in range(repeats):
-            for chain in (True, False):
-                r = _measure(w, prompt, gen_len, bw, fuse_chain=chain)
-                rows.append({"shape": shape, "method": method, "nominal": p, "fuse_chain": chain, "repeat": rep,
-                             "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
-                print(f"engine {shape} {method:6s} p={p:.2f} chain={chain!s:5s} #{rep}: {r['tok_s']:.1f} tok/s  "
-                      f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
-        del w
-        torch.cuda.empty_cache()
-    return rows
-
-
 def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2, **engine_kw) -> list[dict]:
     """End-to-end A/B of an environment switch read at the kernel launches while the engine captures its step
     (`var` = on / off), with the
@@ -332,9 +271,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, chain
-    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
-                            "chain"}
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -354,9 +292,6 @@ def main() -> None:
         res["select_window"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SELECT_WINDOW", "6", "0", select_hints=True)
     if "hints_overlap" in parts:
         res["hints_overlap"] = hints_overlap_rows(a.shape, a.gen_len)
-    if "chain" in parts:
-        res["chain_ops"] = chain_op_rows(a.shape)
-        res["chain_engine"] = chain_engine_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

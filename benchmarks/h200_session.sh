@@ -15,15 +15,12 @@
 #   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
 #   bash benchmarks/h200_session.sh hintsoverlap # LaRoSA: select hints x adapter overlap, end to end (~1 min)
-#   bash benchmarks/h200_session.sh chain        # o -> MLP input chain (sums finished by the next kernel), per
-#                                                # layer and end to end, on/off (~2 min)
-#   bash benchmarks/h200_session.sh chaintests   # the chain's compiled kernel and engine GPU tests (~2 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|chain|chaintests|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -52,14 +49,6 @@ for stage in "$@"; do
         2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;
     hintsoverlap)
       parts hints_overlap hints-overlap-h200 ;;
-    chain)
-      parts chain chain-h200 ;;
-    chaintests)
-      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_engine.py -k "chain or o_mlp_in or sel_ref" \
-        > "$out/chain-tests.log" 2>&1 || rc=1
-      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py -k "fused_graph_step" \
-        >> "$out/chain-tests.log" 2>&1 || rc=1
-      grep -E "passed|failed" "$out/chain-tests.log" ;;
     window)
       parts select_window select-window-h200 ;;
     hinttests)

@@ -21,8 +21,7 @@ FLOATS = {"threshold", "eps", "scale"}
 POINTERS = {"sel_ptr": "*i32", "hint_ptr": "*i32", "cnt_ptr": "*i32", "acc_ptr": "*fp32", "part_ptr": "*fp32",
             "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32"}  # the rest: bf16 tensors
 
-# (kernel, constexprs, num_warps[, pointer types that differ from POINTERS]): the variants the engine
-# launches on the H200, and the hinted select's
+# (kernel, constexprs, num_warps): the variants the engine launches on the H200, and the hinted select's
 CASES = [
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True}, 4),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 6}, 8),
@@ -30,13 +29,6 @@ CASES = [
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "FIRST_BIT": 7}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 6}, 4),
-    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "WINDOW": 6, "X_ACC": True}, 4,
-     {"x_ptr": "*fp32"}),
-    (tg.gated_select_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 6}, 8),
-    (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,
-                           "PDL": True, "X_LATE": True, "FINISH": False}, 2),
-    (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256,
-                           "PDL": True, "FINISH": False}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256,
                            "PDL": True, "HAS_RES": True}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,
@@ -50,18 +42,17 @@ CASES = [
 ]
 
 
-def signature(kernel, constexprs: dict, pointers: dict | None = None) -> tuple[dict, dict]:
-    """Triton signature of `kernel` (pointer and scalar types by argument name, `pointers` first) and its
-    constexprs, the defaults of those not given filled in."""
+def signature(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """Triton signature of `kernel` (pointer and scalar types by argument name) and its constexprs,
+    the defaults of those not given filled in."""
     sig, consts = {}, dict(constexprs)
-    pointers = {**POINTERS, **(pointers or {})}
     for name, p in inspect.signature(kernel.fn).parameters.items():
         if "constexpr" in str(p.annotation):
             sig[name] = "constexpr"
             if name not in consts:
                 consts[name] = p.default
         elif name.endswith("_ptr"):
-            sig[name] = pointers.get(name, "*bf16")
+            sig[name] = POINTERS.get(name, "*bf16")
         else:
             sig[name] = "fp32" if name in FLOATS else "i32"
     return sig, consts
@@ -69,8 +60,8 @@ def signature(kernel, constexprs: dict, pointers: dict | None = None) -> tuple[d
 
 def main() -> None:
     target = GPUTarget("cuda", 90, 32)
-    for kernel, constexprs, warps, *pointers in CASES:
-        sig, consts = signature(kernel, constexprs, *pointers)
+    for kernel, constexprs, warps in CASES:
+        sig, consts = signature(kernel, constexprs)
         triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
                        options={"num_warps": warps})
         print(f"sm_90 {kernel.fn.__name__} {constexprs}: ok", flush=True)

@@ -144,10 +144,9 @@ def test_fuse_option_resolves_to_engine_flags():
     from larosa.shapes import get_shape
 
     assert parse_fuse("auto") is None and fusion_kwargs(None) == {}
-    off = {"fuse_norm_select": False, "fuse_residual": False, "fuse_chain": False}
-    assert fusion_kwargs(parse_fuse("none")) == off
-    assert fusion_kwargs(parse_fuse(" residual ")) == {**off, "fuse_residual": True}
-    assert fusion_kwargs(parse_fuse("norm,residual")) == {**off, "fuse_norm_select": True, "fuse_residual": True}
+    assert fusion_kwargs(parse_fuse("none")) == {"fuse_norm_select": False, "fuse_residual": False}
+    assert fusion_kwargs(parse_fuse(" residual ")) == {"fuse_norm_select": False, "fuse_residual": True}
+    assert fusion_kwargs(parse_fuse("norm,residual")) == {"fuse_norm_select": True, "fuse_residual": True}
     with pytest.raises(LarosaError, match="unknown fusion all"):
         fusion_kwargs(parse_fuse("all"))
     eng = DecodeEngine(random_base(get_shape("tiny"), torch.float32, "cpu"), max_len=8)

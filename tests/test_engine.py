@@ -204,11 +204,9 @@ def _larosa_tiny(seed=7, level="layer"):
 
 
 FUSIONS = [{"fuse_norm_select": True}, {"fuse_residual": True}, {"fuse_norm_select": True, "fuse_residual": True}]
-CHAIN = {"fuse_norm_select": True, "fuse_residual": True, "fuse_chain": True}
 
 
-@pytest.mark.parametrize("fusion", FUSIONS + [CHAIN, {"fuse_chain": True}],
-                         ids=["norm", "residual", "both", "chain", "chain-alone"])
+@pytest.mark.parametrize("fusion", FUSIONS, ids=["norm", "residual", "both"])
 @pytest.mark.parametrize("overlap", [False, True])
 def test_fused_engine_equals_plain_engine_fp32(overlap, fusion):
     """fp32 (reference ops): the norm + select op and the residual in the GEMV are the same arithmetic as the
@@ -221,9 +219,8 @@ def test_fused_engine_equals_plain_engine_fp32(overlap, fusion):
     fns = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap, **fusion)
     assert fns.overlap == overlap
     assert all(st.fused_norm == fusion.get("fuse_norm_select", False)
-               and st.fused_residual == fusion.get("fuse_residual", False)
-               and st.chain == fusion.get("fuse_chain", False) for st in fns._statics)
-    assert not any(st.fused_norm or st.fused_residual or st.chain for st in plain._statics)
+               and st.fused_residual == fusion.get("fuse_residual", False) for st in fns._statics)
+    assert not any(st.fused_norm or st.fused_residual for st in plain._statics)
     for e in (plain, fns):
         e.prefill(ids)
     torch.testing.assert_close(fns.out, plain.out, rtol=0, atol=0)
@@ -266,39 +263,6 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     per_step_res = sum(1 + (not st.adapter) for st in w.statics) if fusion.get("fuse_residual") else 0
     assert len(norms) == 3 * per_step_norms
     assert sum(residuals) == 3 * per_step_res
-
-
-@pytest.mark.parametrize("overlap", [False, True])
-def test_chain_engine_runs_the_chain_bf16(monkeypatch, overlap):
-    """bf16, batch 1: with fuse_chain every layer's decode step runs the five-kernel chain of
-    `larosa::o_mlp_in` (o and gate/up sums finished by the next kernel) and then the down GEMV on the
-    selection it returned (no select launch), and the logits follow the plain kernel engine's."""
-    _, fused = _larosa_tiny(seed=3)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
-    chains, selects = [], []
-    real_chain, real_select = _ops.triton_gemv.o_mlp_in_chain, _ops.triton_gemv.select
-    monkeypatch.setattr(_ops.triton_gemv, "o_mlp_in_chain", lambda *a, **k: (chains.append(1), real_chain(*a, **k))[1])
-    monkeypatch.setattr(_ops.triton_gemv, "select", lambda *a, **k: (selects.append(1), real_select(*a, **k))[1])
-    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
-    kw = {"max_len": 16, "overlap_adapters": overlap, "compile": False, "graphs": False}
-    plain = DecodeEngine(w, **kw, fuse_norm_select=False, fuse_residual=False)
-    fns = DecodeEngine(w, **kw, **CHAIN)
-    assert all(st.chain for st in fns._statics)
-    for e in (plain, fns):
-        e.prefill(ids)  # 6 rows: no chain (the reference path, or on CUDA a select and cuBLAS)
-    assert not chains
-    selects.clear()
-    for _ in range(3):
-        plain.step()
-        fns.step()
-        cos = torch.nn.functional.cosine_similarity(fns.logits, plain.logits, dim=-1).item()
-        assert cos > 0.999, cos
-        fns.tok.copy_(plain.tok)
-    n = len(w.layers)
-    assert len(chains) == 3 * n
-    # per step: the plain engine selects at all four sites (4 n); the chain engine only at the o site
-    assert len(selects) == 3 * (4 * n + n)
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -116,9 +116,7 @@ def test_seeded_sampling_is_reproducible_across_calls_with_graphs():
 
 
 @pytest.mark.parametrize("fusion", [{"fuse_norm_select": True}, {"fuse_residual": True},
-                                    {"fuse_norm_select": True, "fuse_residual": True},
-                                    {"fuse_norm_select": True, "fuse_residual": True, "fuse_chain": True}],
-                         ids=["norm", "residual", "both", "chain"])
+                                    {"fuse_norm_select": True, "fuse_residual": True}], ids=["norm", "residual", "both"])
 @pytest.mark.parametrize("method", ["larosa", "topk"])
 def test_fused_graph_step_follows_the_plain_step(method, fusion):
     """The norm + select kernel (PDL into the GEMV) and the residual in the GEMV epilogue, in the compiled,

@@ -87,11 +87,11 @@ def kv_positions_read(prompt_len: int, gen_len: int, max_len: int) -> int:
     return round(prompt_len + gen_len / 2)
 
 
-FUSIONS = {"norm": "fuse_norm_select", "residual": "fuse_residual", "chain": "fuse_chain"}
+FUSIONS = {"norm": "fuse_norm_select", "residual": "fuse_residual"}
 
 
 def fusion_kwargs(fuse) -> dict:
-    """`DecodeEngine` keyword arguments that turn on exactly the named fusions ("norm", "residual", "chain") and
+    """`DecodeEngine` keyword arguments that turn on exactly the named fusions ("norm", "residual") and
     turn off the others; None = the engine's defaults (on with CUDA)."""
     if fuse is None:
         return {}
@@ -153,9 +153,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
                  dtype: str = "bfloat16", device: str = "auto", out: str | Path | None = None, seed: int = 0,
                  split=(0.8, 1.2), progress: bool = True, fuse=None) -> dict:
     """Run the benchmark; returns {"rows", "table", "record"} and writes JSON/markdown/PNG to `out`.
-    `fuse`: engine fusions for Top-K sites, any of "norm" (the norm + select kernel), "residual" (the
-    residual add in the GEMV epilogue) and "chain" (`larosa::o_mlp_in`); None = the engine's defaults; see
-    `DecodeEngine`."""
+    `fuse`: engine fusions for Top-K sites, any of "norm" (the norm + select kernel) and "residual" (the
+    residual add in the GEMV epilogue); None = the engine's defaults (both on with CUDA); see `DecodeEngine`."""
     from .shapes import get_shape, random_base, sparse_variant, teal_thresholds
 
     if (shape is None) == (model is None):

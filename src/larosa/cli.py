@@ -330,8 +330,7 @@ def bench_decode_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for results.json, table.md, decode.png"),
     fuse: str = typer.Option("auto", help="engine fusions for Top-K sites: auto (both on CUDA, none on the "
                              "CPU), none, or a comma list of norm (RMSNorm and select in one kernel), residual "
-                             "(residual add in the GEMV epilogue), chain (o -> MLP input as one op, the GEMV "
-                             "sums finished by the next kernel)"),
+                             "(residual add in the GEMV epilogue)"),
 ) -> None:
     """Decode tokens/s, p50/p99 latency, GB/s vs copy bandwidth: dense vs LaRoSA vs TEAL."""
     try:

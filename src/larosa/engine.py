@@ -69,9 +69,6 @@ class LayerStatic(NamedTuple):
     fused_norm: bool = False
     # Top-K o and down projections: the residual add in the GEMV's epilogue; set by the engine
     fused_residual: bool = False
-    # o projection -> MLP norm + select -> gate/up -> down's select as one op (`larosa::o_mlp_in`), whose
-    # GEMVs leave their sums to the next kernel; the attention half then returns (x_mid, act, sel_down)
-    chain: bool = False
 
 
 @dataclass
@@ -226,21 +223,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
     a = _site_input(_attention(q, kc, vc, mask, pos, st), s_ao, probe, thr, 1, st.attn_out)
-    if st.chain and probe is None:
-        return torch.ops.larosa.o_mlp_in(a, wo, st.attn_out.k, x, w[5], st.eps, w[6], w[7], st.mlp_in.k,
-                                         st.mlp_out.k, cnt, None if hints is None else hints[1:])
     return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1))
-
-
-def _chainable(st: LayerStatic, lw: "LayerWeights") -> bool:
-    """Whether a layer can run `larosa::o_mlp_in` (see `DecodeEngine`'s fuse_chain)."""
-    return (st.attn_out.mode == st.mlp_in.mode == st.mlp_out.mode == "topk" and not st.rotate_mlp
-            and lw.bo is None and lw.scale_attn_out is None and lw.scale_mlp_out is None)
-
-
-def _mid(x) -> torch.Tensor:
-    """The mid-layer residual from what `attn_block` returned (x_mid, or (x_mid, act, sel) with `chain`)."""
-    return x[0] if isinstance(x, tuple) else x
 
 
 def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
@@ -250,13 +233,6 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
     and the caller adds x @ R_l."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, _adapter,
      thr, _s_ao, s_mo, cnt, hints) = w
-    if isinstance(x, tuple):  # `chain`: the attention half ran through down's select
-        x, act, sel = x
-        if st.adapter:
-            return torch.ops.larosa.topk_linear(act, wdown, st.mlp_out.k, None, cnt, None, None, sel)
-        if st.fused_residual:
-            return torch.ops.larosa.topk_linear(act, wdown, st.mlp_out.k, None, cnt, x, None, sel)
-        return x + torch.ops.larosa.topk_linear(act, wdown, st.mlp_out.k, None, cnt, None, None, sel)
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
         act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
                                             _hint(hints, 2))[1]
@@ -282,7 +258,7 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
     site inputs before sparsification."""
     x = attn_block(x, None, pos, cos, sin, mask, kc, vc, w, st, probe)
     y = mlp_block(x, w, st, probe)
-    return _mid(x) @ w[12] + y if st.adapter else y
+    return x @ w[12] + y if st.adapter else y
 
 
 def fold_adapter(wdown: torch.Tensor, adapter: torch.Tensor, site: Site) -> torch.Tensor:
@@ -552,12 +528,6 @@ class DecodeEngine:
     no separate add kernel.
     Both None = on with CUDA (measured together: +0.9 % LaRoSA, +3 % un-rotated Top-K tokens/s on the
     H200, `benchmarks/results/fusions-h200.json`), off on the CPU (where they only change the rounding).
-    fuse_chain: layers whose o, gate/up and down sites are all Top-K (no o bias, no in-layer MLP rotation,
-    no weighted selection) run from the attention output to the down projection's input as one op
-    (`larosa::o_mlp_in`): the o and gate/up GEMVs leave their fp32 sums to the kernel after them (the
-    MLP's norm + select, and the down site's select with silu(gate) * up), which finishes and zeroes them,
-    instead of finishing them in their last program behind a counter and a fence. Same function (the o
-    output is rounded once with the residual, as with `fuse_residual`). None = off (not yet measured).
     select_hints: each Top-K select keeps its row's threshold in an engine-owned slot and, at the next token,
     searches a small window around it first (`triton_gemv.select`; exact either way). None = on unless the
     adapters run on the side stream: measured on the H200 (`benchmarks/results/select-window-h200.json`),
@@ -567,16 +537,13 @@ class DecodeEngine:
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
                  graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
                  capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
-                 fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
-                 fuse_chain: Optional[bool] = None):
+                 fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
         self.fuse_residual = cuda if fuse_residual is None else bool(fuse_residual)
-        self.fuse_chain = False if fuse_chain is None else bool(fuse_chain)
-        self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual,
-                                     chain=self.fuse_chain and _chainable(st, lw))
-                         for st, lw in zip(weights.statics, weights.layers)]
+        self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual)
+                         for st in weights.statics]
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
@@ -666,8 +633,7 @@ class DecodeEngine:
             if side is not None:
                 side.wait_stream(main)
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                xm = _mid(x)
-                torch.mm(xm.view(-1, xm.shape[-1]), lw[12], out=self._res.view(-1, self._res.shape[-1]))
+                torch.mm(x.view(-1, x.shape[-1]), lw[12], out=self._res.view(-1, self._res.shape[-1]))
             y = self._mlp_fn(x, lw, st)
             if side is not None:
                 main.wait_stream(side)  # before x (read by the side stream) can be freed, and res read

@@ -6,8 +6,6 @@
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
     torch.ops.larosa.rmsnorm_topk(x, res, g, eps, wt, wt_up, k, bias)
                                                          the block input's RMSNorm with the select folded in
-    torch.ops.larosa.o_mlp_in(a, wo, k_o, x, g, eps, wg, wu, k_mlp, k_down)
-                                                         o projection + residual -> MLP input -> down's select
     torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
 
 Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
@@ -107,15 +105,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("larosa::topk_linear", mutates_args=())
 def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None,
                 counters: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                hint: Optional[torch.Tensor] = None, sel: Optional[torch.Tensor] = None) -> torch.Tensor:
+                hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`residual` (x's leading shape, d_out): y = residual + TopK_k(x) @ wt (+ bias), added in fp32 before the
-    one rounding where the kernel runs (the residual add of a decoder layer folded into the GEMV).
-    `sel` (rows, 2) int32: x's (t, cutoff) for k, as the op that produced x returned it (`o_mlp_in`); the
-    kernel then launches no select. Only the kernel path reads it (the others select from x themselves),
-    so it must be x's true selection: it changes the time, never the result."""
+    one rounding where the kernel runs (the residual add of a decoder layer folded into the GEMV)."""
     _check(x, wt, k)
-    if sel is not None and (sel.dtype != torch.int32 or tuple(sel.shape) != (x.numel() // x.shape[-1], 2)):
-        raise ValueError(f"sel must be (rows, 2) int32, got {tuple(sel.shape)} {sel.dtype}")
     out_shape = (*x.shape[:-1], wt.shape[1])
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"residual {tuple(residual.shape)} does not match the output {out_shape}")
@@ -131,13 +124,12 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
         return ref.topk_gemv_ref(x2, wt, k, bias, r2).view(out_shape)
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
     triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt), residual=r2,
-                       hint=hint,
-                       sel=sel if triton_gemv.default_impl(0) in ("tile", "split") else None)
+                       hint=hint)
     return y.view(out_shape)
 
 
 @topk_linear.register_fake
-def _(x, wt, k, bias=None, counters=None, residual=None, hint=None, sel=None):
+def _(x, wt, k, bias=None, counters=None, residual=None, hint=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
@@ -203,74 +195,6 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
 @rmsnorm_topk.register_fake
 def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None):
     return (x.new_empty(0) if res is None else x.new_empty(x.shape)), x.new_empty(*x.shape[:-1], wt.shape[1])
-
-
-def topk_sel_ref(x: torch.Tensor, k: int) -> torch.Tensor:
-    """(rows, 2) int32 (t, cutoff) of each row's exact Top-k, as the select kernels define it: t is the
-    k-th largest 15-bit |x| pattern, and the entries equal to t at indices below cutoff are kept. 16-bit
-    rows only (the patterns are bf16/fp16 bits)."""
-    x2 = _rows(x)
-    if x2.dtype not in KERNEL_DTYPES:
-        raise ValueError(f"(t, cutoff) selections are of 16-bit rows, got {x2.dtype}")
-    bits = x2.view(torch.int16).to(torch.int32) & 0x7FFF
-    kk = min(k, x2.shape[1])
-    t = bits.topk(kk, dim=1).values[:, -1:]
-    need_eq = kk - (bits > t).sum(1, keepdim=True)
-    eq_rank = (bits == t).cumsum(1)
-    cutoff = ((eq_rank == need_eq) & (bits == t)).int().argmax(1, keepdim=True) + 1
-    return torch.cat([t, cutoff.to(torch.int32)], 1).to(torch.int32)
-
-
-def _chain_kernels(a2, x2, wo, wg, k_o, k_mlp, k_down, counters) -> bool:
-    """Whether `o_mlp_in` runs its five-kernel chain (else the same function from the other ops)."""
-    return (_use_kernel(a2, a2.shape[0]) and x2.dtype == a2.dtype and k_o < wo.shape[0] and k_mlp < wg.shape[0]
-            and k_down < wg.shape[1] and counters is not None and triton_gemv.default_impl(0) == "tile"
-            and counters.numel() >= triton_gemv.tile_workspace_needed(a2.shape[0], max(wg.shape[1], wo.shape[1]),
-                                                                       True, 32))
-
-
-@torch.library.custom_op("larosa::o_mlp_in", mutates_args=())
-def o_mlp_in(a: torch.Tensor, wo: torch.Tensor, k_o: int, x: torch.Tensor, norm_w: torch.Tensor, eps: float,
-             wg: torch.Tensor, wu: torch.Tensor, k_mlp: int, k_down: int, counters: Optional[torch.Tensor] = None,
-             hints: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A decoder layer from its attention output a to its down projection's input (v14):
-
-        x_mid = x + TopK_{k_o}(a) @ wo                                  (one rounding, as `topk_linear(.., residual=x)`)
-        act   = silu(TopK_{k_mlp}(h) @ wg) * (TopK_{k_mlp}(h) @ wu),  h = RMSNorm(x_mid) * norm_w
-        sel   = act's (t, cutoff) for k_down                            (`topk_sel_ref`; for `topk_linear(.., sel=)`)
-
-    Returns (x_mid, act, sel). Where the kernels run and `counters` (the caller's zeroed workspace, left
-    zeroed) is large enough: five kernels (`triton_gemv.o_mlp_in_chain`), the two GEMVs leaving their fp32
-    sums to the kernel after them instead of finishing them; else the same function from `topk_linear`,
-    `rmsnorm_topk` and `topk_sel_ref` (sel is zeros for fp32/fp64 rows, which never take the kernel path
-    that reads it). `hints` (3, rows) int32: the o, gate/up and down sites' select hints."""
-    _check(a, wo, k_o)
-    _check(x, wg, k_mlp)
-    if wu.shape != wg.shape:
-        raise ValueError(f"gate {tuple(wg.shape)} and up {tuple(wu.shape)} weights differ in shape")
-    if x.shape[:-1] != a.shape[:-1] or x.shape[-1] != wo.shape[1]:
-        raise ValueError(f"x {tuple(x.shape)} does not match the o projection's output for a {tuple(a.shape)}")
-    if not 1 <= k_down:
-        raise ValueError(f"k_down must be >= 1, got {k_down}")
-    a2, x2 = _rows(a), _rows(x)
-    if _chain_kernels(a2, x2, wo, wg, k_o, k_mlp, k_down, counters):
-        hs = (None, None, None) if hints is None else tuple(hints[i] for i in range(3))
-        xs, act, sel = triton_gemv.o_mlp_in_chain(a2, wo.contiguous(), k_o, x2, norm_w.contiguous(), eps,
-                                                  wg.contiguous(), wu.contiguous(), k_mlp, k_down, counters, hs)
-        return xs.view(x.shape), act.view(*x.shape[:-1], wg.shape[1]), sel
-    h1 = None if hints is None else hints[0]
-    xs = topk_linear(a, wo, k_o, None, counters, x, h1)
-    act = rmsnorm_topk(xs, None, norm_w, eps, wg, wu, k_mlp, None, counters,
-                       None if hints is None else hints[1])[1]
-    sel = (topk_sel_ref(act, k_down) if act.dtype in KERNEL_DTYPES
-           else torch.zeros(act.numel() // act.shape[-1], 2, dtype=torch.int32, device=act.device))
-    return xs, act, sel
-
-
-@o_mlp_in.register_fake
-def _(a, wo, k_o, x, norm_w, eps, wg, wu, k_mlp, k_down, counters=None, hints=None):
-    return (x.new_empty(x.shape), x.new_empty(*x.shape[:-1], wg.shape[1]),
-            x.new_empty(x.numel() // x.shape[-1], 2, dtype=torch.int32))
 
 
 @torch.library.custom_op("larosa::threshold_linear", mutates_args=())

@@ -169,19 +169,15 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
 
 
 @triton.jit
-def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexpr, CG: tl.constexpr = False):
+def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """A one-program-per-row kernel's start: let the dependent GEMV launch (PDL), then load the row
-    (0 past d_in; CG: from L2, for sums another kernel's atomics wrote). Returns (row, offs, valid, x)."""
+    (0 past d_in). Returns (row, offs, valid, x)."""
     if PDL:
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     valid = offs < d_in
-    if CG:
-        x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0, cache_modifier=".cg")
-    else:
-        x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
-    return row, offs, valid, x
+    return row, offs, valid, tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -247,48 +243,23 @@ def _round(xf, dst: tl.constexpr, ROUND_BF16: tl.constexpr):
 def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps,
                           stride_x, stride_r, stride_xs, stride_h,
                           HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-                          ROUND_BF16: tl.constexpr = False, WINDOW: tl.constexpr = 0, X_ACC: tl.constexpr = False):
+                          ROUND_BF16: tl.constexpr = False, WINDOW: tl.constexpr = 0):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
-    and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h.
-    X_ACC (v14, with HAS_RES): x is the fp32 sums a GEMV left unfinished (`tile_gemv_kernel` FINISH=False);
-    xs = res + x is rounded once (as that GEMV's residual epilogue would) and the sums are zeroed."""
-    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL, X_ACC)
-    if X_ACC:  # read, then zero (the barrier: no thread's zero may land before another thread's read)
-        tl.debug_barrier()
-        tl.store(x_ptr + row * stride_x + offs, tl.zeros([BLOCK_D], dtype=tl.float32), mask=valid)
+    and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h."""
+    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=valid, other=0.0)
-        x = _round(x.to(tl.float32) + r.to(tl.float32), h_ptr.dtype.element_ty, ROUND_BF16)
+        x = _round(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)
         tl.store(xs_ptr + row * stride_xs + offs, x, mask=valid)
     xf = x.to(tl.float32)
     inv = tl.rsqrt(tl.sum(xf * xf, 0) / d_in + eps)
-    hn = _round(xf * inv, h_ptr.dtype.element_ty, ROUND_BF16)
+    hn = _round(xf * inv, x_ptr.dtype.element_ty, ROUND_BF16)
     w = tl.load(w_ptr + offs, mask=valid, other=0.0)
-    h = _round(w.to(tl.float32) * hn.to(tl.float32), h_ptr.dtype.element_ty, ROUND_BF16)  # padding: w = 0, h = 0
+    h = _round(w.to(tl.float32) * hn.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)  # padding: w = 0, h = 0
     tl.store(h_ptr + row * stride_h + offs, h, mask=valid)
     t, cutoff = _packed_select(h, valid, k, BLOCK_D, 14, hint_ptr + row, WINDOW)
-    tl.store(sel_ptr + row * 2, t)
-    tl.store(sel_ptr + row * 2 + 1, cutoff)
-
-
-@triton.jit
-def gated_select_kernel(acc_ptr, act_ptr, sel_ptr, hint_ptr, d_in, k, stride_act, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr = False, ROUND_BF16: tl.constexpr = False, WINDOW: tl.constexpr = 0):
-    """v14: the finisher of a gate/up GEMV that left its fp32 sums unfinished (`tile_gemv_kernel`
-    FINISH=False, sums [gate | up] per row), folded into the next select: act = silu(gate) * up (the
-    gated epilogue's arithmetic, one rounding), stored, the sums zeroed, and (t, cutoff) of act's exact
-    Top-k. One program per row; with PDL the down projection's GEMV is its programmatic dependent."""
-    row, offs, valid, g = _row_prologue(acc_ptr, 2 * d_in, d_in, BLOCK_D, PDL, True)
-    u = tl.load(acc_ptr + row * 2 * d_in + d_in + offs, mask=valid, other=0.0, cache_modifier=".cg")
-    tl.debug_barrier()  # both read before any zero lands (as in `_finish_block`)
-    zero = tl.zeros([BLOCK_D], dtype=tl.float32)
-    tl.store(acc_ptr + row * 2 * d_in + offs, zero, mask=valid)
-    tl.store(acc_ptr + row * 2 * d_in + d_in + offs, zero, mask=valid)
-    act = _round(g * tl.sigmoid(g) * u, act_ptr.dtype.element_ty, ROUND_BF16)  # padding: 0
-    tl.store(act_ptr + row * stride_act + offs, act, mask=valid)
-    t, cutoff = _packed_select(act, valid, k, BLOCK_D, 14, hint_ptr + row, WINDOW)
     tl.store(sel_ptr + row * 2, t)
     tl.store(sel_ptr + row * 2 + 1, cutoff)
 
@@ -482,15 +453,12 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
                      X_LATE: tl.constexpr = False,  # with PDL: x too is written by that predecessor
-                     HAS_RES: tl.constexpr = False,  # y = res + ..., added in fp32 before rounding
-                     FINISH: tl.constexpr = True):  # False: leave the fp32 sums to the next kernel (v14)
+                     HAS_RES: tl.constexpr = False):  # y = res + ..., added in fp32 before rounding
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
     zeroed: the last program of each column block (an atomic counter) turns them into the 16-bit output
-    (bias or silu(gate) * up epilogue) and zeroes them.
-    FINISH=False (v14): no counter, no fence and no finisher: the sums stay in acc for the kernel that
-    consumes them (`rmsnorm_select_kernel` with X_ACC, `gated_select_kernel`), which zeroes them."""
+    (bias or silu(gate) * up epilogue) and zeroes them."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     row = tl.program_id(2).to(tl.int64)
@@ -520,8 +488,6 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     if GATED:
         w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
         tl.atomic_add(acc_row + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
-    if not FINISH:
-        return
     tl.debug_barrier()
     cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
     if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - 1:
@@ -581,16 +547,9 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
                 select_impl: str | None = None, num_stages: int | None = None,
                 sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                hint: torch.Tensor | None = None, finish: bool = True) -> torch.Tensor | None:
-    """One-tile-per-program variant of `launch` (same arguments and result), v11.
-
-    finish=False (v14): y is not written (may be None); the (rows, d_out) fp32 sums (rows, 2 * d_out for the
-    gated form: gate, then up) are left in the workspace and returned, for a consumer kernel that finishes
-    and zeroes them (`acc_rmsnorm_select`, `gated_select`). Without the last program's counter and fence."""
-    if finish:
-        _check_residual(residual, y, wt2)
-    elif residual is not None or bias is not None:
-        raise ValueError("finish=False takes no bias or residual (the consumer finishes the sums)")
+                hint: torch.Tensor | None = None) -> None:
+    """One-tile-per-program variant of `launch` (same arguments and result), v11."""
+    _check_residual(residual, y, wt2)
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gated = wt2 is not None
@@ -609,15 +568,13 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
         sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint) if mode == 0 else x
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
-    y_arg = y if finish else acc
     tile_gemv_kernel[grid](
-        x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y_arg, d_in, d_out,
-        float(threshold), x.stride(0), y_arg.stride(0), residual if residual is not None else y_arg,
+        x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
+        float(threshold), x.stride(0), y.stride(0), residual if residual is not None else y,
         residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, FINISH=finish,
+        HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
         **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}))
-    return None if finish else acc.view(rows, (2 if gated else 1) * d_out)
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
@@ -659,84 +616,9 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         hint if hint is not None else sel, d_in, k, float(eps),
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
         HAS_RES=res is not None, BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d), WINDOW=window,
-        ROUND_BF16=_interpreted_bf16(x),
+        ROUND_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         **({"PDL": True} if pdl and _pdl_possible(x) else {}))
     return xs, h, sel
-
-
-def acc_rmsnorm_select(acc: torch.Tensor, res: torch.Tensor, w: torch.Tensor, eps: float, k: int,
-                       pdl: bool = False, hint: torch.Tensor | None = None):
-    """(xs, h, sel) as `rmsnorm_select(x, res, ...)` where x is the (rows, d) fp32 sums a GEMV left
-    unfinished (`launch_tile(..., finish=False)`): xs = res + x rounded once (the residual epilogue's
-    arithmetic); the sums are zeroed. One kernel (v14)."""
-    rows, d_in = res.shape
-    if acc.dtype != torch.float32 or acc.shape != (rows, d_in) or not acc.is_contiguous():
-        raise ValueError(f"acc must be contiguous fp32 sums of shape {(rows, d_in)}, got {tuple(acc.shape)} "
-                         f"{acc.dtype}")
-    if w.shape != (d_in,):
-        raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
-    xs = torch.empty_like(res)
-    h = torch.empty_like(res)
-    sel = torch.empty(rows, 2, dtype=torch.int32, device=res.device)
-    block_d = max(2, triton.next_power_of_2(d_in))
-    hint, window = _hint_args(hint, res)
-    rmsnorm_select_kernel[(rows,)](
-        acc, res, w, xs, h, sel, hint if hint is not None else sel, d_in, k, float(eps),
-        acc.stride(0), res.stride(0), xs.stride(0), h.stride(0), HAS_RES=True, X_ACC=True, BLOCK_D=block_d,
-        num_warps=select_warps(block_d), WINDOW=window, ROUND_BF16=_interpreted_bf16(res),
-        **({"PDL": True} if pdl and _pdl_possible(res) else {}))
-    return xs, h, sel
-
-
-def gated_select(acc: torch.Tensor, k: int, dtype: torch.dtype, pdl: bool = False,
-                 hint: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(act, sel): act = silu(gate) * up from the (rows, 2 * d) fp32 sums [gate | up] a gated GEMV left
-    unfinished (`launch_tile(..., wt2=..., finish=False)`), rounded once to `dtype`, and the (rows, 2) int32
-    (t, cutoff) of act's exact Top-k; the sums are zeroed. One kernel (v14)."""
-    rows, two_d = acc.shape
-    if acc.dtype != torch.float32 or two_d % 2 or not acc.is_contiguous():
-        raise ValueError(f"acc must be contiguous fp32 (rows, 2 * d) sums, got {tuple(acc.shape)} {acc.dtype}")
-    d_in = two_d // 2
-    act = torch.empty(rows, d_in, dtype=dtype, device=acc.device)
-    sel = torch.empty(rows, 2, dtype=torch.int32, device=acc.device)
-    block_d = max(2, triton.next_power_of_2(d_in))
-    hint, window = _hint_args(hint, act)
-    gated_select_kernel[(rows,)](
-        acc, act, sel, hint if hint is not None else sel, d_in, k, act.stride(0), BLOCK_D=block_d,
-        num_warps=select_warps(block_d), WINDOW=window, ROUND_BF16=_interpreted_bf16(act),
-        **({"PDL": True} if pdl and _pdl_possible(act) else {}))
-    return act, sel
-
-
-def _interpreted_bf16(x: torch.Tensor) -> bool:
-    """bf16 under the interpreter, whose fp32 -> bf16 cast truncates: `_round` then rounds on the bits."""
-    return x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def o_mlp_in_chain(a: torch.Tensor, wo: torch.Tensor, k_o: int, x: torch.Tensor, norm_w: torch.Tensor, eps: float,
-                   wg: torch.Tensor, wu: torch.Tensor, k_mlp: int, k_down: int, counters: torch.Tensor,
-                   hints: tuple = (None, None, None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """v14, from a layer's attention output a to its down projection's input, five kernels:
-
-        select(a) -> o GEMV (sums left unfinished) -> x_mid = x + sums, h = RMSNorm(x_mid) * norm_w, select(h)
-        -> gate/up GEMV (sums left unfinished) -> act = silu(gate) * up, select(act)
-
-    Returns (x_mid, act, sel_down): x_mid = x + TopK_{k_o}(a) @ wo (one rounding), act = silu(TopK(h) @ wg) *
-    (TopK(h) @ wu) with k_mlp kept, and act's (t, cutoff) for k_down (`launch(..., sel=sel_down)`). The two
-    GEMVs skip their counter and fence: the kernel after each finishes and zeroes its sums. `counters`: the
-    caller's zeroed workspace (`tile_workspace_needed(rows, wg.shape[1], True, 32)` entries), left zeroed;
-    both GEMVs use its fp32 region in turn. `hints`: the o, gate/up and down sites' select hints."""
-    rows, d = x.shape
-    d_ff = wg.shape[1]
-    need = tile_workspace_needed(rows, max(d_ff, d), True, 32)
-    if counters.numel() < need or counters.dtype != torch.int32:
-        raise ValueError(f"counters: {need} zeroed int32 entries needed, got {counters.numel()} {counters.dtype}")
-    pdl = pdl_default(x)
-    acc = launch_tile(a, wo, None, k_o, counters=counters, pdl=pdl, hint=hints[0], finish=False)
-    xs, h, sel = acc_rmsnorm_select(acc, x, norm_w, eps, k_mlp, pdl=pdl, hint=hints[1])
-    acc = launch_tile(h, wg, None, k_mlp, wt2=wu, counters=counters, sel=sel, pdl=pdl, finish=False)
-    act, sel_down = gated_select(acc, k_down, x.dtype, pdl=pdl, hint=hints[2])
-    return xs, act, sel_down
 
 
 def fused_config(d_in: int, d_out: int) -> dict:
