@@ -23,46 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gemv import graph_time_us  # noqa: E402
 from larosa.bench import copy_bandwidth  # noqa: E402
 from larosa.kernels import ops  # noqa: E402
 from larosa.shapes import get_shape  # noqa: E402
 from larosa.sparsity import SparsityPlan, k_for  # noqa: E402
-
-
-def graph_us(calls, side: torch.cuda.Stream | None = None, reps: int = 50) -> float:
-    """Median per-call time (us) of one CUDA graph replaying `calls` back to back, captured on a
-    high-priority stream (each call may fork to `side`)."""
-    hi = torch.cuda.Stream(priority=torch.cuda.Stream.priority_range()[1])
-    hi.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(hi):
-        for _ in range(2):
-            for c in calls:
-                c()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=hi):
-        for c in calls:
-            c()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        torch.cuda.synchronize()
-        times.append(st.elapsed_time(en) * 1e3 / len(calls))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -128,7 +101,8 @@ def main() -> None:
                 return torch.ops.larosa.topk_linear(xcat, wcat[i], d + k_dn, None, buf)
             return run
 
-        t = {name: graph_us([mk(i) for i in range(L)]) for name, mk in
+        hi = torch.cuda.Stream.priority_range()[1]  # the engine captures its step at the highest priority
+        t = {name: graph_time_us([mk(i) for i in range(L)], priority=hi) for name, mk in
              (("topk", topk), ("in_order", in_order), ("overlap", overlap), ("prefix", prefix))}
         rows.append({"shape": a.shape, "nominal": p, "k_mlp_in": k_in, "k_down": k_dn, **{f"{k}_us": v for k, v in t.items()}})
         print(f"| {p} | {t['topk']:.2f} | {t['in_order']:.2f} | {t['overlap']:.2f} | {t['prefix']:.2f} | "

@@ -62,9 +62,11 @@ def copy_bandwidth() -> float:
     return 2 * n / statistics.median(times[3:])
 
 
-def graph_time_us(calls, reps: int = 50) -> float:
-    """Median per-call time (us) of a CUDA graph replaying `calls` back to back."""
-    s = torch.cuda.Stream()
+def graph_time_us(calls, reps: int = 50, priority: int | None = None) -> float:
+    """Median per-call time (us) of a CUDA graph replaying `calls` back to back. `priority`: warm up and
+    capture on a stream of that priority (as the decode engine captures its step), else on fresh
+    default-priority streams."""
+    s = torch.cuda.Stream() if priority is None else torch.cuda.Stream(priority=priority)
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(2):
@@ -73,7 +75,7 @@ def graph_time_us(calls, reps: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=None if priority is None else s):
         for c in calls:
             c()
     for _ in range(3):
