@@ -220,6 +220,26 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
     return rows
 
 
+def hint_sites_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v14, LaRoSA with the adapters overlapped: select hints at no site, at the attention half's sites
+    only (q/k/v, o: the adapter GEMV runs during the MLP half) or at all four, alternating."""
+    bw, base, prompt = _engine_setup(shape)
+    rows = []
+    for p in (0.4, 0.5, 0.75):
+        w = sparse_variant(base, "larosa", p)
+        for rep in range(repeats):
+            for sites in ((), (0, 1), (0, 1, 2, 3)):
+                r = _measure(w, prompt, gen_len, bw, select_hints=bool(sites), hint_sites=sites or None)
+                rows.append({"shape": shape, "method": "larosa", "nominal": p, "hint_sites": list(sites),
+                             "repeat": rep, "tok_s": r["tok_s"], "p50_ms": r["p50_ms"],
+                             "p99_over_p50": r["p99_over_p50"]})
+                print(f"engine {shape} larosa p={p:.2f} hint sites {str(list(sites)):12s} #{rep}: {r['tok_s']:.1f} "
+                      f"tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+        del w
+        torch.cuda.empty_cache()
+    return rows
+
+
 def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2, **engine_kw) -> list[dict]:
     """End-to-end A/B of an environment switch read at the kernel launches while the engine captures its step
     (`var` = on / off), with the
@@ -271,8 +291,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap
-    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap"}
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
+                            "hint_sites"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -292,6 +313,8 @@ def main() -> None:
         res["select_window"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SELECT_WINDOW", "6", "0", select_hints=True)
     if "hints_overlap" in parts:
         res["hints_overlap"] = hints_overlap_rows(a.shape, a.gen_len)
+    if "hint_sites" in parts:
+        res["hint_sites"] = hint_sites_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

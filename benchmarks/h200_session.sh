@@ -15,6 +15,7 @@
 #   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
 #   bash benchmarks/h200_session.sh hintsoverlap # LaRoSA: select hints x adapter overlap, end to end (~1 min)
+#   bash benchmarks/h200_session.sh hintsites    # LaRoSA, overlapped adapters: hints at no / attention / all sites (~1.5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
 #
@@ -22,7 +23,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -51,6 +52,8 @@ for stage in "$@"; do
         2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;
     hintsoverlap)
       parts hints_overlap hints-overlap-h200 ;;
+    hintsites)
+      parts hint_sites hint-sites-h200 ;;
     adapterprefix)
       python3 benchmarks/adapter_prefix.py --out "$out/adapter-prefix-h200.json" \
         2>&1 | tee "$out/adapter-prefix-h200.log" || rc=1 ;;

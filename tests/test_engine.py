@@ -301,3 +301,22 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
         hinted.step()
         assert torch.equal(hinted.logits, want)
     assert all(h.all() for h in hints)  # every site's select left its threshold
+
+
+@pytest.mark.parametrize("sites", [(0, 1), (3,)])
+def test_hint_sites_limit_the_hinted_selects(sites):
+    """hint_sites: only those sites' selects keep hints (the others' slots stay zero), same logits."""
+    _, fused = _larosa_tiny(seed=5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": True, "select_hints": True}
+    eng = DecodeEngine(w, **kw, hint_sites=sites)
+    assert eng.hint_sites == sites and all(st.hint_sites == sum(1 << i for i in sites) for st in eng._statics)
+    eng.prefill(ids)
+    for _ in range(2):
+        eng.step()
+    for t in eng._tensors:
+        assert all(bool(t[-1][i].all()) == (i in sites) for i in range(4))
+    with pytest.raises(LarosaError, match="hint_sites"):
+        DecodeEngine(w, **kw, hint_sites=(4,))

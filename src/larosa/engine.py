@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,8 @@ class LayerStatic(NamedTuple):
     fused_norm: bool = False
     # Top-K o and down projections: the residual add in the GEMV's epilogue; set by the engine
     fused_residual: bool = False
+    # bit i set: site i's select (0 q/k/v, 1 o, 2 gate/up, 3 down) keeps a threshold hint; set by the engine
+    hint_sites: int = 0b1111
 
 
 @dataclass
@@ -145,9 +147,9 @@ def _site_input(x: torch.Tensor, scale, probe, thr, i: int, site: Site) -> torch
     return _apply_threshold(x, thr, i, site)
 
 
-def _hint(hints: Optional[torch.Tensor], site: int) -> Optional[torch.Tensor]:
-    """The select's threshold hints of one site (a slot per row), or None."""
-    return None if hints is None else hints[site]
+def _hint(hints: Optional[torch.Tensor], site: int, st: LayerStatic) -> Optional[torch.Tensor]:
+    """The select's threshold hints of one site (a slot per row), or None (no hints, or not at this site)."""
+    return None if hints is None or not (st.hint_sites >> site) & 1 else hints[site]
 
 
 def _residual_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
@@ -206,13 +208,13 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     b, t, _ = x.shape
     if st.fused_norm and st.attn_in.mode == "topk" and probe is None:
         xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt,
-                                                _hint(hints, 0))
+                                                _hint(hints, 0, st))
         x = x if res is None else xs
     else:
         if res is not None:
             x = x + res
         h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
-        qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt, _hint(hints, 0))
+        qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt, _hint(hints, 0, st))
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
     q = q.view(b, t, st.heads, st.head_dim)
     k = k.view(b, t, st.kv_heads, st.head_dim)
@@ -223,7 +225,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
     a = _site_input(_attention(q, kc, vc, mask, pos, st), s_ao, probe, thr, 1, st.attn_out)
-    return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1))
+    return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1, st))
 
 
 def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
@@ -235,17 +237,17 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
      thr, _s_ao, s_mo, cnt, hints) = w
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
         act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
-                                            _hint(hints, 2))[1]
+                                            _hint(hints, 2, st))[1]
     else:
         h = _rms(x, mlp_norm, st.eps)
         if st.rotate_mlp:
             h = h @ rotate_mlp
         h = _site_input(h, None, probe, thr, 2, st.mlp_in)
-        act = _gate_up(h, wgate, wup, st.mlp_in, cnt, _hint(hints, 2))
+        act = _gate_up(h, wgate, wup, st.mlp_in, cnt, _hint(hints, 2, st))
     act = _site_input(act, s_mo, probe, thr, 3, st.mlp_out)
     if st.adapter:
-        return _linear(act, wdown, None, st.mlp_out, cnt, _hint(hints, 3))
-    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st.fused_residual, _hint(hints, 3))
+        return _linear(act, wdown, None, st.mlp_out, cnt, _hint(hints, 3, st))
+    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st.fused_residual, _hint(hints, 3, st))
 
 
 def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -532,12 +534,15 @@ class DecodeEngine:
     searches a small window around it first (`triton_gemv.select`; exact either way). None = on unless the
     adapters run on the side stream: measured on the H200 (`benchmarks/results/select-window-h200.json`),
     +3.5 % tok/s for un-rotated Top-K at p = 0.5, but -1 to -3 % for LaRoSA with the overlapped adapters.
+    hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down);
+    None = all four.
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
                  graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
                  capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
-                 fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None):
+                 fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
+                 hint_sites: Optional[Sequence[int]] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
@@ -575,6 +580,11 @@ class DecodeEngine:
         has_adapters = any(st.adapter for st in weights.statics)
         self.overlap = has_adapters and (self.graphs if overlap_adapters is None else bool(overlap_adapters))
         self.select_hints = not self.overlap if select_hints is None else bool(select_hints)
+        self.hint_sites = (0, 1, 2, 3) if hint_sites is None else tuple(sorted(set(int(i) for i in hint_sites)))
+        if not set(self.hint_sites) <= {0, 1, 2, 3}:
+            raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
+        mask = sum(1 << i for i in self.hint_sites)
+        self._statics = [st._replace(hint_sites=mask) for st in self._statics]
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
         self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
