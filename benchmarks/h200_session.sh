@@ -16,6 +16,8 @@
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
 #   bash benchmarks/h200_session.sh hintsoverlap # LaRoSA: select hints x adapter overlap, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hintsites    # LaRoSA, overlapped adapters: hints at no / attention / all sites (~1.5 min)
+#   bash benchmarks/h200_session.sh hintprofile  # select kernel time per step, hints off/on, LaRoSA and Top-K (~1 min)
+#   bash benchmarks/h200_session.sh hintdrift    # the thresholds the hinted selects see in decode, per site (~1 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
 #
@@ -23,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintdrift|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -54,6 +56,12 @@ for stage in "$@"; do
       parts hints_overlap hints-overlap-h200 ;;
     hintsites)
       parts hint_sites hint-sites-h200 ;;
+    hintdrift)
+      python3 benchmarks/threshold_drift.py --decode 24 --layers 32 --tokens 16 \
+        --out "$out/threshold-drift-decode-h200.json" 2>&1 | tee "$out/threshold-drift-decode-h200.log" || rc=1 ;;
+    hintprofile)
+      python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --hints-ab \
+        --out "$out/profile-hints-llama2-7b.json" 2>&1 | tee "$out/profile-hints-llama2-7b.log" || rc=1 ;;
     adapterprefix)
       python3 benchmarks/adapter_prefix.py --out "$out/adapter-prefix-h200.json" \
         2>&1 | tee "$out/adapter-prefix-h200.log" || rc=1 ;;

@@ -36,10 +36,10 @@ def kind_of(name: str) -> str:
     return "copies/other"
 
 
-def profile(w, prompt, steps: int = 8) -> dict:
+def profile(w, prompt, steps: int = 8, **engine_kw) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
-    eng = DecodeEngine(w, max_len=256, compile=True, graphs=False, overlap_adapters=True)
+    eng = DecodeEngine(w, max_len=256, compile=True, graphs=False, overlap_adapters=True, **engine_kw)
     eng.generate(prompt, 4)
     eng.prefill(prompt)
     torch.cuda.synchronize()
@@ -49,16 +49,18 @@ def profile(w, prompt, steps: int = 8) -> dict:
         torch.cuda.synchronize()
     per_kind: dict[str, float] = {}
     per_kernel: dict[str, float] = {}
+    calls: dict[str, float] = {}
     for e in p.key_averages():
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
         if t <= 0 or e.key.startswith("ProfilerStep"):
             continue
         per_kernel[e.key] = per_kernel.get(e.key, 0.0) + t / steps
+        calls[e.key] = calls.get(e.key, 0.0) + e.count / steps
         k = kind_of(e.key)
         per_kind[k] = per_kind.get(k, 0.0) + t / steps
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:15]
     return {"us_per_step_by_kind": per_kind, "top_kernels_us_per_step": top,
-            "total_us_per_step": sum(per_kind.values())}
+            "launches_per_step": {k: calls[k] for k, _ in top}, "total_us_per_step": sum(per_kind.values())}
 
 
 def main() -> None:
@@ -66,9 +68,13 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--out", default="benchmarks/results/profile-decode.json")
+    ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA and un-rotated Top-K, each with the "
+                    "select hints off and on (all four sites), the select kernels' time per step")
     args = ap.parse_args()
     base = random_base(args.shape, torch.bfloat16, "cuda")
     prompt = torch.randint(0, 1000, (1, 128), device="cuda")
+    if args.hints_ab:
+        return hints_ab(base, prompt, args)
     res = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "batch": 1,
            "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times; LaRoSA's adapter GEMVs "
                    "run on the side stream (concurrent with the MLP half), their time is counted in full"}
@@ -80,6 +86,38 @@ def main() -> None:
             print(f"| {k} | {v:.0f} us |")
         for name, v in res[m]["top_kernels_us_per_step"][:8]:
             print(f"#   {v:8.0f} us  {name[:90]}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+def hints_ab(base, prompt, args) -> None:
+    """Select kernel time per step with and without hints, LaRoSA (adapters overlapped) and Top-K."""
+    res = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "batch": 1,
+           "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times", "rows": []}
+    print("| method | hints | select_packed_kernel us (launches) | rmsnorm_select_kernel us (launches) | "
+          "tile_gemv_kernel us | all kernels us |")
+    print("|---|---|---|---|---|---|")
+    for method in ("larosa", "topk"):
+        w = sparse_variant(base, method, args.sparsity)
+        for hints in (False, True):
+            r = profile(w, prompt, select_hints=hints)
+            top = dict(r["top_kernels_us_per_step"])
+
+            def us(name, top=top):
+                return sum(v for k, v in top.items() if k.startswith(name))
+
+            def n(name, launches=r["launches_per_step"]):
+                return sum(v for k, v in launches.items() if k.startswith(name))
+            row = {"method": method, "select_hints": hints, "select_packed_us": us("select_packed_kernel"),
+                   "select_packed_launches": n("select_packed_kernel"),
+                   "rmsnorm_select_us": us("rmsnorm_select_kernel"),
+                   "rmsnorm_select_launches": n("rmsnorm_select_kernel"), "tile_gemv_us": us("tile_gemv_kernel"),
+                   "total_us": r["total_us_per_step"]}
+            res["rows"].append(row)
+            print(f"| {method} | {hints} | {row['select_packed_us']:.0f} ({row['select_packed_launches']:.0f}) | "
+                  f"{row['rmsnorm_select_us']:.0f} ({row['rmsnorm_select_launches']:.0f}) | "
+                  f"{row['tile_gemv_us']:.0f} | {row['total_us']:.0f} |", flush=True)
+        del w
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
 
