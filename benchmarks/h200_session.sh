@@ -17,6 +17,7 @@
 #   bash benchmarks/h200_session.sh hintsoverlap # LaRoSA: select hints x adapter overlap, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hintsites    # LaRoSA, overlapped adapters: hints at no / attention / all sites (~1.5 min)
 #   bash benchmarks/h200_session.sh hintprofile  # select kernel time per step, hints off/on, LaRoSA and Top-K (~1 min)
+#   bash benchmarks/h200_session.sh hintprofileinorder  # the same with LaRoSA's adapters in order (~1 min)
 #   bash benchmarks/h200_session.sh hintdrift    # the thresholds the hinted selects see in decode, per site (~1 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
@@ -25,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintdrift|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -59,6 +60,9 @@ for stage in "$@"; do
     hintdrift)
       python3 benchmarks/threshold_drift.py --decode 24 --layers 32 --tokens 16 \
         --out "$out/threshold-drift-decode-h200.json" 2>&1 | tee "$out/threshold-drift-decode-h200.log" || rc=1 ;;
+    hintprofileinorder)
+      python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --hints-ab --in-order \
+        --out "$out/profile-hints-inorder-llama2-7b.json" 2>&1 | tee "$out/profile-hints-inorder-llama2-7b.log" || rc=1 ;;
     hintprofile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --hints-ab \
         --out "$out/profile-hints-llama2-7b.json" 2>&1 | tee "$out/profile-hints-llama2-7b.log" || rc=1 ;;

@@ -39,7 +39,8 @@ def kind_of(name: str) -> str:
 def profile(w, prompt, steps: int = 8, **engine_kw) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
-    eng = DecodeEngine(w, max_len=256, compile=True, graphs=False, overlap_adapters=True, **engine_kw)
+    engine_kw.setdefault("overlap_adapters", True)
+    eng = DecodeEngine(w, max_len=256, compile=True, graphs=False, **engine_kw)
     eng.generate(prompt, 4)
     eng.prefill(prompt)
     torch.cuda.synchronize()
@@ -70,6 +71,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/profile-decode.json")
     ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA and un-rotated Top-K, each with the "
                     "select hints off and on (all four sites), the select kernels' time per step")
+    ap.add_argument("--in-order", action="store_true", help="with --hints-ab: LaRoSA's adapters in order, "
+                    "not on the side stream")
     args = ap.parse_args()
     base = random_base(args.shape, torch.bfloat16, "cuda")
     prompt = torch.randint(0, 1000, (1, 128), device="cuda")
@@ -93,14 +96,15 @@ def main() -> None:
 def hints_ab(base, prompt, args) -> None:
     """Select kernel time per step with and without hints, LaRoSA (adapters overlapped) and Top-K."""
     res = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "batch": 1,
-           "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times", "rows": []}
+           "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times",
+           "adapters": "in order" if args.in_order else "side stream", "rows": []}
     print("| method | hints | select_packed_kernel us (launches) | rmsnorm_select_kernel us (launches) | "
           "tile_gemv_kernel us | all kernels us |")
     print("|---|---|---|---|---|---|")
     for method in ("larosa", "topk"):
         w = sparse_variant(base, method, args.sparsity)
         for hints in (False, True):
-            r = profile(w, prompt, select_hints=hints)
+            r = profile(w, prompt, select_hints=hints, overlap_adapters=not args.in_order)
             top = dict(r["top_kernels_us_per_step"])
 
             def us(name, top=top):
