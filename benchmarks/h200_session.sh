@@ -18,7 +18,8 @@
 #   bash benchmarks/h200_session.sh hintsites    # LaRoSA, overlapped adapters: hints at no / attention / all sites (~1.5 min)
 #   bash benchmarks/h200_session.sh hintprofile  # select kernel time per step, hints off/on, LaRoSA and Top-K (~1 min)
 #   bash benchmarks/h200_session.sh hintprofileinorder  # the same with LaRoSA's adapters in order (~1 min)
-#   bash benchmarks/h200_session.sh hintdrift    # the thresholds the hinted selects see in decode, per site (~1 min)
+#   bash benchmarks/h200_session.sh hintdrift    # window hits of the hinted selects in the default (graph, overlap)
+#                                                # engine's decode, per site (~1 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
 #
@@ -59,7 +60,7 @@ for stage in "$@"; do
       parts hint_sites hint-sites-h200 ;;
     hintdrift)
       python3 benchmarks/threshold_drift.py --decode 24 --layers 32 --tokens 16 \
-        --out "$out/threshold-drift-decode-h200.json" 2>&1 | tee "$out/threshold-drift-decode-h200.log" || rc=1 ;;
+        --out "$out/threshold-drift-decode-engine-h200.json" 2>&1 | tee "$out/threshold-drift-decode-engine-h200.log" || rc=1 ;;
     hintprofileinorder)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --hints-ab --in-order \
         --out "$out/profile-hints-inorder-llama2-7b.json" 2>&1 | tee "$out/profile-hints-inorder-llama2-7b.log" || rc=1 ;;

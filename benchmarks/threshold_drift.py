@@ -45,50 +45,34 @@ def drift(method: str, base, prompt: torch.Tensor, p: float, half_window: int) -
     return rows
 
 
-def decode_drift(method: str, base, prompt: torch.Tensor, p: float, half_window: int, steps: int) -> list[dict]:
-    """The same measured where the hints are used: `steps` decode steps of the eager kernel engine (no compile,
-    no graphs; LaRoSA's adapters on the side stream as in the default CUDA engine), recording at every hinted
-    select the threshold t it found and the hint it was given (the previous token's t of the same site)."""
-    from larosa.kernels import ops
-
-    tg = ops.triton_gemv
+def decode_drift(method: str, base, prompt: torch.Tensor, p: float, half_window: int, steps: int,
+                 **engine_kw) -> list[dict]:
+    """The same measured where the hints are used: `steps` decode steps of the engine with select hints on
+    (`engine_kw`, else the engine's defaults: on CUDA compiled, graph-captured, LaRoSA's adapters on the
+    side stream). Each select leaves the threshold t it found in its hint slot, so the slots after two
+    consecutive steps give (hint, t) per site: the step |t - hint| and whether t fell in the window
+    the kernel searched first ([lo, lo + 2 * half_window) with lo = max(hint - half_window, 0)), i.e. a hit."""
     w = sparse_variant(base, method, p)
-    eng = DecodeEngine(w, max_len=prompt.shape[1] + steps + 2, compile=False, graphs=False, select_hints=True)
-    log: dict[int, list[tuple[int, int]]] = {}  # hint slot address -> (hint before, t found)
-    real_sel, real_norm = tg.select, tg.rmsnorm_select
+    eng = DecodeEngine(w, max_len=prompt.shape[1] + steps + 2, select_hints=True, **engine_kw)
+    snaps: list[torch.Tensor] = []
 
-    def sel(x, k, *a, hint=None, **kw):
-        before = None if hint is None else int(hint[0])
-        out = real_sel(x, k, *a, hint=hint, **kw)
-        if hint is not None:
-            log.setdefault(hint.data_ptr(), []).append((before, int(out[0, 0])))
-        return out
+    def snapshot(_new) -> bool:
+        snaps.append(torch.stack([t[-1][:, 0] for t in eng._tensors]).cpu())  # (layers, 4 sites)
+        return False
 
-    def norm(*a, hint=None, **kw):
-        before = None if hint is None else int(hint[0])
-        out = real_norm(*a, hint=hint, **kw)
-        if hint is not None:
-            log.setdefault(hint.data_ptr(), []).append((before, int(out[2][0, 0])))
-        return out
-
-    site_of = {}
-    for layer, t in enumerate(eng._tensors):
-        for site in range(4):
-            site_of[t[-1][site].data_ptr()] = (layer, SITES[site])
-    tg.select, tg.rmsnorm_select = sel, norm
-    try:
-        eng.generate(prompt, steps)
-    finally:
-        tg.select, tg.rmsnorm_select = real_sel, real_norm
+    eng.generate(prompt, steps, on_tokens=snapshot, chunk=1)
+    s = torch.stack(snaps[1:])  # after each decode step (the first snapshot is after the prefill: zeros)
+    h, t = s[:-1].long(), s[1:].long()  # the hint each select got and the t it found
+    lo = (h - half_window).clamp_min(0)
+    hit = (t >= lo) & (t < lo + 2 * half_window)
+    d = (t - h).abs()
     rows = []
-    for ptr, pairs in sorted(log.items(), key=lambda kv: site_of.get(kv[0], (-1, ""))):
-        if len(pairs) < 2:
-            continue
-        d = torch.tensor([abs(t - h) for h, t in pairs[1:]])  # the first call's hint is the zero initial slot
-        layer, site = site_of.get(ptr, (-1, "?"))
-        rows.append({"method": method, "layer": layer, "site": site, "calls": len(pairs),
-                     "median_abs_step": int(d.median()), "max_abs_step": int(d.max()),
-                     "beyond_window": float((d >= half_window).float().mean())})
+    for layer in range(s.shape[1]):
+        for site in range(4):
+            dd = d[:, layer, site].float()
+            rows.append({"method": method, "layer": layer, "site": SITES[site], "calls": int(dd.numel()),
+                         "median_abs_step": int(dd.median()), "max_abs_step": int(dd.max()),
+                         "beyond_window": float(1 - hit[:, layer, site].float().mean())})
     return rows
 
 
@@ -99,8 +83,10 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--out", default="benchmarks/results/threshold-drift-cpu.json")
     ap.add_argument("--decode", type=int, default=0, help="instead: this many decode steps of the kernel engine, "
-                    "the drift seen by the hinted selects (on the GPU; the CPU runs the kernels interpreted)")
+                    "the drift and window hits seen by the hinted selects (on the GPU; the CPU runs the kernels "
+                    "interpreted)")
     ap.add_argument("--width", default="4096,11008", help="hidden,intermediate")
+    ap.add_argument("--eager", action="store_true", help="with --decode: no compile, no graphs, adapters in order")
     a = ap.parse_args()
     torch.manual_seed(0)
     hidden, inter = (int(v) for v in a.width.split(","))
@@ -110,17 +96,19 @@ def main() -> None:
     prompt = torch.randint(0, shape.vocab, (1, a.tokens), device=base.device)
     half = 32  # the window of HINT_WINDOW = 6: t in [h - 32, h + 32)
     if a.decode:
-        rows = (decode_drift("topk", base, prompt, a.sparsity, half, a.decode)
-                + decode_drift("larosa", base, prompt, a.sparsity, half, a.decode))
+        kw = {"compile": False, "graphs": False, "overlap_adapters": False} if a.eager else {}
+        rows = (decode_drift("topk", base, prompt, a.sparsity, half, a.decode, **kw)
+                + decode_drift("larosa", base, prompt, a.sparsity, half, a.decode, **kw))
     else:
         rows = drift("topk", base, prompt, a.sparsity, half) + drift("larosa", base, prompt, a.sparsity, half)
-    print("| method | layer | site | median abs step | max abs step | steps beyond +-32 |\n|---|---|---|---|---|---|")
+    print("| method | layer | site | median abs step | max abs step | steps outside the window |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['layer']} | {r['site']} | {r['median_abs_step']} | {r['max_abs_step']} | "
               f"{100 * r['beyond_window']:.1f} % |")
     rec = {"hardware": torch.cuda.get_device_name() if base.device.type == "cuda" else "cpu", "dtype": "bfloat16",
            "batch": 1, "sparsity": a.sparsity, "shape": f"width {hidden}/{inter}, {a.layers} layers, vocab 1000, "
-           "random weights", "tokens": a.tokens, "decode_steps": a.decode, "rows": rows}
+           "random weights", "tokens": a.tokens, "decode_steps": a.decode,
+           "engine": ("eager" if a.eager else "defaults") if a.decode else None, "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rec, indent=1) + "\n")
     print(f"wrote {a.out}")
