@@ -202,6 +202,15 @@ def fused_norm_op_rows(shape: str, p: float = 0.5, layers: int = 32) -> list[dic
     return rows
 
 
+def _engine_row(rows: list, w, prompt, gen_len: int, bw: float, label: str, row: dict, **engine_kw) -> None:
+    """One end-to-end measurement (`larosa.bench._measure` with `engine_kw`): `row` plus tok/s, p50 and
+    p99/p50 appended to `rows`, and a log line `engine <label>: ...`."""
+    r = _measure(w, prompt, gen_len, bw, **engine_kw)
+    rows.append({**row, "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
+    print(f"engine {label}: {r['tok_s']:.1f} tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}",
+          flush=True)
+
+
 def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
     from larosa.bench import fusion_kwargs
 
@@ -210,11 +219,9 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = sparse_variant(base, method, p)
         for fuse in ((), ("norm",), ("residual",), ("norm", "residual")):
-            r = _measure(w, prompt, gen_len, bw, **fusion_kwargs(fuse))
-            rows.append({"shape": shape, "method": method, "nominal": p, "fuse": list(fuse),
-                         "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
-            print(f"engine {shape} {method:6s} p={p:.2f} fuse={'+'.join(fuse) or 'none':13s}: {r['tok_s']:.1f} tok/s  "
-                  f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+            label = f"{shape} {method:6s} p={p:.2f} fuse={'+'.join(fuse) or 'none':13s}"
+            _engine_row(rows, w, prompt, gen_len, bw, label,
+                        {"shape": shape, "method": method, "nominal": p, "fuse": list(fuse)}, **fusion_kwargs(fuse))
         del w
         torch.cuda.empty_cache()
     return rows
@@ -229,12 +236,10 @@ def hint_sites_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
         w = sparse_variant(base, "larosa", p)
         for rep in range(repeats):
             for sites in ((), (0, 1), (0, 1, 2, 3)):
-                r = _measure(w, prompt, gen_len, bw, select_hints=bool(sites), hint_sites=sites or None)
-                rows.append({"shape": shape, "method": "larosa", "nominal": p, "hint_sites": list(sites),
-                             "repeat": rep, "tok_s": r["tok_s"], "p50_ms": r["p50_ms"],
-                             "p99_over_p50": r["p99_over_p50"]})
-                print(f"engine {shape} larosa p={p:.2f} hint sites {str(list(sites)):12s} #{rep}: {r['tok_s']:.1f} "
-                      f"tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+                label = f"{shape} larosa p={p:.2f} hint sites {str(list(sites)):12s} #{rep}"
+                row = {"shape": shape, "method": "larosa", "nominal": p, "hint_sites": list(sites), "repeat": rep}
+                _engine_row(rows, w, prompt, gen_len, bw, label, row, select_hints=bool(sites),
+                            hint_sites=sites or None)
         del w
         torch.cuda.empty_cache()
     return rows
@@ -252,11 +257,9 @@ def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: 
         for rep in range(repeats):
             for val in (on, off):
                 os.environ[var] = val
-                r = _measure(w, prompt, gen_len, bw, **engine_kw)
-                rows.append({"shape": shape, "method": method, "nominal": p, var: val, "repeat": rep, **engine_kw,
-                             "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
-                print(f"engine {shape} {method:6s} p={p:.2f} {var}={val} #{rep}: {r['tok_s']:.1f} tok/s  "
-                      f"p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {var}={val} #{rep}",
+                            {"shape": shape, "method": method, "nominal": p, var: val, "repeat": rep, **engine_kw},
+                            **engine_kw)
         del w
         torch.cuda.empty_cache()
     if before is None:
@@ -275,12 +278,10 @@ def hints_overlap_rows(shape: str, gen_len: int) -> list[dict]:
     for rep in range(2):
         for overlap in (True, False):
             for hints in (True, False):
-                r = _measure(w, prompt, gen_len, bw, overlap_adapters=overlap, select_hints=hints)
-                rows.append({"shape": shape, "method": "larosa", "nominal": 0.5, "overlap_adapters": overlap,
-                             "select_hints": hints, "repeat": rep, "tok_s": r["tok_s"], "p50_ms": r["p50_ms"],
-                             "p99_over_p50": r["p99_over_p50"]})
-                print(f"engine {shape} larosa p=0.50 overlap={overlap!s:5s} hints={hints!s:5s} #{rep}: "
-                      f"{r['tok_s']:.1f} tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}", flush=True)
+                label = f"{shape} larosa p=0.50 overlap={overlap!s:5s} hints={hints!s:5s} #{rep}"
+                row = {"shape": shape, "method": "larosa", "nominal": 0.5, "overlap_adapters": overlap,
+                       "select_hints": hints, "repeat": rep}
+                _engine_row(rows, w, prompt, gen_len, bw, label, row, overlap_adapters=overlap, select_hints=hints)
     return rows
 
 

@@ -547,8 +547,11 @@ class DecodeEngine:
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
         self.fuse_residual = cuda if fuse_residual is None else bool(fuse_residual)
-        self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual)
-                         for st in weights.statics]
+        self.hint_sites = (0, 1, 2, 3) if hint_sites is None else tuple(sorted(set(int(i) for i in hint_sites)))
+        if not set(self.hint_sites) <= {0, 1, 2, 3}:
+            raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
+        self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual,
+                                     hint_sites=sum(1 << i for i in self.hint_sites)) for st in weights.statics]
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
@@ -580,11 +583,6 @@ class DecodeEngine:
         has_adapters = any(st.adapter for st in weights.statics)
         self.overlap = has_adapters and (self.graphs if overlap_adapters is None else bool(overlap_adapters))
         self.select_hints = not self.overlap if select_hints is None else bool(select_hints)
-        self.hint_sites = (0, 1, 2, 3) if hint_sites is None else tuple(sorted(set(int(i) for i in hint_sites)))
-        if not set(self.hint_sites) <= {0, 1, 2, 3}:
-            raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
-        mask = sum(1 << i for i in self.hint_sites)
-        self._statics = [st._replace(hint_sites=mask) for st in self._statics]
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
         self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)

@@ -812,11 +812,10 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     `hint`: the select's per-row threshold hint (`select`); the select kernel reads and updates it. The
     "inline" and "fused" implementations (no select kernel) ignore it.
     """
-    _check_residual(residual, y, wt2)
     impl = default_impl(mode) if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
-    if impl == "tile":
+    if impl == "tile":  # checks the residual itself
         unused = [n for n, v in (("gather", gather), ("block_k", block_k), ("rows_per_split", rows_per_split)) if v]
         if unused:
             raise ValueError(f"impl='tile' takes none of {', '.join(unused)} (split-K options)")
@@ -824,6 +823,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
                            select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages,
                            sel=sel, residual=residual, hint=hint)
+    _check_residual(residual, y, wt2)
     if impl == "fused":
         launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
                      block_k=block_k, num_warps=num_warps, num_stages=num_stages)
