@@ -20,6 +20,8 @@
 #   bash benchmarks/h200_session.sh hintprofileinorder  # the same with LaRoSA's adapters in order (~1 min)
 #   bash benchmarks/h200_session.sh hintdrift    # window hits of the hinted selects in the default (graph, overlap)
 #                                                # engine's decode, per site (~1 min)
+#   bash benchmarks/h200_session.sh gtile        # gathered-rows GEMV (v15): compiled tests, per-op A/B with a tile
+#                                                # sweep, LLaMA2-7B decode under LAROSA_KERNEL_IMPL=gtile (~7 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
 #
@@ -27,7 +29,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -67,6 +69,16 @@ for stage in "$@"; do
     hintprofile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --hints-ab \
         --out "$out/profile-hints-llama2-7b.json" 2>&1 | tee "$out/profile-hints-llama2-7b.log" || rc=1 ;;
+    gtile)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py \
+        > "$out/gtile-tests.log" 2>&1 || rc=1
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py -k "gtile" \
+        >> "$out/gtile-tests.log" 2>&1 || rc=1
+      grep -E "passed|failed" "$out/gtile-tests.log"
+      python3 benchmarks/gtile_ab.py --out "$out/gtile-ab-h200.json" 2>&1 | tee "$out/gtile-ab-h200.log" || rc=1
+      LAROSA_KERNEL_IMPL=gtile python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,topk \
+        --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-gtile-h200-llama2-7b" \
+        2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
     adapterprefix)
       python3 benchmarks/adapter_prefix.py --out "$out/adapter-prefix-h200.json" \
         2>&1 | tee "$out/adapter-prefix-h200.log" || rc=1 ;;

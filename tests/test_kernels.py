@@ -170,6 +170,56 @@ def test_select_compact_lists_exactly_the_kept_entries_in_order():
             assert torch.equal(xv[r], x[r, want.long()].float())
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_compacting_select_lists_exactly_the_kept_entries_in_order(norm):
+    """compact=True (the packed select and the norm + select): each row holds (t, cutoff) and then the k
+    kept positions, ascending, the same entries the reference keeps (heavy ties, odd widths, k = d)."""
+    for d, k in ((2, 1), (64, 1), (300, 111), (300, 300), (1025, 512), (4097, 2048)):
+        x = (torch.randn(3, d) * 3).round().bfloat16()
+        x[1, ::3] = x[1, 0]
+        if norm:  # the rows selected from are the kernel's h
+            g = (torch.rand(d) + 0.5).bfloat16()
+            _, _, plain = ops.triton_gemv.rmsnorm_select(x, None, g, 1e-6, k)
+            _, x, sel = ops.triton_gemv.rmsnorm_select(x, None, g, 1e-6, k, compact=True)
+        else:
+            sel = ops.triton_gemv.select(x, k, compact=True)
+            plain = ops.triton_gemv.select(x, k)
+        assert sel.shape == (3, 2 + k) and torch.equal(sel[:, :2], plain)
+        mask = topk_keep_mask(x, k)
+        for r in range(3):
+            assert torch.equal(sel[r, 2:], mask[r].nonzero().flatten().to(torch.int32)), (d, k, r)
+    with pytest.raises(ValueError, match="packed"):
+        ops.triton_gemv.select(x, 3, impl="bisect", compact=True)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_gathered_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(gated):
+    """impl="gtile" (v15): programs walk only the kept rows the select listed; odd sizes (a partial last
+    group of kept rows, a partial column block), two rows, twice on one buffer; bad calls are refused."""
+    tiles = {"block_m": 16, "block_n": 32}  # 120 kept rows: 8 groups (last partial), 3 column blocks
+    buf = torch.zeros(ops.triton_gemv.tile_workspace_needed(2, 70, True, 32), dtype=torch.int32)
+    x, wt, y = _twice_on_one_buffer("gtile", tiles, buf, 0, gated,
+                                    "the gathered tile kernel left its counters or sums non-zero")
+    with pytest.raises(ValueError, match="mode=0"):
+        ops.triton_gemv.launch(x, wt, y, 120, impl="gtile", mode=1, threshold=0.5)
+    with pytest.raises(ValueError, match="packed"):
+        ops.triton_gemv.launch(x, wt, y, 120, impl="gtile", select_impl="bisect")
+    with pytest.raises(ValueError, match="compacting select"):
+        ops.triton_gemv.launch(x, wt, y, 120, impl="gtile", sel=ops.triton_gemv.select(x, 120))
+
+
+def test_gtile_env_keeps_the_other_modes_on_the_tile_kernel(monkeypatch):
+    """LAROSA_KERNEL_IMPL=gtile switches exact Top-K only: threshold and dense modes take "tile"."""
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "gtile")
+    tg = ops.triton_gemv
+    assert [tg.default_impl(m) for m in (0, 1, 2)] == ["gtile", "tile", "tile"]
+    x, wt = torch.randn(1, 200).bfloat16(), torch.randn(200, 40).bfloat16()
+    y = torch.empty(1, 40, dtype=torch.bfloat16)
+    tg.launch(x, wt, y, 1, threshold=0.5, mode=1, counters=torch.zeros(tg.counters_needed(1, 200, 40, mode=1),
+                                                                        dtype=torch.int32))
+    assert _rel(y, threshold_gemv_ref(x, wt, 0.5)) < 1e-2
+
+
 @pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("gated", [False, True])
 def test_masked_and_gather_modes_agree_with_reference(gather, gated):
@@ -197,6 +247,7 @@ def test_kernel_impl_env_override(monkeypatch):
 IMPL_TILES = {  # small tiles so the interpreter walks several blocks and splits
     "split": {"block_n": 32, "block_k": 16, "rows_per_split": 64},  # v4-v10 default: select launch + split-K
     "tile": {"block_m": 64, "block_n": 32},  # v11 default: one tile per program, fp32 atomics, counter finisher
+    "gtile": {"block_m": 16, "block_n": 32},  # v15: the select lists the kept rows, programs take 16 of them
     "fused": {"block_n": 32, "block_k": 64},  # one launch, column-complete programs, no workspace
     "inline": {"block_n": 32, "block_k": 16, "rows_per_split": 64},  # split-K, each program selects itself
 }
@@ -434,7 +485,7 @@ def test_rmsnorm_select_kernel_matches_reference(dtype, d, k, with_res):
 
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("with_res", [False, True])
-@pytest.mark.parametrize("impl", ["tile", "split", "inline"])
+@pytest.mark.parametrize("impl", ["tile", "gtile", "split", "inline"])
 def test_rmsnorm_topk_op_matches_its_parts(monkeypatch, gated, with_res, impl):
     """The op's output is the GEMV of the kernel's own h, under every GEMV implementation (the precomputed
     selection is used by tile and split, recomputed by inline), and close to the all-reference composition."""
@@ -496,7 +547,7 @@ def test_rmsnorm_topk_opcheck_and_compile():
     torch.testing.assert_close(fn(x, res), topk_gate_up_ref(h, wt, wt, 20) * 2, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("impl", ["tile", "split", "inline", "fused"])
+@pytest.mark.parametrize("impl", ["tile", "gtile", "split", "inline", "fused"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_residual_in_the_epilogue(monkeypatch, impl, dtype):
     """y = residual + TopK(x) @ W (+ bias): added in fp32 before the one rounding (tile, split, inline), after

@@ -24,7 +24,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("d_in,d_out", [(4096, 4096), (4096, 11008), (11008, 4096), (896, 4864),
                                         (18944, 3584), (1001, 77)])
 @pytest.mark.parametrize("frac", [0.0, 0.25, 0.5, 0.9, 1.0])
-def test_kernel_matches_reference(dtype, d_in, d_out, frac):
+@pytest.mark.parametrize("impl", ["tile", "gtile"])
+def test_kernel_matches_reference(monkeypatch, dtype, d_in, d_out, frac, impl):
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
     k = max(1, int(frac * d_in))
     for rows in (1, 3):
         x = torch.randn(rows, d_in, device="cuda", dtype=dtype)
@@ -36,14 +38,18 @@ def test_kernel_matches_reference(dtype, d_in, d_out, frac):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_exact_selection_on_gpu(dtype):
+@pytest.mark.parametrize("impl", ["tile", "gtile"])
+def test_exact_selection_on_gpu(monkeypatch, dtype, impl):
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
     for d, k in ((4096, 1), (4096, 2457), (11008, 5724), (64, 63)):
         x = (torch.randn(2, d, device="cuda") * 3).round().to(dtype)
         y = topk_linear(x, torch.eye(d, device="cuda", dtype=dtype), k)
         assert torch.equal(y, torch.where(topk_keep_mask(x, k), x, 0))
 
 
-def test_gate_up_on_gpu():
+@pytest.mark.parametrize("impl", ["tile", "gtile"])
+def test_gate_up_on_gpu(monkeypatch, impl):
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16) * 0.02
     u = torch.randn(4096, 11008, device="cuda", dtype=torch.bfloat16) * 0.02

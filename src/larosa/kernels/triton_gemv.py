@@ -154,18 +154,22 @@ def _bisect_packed(lanes, k, t, TOP_BIT: tl.constexpr, hi):
 @triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr,
                          PDL: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14,
-                         WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True):
+                         WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, COMPACT: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
     FIRST_BIT < 14 is for timing only (benchmarks/select_bench.py --steps): fewer bisection steps, wrong
     selections.
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
-    to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses."""
+    to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses.
+    COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
+    ascending."""
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
-    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK)
-    tl.store(sel_ptr + row * 2, t)
-    tl.store(sel_ptr + row * 2 + 1, cutoff)
+    sel_row = sel_ptr + row * (2 + k if COMPACT else 2)
+    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK,
+                               sel_row + 2, COMPACT)
+    tl.store(sel_row, t)
+    tl.store(sel_row + 1, cutoff)
 
 
 @triton.jit
@@ -182,7 +186,8 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 
 @triton.jit
 def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14, hint_ptr=None,
-                   WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True):
+                   WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, idx_ptr=None,
+                   COMPACT: tl.constexpr = False):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
 
     t is the largest 15-bit pattern with at least k entries >= t. Plain: fixed bit by bit (15 counts).
@@ -195,7 +200,9 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     Two 15-bit patterns per 32-bit lane: lane = 1 hi 1 lo with the guard bits 31 and 15 set, so
     (lane - cand * 0x10001) keeps bit 31 iff hi >= cand and bit 15 iff lo >= cand (the guard stops the
     borrow); one subtraction, shift and mask count two entries, and the counts of both halves add up in
-    one 32-bit sum (each < 2^15)."""
+    one 32-bit sum (each < 2^15).
+
+    COMPACT: also store the k kept positions, ascending, to idx_ptr[0:k] (one more prefix sum)."""
     raw = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # padding is 0: never >= a candidate (>= 1)
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
@@ -224,7 +231,14 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     lane = tl.arange(0, BLOCK_D // 2)
     cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
                    tl.where((e_hi > 0) & (cs == need_eq), 2 * lane + 2, 0))
-    return t, tl.max(cut, 0)
+    cutoff = tl.max(cut, 0)
+    if COMPACT:  # kept: above t, or equal to t below the cutoff (padding is 0 and past the cutoff)
+        k_lo = ((lo > t) | ((e_lo > 0) & (2 * lane < cutoff))).to(tl.int32)
+        k_hi = ((hi > t) | ((e_hi > 0) & (2 * lane + 1 < cutoff))).to(tl.int32)
+        pos = tl.cumsum(k_lo + k_hi, 0) - k_lo - k_hi  # kept entries in the lanes before this one
+        tl.store(idx_ptr + pos, 2 * lane, mask=k_lo > 0)
+        tl.store(idx_ptr + pos + k_lo, 2 * lane + 1, mask=k_hi > 0)
+    return t, cutoff
 
 
 @triton.jit
@@ -243,7 +257,8 @@ def _round(xf, dst: tl.constexpr, ROUND_BF16: tl.constexpr):
 def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps,
                           stride_x, stride_r, stride_xs, stride_h,
                           HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
-                          ROUND_BF16: tl.constexpr = False, WINDOW: tl.constexpr = 0):
+                          ROUND_BF16: tl.constexpr = False, WINDOW: tl.constexpr = 0,
+                          COMPACT: tl.constexpr = False):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
@@ -259,9 +274,10 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
     w = tl.load(w_ptr + offs, mask=valid, other=0.0)
     h = _round(w.to(tl.float32) * hn.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)  # padding: w = 0, h = 0
     tl.store(h_ptr + row * stride_h + offs, h, mask=valid)
-    t, cutoff = _packed_select(h, valid, k, BLOCK_D, 14, hint_ptr + row, WINDOW)
-    tl.store(sel_ptr + row * 2, t)
-    tl.store(sel_ptr + row * 2 + 1, cutoff)
+    sel_row = sel_ptr + row * (2 + k if COMPACT else 2)  # COMPACT: as in select_packed_kernel
+    t, cutoff = _packed_select(h, valid, k, BLOCK_D, 14, hint_ptr + row, WINDOW, True, sel_row + 2, COMPACT)
+    tl.store(sel_row, t)
+    tl.store(sel_row + 1, cutoff)
 
 
 @triton.jit
@@ -480,8 +496,44 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
         cutoff = tl.load(sel_ptr + row * 2 + 1)
     keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
     xf = tl.where(keep, xv.to(tl.float32), 0.0)
+    _tile_add_finish(rm, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn,
+                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr,
+                      d_out, k, stride_x, stride_y, res_ptr, stride_r,
+                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
+                      HAS_RES: tl.constexpr = False):
+    """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
+    its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
+    and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
+    the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cmask = rn < d_out
+    jmask = j < k
+    if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
+        gdc_wait()
+    idx = tl.load(sel_ptr + row * (2 + k) + 2 + j, mask=jmask, other=0)
+    xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
+    _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
+                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
+                     rn, cmask, d_out, stride_y, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_RES: tl.constexpr):
+    """A tile program's body after it knows its input rows: load W^T[rows_in, rn] where kept (xf is 0
+    elsewhere), add the fp32 partial sums into acc with atomics, and let the last program of the column
+    block (counter) finish it (`_finish_block`)."""
     wmask = keep[:, None] & cmask[None, :]
-    w_off = rm.to(tl.int64)[:, None] * d_out + rn[None, :]
+    w_off = rows_in.to(tl.int64)[:, None] * d_out + rn[None, :]
     w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
     acc_row = acc_ptr + row * (2 if GATED else 1) * d_out
     tl.atomic_add(acc_row + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
@@ -577,6 +629,49 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}))
 
 
+def gtile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
+    """Tiles of the gathered-rows kernel (v15): BLOCK_M kept rows x BLOCK_N columns per program."""
+    if gated:
+        return {"block_m": 64, "block_n": 64, "num_warps": 2}
+    return {"block_m": 64, "block_n": 256, "num_warps": 4}
+
+
+def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tensor | None = None,
+                 pdl: bool | None = None, block_m: int | None = None, block_n: int | None = None,
+                 num_warps: int | None = None, select_num_warps: int | None = None,
+                 sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 hint: torch.Tensor | None = None) -> None:
+    """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
+    kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows."""
+    _check_residual(residual, y, wt2)
+    rows, d_in = x.shape
+    d_out = wt.shape[1]
+    gated = wt2 is not None
+    cfg = gtile_config(d_in, d_out, gated)
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    n_cnt = rows * triton.cdiv(d_out, block_n)
+    need = tile_workspace_needed(rows, d_out, gated, block_n)
+    counters = _zeroed_buffer(counters, need, x.device)
+    acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
+    if sel is not None:  # the kept positions from the kernel launched just before (`rmsnorm_select`)
+        if sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:
+            raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
+                             f"int32, got {tuple(sel.shape)} {sel.dtype}")
+        sel_pdl = _use_pdl(x, pdl)
+    else:
+        sel_pdl = _use_pdl(x, pdl)
+        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True)
+    grid = (triton.cdiv(d_out, block_n), triton.cdiv(k, block_m), rows)
+    gtile_gemv_kernel[grid](
+        x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_out, k,
+        x.stride(0), y.stride(0), residual if residual is not None else y,
+        residual.stride(0) if residual is not None else 0, GATED=gated, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=num_warps or cfg["num_warps"], num_stages=1,
+        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}))
+
+
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
     if residual is None:
         return
@@ -596,11 +691,12 @@ def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
 
 
 def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
-                   pdl: bool = False, num_warps: int | None = None, hint: torch.Tensor | None = None):
+                   pdl: bool = False, num_warps: int | None = None, hint: torch.Tensor | None = None,
+                   compact: bool = False):
     """(xs, h, sel): xs = x + res (None without res), h = w * RMSNorm(xs) (HF arithmetic) and the (rows, 2)
     int32 (t, cutoff) of h's exact Top-k, from one kernel (`rmsnorm_select_kernel`). `pdl`: the next
     launch is a programmatic dependent that waits before reading h and sel (`launch(..., sel=sel)`);
-    `hint`: as in `select`."""
+    `hint` and `compact`: as in `select`."""
     rows, d_in = x.shape
     if w.shape != (d_in,):
         raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
@@ -608,7 +704,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         raise ValueError(f"res {tuple(res.shape)} does not match x {tuple(x.shape)}")
     xs = torch.empty_like(x) if res is not None else None
     h = torch.empty_like(x)
-    sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
+    sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))
     hint, window = _hint_args(hint, x)
     rmsnorm_select_kernel[(rows,)](
@@ -616,6 +712,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         hint if hint is not None else sel, d_in, k, float(eps),
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
         HAS_RES=res is not None, BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d), WINDOW=window,
+        COMPACT=compact,
         ROUND_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         **({"PDL": True} if pdl and _pdl_possible(x) else {}))
     return xs, h, sel
@@ -653,8 +750,10 @@ def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, mode:
     """int32 entries of the zeroed buffer (`counters=`) the default kernel of `mode` needs for `rows` rows
     with its default tiles: the per-column-block counters, then, for the tile kernel, rows x (1 or 2) x
     d_out fp32 sums."""
-    if default_impl(mode) == "tile":
-        return tile_workspace_needed(rows, d_out, gated, tile_config(d_in, d_out, gated)["block_n"])
+    impl = default_impl(mode)
+    if impl in ("tile", "gtile"):
+        cfg = (gtile_config if impl == "gtile" else tile_config)(d_in, d_out, gated)
+        return tile_workspace_needed(rows, d_out, gated, cfg["block_n"])
     return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
 
 
@@ -709,13 +808,16 @@ def _hint_args(hint: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
-           pdl: bool = False, hint: torch.Tensor | None = None) -> torch.Tensor:
+           pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
     launch is a programmatic dependent. `hint` (int32, a slot per row, any values): each row's threshold
     from the previous call, to search near first; updated in place. It changes the time, never the result
-    (packed select only, both)."""
+    (packed select only, both). `compact` (packed select only): (rows, 2 + k), each row's k kept positions
+    (ascending) after its (t, cutoff), for `impl="gtile"`."""
     rows, d_in = x.shape
-    sel = torch.empty(rows, 2, dtype=torch.int32, device=x.device)
+    if compact and impl != "packed":
+        raise ValueError(f"compact=True needs the packed select, not {impl!r}")
+    sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))  # the packed select pairs entries
     kernel = {"hist": select_kernel, "bisect": select_bisect_kernel, "bisect2": select_bisect2_kernel,
               "packed": select_packed_kernel}[impl]
@@ -725,7 +827,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
         return sel
     hint, window = _hint_args(hint, x)
     kernel[(rows,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
-                    num_warps=warps, WINDOW=window, **({"PDL": True} if pdl else {}))
+                    num_warps=warps, WINDOW=window, COMPACT=compact, **({"PDL": True} if pdl else {}))
     return sel
 
 
@@ -775,7 +877,7 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
     return idx, xv
 
 
-IMPLS = ("split", "inline", "fused", "tile")
+IMPLS = ("split", "inline", "fused", "tile", "gtile")
 IMPL = "tile"  # default implementation (benchmarks/NOTES.md v11: measured choice)
 
 
@@ -784,11 +886,11 @@ THRESHOLD_IMPL = "split"  # threshold mode (TEAL baseline): split-K was faster e
 
 def default_impl(mode: int = 0) -> str:
     """The package default for a kernel mode, or `LAROSA_KERNEL_IMPL` (for benchmarking the alternatives
-    end to end)."""
+    end to end). "gtile" gathers exact Top-K rows: the threshold and dense modes take "tile" under it."""
     impl = os.environ.get("LAROSA_KERNEL_IMPL", THRESHOLD_IMPL if mode == 1 else IMPL)
     if impl not in IMPLS:
         raise ValueError(f"LAROSA_KERNEL_IMPL={impl!r}; choose from {', '.join(IMPLS)}")
-    return impl
+    return "tile" if impl == "gtile" and mode != 0 else impl
 
 
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
@@ -815,10 +917,20 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     impl = default_impl(mode) if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
-    if impl == "tile":  # checks the residual itself
+    if impl in ("tile", "gtile"):  # they check the residual themselves
         unused = [n for n, v in (("gather", gather), ("block_k", block_k), ("rows_per_split", rows_per_split)) if v]
         if unused:
-            raise ValueError(f"impl='tile' takes none of {', '.join(unused)} (split-K options)")
+            raise ValueError(f"impl={impl!r} takes none of {', '.join(unused)} (split-K options)")
+    if impl == "gtile":
+        if mode != 0:
+            raise ValueError("impl='gtile' gathers exact Top-K rows (mode=0); use impl='tile' for mode "
+                             f"{mode}")
+        if select_impl != "packed":
+            raise ValueError(f"impl='gtile' compacts in the packed select, not {select_impl!r}")
+        return launch_gtile(x, wt, y, k, wt2=wt2, bias=bias, counters=counters, pdl=pdl, block_m=block_m,
+                            block_n=block_n, num_warps=num_warps, select_num_warps=select_num_warps, sel=sel,
+                            residual=residual, hint=hint)
+    if impl == "tile":
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
                            select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages,
