@@ -163,16 +163,23 @@ def _counters(x):
     return _COUNTERS[key]
 
 
+def _for_mode(cfg, mode):
+    """The gathered kernel is exact Top-K only: its threshold and dense modes are the tile kernel's."""
+    if mode != 0 and (cfg or {}).get("impl") == "gtile":
+        return {**cfg, "impl": "tile"}
+    return cfg
+
+
 def triton_gemv_call(x, wt, k, cfg, mode=0, wt2=None):
     y = torch.empty(x.shape[0], wt.shape[1], device=x.device, dtype=x.dtype)
-    triton_gemv.launch(x, wt, y, k, mode=mode, wt2=wt2, counters=_counters(x), **(cfg or {}))
+    triton_gemv.launch(x, wt, y, k, mode=mode, wt2=wt2, counters=_counters(x), **(_for_mode(cfg, mode) or {}))
     return y
 
 
 def teal_call(x, wt, thr, cfg):
     """TEAL-style threshold kernel: the same kernel family as 'ours' (cfg's impl; split-K if none given)."""
     y = torch.empty(x.shape[0], wt.shape[1], device=x.device, dtype=x.dtype)
-    cfg = {"impl": "split", **(cfg or {})}
+    cfg = {"impl": "split", **(_for_mode(cfg, 1) or {})}
     triton_gemv.launch(x, wt, y, 1, threshold=thr, mode=1, counters=_counters(x), **cfg)  # select args unused
     return y
 
@@ -183,10 +190,10 @@ def _tile_grid(impl):
             if bn * bk <= 64 * 256:
                 yield {"impl": "fused", "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
         return
-    if impl == "tile":  # v11: one weight tile per program, fp32 atomics, counter finisher
+    if impl in ("tile", "gtile"):  # v11 / v15: one weight tile per program, fp32 atomics, counter finisher
         for bm, bn, nw in itertools.product((32, 64, 128, 256), (64, 128, 256), (2, 4, 8)):
             if bm * bn <= 32768:
-                yield {"impl": "tile", "block_m": bm, "block_n": bn, "num_warps": nw}
+                yield {"impl": impl, "block_m": bm, "block_n": bn, "num_warps": nw}
         return
     for bn, bk, rps, nw in itertools.product((64, 128, 256, 512), (8, 16, 32, 64, 128), (32, 64, 128, 256, 512), (4, 8)):
         # rps == bk: one tile per program (v9: every weight load of a program in flight at once)
@@ -204,7 +211,7 @@ def tune(d_in, d_out, dtype, s=0.5, sel=None, impl="split", gated=False):
     best = None
     results = []
     for tile in _tile_grid(impl):
-        cfg = {**tile, **(sel or {}), "impl": impl} if impl not in ("fused", "tile") else tile
+        cfg = {**tile, **(sel or {}), "impl": impl} if impl not in ("fused", "tile", "gtile") else tile
         call = ((lambda i: triton_gemv_call(x, wts[2 * i], k, cfg, wt2=wts[2 * i + 1])) if gated
                 else (lambda i: triton_gemv_call(x, wts[i], k, cfg)))
         try:
@@ -292,7 +299,7 @@ def main() -> None:
         for name, (d_in, d_out, kind) in shapes.items():
             if kind not in ("linear", "gate_up") or (d_in, d_out, kind) in tuned:
                 continue
-            if kind == "gate_up" and impl not in ("fused", "tile"):
+            if kind == "gate_up" and impl not in ("fused", "tile", "gtile"):
                 continue
             t0 = time.time()
             best, log = tune(d_in, d_out, dtype, sel={**sel_best.get(d_in, {}), "gather": gather}, impl=impl,

@@ -115,7 +115,7 @@ def hints_ab(base, prompt, args) -> None:
             row = {"method": method, "select_hints": hints, "select_packed_us": us("select_packed_kernel"),
                    "select_packed_launches": n("select_packed_kernel"),
                    "rmsnorm_select_us": us("rmsnorm_select_kernel"),
-                   "rmsnorm_select_launches": n("rmsnorm_select_kernel"), "tile_gemv_us": us("tile_gemv_kernel"),
+                   "rmsnorm_select_launches": n("rmsnorm_select_kernel"), "tile_gemv_us": us("tile_gemv_kernel") + us("gtile_gemv_kernel"),
                    "total_us": r["total_us_per_step"]}
             res["rows"].append(row)
             print(f"| {method} | {hints} | {row['select_packed_us']:.0f} ({row['select_packed_launches']:.0f}) | "

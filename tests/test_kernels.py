@@ -208,6 +208,18 @@ def test_gathered_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(gat
         ops.triton_gemv.launch(x, wt, y, 120, impl="gtile", sel=ops.triton_gemv.select(x, 120))
 
 
+def test_gtile_default_leaves_very_wide_rows_to_the_tile_kernel(monkeypatch):
+    """The compacting select counts in 16 signed bits: by default rows of 32768 or more run "tile" (and
+    the workspace is sized for it); asked for explicitly, the gathered kernel refuses them."""
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
+    tg = ops.triton_gemv
+    assert tg.resolve_impl(None, 0, 32767) == "gtile" and tg.resolve_impl(None, 0, 32768) == "tile"
+    assert tg.resolve_impl("gtile", 0, 40000) == "gtile" and tg.resolve_impl(None, 1, 4096) == "split"
+    assert tg.counters_needed(1, 40000, 64) == tg.tile_workspace_needed(1, 64, False, 256)
+    with pytest.raises(ValueError, match="32767"):
+        tg.select(torch.zeros(1, 1 << 15, dtype=torch.bfloat16), 5, compact=True)
+
+
 def test_gtile_env_keeps_the_other_modes_on_the_tile_kernel(monkeypatch):
     """LAROSA_KERNEL_IMPL=gtile switches exact Top-K only: threshold and dense modes take "tile"."""
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "gtile")
@@ -235,8 +247,8 @@ def test_masked_and_gather_modes_agree_with_reference(gather, gated):
 
 def test_kernel_impl_env_override(monkeypatch):
     monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
-    # measured defaults (benchmarks/NOTES.md v11): tile kernel for Top-K, split-K for the TEAL threshold mode
-    assert ops.triton_gemv.default_impl(0) == "tile" and ops.triton_gemv.default_impl(1) == "split"
+    # measured defaults (benchmarks/NOTES.md v15, v11): gathered tiles for Top-K, split-K for TEAL's threshold mode
+    assert ops.triton_gemv.default_impl(0) == "gtile" and ops.triton_gemv.default_impl(1) == "split"
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "inline")
     assert ops.triton_gemv.default_impl() == "inline" and ops.triton_gemv.default_impl(1) == "inline"
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "bogus")
@@ -431,26 +443,32 @@ def test_pdl_launch_flags(monkeypatch):
     tg = ops.triton_gemv
     calls = []
     monkeypatch.setattr(tg, "_pdl_possible", lambda x: True)
-    for name in ("select_packed_kernel", "tile_gemv_kernel", "sparse_gemv_kernel", "rmsnorm_select_kernel"):
+    for name in ("select_packed_kernel", "tile_gemv_kernel", "gtile_gemv_kernel", "sparse_gemv_kernel",
+                 "rmsnorm_select_kernel"):
         monkeypatch.setattr(tg, name, _Recorder(name, calls))
     assert tg.pdl_default(torch.zeros(1))
     x, wt = torch.randn(1, 256).bfloat16(), torch.randn(256, 64).bfloat16()
     y = torch.empty(1, 64, dtype=torch.bfloat16)
-    for impl in ("tile", "split"):
+    for impl in ("tile", "split", "gtile"):
         tg.launch(x, wt, y, 100, impl=impl)
-    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "tile")
-    torch.ops.larosa.rmsnorm_topk(x[None], None, torch.ones(256, dtype=torch.bfloat16), 1e-5, wt, None, 100)
+    for impl in ("tile", "gtile"):
+        monkeypatch.setenv("LAROSA_KERNEL_IMPL", impl)
+        torch.ops.larosa.rmsnorm_topk(x[None], None, torch.ones(256, dtype=torch.bfloat16), 1e-5, wt, None, 100)
     tg.launch(x, wt, y, 100, impl="tile", threshold=0.5, mode=1)  # threshold mode: no select, still a GEMV
     names = [n for n, _ in calls]
     assert names == ["select_packed_kernel", "tile_gemv_kernel", "select_packed_kernel", "sparse_gemv_kernel",
-                     "rmsnorm_select_kernel", "tile_gemv_kernel", "tile_gemv_kernel"]
-    after_norm = calls[5][1]  # the GEMV after the norm + select: its dependent, waiting before it loads h
+                     "select_packed_kernel", "gtile_gemv_kernel", "rmsnorm_select_kernel", "tile_gemv_kernel",
+                     "rmsnorm_select_kernel", "gtile_gemv_kernel", "tile_gemv_kernel"]
+    after_norm = calls[7][1]  # the GEMV after the norm + select: its dependent, waiting before it loads h
     assert after_norm["launch_pdl"] is True and after_norm["X_LATE"] is True
+    assert calls[9][1]["launch_pdl"] is True  # gtile: always waits before it loads the positions and x
+    assert [kw["COMPACT"] for n, kw in calls if n.startswith(("select", "rmsnorm"))] == [False, False, True,
+                                                                                          False, True]
     for name, kw in calls:
         if name in ("select_packed_kernel", "rmsnorm_select_kernel"):
             assert kw.get("PDL") is True and "launch_pdl" not in kw
-    assert all(kw.get("launch_pdl") is True for n, kw in calls[:4] if n.endswith("gemv_kernel"))
-    assert "launch_pdl" not in calls[6][1]  # threshold mode: no select before it
+    assert all(kw.get("launch_pdl") is True for n, kw in calls[:10] if n.endswith("gemv_kernel"))
+    assert "launch_pdl" not in calls[10][1]  # threshold mode: no select before it
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -531,7 +549,7 @@ def test_rmsnorm_topk_reference_paths_and_errors():
     with pytest.raises(ValueError, match="norm weight"):
         ops.triton_gemv.rmsnorm_select(x.bfloat16(), None, g[:39].bfloat16(), 1e-6, 7)
     with pytest.raises(ValueError, match="sel must be"):
-        ops.triton_gemv.launch(x.bfloat16(), wt.bfloat16(), torch.empty(2, 9).bfloat16(), 7,
+        ops.triton_gemv.launch(x.bfloat16(), wt.bfloat16(), torch.empty(2, 9).bfloat16(), 7, impl="tile",
                                sel=torch.zeros(2, 3, dtype=torch.int32))
 
 

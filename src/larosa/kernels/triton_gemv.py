@@ -1,6 +1,6 @@
 """Triton Top-K sparse GEMV: y = TopK_k(x) @ W^T with W stored input-major (W^T contiguous, d_in x d_out).
 
-Two launches per op, no host synchronisation, no index list, a fixed amount of work per call:
+Two launches per op, no host synchronisation, a fixed amount of work per call:
 
 1. a select kernel, one program per row of x, the whole row held in registers, finds the exact
    threshold on the 15-bit magnitude pattern t of the 16-bit float: `select_packed_kernel` (default,
@@ -8,7 +8,10 @@ Two launches per op, no host synchronisation, no index list, a fixed amount of w
    lane; `select_bisect_kernel` does the same one pattern per lane; `select_kernel` does a two-level
    radix select with histograms (top 8 bits, then the low 7). Among entries equal to t the lower indices
    win (a prefix sum gives the cutoff index), so exactly k entries are kept. Output: (t, cutoff) per row.
-2. `tile_gemv_kernel` (v11, the default): one BLOCK_M x BLOCK_N weight tile per program; a weight row
+2. `gtile_gemv_kernel` (v15, the default): the select also lists the k kept positions (ascending) and
+   each program loads BLOCK_M of those weight rows x BLOCK_N columns, so the grid and every load scale
+   with k (no program walks dropped rows); sums, counter and finisher as in the tile kernel below.
+   `tile_gemv_kernel` (v11, the default before): one BLOCK_M x BLOCK_N weight tile per program; a weight row
    W^T[i, cols] (contiguous, coalesced) is loaded only when x_i is kept (masked loads: skipped rows cost no
    memory traffic), the fp32 partial sum is added with atomics into fp32 sums kept in a caller-owned zeroed
    buffer, and the last program of each column block (an atomic counter, reset by that program) applies
@@ -19,7 +22,7 @@ Two launches per op, no host synchronisation, no index list, a fixed amount of w
    between calls; `impl="split"` is the deterministic alternative.
 
 Measured alternatives, selectable with `launch(..., impl=...)` or `LAROSA_KERNEL_IMPL` and tested, slower
-on the H200 for Top-K (benchmarks/NOTES.md): "split" (v4-v10: split-K over ROWS_PER_SPLIT input rows per
+on the H200 for Top-K (benchmarks/NOTES.md): "tile" (v11, masked rows), "split" (v4-v10: split-K over ROWS_PER_SPLIT input rows per
 program, per-split partials summed in a fixed order by the last program; the default for the TEAL-style
 threshold mode, where it was faster end to end), "inline" (the split-K grid, every program finding
 (t, cutoff) itself, no select launch) and "fused" (one launch, column-complete programs).
@@ -202,7 +205,8 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     borrow); one subtraction, shift and mask count two entries, and the counts of both halves add up in
     one 32-bit sum (each < 2^15).
 
-    COMPACT: also store the k kept positions, ascending, to idx_ptr[0:k] (one more prefix sum)."""
+    COMPACT: also store the k kept positions, ascending, to idx_ptr[0:k] (the tie prefix sum then counts
+    the entries above t too, in its high half)."""
     raw = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # padding is 0: never >= a candidate (>= 1)
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
@@ -227,17 +231,25 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     v_lo, v_hi = tl.split(tl.reshape(valid.to(tl.int32), (BLOCK_D // 2, 2)))
     e_lo = ((lo == t) & (v_lo > 0)).to(tl.int32)
     e_hi = ((hi == t) & (v_hi > 0)).to(tl.int32)
-    cs = tl.cumsum(e_lo + e_hi, 0)  # equal entries up to and including this lane's pair
     lane = tl.arange(0, BLOCK_D // 2)
-    cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
-                   tl.where((e_hi > 0) & (cs == need_eq), 2 * lane + 2, 0))
+    if COMPACT:  # one prefix sum counts both: entries > t (high half) and entries == t (low half), < 2^16 each
+        g_lo = (lo > t).to(tl.int32)  # padding is 0, never > t
+        g_hi = (hi > t).to(tl.int32)
+        cs = tl.cumsum(((g_lo + g_hi) << 16) + e_lo + e_hi, 0)
+        eq0 = (cs & 0xFFFF) - e_lo - e_hi  # equal entries in the lanes before this one
+        gt0 = (cs >> 16) - g_lo - g_hi
+        cut = tl.where((e_lo > 0) & (eq0 + 1 == need_eq), 2 * lane + 1,
+                       tl.where((e_hi > 0) & (eq0 + e_lo + 1 == need_eq), 2 * lane + 2, 0))
+        # kept: above t, or among the first need_eq entries equal to t; place = kept entries before it
+        tl.store(idx_ptr + gt0 + tl.minimum(eq0, need_eq), 2 * lane,
+                 mask=(g_lo > 0) | ((e_lo > 0) & (eq0 < need_eq)))
+        tl.store(idx_ptr + gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), 2 * lane + 1,
+                 mask=(g_hi > 0) | ((e_hi > 0) & (eq0 + e_lo < need_eq)))
+    else:
+        cs = tl.cumsum(e_lo + e_hi, 0)  # equal entries up to and including this lane's pair
+        cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
+                       tl.where((e_hi > 0) & (cs == need_eq), 2 * lane + 2, 0))
     cutoff = tl.max(cut, 0)
-    if COMPACT:  # kept: above t, or equal to t below the cutoff (padding is 0 and past the cutoff)
-        k_lo = ((lo > t) | ((e_lo > 0) & (2 * lane < cutoff))).to(tl.int32)
-        k_hi = ((hi > t) | ((e_hi > 0) & (2 * lane + 1 < cutoff))).to(tl.int32)
-        pos = tl.cumsum(k_lo + k_hi, 0) - k_lo - k_hi  # kept entries in the lanes before this one
-        tl.store(idx_ptr + pos, 2 * lane, mask=k_lo > 0)
-        tl.store(idx_ptr + pos + k_lo, 2 * lane + 1, mask=k_hi > 0)
     return t, cutoff
 
 
@@ -629,11 +641,20 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}))
 
 
-def gtile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
-    """Tiles of the gathered-rows kernel (v15): BLOCK_M kept rows x BLOCK_N columns per program."""
+GTILE_TALL = 14_000_000  # k * d_out from which 128 x 128 tiles beat 64 x 256 (half the atomics), v15 sweep
+
+
+def gtile_config(d_in: int, d_out: int, gated: bool = False, k: int | None = None) -> dict:
+    """Tiles of the gathered-rows kernel (v15): BLOCK_M kept rows x BLOCK_N columns per program, 2 warps.
+    H200 sweep (`benchmarks/gtile_ab.py`, `results/gtile-ab-h200.json`, 12 tilings x 8 ops x 5 sparsities):
+    gated 64 x 64 (best or within 1.1 us everywhere); ungated 64 x 256, or 128 x 128 where k * d_out >=
+    GTILE_TALL (the LLaMA qkv and down projections at low sparsity: the total of atomic adds, d_out * k /
+    BLOCK_M, halves; 23.8 vs 27.4 us on 4096 -> 12288 at k = 2048). Without k: the tiles of k = d_in."""
     if gated:
         return {"block_m": 64, "block_n": 64, "num_warps": 2}
-    return {"block_m": 64, "block_n": 256, "num_warps": 4}
+    if (d_in if k is None else k) * d_out >= GTILE_TALL:
+        return {"block_m": 128, "block_n": 128, "num_warps": 2}
+    return {"block_m": 64, "block_n": 256, "num_warps": 2}
 
 
 def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tensor | None = None,
@@ -647,7 +668,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gated = wt2 is not None
-    cfg = gtile_config(d_in, d_out, gated)
+    cfg = gtile_config(d_in, d_out, gated, k)
     block_m = block_m or cfg["block_m"]
     block_n = block_n or cfg["block_n"]
     n_cnt = rows * triton.cdiv(d_out, block_n)
@@ -704,6 +725,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         raise ValueError(f"res {tuple(res.shape)} does not match x {tuple(x.shape)}")
     xs = torch.empty_like(x) if res is not None else None
     h = torch.empty_like(x)
+    _check_compact(compact, d_in)
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))
     hint, window = _hint_args(hint, x)
@@ -750,9 +772,9 @@ def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, mode:
     """int32 entries of the zeroed buffer (`counters=`) the default kernel of `mode` needs for `rows` rows
     with its default tiles: the per-column-block counters, then, for the tile kernel, rows x (1 or 2) x
     d_out fp32 sums."""
-    impl = default_impl(mode)
+    impl = resolve_impl(None, mode, d_in)
     if impl in ("tile", "gtile"):
-        cfg = (gtile_config if impl == "gtile" else tile_config)(d_in, d_out, gated)
+        cfg = (gtile_config if impl == "gtile" else tile_config)(d_in, d_out, gated)  # gtile: the narrowest
         return tile_workspace_needed(rows, d_out, gated, cfg["block_n"])
     return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
 
@@ -807,6 +829,11 @@ def _hint_args(hint: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor
     return (hint, select_window()) if hint.numel() >= x.shape[0] else (None, 0)
 
 
+def _check_compact(compact: bool, d_in: int) -> None:
+    if compact and d_in >= 1 << 15:  # the compacting prefix sum counts entries above t in 16 signed bits
+        raise ValueError(f"the compacting select takes rows up to 32767 wide, got {d_in}; use impl='tile'")
+
+
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
            pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
@@ -817,6 +844,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     rows, d_in = x.shape
     if compact and impl != "packed":
         raise ValueError(f"compact=True needs the packed select, not {impl!r}")
+    _check_compact(compact, d_in)
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))  # the packed select pairs entries
     kernel = {"hist": select_kernel, "bisect": select_bisect_kernel, "bisect2": select_bisect2_kernel,
@@ -878,7 +906,7 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
 
 
 IMPLS = ("split", "inline", "fused", "tile", "gtile")
-IMPL = "tile"  # default implementation (benchmarks/NOTES.md v11: measured choice)
+IMPL = "gtile"  # default implementation for exact Top-K (benchmarks/NOTES.md v15: measured choice)
 
 
 THRESHOLD_IMPL = "split"  # threshold mode (TEAL baseline): split-K was faster end to end (NOTES.md v11)
@@ -891,6 +919,15 @@ def default_impl(mode: int = 0) -> str:
     if impl not in IMPLS:
         raise ValueError(f"LAROSA_KERNEL_IMPL={impl!r}; choose from {', '.join(IMPLS)}")
     return "tile" if impl == "gtile" and mode != 0 else impl
+
+
+def resolve_impl(impl: str | None, mode: int, d_in: int) -> str:
+    """The implementation a `launch` runs: the caller's, else the default for the mode, except that the
+    default gathered kernel hands rows of 32768 or more to "tile" (its compacting select counts in 16 bits)."""
+    if impl is not None:
+        return impl
+    impl = default_impl(mode)
+    return "tile" if impl == "gtile" and d_in >= 1 << 15 else impl
 
 
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
@@ -914,7 +951,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     `hint`: the select's per-row threshold hint (`select`); the select kernel reads and updates it. The
     "inline" and "fused" implementations (no select kernel) ignore it.
     """
-    impl = default_impl(mode) if impl is None else impl
+    impl = resolve_impl(impl, mode, x.shape[1])
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl in ("tile", "gtile"):  # they check the residual themselves
