@@ -208,14 +208,29 @@ def test_gathered_tile_kernel_matches_reference_and_leaves_the_buffer_zeroed(gat
         ops.triton_gemv.launch(x, wt, y, 120, impl="gtile", sel=ops.triton_gemv.select(x, 120))
 
 
-def test_gtile_default_leaves_very_wide_rows_to_the_tile_kernel(monkeypatch):
-    """The compacting select counts in 16 signed bits: by default rows of 32768 or more run "tile" (and
-    the workspace is sized for it); asked for explicitly, the gathered kernel refuses them."""
+def test_auto_picks_gtile_by_k_and_leaves_very_wide_rows_to_the_tile_kernel(monkeypatch):
+    """The default ("auto") gathers rows where at most GTILE_MAX_KEEP of them are kept, else masks them;
+    the compacting select counts in 16 signed bits, so rows of 32768 or more run "tile"; asked for
+    explicitly, the gathered kernel refuses them."""
     monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
     tg = ops.triton_gemv
-    assert tg.resolve_impl(None, 0, 32767) == "gtile" and tg.resolve_impl(None, 0, 32768) == "tile"
-    assert tg.resolve_impl("gtile", 0, 40000) == "gtile" and tg.resolve_impl(None, 1, 4096) == "split"
-    assert tg.counters_needed(1, 40000, 64) == tg.tile_workspace_needed(1, 64, False, 256)
+    cut = int(tg.GTILE_MAX_KEEP * 4096)
+    assert [tg.resolve_impl(None, 0, 4096, k) for k in (1, cut, cut + 1, 4096)] == ["gtile", "gtile", "tile", "tile"]
+    assert tg.resolve_impl("auto", 2, 4096, 100) == "tile" and tg.resolve_impl("tile", 0, 4096, 1) == "tile"
+    calls = []
+    for name in ("tile_gemv_kernel", "gtile_gemv_kernel"):
+        monkeypatch.setattr(tg, name, _Recorder(name, calls))
+    x, wt = torch.randn(1, 256).bfloat16(), torch.randn(256, 32).bfloat16()
+    for k in (100, 102, 200):  # 0.4 * 256 = 102.4
+        tg.launch(x, wt, torch.empty(1, 32, dtype=torch.bfloat16), k)
+        torch.ops.larosa.rmsnorm_topk(x[None], None, torch.ones(256, dtype=torch.bfloat16), 1e-5, wt, None, k)
+    assert [n for n, _ in calls] == ["gtile_gemv_kernel"] * 4 + ["tile_gemv_kernel"] * 2
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
+    tg = ops.triton_gemv
+    assert tg.resolve_impl(None, 0, 32767, 100) == "gtile" and tg.resolve_impl(None, 0, 32768, 100) == "tile"
+    assert tg.resolve_impl("gtile", 0, 40000, 100) == "gtile" and tg.resolve_impl(None, 1, 4096, 100) == "split"
+    need = tg.counters_needed(1, 40000, 64)  # room for either kernel "auto" may pick
+    assert need == max(tg.tile_workspace_needed(1, 64, False, 256), tg.tile_workspace_needed(1, 64, False, 128))
     with pytest.raises(ValueError, match="32767"):
         tg.select(torch.zeros(1, 1 << 15, dtype=torch.bfloat16), 5, compact=True)
 
@@ -247,8 +262,8 @@ def test_masked_and_gather_modes_agree_with_reference(gather, gated):
 
 def test_kernel_impl_env_override(monkeypatch):
     monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
-    # measured defaults (benchmarks/NOTES.md v15, v11): gathered tiles for Top-K, split-K for TEAL's threshold mode
-    assert ops.triton_gemv.default_impl(0) == "gtile" and ops.triton_gemv.default_impl(1) == "split"
+    # measured defaults (benchmarks/NOTES.md v15, v11): gathered or masked tiles by k for Top-K, split-K for TEAL
+    assert ops.triton_gemv.default_impl(0) == "auto" and ops.triton_gemv.default_impl(1) == "split"
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "inline")
     assert ops.triton_gemv.default_impl() == "inline" and ops.triton_gemv.default_impl(1) == "inline"
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "bogus")

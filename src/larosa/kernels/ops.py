@@ -186,7 +186,7 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
     pdl = triton_gemv.pdl_default(x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint,
-                                            compact=triton_gemv.resolve_impl(None, 0, x2.shape[1]) == "gtile")
+                                            compact=triton_gemv.resolve_impl(None, 0, x2.shape[1], kk) == "gtile")
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
                        counters=cnt, sel=sel, pdl=pdl)

@@ -8,10 +8,10 @@ Two launches per op, no host synchronisation, a fixed amount of work per call:
    lane; `select_bisect_kernel` does the same one pattern per lane; `select_kernel` does a two-level
    radix select with histograms (top 8 bits, then the low 7). Among entries equal to t the lower indices
    win (a prefix sum gives the cutoff index), so exactly k entries are kept. Output: (t, cutoff) per row.
-2. `gtile_gemv_kernel` (v15, the default): the select also lists the k kept positions (ascending) and
+2. `gtile_gemv_kernel` (v15, the default where k <= 0.4 d_in): the select also lists the k kept positions (ascending) and
    each program loads BLOCK_M of those weight rows x BLOCK_N columns, so the grid and every load scale
    with k (no program walks dropped rows); sums, counter and finisher as in the tile kernel below.
-   `tile_gemv_kernel` (v11, the default before): one BLOCK_M x BLOCK_N weight tile per program; a weight row
+   `tile_gemv_kernel` (v11, the default for larger k): one BLOCK_M x BLOCK_N weight tile per program; a weight row
    W^T[i, cols] (contiguous, coalesced) is loaded only when x_i is kept (masked loads: skipped rows cost no
    memory traffic), the fp32 partial sum is added with atomics into fp32 sums kept in a caller-owned zeroed
    buffer, and the last program of each column block (an atomic counter, reset by that program) applies
@@ -772,10 +772,11 @@ def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, mode:
     """int32 entries of the zeroed buffer (`counters=`) the default kernel of `mode` needs for `rows` rows
     with its default tiles: the per-column-block counters, then, for the tile kernel, rows x (1 or 2) x
     d_out fp32 sums."""
-    impl = resolve_impl(None, mode, d_in)
-    if impl in ("tile", "gtile"):
-        cfg = (gtile_config if impl == "gtile" else tile_config)(d_in, d_out, gated)  # gtile: the narrowest
-        return tile_workspace_needed(rows, d_out, gated, cfg["block_n"])
+    impl = default_impl(mode)
+    if impl in ("tile", "gtile", "auto"):  # "auto" may run either (it depends on k): room for both
+        cfgs = [c(d_in, d_out, gated) for n, c in (("tile", tile_config), ("gtile", gtile_config))  # gtile:
+                if impl in (n, "auto")]  # without k, its narrowest tiles
+        return max(tile_workspace_needed(rows, d_out, gated, c["block_n"]) for c in cfgs)
     return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
 
 
@@ -905,8 +906,9 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
     return idx, xv
 
 
-IMPLS = ("split", "inline", "fused", "tile", "gtile")
-IMPL = "gtile"  # default implementation for exact Top-K (benchmarks/NOTES.md v15: measured choice)
+IMPLS = ("split", "inline", "fused", "tile", "gtile", "auto")
+IMPL = "auto"  # default for exact Top-K: gtile where k <= GTILE_MAX_KEEP * d_in, else tile (NOTES.md v15)
+GTILE_MAX_KEEP = 0.4  # v15 decode tables: the gathered kernel wins end to end at p = 0.75, loses at 0.25-0.5
 
 
 THRESHOLD_IMPL = "split"  # threshold mode (TEAL baseline): split-K was faster end to end (NOTES.md v11)
@@ -914,20 +916,23 @@ THRESHOLD_IMPL = "split"  # threshold mode (TEAL baseline): split-K was faster e
 
 def default_impl(mode: int = 0) -> str:
     """The package default for a kernel mode, or `LAROSA_KERNEL_IMPL` (for benchmarking the alternatives
-    end to end). "gtile" gathers exact Top-K rows: the threshold and dense modes take "tile" under it."""
+    end to end). "gtile" gathers exact Top-K rows and "auto" picks it or "tile" by k (`resolve_impl`): the
+    threshold and dense modes take "tile" under either."""
     impl = os.environ.get("LAROSA_KERNEL_IMPL", THRESHOLD_IMPL if mode == 1 else IMPL)
     if impl not in IMPLS:
         raise ValueError(f"LAROSA_KERNEL_IMPL={impl!r}; choose from {', '.join(IMPLS)}")
-    return "tile" if impl == "gtile" and mode != 0 else impl
+    return "tile" if impl in ("gtile", "auto") and mode != 0 else impl
 
 
-def resolve_impl(impl: str | None, mode: int, d_in: int) -> str:
-    """The implementation a `launch` runs: the caller's, else the default for the mode, except that the
-    default gathered kernel hands rows of 32768 or more to "tile" (its compacting select counts in 16 bits)."""
-    if impl is not None:
+def resolve_impl(impl: str | None, mode: int, d_in: int, k: int | None = None) -> str:
+    """The kernel a `launch` runs: the caller's, else the default for the mode; "auto" is "gtile" for exact
+    Top-K keeping at most GTILE_MAX_KEEP of rows narrower than 32768 (its compacting select counts in 16
+    bits), else "tile"."""
+    impl = default_impl(mode) if impl is None else impl
+    if impl != "auto":
         return impl
-    impl = default_impl(mode)
-    return "tile" if impl == "gtile" and d_in >= 1 << 15 else impl
+    small = mode == 0 and k is not None and k <= GTILE_MAX_KEEP * d_in and d_in < 1 << 15
+    return "gtile" if small else "tile"
 
 
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
@@ -951,7 +956,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     `hint`: the select's per-row threshold hint (`select`); the select kernel reads and updates it. The
     "inline" and "fused" implementations (no select kernel) ignore it.
     """
-    impl = resolve_impl(impl, mode, x.shape[1])
+    impl = resolve_impl(impl, mode, x.shape[1], k)
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl in ("tile", "gtile"):  # they check the residual themselves
