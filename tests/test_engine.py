@@ -303,6 +303,46 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     assert all(h.all() for h in hints)  # every site's select left its threshold
 
 
+def test_kernel_choice_by_kept_share_reaches_every_topk_launch(monkeypatch):
+    """kernel=None: one Top-K kernel for the whole model, "gtile" where it keeps at most
+    GTILE_MODEL_MAX_KEEP of its Top-K weight bytes, else "tile"; None (the ops' default) for a dense model
+    or with LAROSA_KERNEL_IMPL set. An explicit kernel reaches every Top-K launch of the decode step (the
+    fused norm + select ones included), and gathered and masked rows give the same logits (bf16 kernels)."""
+    from larosa import engine as eng_mod
+
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
+    model, fused = _larosa_tiny(seed=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels under the interpreter
+    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    share = eng_mod.kept_share(w)
+    assert 0.4 < share < 0.6  # nominal p = 0.5
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": False,
+          "fuse_norm_select": True, "fuse_residual": True}
+    assert DecodeEngine(w, **kw).kernel == "tile"
+    monkeypatch.setattr(eng_mod, "GTILE_MODEL_MAX_KEEP", share)
+    assert DecodeEngine(w, **kw).kernel == "gtile"
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "split")
+    assert DecodeEngine(w, **kw).kernel is None
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL")
+    assert eng_mod.kept_share(from_hf(model)) is None and DecodeEngine(from_hf(model), max_len=8).kernel is None
+    with pytest.raises(LarosaError, match="kernel"):
+        DecodeEngine(w, **kw, kernel="bogus")
+    impls = []
+    real = _ops.triton_gemv.launch
+    monkeypatch.setattr(_ops.triton_gemv, "launch", lambda *a, **k: (impls.append(k.get("impl")), real(*a, **k))[1])
+    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
+    logits = {}
+    for kernel in ("tile", "gtile"):
+        e = DecodeEngine(w, **kw, kernel=kernel)
+        e.prefill(ids)  # 6 rows: the reference path, no kernel
+        impls.clear()
+        e.step()
+        assert len(impls) == 4 * len(w.layers) and set(impls) == {kernel}
+        logits[kernel] = e.logits.float()
+    cos = torch.nn.functional.cosine_similarity(logits["tile"], logits["gtile"], dim=-1).item()
+    assert cos > 0.999, cos
+
+
 @pytest.mark.parametrize("sites", [(0, 1), (3,)])
 def test_hint_sites_limit_the_hinted_selects(sites):
     """hint_sites: only those sites' selects keep hints (the others' slots stay zero), same logits."""

@@ -235,6 +235,27 @@ def test_auto_picks_gtile_by_k_and_leaves_very_wide_rows_to_the_tile_kernel(monk
         tg.select(torch.zeros(1, 1 << 15, dtype=torch.bfloat16), 5, compact=True)
 
 
+def test_ops_take_an_explicit_kernel(monkeypatch):
+    """impl= on the Top-K ops picks the kernel over the default (checked on every path, the reference ones
+    too); the norm + select compacts exactly when the gathered kernel follows."""
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
+    tg = ops.triton_gemv
+    calls = []
+    for name in ("tile_gemv_kernel", "gtile_gemv_kernel", "rmsnorm_select_kernel"):
+        monkeypatch.setattr(tg, name, _Recorder(name, calls))
+    x, wt = torch.randn(1, 1, 256).bfloat16(), torch.randn(256, 32).bfloat16()
+    g = torch.ones(256, dtype=torch.bfloat16)
+    for impl in ("gtile", "tile"):
+        topk_linear(x, wt, 200, impl=impl)  # k > 0.4 d_in: "auto" would mask
+        torch.ops.larosa.topk_gate_up(x, wt, wt, 200, None, None, impl)
+        torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-5, wt, None, 200, None, None, None, impl)
+    assert [n for n, _ in calls] == ["gtile_gemv_kernel"] * 2 + ["rmsnorm_select_kernel", "gtile_gemv_kernel"] \
+        + ["tile_gemv_kernel"] * 2 + ["rmsnorm_select_kernel", "tile_gemv_kernel"]
+    assert calls[2][1]["COMPACT"] is True and calls[6][1]["COMPACT"] is False
+    with pytest.raises(ValueError, match="bogus"):
+        topk_linear(x.float(), wt.float(), 20, impl="bogus")  # fp32: the reference path
+
+
 def test_gtile_env_keeps_the_other_modes_on_the_tile_kernel(monkeypatch):
     """LAROSA_KERNEL_IMPL=gtile switches exact Top-K only: threshold and dense modes take "tile"."""
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "gtile")

@@ -12,6 +12,7 @@ steps of one generation.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from pathlib import Path
@@ -144,6 +145,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
         # workspaces, graphs); other models the benchmark keeps alive (the dense base) are not counted
         out["peak_mem_GiB"] = (w.nbytes() + torch.cuda.max_memory_allocated(dev) - held) / 2 ** 30
     out["fuse"] = [name for name, flag in FUSIONS.items() if getattr(eng, flag)]  # what the engine ran
+    out["kernel"] = eng.kernel or os.environ.get("LAROSA_KERNEL_IMPL")  # the Top-K GEMV (None: dense / default)
     del eng
     return out
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -42,10 +43,12 @@ MODES = ("dense", "topk", "threshold")
 
 
 class Site(NamedTuple):
-    """Static sparsity of one site: mode and kept inputs (Top-K) per token."""
+    """Static sparsity of one site: mode and kept inputs (Top-K) per token, and the Top-K GEMV kernel
+    (`triton_gemv.IMPLS`; None = the package default; set by the engine)."""
 
     mode: str = "dense"
     k: int = 0
+    kernel: Optional[str] = None
 
 
 class LayerStatic(NamedTuple):
@@ -156,7 +159,7 @@ def _residual_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optio
                      cnt: Optional[torch.Tensor], fused: bool, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """r + the site's projection of x; with `fused` and a Top-K site the add happens in the kernel's epilogue."""
     if fused and site.mode == "topk":
-        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r, hint)
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r, hint, site.kernel)
     return r + _linear(x, w, b, site, cnt, hint)
 
 
@@ -165,7 +168,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: S
     if site.mode == "dense":
         return F.linear(x, w, b)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, None, hint)
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, None, hint, site.kernel)
     y = torch.ops.larosa.threshold_linear(x, w, 0.0, cnt)  # inputs already thresholded: skip the zeros
     return y if b is None else y + b
 
@@ -175,7 +178,7 @@ def _gate_up(h: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, site: Site,
     if site.mode == "dense":
         return F.silu(F.linear(h, wg)) * F.linear(h, wu)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k, cnt, hint)
+        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k, cnt, hint, site.kernel)
     return (F.silu(torch.ops.larosa.threshold_linear(h, wg, 0.0, cnt))
             * torch.ops.larosa.threshold_linear(h, wu, 0.0, cnt))
 
@@ -208,7 +211,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     b, t, _ = x.shape
     if st.fused_norm and st.attn_in.mode == "topk" and probe is None:
         xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt,
-                                                _hint(hints, 0, st))
+                                                _hint(hints, 0, st), st.attn_in.kernel)
         x = x if res is None else xs
     else:
         if res is not None:
@@ -237,7 +240,7 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
      thr, _s_ao, s_mo, cnt, hints) = w
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
         act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
-                                            _hint(hints, 2, st))[1]
+                                            _hint(hints, 2, st), st.mlp_in.kernel)[1]
     else:
         h = _rms(x, mlp_norm, st.eps)
         if st.rotate_mlp:
@@ -506,6 +509,37 @@ def _compile_limits():
 
 # ---------- the engine ----------------------------------------------------------------------------
 
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+GTILE_MODEL_MAX_KEEP = 0.35  # v15: a model keeping at most this share of its Top-K weight bytes gathers rows
+
+
+def kept_share(weights: "ModelWeights") -> Optional[float]:
+    """The share of the Top-K sites' weight bytes a token reads (kept rows x columns over all), or None
+    without Top-K sites."""
+    kept = total = 0
+    for lw, st in zip(weights.layers, weights.statics):
+        for site, wts in ((st.attn_in, (lw.wqkv,)), (st.attn_out, (lw.wo,)), (st.mlp_in, (lw.wgate, lw.wup)),
+                          (st.mlp_out, (lw.wdown,))):
+            if site.mode == "topk":
+                for w in wts:  # input-major (d_in, d_out) at Top-K sites
+                    kept += min(site.k, w.shape[0]) * w.shape[1]
+                    total += w.numel()
+    return kept / total if total else None
+
+
+def topk_kernel(weights: "ModelWeights") -> Optional[str]:
+    """The engine's default Top-K kernel: "gtile" (gathered rows) for a model keeping at most
+    GTILE_MODEL_MAX_KEEP of its Top-K weight bytes, else "tile" (masked rows); None (the ops' own default,
+    `LAROSA_KERNEL_IMPL` included) without Top-K sites or where that variable is set. One kernel for the
+    whole model: end to end on the H200 (benchmarks/NOTES.md v15) gtile everywhere won at p = 0.75 (LaRoSA
+    LLaMA2-7B 1.19x vs 1.12x) and tile everywhere at p <= 0.5, while the per-op choice by k, which mixed
+    them at p = 0.5, was slower than either (0.96x vs 1.04x / 1.01x)."""
+    share = kept_share(weights)
+    if share is None or os.environ.get("LAROSA_KERNEL_IMPL"):
+        return None
+    return "gtile" if share <= GTILE_MODEL_MAX_KEEP else "tile"
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # (B, n_new) generated ids
@@ -536,13 +570,14 @@ class DecodeEngine:
     +3.5 % tok/s for un-rotated Top-K at p = 0.5, but -1 to -3 % for LaRoSA with the overlapped adapters.
     hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down);
     None = all four.
+    kernel: the Top-K GEMV kernel of every site (`triton_gemv.IMPLS`); None = `topk_kernel(weights)`.
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
                  graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
                  capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
                  fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
-                 hint_sites: Optional[Sequence[int]] = None):
+                 hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
@@ -550,8 +585,13 @@ class DecodeEngine:
         self.hint_sites = (0, 1, 2, 3) if hint_sites is None else tuple(sorted(set(int(i) for i in hint_sites)))
         if not set(self.hint_sites) <= {0, 1, 2, 3}:
             raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
+        self.kernel = topk_kernel(weights) if kernel is None else kernel
+        if self.kernel is not None and _ops.HAVE_TRITON and self.kernel not in _ops.KERNEL_IMPLS:
+            raise LarosaError(f"kernel must be one of {', '.join(_ops.KERNEL_IMPLS)}, got {kernel!r}")
         self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual,
-                                     hint_sites=sum(1 << i for i in self.hint_sites)) for st in weights.statics]
+                                     hint_sites=sum(1 << i for i in self.hint_sites),
+                                     **{n: getattr(st, n)._replace(kernel=self.kernel) for n in SITES})
+                         for st in weights.statics]
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile

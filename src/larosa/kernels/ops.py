@@ -43,6 +43,7 @@ except Exception:  # pragma: no cover - triton missing or broken
     HAVE_TRITON = False
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+KERNEL_IMPLS = triton_gemv.IMPLS if HAVE_TRITON else ()  # without Triton no kernel runs: `impl` is not checked
 _DEFAULT_MAX_ROWS = 1  # measured crossover on the H200: see benchmarks/NOTES.md
 
 
@@ -73,11 +74,13 @@ def _dense_fallback(x2, wt, k, bias):
     return xs @ wt if bias is None else torch.addmm(bias, xs, wt)
 
 
-def _check(x: torch.Tensor, wt: torch.Tensor, k: int) -> None:
+def _check(x: torch.Tensor, wt: torch.Tensor, k: int, impl: Optional[str] = None) -> None:
     if wt.dim() != 2 or x.shape[-1] != wt.shape[0]:
         raise ValueError(f"x (..., {x.shape[-1]}) does not match wt {tuple(wt.shape)} (expected d_in x d_out)")
     if not 1 <= k:
         raise ValueError(f"k must be >= 1, got {k}")
+    if impl is not None and HAVE_TRITON and impl not in KERNEL_IMPLS:  # on every path, the reference ones too
+        raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(KERNEL_IMPLS)}")
 
 
 def counter_workspace(rows: int, d_out: int, device=None) -> torch.Tensor:
@@ -105,10 +108,12 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("larosa::topk_linear", mutates_args=())
 def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None,
                 counters: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+                hint: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
     """`residual` (x's leading shape, d_out): y = residual + TopK_k(x) @ wt (+ bias), added in fp32 before the
-    one rounding where the kernel runs (the residual add of a decoder layer folded into the GEMV)."""
-    _check(x, wt, k)
+    one rounding where the kernel runs (the residual add of a decoder layer folded into the GEMV).
+    `impl`: the kernel implementation (`triton_gemv.IMPLS`; None = the package default), as in the other
+    Top-K ops."""
+    _check(x, wt, k, impl)
     out_shape = (*x.shape[:-1], wt.shape[1])
     if residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(f"residual {tuple(residual.shape)} does not match the output {out_shape}")
@@ -124,19 +129,20 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
         return ref.topk_gemv_ref(x2, wt, k, bias, r2).view(out_shape)
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
     triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt), residual=r2,
-                       hint=hint)
+                       hint=hint, impl=impl)
     return y.view(out_shape)
 
 
 @topk_linear.register_fake
-def _(x, wt, k, bias=None, counters=None, residual=None, hint=None):
+def _(x, wt, k, bias=None, counters=None, residual=None, hint=None, impl=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
 @torch.library.custom_op("larosa::topk_gate_up", mutates_args=())
 def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k: int,
-                 counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
-    _check(x, wt_gate, k)
+                 counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
+                 impl: Optional[str] = None) -> torch.Tensor:
+    _check(x, wt_gate, k, impl)
     if wt_up.shape != wt_gate.shape:
         raise ValueError(f"gate {tuple(wt_gate.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
     x2 = _rows(x)
@@ -145,27 +151,27 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
     y = torch.empty(x2.shape[0], wt_gate.shape[1], dtype=x.dtype, device=x.device)
     kk = min(k, x.shape[-1])
     triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(),
-                       mode=0 if kk < x.shape[-1] else 2,
+                       mode=0 if kk < x.shape[-1] else 2, impl=impl if kk < x.shape[-1] else None,
                        counters=_counters(counters, x2, wt_gate, gated=True), hint=hint)
     return y.view(*x.shape[:-1], wt_gate.shape[1])
 
 
 @topk_gate_up.register_fake
-def _(x, wt_gate, wt_up, k, counters=None, hint=None):
+def _(x, wt_gate, wt_up, k, counters=None, hint=None, impl=None):
     return x.new_empty(*x.shape[:-1], wt_gate.shape[1])
 
 
 @torch.library.custom_op("larosa::rmsnorm_topk", mutates_args=())
 def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Tensor, eps: float,
                  wt: torch.Tensor, wt_up: Optional[torch.Tensor], k: int, bias: Optional[torch.Tensor] = None,
-                 counters: Optional[torch.Tensor] = None,
-                 hint: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
+                 impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The block input's RMSNorm with the Top-K select folded in: xs = x + res, h = RMSNorm(xs) * norm_w,
     y = TopK_k(h) @ wt (+ bias), or silu(TopK_k(h) @ wt) * (TopK_k(h) @ wt_up). Returns (xs, y); xs is
     empty when res is None (the caller keeps x). Where the kernels run, one kernel computes xs, h and h's
     selection (`triton_gemv.rmsnorm_select`), and the GEMV follows without a select launch; elsewhere the
     reference (`reference.rmsnorm_topk_ref`), or, for many rows on CUDA, the same norm and `topk_linear`."""
-    _check(x, wt, k)
+    _check(x, wt, k, impl)
     if wt_up is not None and wt_up.shape != wt.shape:
         raise ValueError(f"gate {tuple(wt.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
     if wt_up is not None and bias is not None:
@@ -178,7 +184,8 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
     if not _use_kernel(x2, x2.shape[0]) or kk >= x.shape[-1]:
         xs = x if res is None else x + res
         h = ref.rmsnorm_ref(xs, norm_w, eps)
-        y = topk_gate_up(h, wt, wt_up, k, counters) if wt_up is not None else topk_linear(h, wt, k, bias, counters)
+        y = (topk_gate_up(h, wt, wt_up, k, counters, None, impl) if wt_up is not None
+             else topk_linear(h, wt, k, bias, counters, None, None, impl))
         return (x.new_empty(0) if res is None else xs), y
     gated = wt_up is not None
     # zeroed here if needed, so no memset lands between the norm kernel and its dependent GEMV
@@ -186,15 +193,15 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
     pdl = triton_gemv.pdl_default(x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint,
-                                            compact=triton_gemv.resolve_impl(None, 0, x2.shape[1], kk) == "gtile")
+                                            compact=triton_gemv.resolve_impl(impl, 0, x2.shape[1], kk) == "gtile")
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
-                       counters=cnt, sel=sel, pdl=pdl)
+                       counters=cnt, sel=sel, pdl=pdl, impl=impl)
     return (x.new_empty(0) if xs is None else xs.view(x.shape)), y.view(*x.shape[:-1], d_out)
 
 
 @rmsnorm_topk.register_fake
-def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None):
+def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None, impl=None):
     return (x.new_empty(0) if res is None else x.new_empty(x.shape)), x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
