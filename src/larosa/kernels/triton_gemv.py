@@ -487,12 +487,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
     zeroed: the last program of each column block (an atomic counter) turns them into the 16-bit output
     (bias or silu(gate) * up epilogue) and zeroes them."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    row = tl.program_id(2).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cmask = rn < d_out
+    pid_n, row, rn, cmask, rm = _tile_program(d_out, BLOCK_M, BLOCK_N)
     valid = rm < d_in
     if PDL:
         if X_LATE:  # x comes from the predecessor (`rmsnorm_select_kernel`): wait before loading it
@@ -522,12 +517,7 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
     the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    row = tl.program_id(2).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    j = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cmask = rn < d_out
+    pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N)  # j: places in the kept list
     jmask = j < k
     if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
         gdc_wait()
@@ -535,6 +525,15 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _tile_program(d_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile program's place: (column block, row of x, its columns, which of them are < d_out, its BLOCK_M
+    offsets along the inputs)."""
+    pid_n = tl.program_id(0)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, tl.program_id(2).to(tl.int64), rn, rn < d_out, tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
 
 
 @triton.jit
@@ -606,6 +605,17 @@ def tile_workspace_needed(rows: int, d_out: int, gated: bool, block_n: int) -> i
     return _ws_offset(rows * triton.cdiv(d_out, block_n)) + rows * (2 if gated else 1) * d_out
 
 
+def _tile_buffers(x, wt, gated: bool, counters: torch.Tensor | None, cfg: dict, block_m: int | None,
+                  block_n: int | None):
+    """(block_m, block_n, counters, fp32 sums) of a tile-kernel launch: the tiles asked for, else cfg's; the
+    caller's zeroed buffer checked for size (or a fresh one), and the sums' view inside it."""
+    rows, d_out = x.shape[0], wt.shape[1]
+    block_m, block_n = block_m or cfg["block_m"], block_n or cfg["block_n"]
+    need = tile_workspace_needed(rows, d_out, gated, block_n)
+    counters = _zeroed_buffer(counters, need, x.device)
+    return block_m, block_n, counters, counters[_ws_offset(rows * triton.cdiv(d_out, block_n)):need].view(torch.float32)
+
+
 def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
                 counters: torch.Tensor | None = None, pdl: bool | None = None, block_m: int | None = None,
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
@@ -618,12 +628,7 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     d_out = wt.shape[1]
     gated = wt2 is not None
     cfg = tile_config(d_in, d_out, gated)
-    block_m = block_m or cfg["block_m"]
-    block_n = block_n or cfg["block_n"]
-    n_cnt = rows * triton.cdiv(d_out, block_n)
-    need = tile_workspace_needed(rows, d_out, gated, block_n)
-    counters = _zeroed_buffer(counters, need, x.device)
-    acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
+    block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     select_impl = select_impl or SELECT_IMPL
     late = sel is not None
     if late:  # (t, cutoff) and x from the kernel launched just before (`rmsnorm_select`)
@@ -669,12 +674,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     d_out = wt.shape[1]
     gated = wt2 is not None
     cfg = gtile_config(d_in, d_out, gated, k)
-    block_m = block_m or cfg["block_m"]
-    block_n = block_n or cfg["block_n"]
-    n_cnt = rows * triton.cdiv(d_out, block_n)
-    need = tile_workspace_needed(rows, d_out, gated, block_n)
-    counters = _zeroed_buffer(counters, need, x.device)
-    acc = counters[_ws_offset(n_cnt):need].view(torch.float32)
+    block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     if sel is not None:  # the kept positions from the kernel launched just before (`rmsnorm_select`)
         if sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:
             raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
