@@ -22,6 +22,7 @@
 #                                                # engine's decode, per site (~1 min)
 #   bash benchmarks/h200_session.sh gtile        # gathered-rows GEMV (v15): compiled tests, per-op A/B with a tile
 #                                                # sweep, LLaMA2-7B decode under LAROSA_KERNEL_IMPL=gtile (~7 min)
+#   bash benchmarks/h200_session.sh compactselect # the packed select plain / compacting / prefix sum only (~1 min)
 #   bash benchmarks/h200_session.sh gtileab      # the same per-op A/B at the default tiles only (~1 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
@@ -30,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|compactselect|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -80,6 +81,9 @@ for stage in "$@"; do
       LAROSA_KERNEL_IMPL=gtile python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,topk \
         --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-gtile-h200-llama2-7b" \
         2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
+    compactselect)
+      python3 benchmarks/select_bench.py --compact --out "$out/select-compact-h200.json" \
+        2>&1 | tee "$out/select-compact-h200.log" || rc=1 ;;
     gtileab)
       python3 benchmarks/gtile_ab.py --no-grid --out "$out/gtile-ab-default-h200.json" \
         2>&1 | tee "$out/gtile-ab-default-h200.log" || rc=1 ;;

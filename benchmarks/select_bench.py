@@ -61,6 +61,38 @@ def steps_sweep(widths, steps, out: Path) -> None:
     print(f"wrote {out}")
 
 
+def compact_sweep(widths, warps, out: Path) -> None:
+    """The packed select plain, compacting (COMPACT=1: the kept positions listed for the gathered GEMV) and
+    with the compacting prefix sum but no list stored (COMPACT=2, timing only), at each warp count: where
+    the compaction's cost sits (benchmarks/NOTES.md v15)."""
+    import triton
+
+    rows = []
+    print("| d_in | warps | plain us | compacting us | prefix sum only us |\n|---|---|---|---|---|")
+    for d_in in widths:
+        k = d_in // 2
+        xs = [torch.randn(1, d_in, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+        sel = torch.empty(1, 2 + k, dtype=torch.int32, device="cuda")
+        bd = triton.next_power_of_2(d_in)
+        for nw in warps:
+            t = {}
+            for mode in (0, 1, 2):
+                def call(x, mode=mode, nw=nw, sel=sel, d_in=d_in, bd=bd, k=k):
+                    triton_gemv.select_packed_kernel[(1,)](x, sel, sel, d_in, k, x.stride(0), BLOCK_D=bd,
+                                                           num_warps=nw, COMPACT=mode)
+                t[mode] = graph_time_us([(lambda x=x: call(x)) for x in xs])
+            rows.append({"d_in": d_in, "k": k, "num_warps": nw, "plain_us": t[0], "compact_us": t[1],
+                         "prefix_sum_only_us": t[2]})
+            print(f"| {d_in} | {nw} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} |", flush=True)
+    props = torch.cuda.get_device_properties(0)
+    rec = {"gpu": props.name, "dtype": "bf16", "batch": 1, "k": "d_in / 2", "rows": rows,
+           "timing": "CUDA graph replay, median per call", "torch": torch.__version__,
+           "triton": __import__("triton").__version__}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rec, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--impls", default=",".join(triton_gemv.SELECT_IMPLS))
@@ -70,11 +102,16 @@ def main() -> None:
                     "--steps benchmarks/results/select-steps.json)")
     ap.add_argument("--steps", default=None, help="comma list of bisection step counts (15 = the real kernel): "
                     "time the packed select cut short, to see what fewer steps could save (wrong selections)")
+    ap.add_argument("--compact", action="store_true", help="the packed select plain vs compacting vs the "
+                    "compacting prefix sum without the stored list, at --warps")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("benchmarks/select_bench.py needs a CUDA GPU")
     torch.manual_seed(0)
-    args.out = args.out or f"benchmarks/results/select{'-steps' if args.steps else ''}.json"
+    args.out = args.out or f"benchmarks/results/select{'-steps' if args.steps else ''}{'-compact' if args.compact else ''}.json"
+    if args.compact:
+        return compact_sweep([int(v) for v in args.widths.split(",")], [int(v) for v in args.warps.split(",")],
+                             Path(args.out))
     if args.steps:
         return steps_sweep([int(v) for v in args.widths.split(",")], [int(v) for v in args.steps.split(",")],
                            Path(args.out))

@@ -241,10 +241,11 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         cut = tl.where((e_lo > 0) & (eq0 + 1 == need_eq), 2 * lane + 1,
                        tl.where((e_hi > 0) & (eq0 + e_lo + 1 == need_eq), 2 * lane + 2, 0))
         # kept: above t, or among the first need_eq entries equal to t; place = kept entries before it
-        tl.store(idx_ptr + gt0 + tl.minimum(eq0, need_eq), 2 * lane,
-                 mask=(g_lo > 0) | ((e_lo > 0) & (eq0 < need_eq)))
-        tl.store(idx_ptr + gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), 2 * lane + 1,
-                 mask=(g_hi > 0) | ((e_hi > 0) & (eq0 + e_lo < need_eq)))
+        if COMPACT == 1:  # 2 (timing only, benchmarks/select_bench.py --compact): the packed prefix sum, no list
+            tl.store(idx_ptr + gt0 + tl.minimum(eq0, need_eq), 2 * lane,
+                     mask=(g_lo > 0) | ((e_lo > 0) & (eq0 < need_eq)))
+            tl.store(idx_ptr + gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), 2 * lane + 1,
+                     mask=(g_hi > 0) | ((e_hi > 0) & (eq0 + e_lo < need_eq)))
     else:
         cs = tl.cumsum(e_lo + e_hi, 0)  # equal entries up to and including this lane's pair
         cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
