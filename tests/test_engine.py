@@ -323,6 +323,8 @@ def test_kernel_choice_by_kept_share_reaches_every_topk_launch(monkeypatch):
     assert DecodeEngine(w, **kw).kernel == "gtile"
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "split")
     assert DecodeEngine(w, **kw).kernel is None
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "auto")  # the default spelled out: the engine's own choice
+    assert DecodeEngine(w, **kw).kernel == "gtile"
     monkeypatch.delenv("LAROSA_KERNEL_IMPL")
     assert eng_mod.kept_share(from_hf(model)) is None and DecodeEngine(from_hf(model), max_len=8).kernel is None
     with pytest.raises(LarosaError, match="kernel"):

@@ -225,14 +225,39 @@ def test_auto_picks_gtile_by_k_and_leaves_very_wide_rows_to_the_tile_kernel(monk
         tg.launch(x, wt, torch.empty(1, 32, dtype=torch.bfloat16), k)
         torch.ops.larosa.rmsnorm_topk(x[None], None, torch.ones(256, dtype=torch.bfloat16), 1e-5, wt, None, k)
     assert [n for n, _ in calls] == ["gtile_gemv_kernel"] * 4 + ["tile_gemv_kernel"] * 2
-    monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
-    tg = ops.triton_gemv
     assert tg.resolve_impl(None, 0, 32767, 100) == "gtile" and tg.resolve_impl(None, 0, 32768, 100) == "tile"
-    assert tg.resolve_impl("gtile", 0, 40000, 100) == "gtile" and tg.resolve_impl(None, 1, 4096, 100) == "split"
-    need = tg.counters_needed(1, 40000, 64)  # room for either kernel "auto" may pick
-    assert need == max(tg.tile_workspace_needed(1, 64, False, 256), tg.tile_workspace_needed(1, 64, False, 128))
+    assert tg.resolve_impl("gtile", 0, 40000, 100) == "tile"  # asked for or not: too wide to compact
+    assert tg.resolve_impl(None, 1, 4096, 100) == "split" and tg.resolve_impl("auto", 1, 4096, 100) == "split"
     with pytest.raises(ValueError, match="32767"):
         tg.select(torch.zeros(1, 1 << 15, dtype=torch.bfloat16), 5, compact=True)
+    # workspace: without k, room for either kernel "auto" may pick (here gtile's 128 x 128 tiles need more)
+    tall, wide = (tg.tile_workspace_needed(1, 12288, False, bn) for bn in (128, 256))
+    assert tall > wide and tg.counters_needed(1, 4096, 12288) == tall
+    assert tg.counters_needed(1, 4096, 12288, k=1000) == wide  # gtile, k * d_out < GTILE_TALL: 64 x 256
+    assert tg.counters_needed(1, 4096, 12288, k=3000) == wide  # tile: 64 x 256
+    assert tg.counters_needed(1, 4096, 12288, impl="gtile", k=3000) == tall
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "auto")  # the same as unset, the threshold mode included
+    assert tg.default_impl(0) == "auto" and tg.default_impl(1) == "split"
+
+
+def test_explicit_kernel_under_another_default_and_k_beyond_the_row(monkeypatch):
+    """An explicit impl sizes its own workspace whatever LAROSA_KERNEL_IMPL says, and the gathered kernel
+    takes k > d_in as d_in (every row kept; the list has d_in places)."""
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "split")
+    x, wt = torch.randn(1, 1, 300).bfloat16(), torch.randn(300, 70).bfloat16()
+    g = (torch.rand(300) + 0.5).bfloat16()
+    for impl in ("tile", "gtile"):
+        _, y = torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-6, wt, None, 100, None, None, None, impl)
+        assert _rel(y, rmsnorm_topk_ref(x, None, g, 1e-6, wt, None, 100)[1]) < 3e-2, impl
+        buf = torch.zeros(ops.triton_gemv.counters_needed(1, 300, 70, impl=impl, k=100), dtype=torch.int32)
+        assert _rel(topk_linear(x, wt, 100, None, buf, None, None, impl), topk_gemv_ref(x, wt, 100)) < 1e-2
+        assert not buf.any()
+    x2, y2 = x.view(1, 300), torch.empty(1, 70, dtype=torch.bfloat16)
+    ops.triton_gemv.launch(x2, wt, y2, 305, impl="gtile")
+    assert _rel(y2, x2.double() @ wt.double()) < 1e-2
+    assert ops.triton_gemv.select(x2, 305, compact=True).shape == (1, 302)
+    with pytest.raises(ValueError, match="k must be"):
+        ops.triton_gemv.launch(x2, wt, y2, 0, impl="gtile")
 
 
 def test_ops_take_an_explicit_kernel(monkeypatch):
@@ -497,13 +522,12 @@ def test_pdl_launch_flags(monkeypatch):
                      "rmsnorm_select_kernel", "gtile_gemv_kernel", "tile_gemv_kernel"]
     after_norm = calls[7][1]  # the GEMV after the norm + select: its dependent, waiting before it loads h
     assert after_norm["launch_pdl"] is True and after_norm["X_LATE"] is True
-    assert calls[9][1]["launch_pdl"] is True  # gtile: always waits before it loads the positions and x
     assert [kw["COMPACT"] for n, kw in calls if n.startswith(("select", "rmsnorm"))] == [False, False, True,
                                                                                           False, True]
     for name, kw in calls:
         if name in ("select_packed_kernel", "rmsnorm_select_kernel"):
             assert kw.get("PDL") is True and "launch_pdl" not in kw
-    assert all(kw.get("launch_pdl") is True for n, kw in calls[:10] if n.endswith("gemv_kernel"))
+    assert all(kw.get("launch_pdl") is True for n, kw in calls[:10] if n.endswith("gemv_kernel"))  # gtile too
     assert "launch_pdl" not in calls[10][1]  # threshold mode: no select before it
 
 

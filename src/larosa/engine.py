@@ -530,12 +530,13 @@ def kept_share(weights: "ModelWeights") -> Optional[float]:
 def topk_kernel(weights: "ModelWeights") -> Optional[str]:
     """The engine's default Top-K kernel: "gtile" (gathered rows) for a model keeping at most
     GTILE_MODEL_MAX_KEEP of its Top-K weight bytes, else "tile" (masked rows); None (the ops' own default,
-    `LAROSA_KERNEL_IMPL` included) without Top-K sites or where that variable is set. One kernel for the
+    `LAROSA_KERNEL_IMPL` included) without Top-K sites or where that variable names a kernel (not "auto").
+    Rows of 32768 or more run "tile" either way (`triton_gemv.resolve_impl`). One kernel for the
     whole model: end to end on the H200 (benchmarks/NOTES.md v15) gtile everywhere won at p = 0.75 (LaRoSA
     LLaMA2-7B 1.19x vs 1.12x) and tile everywhere at p <= 0.5, while the per-op choice by k, which mixed
     them at p = 0.5, was slower than either (0.96x vs 1.04x / 1.01x)."""
     share = kept_share(weights)
-    if share is None or os.environ.get("LAROSA_KERNEL_IMPL"):
+    if share is None or os.environ.get("LAROSA_KERNEL_IMPL", "auto") != "auto":
         return None
     return "gtile" if share <= GTILE_MODEL_MAX_KEEP else "tile"
 

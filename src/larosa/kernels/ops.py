@@ -92,10 +92,11 @@ def counter_workspace(rows: int, d_out: int, device=None) -> torch.Tensor:
 
 
 def _counters(counters: Optional[torch.Tensor], x2: torch.Tensor, wt: torch.Tensor,
-              gated: bool = False, mode: int = 0, alloc: bool = False) -> Optional[torch.Tensor]:
-    """The caller's zeroed buffer if it is large enough for this call, else None (the kernel then
-    allocates its own: one memset per call), or with `alloc` a fresh zeroed one right away."""
-    need = triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1], gated, mode=mode)
+              gated: bool = False, mode: int = 0, alloc: bool = False, impl: Optional[str] = None,
+              k: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The caller's zeroed buffer if it is large enough for this call (kernel `impl`, k kept), else None
+    (the kernel then allocates its own: one memset per call), or with `alloc` a fresh zeroed one right away."""
+    need = triton_gemv.counters_needed(x2.shape[0], wt.shape[0], wt.shape[1], gated, mode=mode, impl=impl, k=k)
     if counters is None or counters.numel() < need:
         return torch.zeros(need, dtype=torch.int32, device=x2.device) if alloc else None
     return counters
@@ -128,8 +129,8 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
         return ref.topk_gemv_ref(x2, wt, k, bias, r2).view(out_shape)
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt), residual=r2,
-                       hint=hint, impl=impl)
+    triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt, impl=impl, k=k),
+                       residual=r2, hint=hint, impl=impl)
     return y.view(out_shape)
 
 
@@ -150,9 +151,9 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
         return ref.topk_gate_up_ref(x2, wt_gate, wt_up, k).view(*x.shape[:-1], wt_gate.shape[1])
     y = torch.empty(x2.shape[0], wt_gate.shape[1], dtype=x.dtype, device=x.device)
     kk = min(k, x.shape[-1])
-    triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(),
-                       mode=0 if kk < x.shape[-1] else 2, impl=impl if kk < x.shape[-1] else None,
-                       counters=_counters(counters, x2, wt_gate, gated=True), hint=hint)
+    mode, impl = (0, impl) if kk < x.shape[-1] else (2, None)
+    triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(), mode=mode, impl=impl,
+                       counters=_counters(counters, x2, wt_gate, gated=True, mode=mode, impl=impl, k=kk), hint=hint)
     return y.view(*x.shape[:-1], wt_gate.shape[1])
 
 
@@ -189,7 +190,7 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
         return (x.new_empty(0) if res is None else xs), y
     gated = wt_up is not None
     # zeroed here if needed, so no memset lands between the norm kernel and its dependent GEMV
-    cnt = _counters(counters, x2, wt, gated=gated, alloc=True)
+    cnt = _counters(counters, x2, wt, gated=gated, alloc=True, impl=impl, k=kk)
     pdl = triton_gemv.pdl_default(x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint,

@@ -674,6 +674,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gated = wt2 is not None
+    k = _compact_k(k, d_in)
     cfg = gtile_config(d_in, d_out, gated, k)
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     if sel is not None:  # the kept positions from the kernel launched just before (`rmsnorm_select`)
@@ -727,6 +728,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
     xs = torch.empty_like(x) if res is not None else None
     h = torch.empty_like(x)
     _check_compact(compact, d_in)
+    k = _compact_k(k, d_in) if compact else k
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))
     hint, window = _hint_args(hint, x)
@@ -769,14 +771,16 @@ def _ws_offset(n_counters: int) -> int:
     return -(-n_counters // 32) * 32  # the fp32 sums start 128-byte aligned after the counters
 
 
-def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, mode: int = 0) -> int:
-    """int32 entries of the zeroed buffer (`counters=`) the default kernel of `mode` needs for `rows` rows
-    with its default tiles: the per-column-block counters, then, for the tile kernel, rows x (1 or 2) x
-    d_out fp32 sums."""
-    impl = default_impl(mode)
-    if impl in ("tile", "gtile", "auto"):  # "auto" may run either (it depends on k): room for both
-        cfgs = [c(d_in, d_out, gated) for n, c in (("tile", tile_config), ("gtile", gtile_config))  # gtile:
-                if impl in (n, "auto")]  # without k, its narrowest tiles
+def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, mode: int = 0,
+                    impl: str | None = None, k: int | None = None) -> int:
+    """int32 entries of the zeroed buffer (`counters=`) a `launch` of `impl` (None: the default of `mode`) with
+    its default tiles needs for `rows` rows: the per-column-block counters, then, for the tile kernels,
+    rows x (1 or 2) x d_out fp32 sums. Without k, room for any k (the gathered kernel's narrowest tiles,
+    and both kernels where "auto" could pick either)."""
+    impl = resolve_impl(impl, mode, d_in, k)
+    if impl in ("tile", "gtile", "auto"):  # "auto" is left only without k
+        cfgs = [c(d_in, d_out, gated, *((k,) if n == "gtile" else ())) for n, c in
+                (("tile", tile_config), ("gtile", gtile_config)) if impl in (n, "auto")]
         return max(tile_workspace_needed(rows, d_out, gated, c["block_n"]) for c in cfgs)
     return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
 
@@ -836,6 +840,13 @@ def _check_compact(compact: bool, d_in: int) -> None:
         raise ValueError(f"the compacting select takes rows up to 32767 wide, got {d_in}; use impl='tile'")
 
 
+def _compact_k(k: int, d_in: int) -> int:
+    """k of a compacting select or gathered launch: at least 1, at most d_in (the list has d_in places)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return min(k, d_in)
+
+
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
            pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
@@ -847,6 +858,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     if compact and impl != "packed":
         raise ValueError(f"compact=True needs the packed select, not {impl!r}")
     _check_compact(compact, d_in)
+    k = _compact_k(k, d_in) if compact else k
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))  # the packed select pairs entries
     kernel = {"hist": select_kernel, "bisect": select_bisect_kernel, "bisect2": select_bisect2_kernel,
@@ -917,23 +929,31 @@ THRESHOLD_IMPL = "split"  # threshold mode (TEAL baseline): split-K was faster e
 
 def default_impl(mode: int = 0) -> str:
     """The package default for a kernel mode, or `LAROSA_KERNEL_IMPL` (for benchmarking the alternatives
-    end to end). "gtile" gathers exact Top-K rows and "auto" picks it or "tile" by k (`resolve_impl`): the
-    threshold and dense modes take "tile" under either."""
+    end to end). "gtile" gathers exact Top-K rows and "auto" picks it or "tile" by k (`resolve_impl`); in
+    the threshold mode "auto" is that mode's default and "gtile" is "tile"; in the dense mode both are
+    "tile"."""
     impl = os.environ.get("LAROSA_KERNEL_IMPL", THRESHOLD_IMPL if mode == 1 else IMPL)
     if impl not in IMPLS:
         raise ValueError(f"LAROSA_KERNEL_IMPL={impl!r}; choose from {', '.join(IMPLS)}")
+    if impl == "auto" and mode == 1:
+        return THRESHOLD_IMPL
     return "tile" if impl in ("gtile", "auto") and mode != 0 else impl
 
 
 def resolve_impl(impl: str | None, mode: int, d_in: int, k: int | None = None) -> str:
-    """The kernel a `launch` runs: the caller's, else the default for the mode; "auto" is "gtile" for exact
-    Top-K keeping at most GTILE_MAX_KEEP of rows narrower than 32768 (its compacting select counts in 16
-    bits), else "tile"."""
+    """The kernel a `launch` runs: the caller's, else the default for the mode. "auto" is "gtile" for exact
+    Top-K keeping at most GTILE_MAX_KEEP of the rows (k known), "tile" otherwise ("auto" itself where k is
+    not given, for workspace sizing); "gtile" on rows of 32768 or more is "tile" (the compacting select
+    counts in 16 bits)."""
     impl = default_impl(mode) if impl is None else impl
-    if impl != "auto":
+    if impl == "auto" and mode == 1:
+        return THRESHOLD_IMPL
+    wide = d_in >= 1 << 15
+    if impl == "gtile":
+        return "tile" if wide else impl
+    if impl != "auto" or (k is None and mode == 0 and not wide):
         return impl
-    small = mode == 0 and k is not None and k <= GTILE_MAX_KEEP * d_in and d_in < 1 << 15
-    return "gtile" if small else "tile"
+    return "gtile" if mode == 0 and k is not None and k <= GTILE_MAX_KEEP * d_in and not wide else "tile"
 
 
 def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mode: int = 0,
