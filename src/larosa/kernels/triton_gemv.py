@@ -118,24 +118,6 @@ def _row_select(x_row, d_in, k, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def select_compact_kernel(x_ptr, idx_ptr, xv_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr):
-    """Bisection select, then compaction: the k kept positions (ascending) and their values (fp32)
-    are written to idx[row, :k] and xv[row, :k], so the GEMV walks only kept rows (gather mode)."""
-    row = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, BLOCK_D)
-    valid = offs < d_in
-    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
-    bits = tl.where(valid, x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, -1)
-    t = _bisect_threshold(bits, k)
-    need_eq = k - tl.sum((bits > t).to(tl.int32), 0)
-    eq = (bits == t).to(tl.int32)
-    keep = (bits > t) | ((eq > 0) & (tl.cumsum(eq, 0) <= need_eq))
-    pos = tl.cumsum(keep.to(tl.int32), 0) - 1
-    tl.store(idx_ptr + row * k + pos, offs, mask=keep)
-    tl.store(xv_ptr + row * k + pos, x.to(tl.float32), mask=keep)
-
-
-@triton.jit
 def _count_ge_packed(lanes, cand):
     """Entries >= cand among the two guarded 15-bit patterns of every lane (see select_packed_kernel)."""
     tot = tl.sum(((lanes - (cand * 0x10001).to(tl.uint32)) >> 15) & 0x10001, 0)
@@ -677,14 +659,12 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     k = _compact_k(k, d_in)
     cfg = gtile_config(d_in, d_out, gated, k)
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
-    if sel is not None:  # the kept positions from the kernel launched just before (`rmsnorm_select`)
-        if sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:
-            raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
-                             f"int32, got {tuple(sel.shape)} {sel.dtype}")
-        sel_pdl = _use_pdl(x, pdl)
-    else:
-        sel_pdl = _use_pdl(x, pdl)
+    sel_pdl = _use_pdl(x, pdl)
+    if sel is None:
         sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True)
+    elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
+        raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
+                         f"int32, got {tuple(sel.shape)} {sel.dtype}")
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(k, block_m), rows)
     gtile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_out, k,
@@ -909,14 +889,10 @@ GATHER = False  # default: masked loads (v4). True = compact the kept rows first
 
 
 def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx (rows, k) int32 ascending, values (rows, k) fp32) of each row's exact Top-k."""
-    rows, d_in = x.shape
-    idx = torch.empty(rows, k, dtype=torch.int32, device=x.device)
-    xv = torch.empty(rows, k, dtype=torch.float32, device=x.device)
-    block_d = triton.next_power_of_2(d_in)
-    select_compact_kernel[(rows,)](x, idx, xv, d_in, k, x.stride(0), BLOCK_D=block_d,
-                                   num_warps=num_warps or select_warps(block_d))
-    return idx, xv
+    """(idx (rows, k) int32 ascending, values (rows, k) fp32) of each row's exact Top-k: the compacting
+    packed select's list (`select(..., compact=True)`) and x at it, for the split-K gather mode (v6)."""
+    idx = select(x, k, num_warps, compact=True)[:, 2:].contiguous()
+    return idx, x.gather(1, idx.long()).float()
 
 
 IMPLS = ("split", "inline", "fused", "tile", "gtile", "auto")
