@@ -9,6 +9,8 @@
 2. The whole decode engine (LLaMA2-7B shape, random weights, prompt 128, 128 new tokens): dense and
    LaRoSA at p = 0.5 with the attention kernel on/off and the adapter GEMVs on the side stream on/off
    (and on with the capture stream at default priority). tok/s and p50 from `larosa.bench`.
+4. `--parts adapter_modes` (v16): LaRoSA with its adapter GEMVs in the MLP selects' launches, on the side
+   stream, or in order, alternating, at p = 0.25 / 0.4 / 0.5 / 0.75, beside un-rotated Top-K.
 3. `--parts fusions`: (a) the block input's RMSNorm with the Top-K select folded in (`larosa::rmsnorm_topk`)
    vs the compiled norm, the select kernel and the GEMV, and (b) the residual add in the GEMV epilogue
    (`topk_linear(..., residual=)`) vs the GEMV then a compiled add: per op (q/k/v, gate+up, o and down of
@@ -285,6 +287,30 @@ def hints_overlap_rows(shape: str, gen_len: int) -> list[dict]:
     return rows
 
 
+def adapter_mode_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v16, LaRoSA: the adapter GEMVs inside the MLP selects' launches ("select", hints on, at the default split
+    and with every column in the down select) vs on the side stream (hints off: v13-v15's default) vs in order
+    (hints on), alternating; un-rotated Top-K (no adapters, hints on) as the ceiling."""
+    bw, base, prompt = _engine_setup(shape)
+    rows = []
+    variants = (("select", {"overlap_adapters": "select"}), ("select-split0", {"overlap_adapters": "select",
+                                                                               "adapter_split": 0.0}),
+                ("stream", {"overlap_adapters": "stream"}), ("inline", {"overlap_adapters": "inline"}))
+    for p in (0.25, 0.4, 0.5, 0.75):
+        w = sparse_variant(base, "larosa", p)
+        for rep in range(repeats):
+            for name, kw in variants:
+                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} larosa p={p:.2f} adapters={name:13s} #{rep}",
+                            {"shape": shape, "method": "larosa", "nominal": p, "adapters": name, "repeat": rep}, **kw)
+        del w
+        w = sparse_variant(base, "topk", p)
+        _engine_row(rows, w, prompt, gen_len, bw, f"{shape} topk   p={p:.2f} (no adapters)",
+                    {"shape": shape, "method": "topk", "nominal": p, "adapters": None, "repeat": 0})
+        del w
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -292,9 +318,10 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
+    # adapter_modes
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
-                            "hint_sites"}
+                            "hint_sites", "adapter_modes"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -316,6 +343,8 @@ def main() -> None:
         res["hints_overlap"] = hints_overlap_rows(a.shape, a.gen_len)
     if "hint_sites" in parts:
         res["hint_sites"] = hint_sites_rows(a.shape, a.gen_len)
+    if "adapter_modes" in parts:
+        res["adapter_modes"] = adapter_mode_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     dtype = torch.bfloat16
     torch.manual_seed(0)
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(torch.device("cuda"))
     props = torch.cuda.get_device_properties(0)
     print(f"# {props.name}, copy bandwidth {bw / 1e12:.2f} TB/s, bf16, batch 1, CUDA graphs, p = {args.sparsity}",
           flush=True)

@@ -24,6 +24,12 @@
 #                                                # sweep, LLaMA2-7B decode under LAROSA_KERNEL_IMPL=gtile (~7 min)
 #   bash benchmarks/h200_session.sh compactselect # the packed select plain / compacting / prefix sum only (~1 min)
 #   bash benchmarks/h200_session.sh gtileab      # the same per-op A/B at the default tiles only (~1 min)
+#   bash benchmarks/h200_session.sh sidetests    # v16 adapter-in-the-selects: compiled side-GEMV kernel tests and
+#                                                # the engine GPU tests (~3 min)
+#   bash benchmarks/h200_session.sh side         # v16: the MLP half with the adapter in its selects, per op, tile
+#                                                # sweep (~2 min)
+#   bash benchmarks/h200_session.sh adaptermodes # v16: LaRoSA adapters in the selects / side stream / in order,
+#                                                # end to end, beside Top-K (~4 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
 #
@@ -31,7 +37,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|compactselect|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|compactselect|sidetests|side|adaptermodes|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -87,6 +93,16 @@ for stage in "$@"; do
     gtileab)
       python3 benchmarks/gtile_ab.py --no-grid --out "$out/gtile-ab-default-h200.json" \
         2>&1 | tee "$out/gtile-ab-default-h200.log" || rc=1 ;;
+    sidetests)
+      python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "side or rmsnorm or pdl" \
+        > "$out/side-tests.log" 2>&1 || rc=1
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py \
+        >> "$out/side-tests.log" 2>&1 || rc=1
+      grep -E "passed|failed" "$out/side-tests.log" ;;
+    side)
+      python3 benchmarks/side_bench.py --out "$out/side-h200.json" 2>&1 | tee "$out/side-h200.log" || rc=1 ;;
+    adaptermodes)
+      parts adapter_modes adapter-modes-h200 ;;
     adapterprefix)
       python3 benchmarks/adapter_prefix.py --out "$out/adapter-prefix-h200.json" \
         2>&1 | tee "$out/adapter-prefix-h200.log" || rc=1 ;;

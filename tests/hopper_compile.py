@@ -36,6 +36,11 @@ CASES = [
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 128, "BLOCK_N": 128, "PDL": True}, 2),
     (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True}, 2),
     (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 6}, 4),
+    # v16: the adapter GEMV's programs in the MLP half's selects
+    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 6, "SIDE": True}, 4),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 6, "SIDE": True, "HAS_PREV": True}, 8),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 6, "COMPACT": True, "SIDE": True,
+                               "HAS_PREV": True}, 8),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256,
                            "PDL": True, "HAS_RES": True}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,

@@ -171,16 +171,19 @@ def test_fold_adapter_is_down_then_adapter(mode):
     assert folded.shape == layout.shape
 
 
-def test_overlapped_adapter_step_matches_plain_step():
-    """The decode step with x_mid R_l split off (run in order on the CPU) equals the plain layer."""
+@pytest.mark.parametrize("mode", [True, "stream", "select"])
+def test_overlapped_adapter_step_matches_plain_step(mode):
+    """The decode step with x_mid R_l split off (on the side stream's path or in the MLP selects' launches,
+    run in order with the reference ops on the CPU) equals the plain layer."""
     model = tiny_model("llama", seed=7)
     rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
     fused = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.5)), rot)
     w = from_hf(fused)
     ids = torch.randint(3, model.config.vocab_size, (2, 6))
     plain = DecodeEngine(w, max_len=16, batch=2)
-    split = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=True)
-    assert split.overlap and not plain.overlap
+    split = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=mode)
+    assert split.overlap and not plain.overlap and plain.adapter_mode == "inline"
+    assert split.adapter_mode == ("stream" if mode is True else mode)
     ref = _hf_greedy(fused, ids, 5)
     for eng in (plain, split):
         eng.prefill(ids)
@@ -194,7 +197,11 @@ def test_overlapped_adapter_step_matches_plain_step():
         split.tok.copy_(ref[:, j:j + 1])
     # no adapters (model-level Q): nothing to overlap
     mono = apply(copy.deepcopy(model), LarosaConfig("fused", "model", SparsityPlan.from_nominal(0.5)), rot)
-    assert not DecodeEngine(from_hf(mono), max_len=16, overlap_adapters=True).overlap
+    assert not DecodeEngine(from_hf(mono), max_len=16, overlap_adapters=mode).overlap
+    with pytest.raises(LarosaError, match="overlap_adapters"):
+        DecodeEngine(w, max_len=16, overlap_adapters="sideways")
+    with pytest.raises(LarosaError, match="adapter_split"):
+        DecodeEngine(w, max_len=16, adapter_split=1.5)
 
 
 def _larosa_tiny(seed=7, level="layer"):
@@ -207,7 +214,7 @@ FUSIONS = [{"fuse_norm_select": True}, {"fuse_residual": True}, {"fuse_norm_sele
 
 
 @pytest.mark.parametrize("fusion", FUSIONS, ids=["norm", "residual", "both"])
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("overlap", [False, True, "select"])
 def test_fused_engine_equals_plain_engine_fp32(overlap, fusion):
     """fp32 (reference ops): the norm + select op and the residual in the GEMV are the same arithmetic as the
     plain layer, so the logits are identical, with the adapters in the layer or split off (the adapter
@@ -217,7 +224,7 @@ def test_fused_engine_equals_plain_engine_fp32(overlap, fusion):
     ids = torch.randint(3, model.config.vocab_size, (2, 6))
     plain = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap)
     fns = DecodeEngine(w, max_len=16, batch=2, overlap_adapters=overlap, **fusion)
-    assert fns.overlap == overlap
+    assert fns.overlap == bool(overlap)
     assert all(st.fused_norm == fusion.get("fuse_norm_select", False)
                and st.fused_residual == fusion.get("fuse_residual", False) for st in fns._statics)
     assert not any(st.fused_norm or st.fused_residual for st in plain._statics)
@@ -231,7 +238,7 @@ def test_fused_engine_equals_plain_engine_fp32(overlap, fusion):
 
 
 @pytest.mark.parametrize("fusion", FUSIONS, ids=["norm", "residual", "both"])
-@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("overlap", [False, True, "select"])
 def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     """bf16, batch 1: the decode step runs the Triton norm + select kernel (interpreted on the CPU, compiled
     on a GPU, eager either way) for the q/k/v and gate/up sites of every layer and/or the GEMVs with the
@@ -242,10 +249,12 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
     norms, residuals = [], []
     real_norm, real_launch = _ops.triton_gemv.rmsnorm_select, _ops.triton_gemv.launch
+    sides = []
     monkeypatch.setattr(_ops.triton_gemv, "rmsnorm_select",
-                        lambda *a, **k: (norms.append(1), real_norm(*a, **k))[1])
+                        lambda *a, **k: (norms.append(1), sides.append(k.get("side")), real_norm(*a, **k))[2])
     monkeypatch.setattr(_ops.triton_gemv, "launch",
-                        lambda *a, **k: (residuals.append(k.get("residual") is not None), real_launch(*a, **k))[1])
+                        lambda *a, **k: (residuals.append(k.get("residual") is not None), sides.append(k.get("side")),
+                                         real_launch(*a, **k))[2])
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
     off = {"fuse_norm_select": False, "fuse_residual": False}  # explicit: CUDA's default is both on
     plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **off)
@@ -263,6 +272,14 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     per_step_res = sum(1 + (not st.adapter) for st in w.statics) if fusion.get("fuse_residual") else 0
     assert len(norms) == 3 * per_step_norms
     assert sum(residuals) == 3 * per_step_res
+    # adapters in the selects (both engines): every adapter's columns ride in the down select, the first ones
+    # in the norm + gate/up select where that is fused (only in `fns`)
+    n_adapt = sum(st.adapter for st in w.statics)
+    assert n_adapt and fns.adapter_mode == {False: "inline", True: "stream", "select": "select"}[overlap]
+    sides = [s for s in sides if s is not None]
+    per_step_sides = n_adapt * (2 + bool(fusion.get("fuse_norm_select"))) if overlap == "select" else 0
+    assert len(sides) == 3 * per_step_sides
+    assert all(s.c1 == w.embed.shape[1] for s in sides if s.c0 > 0)
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from larosa.engine import DecodeEngine
+from larosa.engine import DEFAULT_ADAPTERS, DecodeEngine
 from larosa.shapes import Shape, random_base, sparse_variant, teal_thresholds
 
 pytestmark = [pytest.mark.gpu,
@@ -66,7 +66,7 @@ def test_compiled_graph_step_equals_eager(monkeypatch, method, impl):
     fast = DecodeEngine(w, max_len=64)
     slow = DecodeEngine(w, max_len=64, compile=False, graphs=False)
     # the same compiled step without the graph (the adapter GEMVs on the side stream as well)
-    nograph = DecodeEngine(w, max_len=64, compile=True, graphs=False, overlap_adapters=fast.overlap)
+    nograph = DecodeEngine(w, max_len=64, compile=True, graphs=False, overlap_adapters=fast.adapter_mode)
     assert fast.compile and fast.graphs and fast.overlap == (method == "larosa")
     n = 24
     ref = slow.generate(prompt, n).tokens
@@ -127,7 +127,7 @@ def test_fused_graph_step_follows_the_plain_step(method, fusion):
     w = sparse_variant(base, method, 0.5)
     prompt = torch.randint(0, SMALL.vocab, (1, 16), device="cuda")
     fast = DecodeEngine(w, max_len=64, **fusion)
-    nograph = DecodeEngine(w, max_len=64, compile=True, graphs=False, overlap_adapters=fast.overlap, **fusion)
+    nograph = DecodeEngine(w, max_len=64, compile=True, graphs=False, overlap_adapters=fast.adapter_mode, **fusion)
     slow = DecodeEngine(w, max_len=64, compile=False, graphs=False)
     assert fast.graphs and fast.overlap == (method == "larosa")
     n = 24
@@ -138,4 +138,24 @@ def test_fused_graph_step_follows_the_plain_step(method, fusion):
     for _ in _teacher_forced((fast, nograph, slow), prompt, ref):
         assert cos(fast.logits.float(), nograph.logits.float()).item() > 0.99
         worst = min(worst, cos(fast.logits, slow.logits).item())
+    assert worst > 0.9, worst
+
+
+@pytest.mark.parametrize("kernel", ["tile", "gtile"])
+@pytest.mark.parametrize("mode", ["select", "stream", "inline"])
+def test_adapter_modes_follow_the_plain_step(mode, kernel):
+    """v16: LaRoSA's adapter GEMVs inside the MLP half's select launches ("select"),
+    on the side stream or in order: the captured step's teacher-forced logits follow the plain eager
+    engine's, and the adapter residual reaches the next layer (a missing adapter gives a cosine far from 1)."""
+    base = random_base(SMALL, torch.bfloat16, "cuda", seed=4)
+    w = sparse_variant(base, "larosa", 0.5)
+    prompt = torch.randint(0, SMALL.vocab, (1, 16), device="cuda")
+    fast = DecodeEngine(w, max_len=64, overlap_adapters=mode, kernel=kernel)
+    slow = DecodeEngine(w, max_len=64, compile=False, graphs=False)
+    assert fast.adapter_mode == mode and slow.adapter_mode == "inline"
+    assert DecodeEngine(w, max_len=64).adapter_mode == DEFAULT_ADAPTERS
+    ref = slow.generate(prompt, 16).tokens
+    worst = 1.0
+    for _ in _teacher_forced((fast, slow), prompt, ref):
+        worst = min(worst, torch.nn.functional.cosine_similarity(fast.logits, slow.logits).item())
     assert worst > 0.9, worst

@@ -731,3 +731,146 @@ def test_hinted_select_takes_the_window_path():
         assert torch.equal(run(t + off), want), off
     far = run(t + 500)
     assert not torch.equal(far[:, 0], t)
+
+
+def _side_setup(dtype, rows=2, d=200, n=150, width=300):
+    x = torch.randn(rows, width).to(dtype)
+    x[0, : width // 3] = x[0, 0]  # ties
+    ax = torch.randn(rows, d).to(dtype)
+    aw = (torch.randn(n, d) / d ** 0.5).to(dtype)  # output-major, as F.linear's weight
+    return x, ax, aw, ax.double() @ aw.double().T
+
+
+def _close_to_matmul(y, want):
+    """A 16-bit GEMV output vs the fp64 product: within the rounding of fp32 sums in another order."""
+    assert _rel(y, want) < 1e-2 and (y.double() - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("compact", [False, True])
+def test_side_gemv_rides_in_the_select_and_changes_nothing_else(dtype, compact):
+    """v16: extra programs of the select launch compute y[:, c0:c1] = x @ w[c0:c1].T (and copy prev into
+    y[:, :c0]); the selection is bit-equal to the select without them, and no column outside [0, c1) is
+    written."""
+    x, ax, aw, want = _side_setup(dtype)
+    plain = ops.triton_gemv.select(x, 37, compact=compact)
+    y = torch.full((2, 150), float("nan")).to(dtype)
+    sel = ops.triton_gemv.select(x, 37, compact=compact, side=ops.triton_gemv.SideGemv(ax, aw, y, 0, 70))
+    assert torch.equal(sel, plain)
+    _close_to_matmul(y[:, :70], want[:, :70])
+    assert torch.isnan(y[:, 70:]).all()
+    prev = y[:, :70].clone()
+    y2 = torch.full((2, 150), float("nan")).to(dtype)
+    sel = ops.triton_gemv.select(x, 37, compact=compact, side=ops.triton_gemv.SideGemv(ax, aw, y2, 70, 150, prev))
+    assert torch.equal(sel, plain)
+    assert torch.equal(y2[:, :70], prev)
+    _close_to_matmul(y2, want)
+
+
+@pytest.mark.parametrize("with_res", [False, True])
+def test_side_gemv_rides_in_the_norm_select(with_res):
+    x, ax, aw, want = _side_setup(torch.bfloat16)
+    res = torch.randn(2, 300).bfloat16() if with_res else None
+    g = (torch.rand(300) + 0.5).bfloat16()
+    xs0, h0, sel0 = ops.triton_gemv.rmsnorm_select(x, res, g, 1e-6, 40)
+    y = torch.full((2, 150), float("nan")).bfloat16()
+    xs, h, sel = ops.triton_gemv.rmsnorm_select(x, res, g, 1e-6, 40, side=ops.triton_gemv.SideGemv(ax, aw, y, 0, 150))
+    assert torch.equal(h, h0) and torch.equal(sel, sel0) and (xs is None) == (xs0 is None)
+    if with_res:
+        assert torch.equal(xs, xs0)
+    _close_to_matmul(y, want)
+
+
+def test_side_gemv_refuses_bad_arguments():
+    x, ax, aw, _ = _side_setup(torch.bfloat16)
+    y = torch.empty(2, 150).bfloat16()
+    SG = ops.triton_gemv.SideGemv
+    bad = [(SG(ax[:1], aw, y, 0, 150), "rows"), (SG(ax, aw[:, :199], y, 0, 150), "rows"),
+           (SG(ax, aw, y, 0, 151), "columns"), (SG(ax, aw, y, 70, 150), "prev"),
+           (SG(ax, aw, y, 0, 70, y[:, :70]), "prev"), (SG(ax, aw.half(), y, 0, 70), "dtype")]
+    for side, match in bad:
+        with pytest.raises(ValueError, match=match):
+            ops.triton_gemv.select(x, 9, side=side)
+    with pytest.raises(ValueError, match="packed select"):
+        ops.triton_gemv.select(x, 9, impl="bisect", side=SG(ax, aw, y, 0, 150))
+    wt = torch.randn(300, 20).bfloat16()
+    sel = ops.triton_gemv.select(x, 9)
+    for impl in ("tile", "gtile", "split", "fused"):
+        with pytest.raises(ValueError, match="side="):
+            ops.triton_gemv.launch(x, wt, torch.empty(2, 20).bfloat16(), 9, impl=impl,
+                                   sel=None if impl == "fused" else sel, side=SG(ax, aw, y, 0, 150))
+
+
+@pytest.mark.parametrize("impl", ["tile", "gtile", "split"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_side_ops_compute_their_parts(monkeypatch, impl, gated):
+    """`rmsnorm_topk_side` then `topk_linear_side`: the GEMV outputs of the plain ops, bit for bit (the side
+    programs do not touch them), and the side product x @ w split across the two launches."""
+    calls = _kernel_used(monkeypatch)
+    d, di = 128, 320
+    x = torch.randn(1, 1, d).bfloat16()
+    g = (torch.rand(d) + 0.5).bfloat16()
+    wg, wu = (torch.randn(d, di) / d ** 0.5).bfloat16(), (torch.randn(d, di) / d ** 0.5).bfloat16()
+    wd = (torch.randn(di, d) / di ** 0.5).bfloat16()
+    r_w = torch.linalg.qr(torch.randn(d, d, device="cpu"))[0].to(x.device).bfloat16()
+    want = x.view(1, d).double() @ r_w.double().T
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "split")  # bit-reproducible sums for the plain vs side comparison
+    wup = wu if gated else None
+    for cols in (48, 0):
+        y0 = torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-6, wg, wup, 50)[1]
+        y, r = torch.ops.larosa.rmsnorm_topk_side(x, g, 1e-6, wg, wup, 50, r_w, cols, None, None, impl)
+        assert r.shape == (1, 1, cols)
+        if impl == "split":
+            assert torch.equal(y, y0)
+        else:
+            assert _rel(y, y0) < 1e-2
+        if cols:
+            _close_to_matmul(r.view(1, cols), want[:, :cols])
+        h = y if gated else torch.nn.functional.silu(y)
+        z0 = torch.ops.larosa.topk_linear(h, wd, 100, None, None, None, None, "split")
+        z, rr = torch.ops.larosa.topk_linear_side(h, wd, 100, x, r_w, r if cols else None, None, None, "split")
+        assert torch.equal(z, z0) and rr.shape == (1, 1, d)
+        _close_to_matmul(rr.view(1, d), want)
+        if cols:
+            assert torch.equal(rr[..., :cols], r)
+    assert calls
+
+
+def test_side_ops_reference_paths_errors_and_opcheck():
+    """fp32 (no kernel): the side products are plain matmuls; shapes are checked; schema and fake agree."""
+    x, g = torch.randn(2, 40), torch.rand(40) + 0.5
+    wt, r_w = torch.randn(40, 9), torch.randn(40, 40)
+    y, r = torch.ops.larosa.rmsnorm_topk_side(x, g, 1e-6, wt, None, 7, r_w, 16)
+    torch.testing.assert_close(y, torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-6, wt, None, 7)[1])
+    torch.testing.assert_close(r, x @ r_w[:16].T)
+    z, rr = torch.ops.larosa.topk_linear_side(torch.randn(2, 9), torch.randn(9, 5), 3, x, r_w, r)
+    torch.testing.assert_close(rr, x @ r_w.T)
+    with pytest.raises(ValueError, match="side weight"):
+        torch.ops.larosa.rmsnorm_topk_side(x, g, 1e-6, wt, None, 7, r_w[:, :39], 16)
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.larosa.rmsnorm_topk_side(x, g, 1e-6, wt, None, 7, r_w, 41)
+    with pytest.raises(ValueError, match="prev"):
+        torch.ops.larosa.topk_linear_side(torch.randn(2, 9), torch.randn(9, 5), 3, x, r_w, r[:1])
+    with pytest.raises(ValueError, match="leading shape"):
+        torch.ops.larosa.topk_linear_side(torch.randn(3, 9), torch.randn(9, 5), 3, x, r_w, None)
+    xb, gb, wb, rb = x[:1].bfloat16(), g.bfloat16(), wt.bfloat16(), r_w.bfloat16()
+    torch.library.opcheck(torch.ops.larosa.rmsnorm_topk_side.default, (xb, gb, 1e-6, wb, None, 7, rb, 16),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.larosa.topk_linear_side.default,
+                          (torch.randn(1, 9).bfloat16(), torch.randn(9, 5).bfloat16(), 3, xb, rb, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("tiles", ["32,64,3", "8,128,1", "16,512,4"])
+def test_side_gemv_tiles_from_the_environment(monkeypatch, tiles):
+    """LAROSA_SIDE_TILES (benchmarks/side_bench.py's sweep): any tiling computes the same product; a bad value
+    is refused."""
+    monkeypatch.setenv("LAROSA_SIDE_TILES", tiles)
+    x, ax, aw, want = _side_setup(torch.bfloat16, d=300, n=70)
+    y = torch.empty(2, 70).bfloat16()
+    ops.triton_gemv.select(x, 37, side=ops.triton_gemv.SideGemv(ax, aw, y, 0, 70))
+    _close_to_matmul(y, want)
+    for bad in ("16,512", "12,512,2", "16,512,9", "a,b,c"):
+        monkeypatch.setenv("LAROSA_SIDE_TILES", bad)
+        with pytest.raises(ValueError, match="LAROSA_SIDE_TILES"):
+            ops.triton_gemv.select(x, 37, side=ops.triton_gemv.SideGemv(ax, aw, y, 0, 70))

@@ -146,6 +146,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
         out["peak_mem_GiB"] = (w.nbytes() + torch.cuda.max_memory_allocated(dev) - held) / 2 ** 30
     out["fuse"] = [name for name, flag in FUSIONS.items() if getattr(eng, flag)]  # what the engine ran
     out["kernel"] = eng.kernel or os.environ.get("LAROSA_KERNEL_IMPL")  # the Top-K GEMV (None: dense / default)
+    out["adapters"] = eng.adapter_mode  # where the residual adapter GEMVs ran ("inline" without adapters)
     del eng
     return out
 

@@ -74,6 +74,8 @@ class LayerStatic(NamedTuple):
     fused_residual: bool = False
     # bit i set: site i's select (0 q/k/v, 1 o, 2 gate/up, 3 down) keeps a threshold hint; set by the engine
     hint_sites: int = 0b1111
+    # adapters in the selects (`mlp_block_side`): adapter columns computed in the gate/up select's launch
+    adapter_cols: int = 0
 
 
 @dataclass
@@ -93,7 +95,8 @@ class LayerWeights:
     q_norm: Optional[torch.Tensor] = None
     k_norm: Optional[torch.Tensor] = None
     rotate_mlp: Optional[torch.Tensor] = None
-    # residual adapter R_l: the layer returns x_mid R_l + down'(m), with R_l already folded into `wdown`
+    # residual adapter R_l as F.linear's weight (R_l^T, contiguous: each output's weights in one row): the layer
+    # returns x_mid R_l + down'(m), with R_l already folded into `wdown`
     adapter: Optional[torch.Tensor] = None
     # TEAL: thresholds of (attn_in, attn_out, mlp_in, mlp_out) as a tensor, so layers share one graph
     thresholds: Optional[torch.Tensor] = None
@@ -263,7 +266,32 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
     site inputs before sparsification."""
     x = attn_block(x, None, pos, cos, sin, mask, kc, vc, w, st, probe)
     y = mlp_block(x, w, st, probe)
-    return x @ w[12] + y if st.adapter else y
+    return F.linear(x, w[12]) + y if st.adapter else y
+
+
+def mlp_block_side(x: torch.Tensor, w: tuple, st: LayerStatic) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP half of a layer with an adapter, and the adapter GEMV x_mid R_l run by extra programs of the
+    MLP half's two select launches (`larosa::rmsnorm_topk_side` computes the first `st.adapter_cols`
+    columns on the SMs the gate/up select leaves idle, `larosa::topk_linear_side` the rest beside the down
+    projection's select). Returns (down'(m), x_mid R_l), as `mlp_block` and the adapter GEMV would. Sites
+    that are not Top-K (or a gate/up input that is not norm + select fused) take the plain path."""
+    (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, adapter,
+     thr, _s_ao, s_mo, cnt, hints) = w
+    if st.mlp_out.mode != "topk":
+        return mlp_block(x, w, st), F.linear(x, adapter)
+    prev = None
+    if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp:
+        act, prev = torch.ops.larosa.rmsnorm_topk_side(x, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, adapter,
+                                                       st.adapter_cols, cnt, _hint(hints, 2, st), st.mlp_in.kernel)
+        prev = prev if st.adapter_cols else None
+    else:
+        h = _rms(x, mlp_norm, st.eps)
+        if st.rotate_mlp:
+            h = h @ rotate_mlp
+        act = _gate_up(_site_input(h, None, None, thr, 2, st.mlp_in), wgate, wup, st.mlp_in, cnt, _hint(hints, 2, st))
+    act = _site_input(act, s_mo, None, thr, 3, st.mlp_out)
+    return torch.ops.larosa.topk_linear_side(act, wdown, st.mlp_out.k, x, adapter, prev, cnt, _hint(hints, 3, st),
+                                             st.mlp_out.kernel)
 
 
 def fold_adapter(wdown: torch.Tensor, adapter: torch.Tensor, site: Site) -> torch.Tensor:
@@ -445,11 +473,11 @@ def from_hf(model: nn.Module) -> ModelWeights:
             mlp_norm=m_gamma, wgate=_orient(g_lin.weight, s_mi, sc_mi), wup=_orient(u_lin.weight, s_mi, sc_mi),
             wdown=_orient(d_lin.weight, s_mo, sc_mo), q_norm=qn, k_norm=kn,
             rotate_mlp=None if rot is None else rot.detach(),
-            adapter=layer.adapter.detach() if hasattr(layer, "adapter") else None, thresholds=thr,
+            adapter=layer.adapter.detach().t().contiguous() if hasattr(layer, "adapter") else None, thresholds=thr,
             scale_attn_out=None if sc_ao is None else sc_ao.to(a_gamma.dtype),
             scale_mlp_out=None if sc_mo is None else sc_mo.to(a_gamma.dtype))
         if lw.adapter is not None:
-            lw.wdown = fold_adapter(lw.wdown, lw.adapter, s_mo)
+            lw.wdown = fold_adapter(lw.wdown, lw.adapter.t(), s_mo)
         if any(site.mode != "dense" for site in (s_ai, s_ao, s_mi, s_mo)):
             lw.add_counters()
         if any(getattr(lin, "bias", None) is not None for lin in (g_lin, u_lin, d_lin)):
@@ -541,6 +569,27 @@ def topk_kernel(weights: "ModelWeights") -> Optional[str]:
     return "gtile" if share <= GTILE_MODEL_MAX_KEEP else "tile"
 
 
+ADAPTER_MODES = ("inline", "stream", "select")
+ADAPTER_SPLIT = 0.375  # share of the adapter's columns computed in the gate/up select (the rest: the down select)
+DEFAULT_ADAPTERS = "stream"  # v16's first "select" kernel (row-major weight tiles) was 3x slower end to end
+
+
+def _adapter_mode(overlap_adapters, has_adapters: bool, graphs: bool) -> str:
+    """Where the residual adapter GEMVs run: "inline" (in order, after the MLP half), "stream" (a side
+    stream), "select" (extra programs of the MLP half's select launches). None: `DEFAULT_ADAPTERS` with CUDA
+    graphs, else "inline"."""
+    if overlap_adapters is None:
+        mode = DEFAULT_ADAPTERS if graphs else "inline"
+    elif isinstance(overlap_adapters, bool):
+        mode = "stream" if overlap_adapters else "inline"
+    else:
+        mode = overlap_adapters
+    if mode not in ADAPTER_MODES:
+        raise LarosaError(f"overlap_adapters must be None, a bool or one of {', '.join(ADAPTER_MODES)}, got "
+                          f"{overlap_adapters!r}")
+    return mode if has_adapters else "inline"
+
+
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # (B, n_new) generated ids
@@ -552,10 +601,13 @@ class DecodeEngine:
     """Static-cache decoder for `ModelWeights`: `prefill`, then `step` one token at a time.
 
     compile: None = on CUDA only. graphs: None = on CUDA only (the decode step is one CUDA graph).
-    overlap_adapters: None = on with CUDA graphs when the model has residual adapters. The decode step then
-    runs each adapter GEMV x_mid R_l on a second stream, concurrent with the layer's MLP half (which does
-    not need it: R_l is folded into the down projection), and the next layer adds the two. On the CPU
-    `True` runs the same split step in order (tests); prefill always runs the plain layer.
+    overlap_adapters: where the residual adapter GEMVs x_mid R_l of the decode step run (the MLP half does
+    not need them: R_l is folded into the down projection, and the next layer adds the two). "select" (v16):
+    extra programs of the MLP half's two select launches compute it on the SMs the one-program-per-row
+    selects leave idle (`mlp_block_side`; `adapter_split` of the columns in the gate/up select, the rest in
+    the down one). "stream" (or True): a second stream, concurrent with the MLP half. "inline" (or False):
+    in order. None = `DEFAULT_ADAPTERS` with CUDA graphs, else "inline". On the CPU "stream" runs the same split step
+    in order (tests); prefill always runs the plain layer.
     capture_priority: CUDA stream priority of the captured step (None: the highest when overlapping).
     fuse_norm_select: Top-K block inputs (q/k/v and gate/up sites, without an in-layer MLP rotation) take
     `larosa::rmsnorm_topk`: the residual add, the RMSNorm and the Top-K select in one kernel, then the GEMV
@@ -575,10 +627,11 @@ class DecodeEngine:
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
-                 graphs: Optional[bool] = None, overlap_adapters: Optional[bool] = None,
+                 graphs: Optional[bool] = None, overlap_adapters: Optional[bool | str] = None,
                  capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
                  fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
-                 hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None):
+                 hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
+                 adapter_split: float = ADAPTER_SPLIT):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
@@ -617,19 +670,26 @@ class DecodeEngine:
         self._layer_fn: Callable = decoder_layer
         self._attn_fn: Callable = attn_block
         self._mlp_fn: Callable = mlp_block
+        self._mlp_side_fn: Callable = mlp_block_side
         if self.compile:
             self._layer_fn = torch.compile(decoder_layer, fullgraph=True, dynamic=False)
             self._attn_fn = torch.compile(attn_block, fullgraph=True, dynamic=False)
             self._mlp_fn = torch.compile(mlp_block, fullgraph=True, dynamic=False)
+            self._mlp_side_fn = torch.compile(mlp_block_side, fullgraph=True, dynamic=False)
         has_adapters = any(st.adapter for st in weights.statics)
-        self.overlap = has_adapters and (self.graphs if overlap_adapters is None else bool(overlap_adapters))
-        self.select_hints = not self.overlap if select_hints is None else bool(select_hints)
+        self.adapter_mode = _adapter_mode(overlap_adapters, has_adapters, self.graphs)
+        self.overlap = self.adapter_mode != "inline"
+        if not 0.0 <= adapter_split <= 1.0:
+            raise LarosaError(f"adapter_split must be in [0, 1], got {adapter_split}")
+        cols = int(round(adapter_split * weights.embed.shape[1] / 8)) * 8  # 16-byte aligned column split
+        self._statics = [st._replace(adapter_cols=min(cols, weights.embed.shape[1])) for st in self._statics]
+        self.select_hints = self.adapter_mode != "stream" if select_hints is None else bool(select_hints)
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
         self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
                                          if self.select_hints and lw.counters is not None else None,)
                          for lw in weights.layers]
-        self._side = torch.cuda.Stream(self.device) if self.overlap and cuda else None
+        self._side = torch.cuda.Stream(self.device) if self.adapter_mode == "stream" and cuda else None
         # capture the step on a high-priority stream, so the side stream's adapter GEMVs fill gaps only
         if capture_priority is None:
             capture_priority = torch.cuda.Stream.priority_range()[1] if self._side is not None else 0
@@ -637,7 +697,7 @@ class DecodeEngine:
         # x_mid R_l lands in one static buffer: the next layer's attention half reads it before that
         # layer forks the side stream to overwrite it
         self._res = (torch.zeros(self.batch, 1, weights.embed.shape[1], dtype=self.dtype, device=self.device)
-                     if self.overlap else None)
+                     if self.adapter_mode == "stream" else None)
         # decode-step state (static buffers, so a captured graph can read and update them)
         self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -669,7 +729,8 @@ class DecodeEngine:
 
     def _forward_overlapped(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode position (ids (B, 1)) with each adapter GEMV x_mid R_l on the side stream, concurrent
-        with the MLP half of its layer; the next layer's attention half adds it to the residual."""
+        with the MLP half of its layer, or inside the MLP half's selects (`mlp_block_side`); the next
+        layer's attention half adds it to the residual."""
         x, cos, sin, mask = self._inputs(ids, pos)
         side = self._side
         main = torch.cuda.current_stream(self.device) if side is not None else None
@@ -679,10 +740,13 @@ class DecodeEngine:
             if not st.adapter:
                 x, res = self._mlp_fn(x, lw, st), None
                 continue
+            if self.adapter_mode == "select":
+                x, res = self._mlp_side_fn(x, lw, st)
+                continue
             if side is not None:
                 side.wait_stream(main)
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                torch.mm(x.view(-1, x.shape[-1]), lw[12], out=self._res.view(-1, self._res.shape[-1]))
+                torch.mm(x.view(-1, x.shape[-1]), lw[12].t(), out=self._res.view(-1, self._res.shape[-1]))
             y = self._mlp_fn(x, lw, st)
             if side is not None:
                 main.wait_stream(side)  # before x (read by the side stream) can be freed, and res read

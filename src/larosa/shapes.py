@@ -126,7 +126,8 @@ def sparse_variant(base: ModelWeights, method: str, sparsity: float, split=(0.8,
         wdown = _t(lw.wdown) if adapter is None else fold_adapter(_t(lw.wdown), adapter, sites[3])
         layers.append(LayerWeights(
             attn_norm=lw.attn_norm, wqkv=_t(lw.wqkv), bqkv=lw.bqkv, wo=_t(lw.wo), bo=lw.bo, mlp_norm=lw.mlp_norm,
-            wgate=_t(lw.wgate), wup=_t(lw.wup), wdown=wdown, adapter=adapter, thresholds=thr).add_counters())
+            wgate=_t(lw.wgate), wup=_t(lw.wup), wdown=wdown, thresholds=thr,
+            adapter=None if adapter is None else adapter.t().contiguous()).add_counters())
         statics.append(st._replace(attn_in=sites[0], attn_out=sites[1], mlp_in=sites[2], mlp_out=sites[3],
                                    adapter=adapter is not None))
     meta = dict(base.meta, method=method, sparsity=sparsity, split=list(split))

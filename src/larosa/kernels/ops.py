@@ -6,6 +6,12 @@
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
     torch.ops.larosa.rmsnorm_topk(x, res, g, eps, wt, wt_up, k, bias)
                                                          the block input's RMSNorm with the select folded in
+    torch.ops.larosa.rmsnorm_topk_side(x, g, eps, wt, wt_up, k, w, c)
+                                                         ... and r = x @ w[:c].T in the same launch
+    torch.ops.larosa.topk_linear_side(x, wt, k, a, w, prev)
+                                                         TopK_k(x) @ wt, and r = a @ w.T (first columns: prev)
+
+The side GEMVs' weights w are output-major (F.linear's layout, d_out x d_in), unlike `wt`.
     torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
 
 Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
@@ -172,6 +178,46 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
     empty when res is None (the caller keeps x). Where the kernels run, one kernel computes xs, h and h's
     selection (`triton_gemv.rmsnorm_select`), and the GEMV follows without a select launch; elsewhere the
     reference (`reference.rmsnorm_topk_ref`), or, for many rows on CUDA, the same norm and `topk_linear`."""
+    xs, y, _ = _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl)
+    return xs, y
+
+
+@rmsnorm_topk.register_fake
+def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None, impl=None):
+    return (x.new_empty(0) if res is None else x.new_empty(x.shape)), x.new_empty(*x.shape[:-1], wt.shape[1])
+
+
+@torch.library.custom_op("larosa::rmsnorm_topk_side", mutates_args=())
+def rmsnorm_topk_side(x: torch.Tensor, norm_w: torch.Tensor, eps: float, wt: torch.Tensor,
+                      wt_up: Optional[torch.Tensor], k: int, side_w: torch.Tensor, side_cols: int,
+                      counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
+                      impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rmsnorm_topk` without res, plus a dense side GEMV of its input: (y, r) with r = x @ side_w[:side_cols].T
+    (x's leading shape, side_cols; side_w (d_out, d_in) as F.linear's weight). Where the kernels run, r comes from extra programs of the norm + select
+    launch (`triton_gemv.SideGemv`), on the SMs the select leaves idle. `topk_linear_side` finishes it."""
+    _check_side(x, side_w, side_cols, None)
+    _, y, r = _rmsnorm_topk(x, None, norm_w, eps, wt, wt_up, k, None, counters, hint, impl, side_w, side_cols)
+    return y, r
+
+
+@rmsnorm_topk_side.register_fake
+def _(x, norm_w, eps, wt, wt_up, k, side_w, side_cols, counters=None, hint=None, impl=None):
+    return x.new_empty(*x.shape[:-1], wt.shape[1]), x.new_empty(*x.shape[:-1], side_cols)
+
+
+def _check_side(ax: torch.Tensor, side_w: torch.Tensor, c: int, prev: Optional[torch.Tensor]) -> None:
+    if side_w.dim() != 2 or side_w.shape[1] != ax.shape[-1]:
+        raise ValueError(f"side weight {tuple(side_w.shape)} (d_out x d_in) does not match inputs of width "
+                         f"{ax.shape[-1]}")
+    if not 0 <= c <= side_w.shape[0]:
+        raise ValueError(f"side columns {c} out of range for a side weight {tuple(side_w.shape)}")
+    if prev is not None and tuple(prev.shape) != (*ax.shape[:-1], c):
+        raise ValueError(f"prev {tuple(prev.shape)} must be the side input's leading shape x its {c} columns")
+
+
+def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl, side_w=None, side_cols=0):
+    """(xs, y, r) of `rmsnorm_topk` and, with side_w, of `rmsnorm_topk_side` (r = x @ side_w[:side_cols].T;
+    else None)."""
     _check(x, wt, k, impl)
     if wt_up is not None and wt_up.shape != wt.shape:
         raise ValueError(f"gate {tuple(wt.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
@@ -187,23 +233,58 @@ def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Ten
         h = ref.rmsnorm_ref(xs, norm_w, eps)
         y = (topk_gate_up(h, wt, wt_up, k, counters, None, impl) if wt_up is not None
              else topk_linear(h, wt, k, bias, counters, None, None, impl))
-        return (x.new_empty(0) if res is None else xs), y
+        r = None if side_w is None else (x2 @ side_w[:side_cols].t()).view(*x.shape[:-1], side_cols)
+        return (x.new_empty(0) if res is None else xs), y, r
     gated = wt_up is not None
     # zeroed here if needed, so no memset lands between the norm kernel and its dependent GEMV
     cnt = _counters(counters, x2, wt, gated=gated, alloc=True, impl=impl, k=kk)
     pdl = triton_gemv.pdl_default(x2)
+    r2 = side = None
+    if side_w is not None:
+        r2 = torch.empty(x2.shape[0], side_cols, dtype=x.dtype, device=x.device)
+        side = triton_gemv.SideGemv(x2, side_w.contiguous(), r2, 0, side_cols) if side_cols else None
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
-                                            pdl=pdl, hint=hint,
+                                            pdl=pdl, hint=hint, side=side,
                                             compact=triton_gemv.resolve_impl(impl, 0, x2.shape[1], kk) == "gtile")
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
                        counters=cnt, sel=sel, pdl=pdl, impl=impl)
-    return (x.new_empty(0) if xs is None else xs.view(x.shape)), y.view(*x.shape[:-1], d_out)
+    r = None if r2 is None else r2.view(*x.shape[:-1], side_cols)
+    return (x.new_empty(0) if xs is None else xs.view(x.shape)), y.view(*x.shape[:-1], d_out), r
 
 
-@rmsnorm_topk.register_fake
-def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None, impl=None):
-    return (x.new_empty(0) if res is None else x.new_empty(x.shape)), x.new_empty(*x.shape[:-1], wt.shape[1])
+@torch.library.custom_op("larosa::topk_linear_side", mutates_args=())
+def topk_linear_side(x: torch.Tensor, wt: torch.Tensor, k: int, side_x: torch.Tensor, side_w: torch.Tensor,
+                     prev: Optional[torch.Tensor] = None, counters: Optional[torch.Tensor] = None,
+                     hint: Optional[torch.Tensor] = None,
+                     impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, r): y = TopK_k(x) @ wt, and a dense side GEMV r = side_x @ side_w.T (side_x's leading shape x
+    side_w's d_out; side_w as F.linear's weight), whose first c columns are `prev` (side_x @ side_w[:c].T,
+    from `rmsnorm_topk_side`) where given. Where the kernels run, the rest of r comes from extra programs of the select launch
+    (`triton_gemv.SideGemv`), on the SMs the select leaves idle."""
+    _check(x, wt, k, impl)
+    c0 = 0 if prev is None else prev.shape[-1]
+    _check_side(side_x, side_w, c0, prev)
+    if side_x.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"side_x {tuple(side_x.shape)} must have x's leading shape {tuple(x.shape[:-1])}")
+    x2, a2 = _rows(x), _rows(side_x)
+    n = side_w.shape[0]
+    r_shape = (*x.shape[:-1], n)
+    if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]) or c0 == n:
+        rest = a2 @ side_w[c0:].t()
+        r = rest if prev is None else torch.cat([prev.reshape(-1, c0), rest], 1)
+        return topk_linear(x, wt, k, None, counters, None, hint, impl), r.view(r_shape)
+    r2 = torch.empty(x2.shape[0], n, dtype=side_x.dtype, device=x.device)
+    side = triton_gemv.SideGemv(a2, side_w.contiguous(), r2, c0, n, None if prev is None else prev.reshape(-1, c0))
+    y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
+    triton_gemv.launch(x2, wt.contiguous(), y, k, counters=_counters(counters, x2, wt, impl=impl, k=k), hint=hint,
+                       impl=impl, side=side)
+    return y.view(*x.shape[:-1], wt.shape[1]), r2.view(r_shape)
+
+
+@topk_linear_side.register_fake
+def _(x, wt, k, side_x, side_w, prev=None, counters=None, hint=None, impl=None):
+    return x.new_empty(*x.shape[:-1], wt.shape[1]), side_x.new_empty(*side_x.shape[:-1], side_w.shape[0])
 
 
 @torch.library.custom_op("larosa::threshold_linear", mutates_args=())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -139,7 +140,12 @@ def _bisect_packed(lanes, k, t, TOP_BIT: tl.constexpr, hi):
 @triton.jit
 def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr,
                          PDL: tl.constexpr = False, FIRST_BIT: tl.constexpr = 14,
-                         WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, COMPACT: tl.constexpr = False):
+                         WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, COMPACT: tl.constexpr = False,
+                         n_rows=1, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
+                         a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
+                         SIDE: tl.constexpr = False, A_BN: tl.constexpr = 32, A_BK: tl.constexpr = 128,
+                         A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False,
+                         ROUND_BF16: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
@@ -148,13 +154,70 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
     to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses.
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
-    ascending."""
+    ascending.
+    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
+    if SIDE:
+        if tl.program_id(0) >= n_rows:
+            _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
+                          stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL,
+                          ROUND_BF16)
+        else:
+            _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
+                        COMPACT)
+    else:
+        _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
+                    COMPACT)
+
+
+@triton.jit
+def _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+                FIRST_BIT: tl.constexpr, WINDOW: tl.constexpr, FALLBACK: tl.constexpr, COMPACT: tl.constexpr):
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     sel_row = sel_ptr + row * (2 + k if COMPACT else 2)
     t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK,
                                sel_row + 2, COMPACT)
     tl.store(sel_row, t)
     tl.store(sel_row + 1, cutoff)
+
+
+@triton.jit
+def _side_program(j, ax_ptr, aw_ptr, ay_ptr, ap_ptr, d, c0, c1, n_blocks, stride_ax, stride_aw, stride_ay,
+                  stride_ap, A_BN: tl.constexpr, A_BK: tl.constexpr, A_STAGES: tl.constexpr,
+                  HAS_PREV: tl.constexpr, PDL: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """One program of a side GEMV riding in a one-program-per-row launch (v16): outputs
+    c0 + (j % n_blocks) * A_BN.. (below c1) of row j // n_blocks of y = x @ W^T, W (outputs x d) output-major
+    (F.linear's layout: each output's d weights contiguous, so every load is a wide vector), the d inputs
+    walked A_BK at a time into a 2-D fp32 accumulator (one reduction at the end), rounded once. A_STAGES
+    tiles are loaded before the first is used (the loop is unrolled that far by hand: Triton pipelines
+    only loads that feed a dot). With HAS_PREV the row's first program also copies outputs [0, c0) from
+    prev (computed earlier by another launch's side programs). The select programs of the launch do not
+    wait for these; the launch's dependents do (they wait for the whole grid)."""
+    if PDL:
+        gdc_launch_dependents()
+    r = (j // n_blocks).to(tl.int64)
+    nb = j % n_blocks
+    outs = c0 + nb * A_BN + tl.arange(0, A_BN)
+    omask = outs < c1
+    rk = tl.arange(0, A_BK)
+    w_rows = aw_ptr + outs.to(tl.int64)[:, None] * stride_aw
+    x_row = ax_ptr + r * stride_ax
+    acc = tl.zeros((A_BN, A_BK), dtype=tl.float32)
+    STEP: tl.constexpr = A_BK * A_STAGES
+    for k0 in range(0, d, STEP):
+        for s in tl.static_range(A_STAGES):
+            kk = k0 + s * A_BK + rk
+            km = kk < d
+            w = tl.load(w_rows + kk[None, :], mask=omask[:, None] & km[None, :], other=0.0)
+            xv = tl.load(x_row + kk, mask=km, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * xv[None, :]
+    y = tl.sum(acc, 1)
+    tl.store(ay_ptr + r * stride_ay + outs, _round(y, ay_ptr.dtype.element_ty, ROUND_BF16), mask=omask)
+    if HAS_PREV:
+        if nb == 0:
+            for p0 in range(0, c0, 1024):
+                pc = p0 + tl.arange(0, 1024)
+                pm = pc < c0
+                tl.store(ay_ptr + r * stride_ay + pc, tl.load(ap_ptr + r * stride_ap + pc, mask=pm), mask=pm)
 
 
 @triton.jit
@@ -253,11 +316,33 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
                           stride_x, stride_r, stride_xs, stride_h,
                           HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
                           ROUND_BF16: tl.constexpr = False, WINDOW: tl.constexpr = 0,
-                          COMPACT: tl.constexpr = False):
+                          COMPACT: tl.constexpr = False,
+                          n_rows=1, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
+                          a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
+                          SIDE: tl.constexpr = False, A_BN: tl.constexpr = 32, A_BK: tl.constexpr = 128,
+                          A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
-    and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h."""
+    and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h.
+    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
+    if SIDE:
+        if tl.program_id(0) >= n_rows:
+            _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
+                          stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL,
+                          ROUND_BF16)
+        else:
+            _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps, stride_x,
+                                stride_r, stride_xs, stride_h, HAS_RES, BLOCK_D, PDL, ROUND_BF16, WINDOW, COMPACT)
+    else:
+        _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps, stride_x,
+                            stride_r, stride_xs, stride_h, HAS_RES, BLOCK_D, PDL, ROUND_BF16, WINDOW, COMPACT)
+
+
+@triton.jit
+def _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps,
+                        stride_x, stride_r, stride_xs, stride_h, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
+                        PDL: tl.constexpr, ROUND_BF16: tl.constexpr, WINDOW: tl.constexpr, COMPACT: tl.constexpr):
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=valid, other=0.0)
@@ -604,7 +689,7 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
                 select_impl: str | None = None, num_stages: int | None = None,
                 sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                hint: torch.Tensor | None = None) -> None:
+                hint: torch.Tensor | None = None, side: SideGemv | None = None) -> None:
     """One-tile-per-program variant of `launch` (same arguments and result), v11."""
     _check_residual(residual, y, wt2)
     rows, d_in = x.shape
@@ -614,11 +699,13 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     select_impl = select_impl or SELECT_IMPL
     late = sel is not None
+    if late and side is not None:
+        raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
     if late:  # (t, cutoff) and x from the kernel launched just before (`rmsnorm_select`)
         sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
-        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint) if mode == 0 else x
+        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=side) if mode == 0 else x
     grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
@@ -649,7 +736,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
                  pdl: bool | None = None, block_m: int | None = None, block_n: int | None = None,
                  num_warps: int | None = None, select_num_warps: int | None = None,
                  sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 hint: torch.Tensor | None = None) -> None:
+                 hint: torch.Tensor | None = None, side: SideGemv | None = None) -> None:
     """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
     kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows."""
     _check_residual(residual, y, wt2)
@@ -660,8 +747,10 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     cfg = gtile_config(d_in, d_out, gated, k)
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     sel_pdl = _use_pdl(x, pdl)
+    if sel is not None and side is not None:
+        raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
     if sel is None:
-        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True)
+        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=side)
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
@@ -695,11 +784,11 @@ def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
 
 def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
                    pdl: bool = False, num_warps: int | None = None, hint: torch.Tensor | None = None,
-                   compact: bool = False):
+                   compact: bool = False, side: SideGemv | None = None):
     """(xs, h, sel): xs = x + res (None without res), h = w * RMSNorm(xs) (HF arithmetic) and the (rows, 2)
     int32 (t, cutoff) of h's exact Top-k, from one kernel (`rmsnorm_select_kernel`). `pdl`: the next
     launch is a programmatic dependent that waits before reading h and sel (`launch(..., sel=sel)`);
-    `hint` and `compact`: as in `select`."""
+    `hint`, `compact` and `side`: as in `select`."""
     rows, d_in = x.shape
     if w.shape != (d_in,):
         raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
@@ -712,14 +801,14 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
     block_d = max(2, triton.next_power_of_2(d_in))
     hint, window = _hint_args(hint, x)
-    rmsnorm_select_kernel[(rows,)](
+    warps = num_warps or select_warps(block_d)
+    extra, side_kw = _side_kwargs(side, rows, warps, x)
+    rmsnorm_select_kernel[(rows + extra,)](
         x, res if res is not None else x, w, xs if xs is not None else h, h, sel,
         hint if hint is not None else sel, d_in, k, float(eps),
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
-        HAS_RES=res is not None, BLOCK_D=block_d, num_warps=num_warps or select_warps(block_d), WINDOW=window,
-        COMPACT=compact,
-        ROUND_BF16=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        **({"PDL": True} if pdl and _pdl_possible(x) else {}))
+        HAS_RES=res is not None, BLOCK_D=block_d, num_warps=warps, WINDOW=window, COMPACT=compact,
+        ROUND_BF16=_interpreted_bf16(x), **({"PDL": True} if pdl and _pdl_possible(x) else {}), **side_kw)
     return xs, h, sel
 
 
@@ -815,6 +904,65 @@ def _hint_args(hint: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor
     return (hint, select_window()) if hint.numel() >= x.shape[0] else (None, 0)
 
 
+class SideGemv(NamedTuple):
+    """A dense GEMV run by extra programs of a one-program-per-row select launch (v16): y[:, c0:c1] = x @
+    w[c0:c1].T, and y[:, :c0] = prev where given (the outputs an earlier launch's side programs computed).
+    The select uses one SM per row for microseconds; these programs stream weights on the idle ones. The
+    decode engine puts a layer's residual adapter x_mid R_l there (`DecodeEngine(overlap_adapters="select")`).
+    x (rows, d) with unit stride; w (>= c1, d) output-major (F.linear's layout), contiguous; y (rows, >= c1);
+    prev (rows, c0)."""
+
+    x: torch.Tensor
+    w: torch.Tensor
+    y: torch.Tensor
+    c0: int
+    c1: int
+    prev: torch.Tensor | None = None
+
+
+SIDE_TILES = (16, 512, 2)
+
+
+def side_config(d: int, cols: int, num_warps: int) -> dict:
+    """Tiles of the side programs: A_BN outputs per program, the d inputs walked A_BK at a time, A_STAGES
+    tiles loaded at once; `LAROSA_SIDE_TILES="A_BN,A_BK,A_STAGES"` overrides them (benchmarks/side_bench.py
+    sweeps them)."""
+    raw = os.environ.get("LAROSA_SIDE_TILES")
+    tiles = SIDE_TILES
+    if raw:
+        try:
+            tiles = tuple(int(v) for v in raw.split(","))
+        except ValueError:
+            tiles = ()
+        if len(tiles) != 3 or any(v < 1 or v & (v - 1) for v in tiles[:2]) or not 1 <= tiles[2] <= 4:
+            raise ValueError(f"LAROSA_SIDE_TILES={raw!r}: A_BN,A_BK (powers of two),A_STAGES (1-4)")
+    return dict(zip(("A_BN", "A_BK", "A_STAGES"), tiles))
+
+
+def _side_kwargs(side: SideGemv | None, rows: int, num_warps: int, x: torch.Tensor) -> tuple[int, dict]:
+    """(extra programs, kernel arguments) of a select launch's side GEMV; (0, {}) without one."""
+    if side is None:
+        return 0, {}
+    sx, sw, sy, c0, c1, prev = side
+    d = sx.shape[1]
+    if sx.shape[0] != rows or sx.stride(1) != 1 or sw.dim() != 2 or sw.shape[1] != d or not sw.is_contiguous():
+        raise ValueError(f"side GEMV: x {tuple(sx.shape)} must have the select's {rows} rows and w (d_out x "
+                         f"d_in, contiguous) its width, got w {tuple(sw.shape)}")
+    if not 0 <= c0 < c1 <= min(sw.shape[0], sy.shape[1]) or sy.shape[0] != rows or sy.stride(1) != 1:
+        raise ValueError(f"side GEMV: columns [{c0}, {c1}) of y {tuple(sy.shape)} and w {tuple(sw.shape)}")
+    if (prev is None) != (c0 == 0) or (prev is not None and (prev.shape != (rows, c0) or prev.stride(1) != 1)):
+        raise ValueError(f"side GEMV: prev must be (rows, c0) = {(rows, c0)} exactly when c0 > 0, got "
+                         f"{None if prev is None else tuple(prev.shape)}")
+    if not sx.device == sw.device == sy.device == x.device or not sx.dtype == sw.dtype == sy.dtype:
+        raise ValueError("side GEMV: x, w and y must share the rows' device and one dtype")
+    cfg = side_config(d, c1 - c0, num_warps)
+    nb = triton.cdiv(c1 - c0, cfg["A_BN"])
+    return rows * nb, dict(n_rows=rows, ax_ptr=sx, aw_ptr=sw, ay_ptr=sy, ap_ptr=prev if prev is not None else sy,
+                           a_d=d, a_c0=c0, a_c1=c1, a_nb=nb, stride_ax=sx.stride(0), stride_aw=sw.stride(0),
+                           stride_ay=sy.stride(0), stride_ap=prev.stride(0) if prev is not None else 0,
+                           SIDE=True, HAS_PREV=prev is not None, **cfg)
+
+
 def _check_compact(compact: bool, d_in: int) -> None:
     if compact and d_in >= 1 << 15:  # the compacting prefix sum counts entries above t in 16 signed bits
         raise ValueError(f"the compacting select takes rows up to 32767 wide, got {d_in}; use impl='tile'")
@@ -828,15 +976,17 @@ def _compact_k(k: int, d_in: int) -> int:
 
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
-           pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False) -> torch.Tensor:
+           pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False,
+           side: SideGemv | None = None) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
     launch is a programmatic dependent. `hint` (int32, a slot per row, any values): each row's threshold
     from the previous call, to search near first; updated in place. It changes the time, never the result
     (packed select only, both). `compact` (packed select only): (rows, 2 + k), each row's k kept positions
-    (ascending) after its (t, cutoff), for `impl="gtile"`."""
+    (ascending) after its (t, cutoff), for `impl="gtile"`. `side` (packed select only): a dense GEMV computed
+    by extra programs of the same launch (`SideGemv`)."""
     rows, d_in = x.shape
-    if compact and impl != "packed":
-        raise ValueError(f"compact=True needs the packed select, not {impl!r}")
+    if (compact or side is not None) and impl != "packed":
+        raise ValueError(f"compact=True and side= need the packed select, not {impl!r}")
     _check_compact(compact, d_in)
     k = _compact_k(k, d_in) if compact else k
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
@@ -848,9 +998,18 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
         kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=warps)
         return sel
     hint, window = _hint_args(hint, x)
-    kernel[(rows,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
-                    num_warps=warps, WINDOW=window, COMPACT=compact, **({"PDL": True} if pdl else {}))
+    extra, side_kw = _side_kwargs(side, rows, warps, x)
+    if side is not None:
+        side_kw["ROUND_BF16"] = _interpreted_bf16(x)
+    kernel[(rows + extra,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
+                            num_warps=warps, WINDOW=window, COMPACT=compact, **({"PDL": True} if pdl else {}),
+                            **side_kw)
     return sel
+
+
+def _interpreted_bf16(x: torch.Tensor) -> bool:
+    """bf16 under the interpreter, whose fp32 -> bf16 cast truncates (`_round`)."""
+    return x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 PDL = True  # programmatic dependent launch of the GEMV after its select where the GPU supports it
@@ -939,7 +1098,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            rows_per_split: int | None = None, num_warps: int | None = None,
            num_stages: int | None = None, pdl: bool | None = None,
            block_m: int | None = None, sel: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, hint: torch.Tensor | None = None) -> None:
+           residual: torch.Tensor | None = None, hint: torch.Tensor | None = None,
+           side: SideGemv | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
     `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
@@ -952,8 +1112,13 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     rounding (the "fused" implementation adds it afterwards: one more rounding).
     `hint`: the select's per-row threshold hint (`select`); the select kernel reads and updates it. The
     "inline" and "fused" implementations (no select kernel) ignore it.
+    `side`: a dense GEMV run by extra programs of the select launch (`SideGemv`; Top-K mode with the packed
+    select launched here, i.e. without `sel`).
     """
     impl = resolve_impl(impl, mode, x.shape[1], k)
+    if side is not None and (mode != 0 or sel is not None or select_impl != "packed" or impl in ("inline", "fused")):
+        raise ValueError("side= rides in the packed select this launch runs: Top-K mode, no sel=, "
+                         "impl split / tile / gtile")
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl in ("tile", "gtile"):  # they check the residual themselves
@@ -968,12 +1133,12 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
             raise ValueError(f"impl='gtile' compacts in the packed select, not {select_impl!r}")
         return launch_gtile(x, wt, y, k, wt2=wt2, bias=bias, counters=counters, pdl=pdl, block_m=block_m,
                             block_n=block_n, num_warps=num_warps, select_num_warps=select_num_warps, sel=sel,
-                            residual=residual, hint=hint)
+                            residual=residual, hint=hint, side=side)
     if impl == "tile":
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
                            select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages,
-                           sel=sel, residual=residual, hint=hint)
+                           sel=sel, residual=residual, hint=hint, side=side)
     _check_residual(residual, y, wt2)
     if impl == "fused":
         launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
@@ -986,6 +1151,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     gather = GATHER if gather is None else gather
     presel = sel is not None and _check_presel(x, sel, mode) and impl == "split"
     if mode == 0 and gather and not presel:
+        if side is not None:
+            raise ValueError("side= does not ride in the gather mode's select")
         idx, xv = select_compact(x, k, select_num_warps)
         x, d_in, mode = xv, k, 3
     cfg = default_config(d_in, d_out)
@@ -1006,7 +1173,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     else:
         pdl = not inline and _select_then_pdl(x, pdl, mode, select_impl)
         if mode == 0 and not inline:
-            sel = select(x, k, select_num_warps, select_impl, pdl=pdl, hint=hint)
+            sel = select(x, k, select_num_warps, select_impl, pdl=pdl, hint=hint, side=side)
         else:  # the selection happens inside the GEMV programs (inline) or is not needed
             sel = idx if mode == 3 else x
     grid = (n_blocks, n_splits, rows)
