@@ -101,6 +101,11 @@ def main() -> None:
     if not a.no_sweep:
         ref = {v: timed(w, 0.375, None, v) for v in ("mlp", "mlp+mm", "mm")}
         print(f"p=0.50 mlp {ref['mlp']:.2f} us  mlp+mm {ref['mlp+mm']:.2f}  mm {ref['mm']:.2f}")
+        os.environ["LAROSA_KERNEL_PDL"] = "0"  # the same without programmatic dependent launches
+        nopdl = {v: timed(w, 0.375, None, v) for v in ("mlp", "mlp+side")}
+        os.environ.pop("LAROSA_KERNEL_PDL")
+        print(f"p=0.50 without PDL: mlp {nopdl['mlp']:.2f} us  mlp+side {nopdl['mlp+side']:.2f} us", flush=True)
+        ref.update({f"{k}_nopdl": v for k, v in nopdl.items()})
         print("| A_BN | A_BK | A_STAGES | split | mlp+side us | - mlp us |\n|---|---|---|---|---|---|")
         dflt = triton_gemv.SIDE_TILES
         grid = list(itertools.product((8, 16, 32), (256, 512, 1024), (1, 2, 4), (0.375,))) + \
