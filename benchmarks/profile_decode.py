@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from larosa.engine import DecodeEngine  # noqa: E402
+from larosa.engine import DEFAULT_ADAPTERS, DecodeEngine  # noqa: E402
 from larosa.shapes import random_base, sparse_variant  # noqa: E402
 
 KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv"), ("attention", "attention|attn|flash|fmha|sdpa|softmax"),
@@ -39,7 +39,7 @@ def kind_of(name: str) -> str:
 def profile(w, prompt, steps: int = 8, **engine_kw) -> dict:
     from torch.profiler import ProfilerActivity, profile as prof
 
-    engine_kw.setdefault("overlap_adapters", True)
+    engine_kw.setdefault("overlap_adapters", DEFAULT_ADAPTERS)  # where the graph-captured default engine runs them
     eng = DecodeEngine(w, max_len=256, compile=True, graphs=False, **engine_kw)
     eng.generate(prompt, 4)
     eng.prefill(prompt)
@@ -104,7 +104,7 @@ def hints_ab(base, prompt, args) -> None:
     for method in ("larosa", "topk"):
         w = sparse_variant(base, method, args.sparsity)
         for hints in (False, True):
-            r = profile(w, prompt, select_hints=hints, overlap_adapters=not args.in_order)
+            r = profile(w, prompt, select_hints=hints, overlap_adapters="inline" if args.in_order else "stream")
             top = dict(r["top_kernels_us_per_step"])
 
             def us(name, top=top):

@@ -258,7 +258,9 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
     off = {"fuse_norm_select": False, "fuse_residual": False}  # explicit: CUDA's default is both on
     plain = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **off)
-    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **{**off, **fusion})
+    split = {"adapter_split": 0.5} if overlap == "select" else {}  # part of each adapter in the norm + select
+    fns = DecodeEngine(w, max_len=16, overlap_adapters=overlap, compile=False, graphs=False, **{**off, **fusion},
+                       **split)
     for e in (plain, fns):
         e.prefill(ids)  # 6 rows: the reference path, no kernel
     assert not norms and not residuals
@@ -277,7 +279,9 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     n_adapt = sum(st.adapter for st in w.statics)
     assert n_adapt and fns.adapter_mode == {False: "inline", True: "stream", "select": "select"}[overlap]
     sides = [s for s in sides if s is not None]
-    per_step_sides = n_adapt * (2 + bool(fusion.get("fuse_norm_select"))) if overlap == "select" else 0
+    in_norm = bool(fusion.get("fuse_norm_select"))
+    assert fns._statics[0].adapter_cols == (w.embed.shape[1] // 2 if overlap == "select" else 0)
+    per_step_sides = n_adapt * (2 + in_norm) if overlap == "select" else 0
     assert len(sides) == 3 * per_step_sides
     assert all(s.c1 == w.embed.shape[1] for s in sides if s.c0 > 0)
 

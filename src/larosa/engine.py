@@ -17,8 +17,9 @@ On CUDA the per-layer function is compiled with `torch.compile` (one graph reuse
 the same static signature) and the whole decode step (embedding, layers, head, sampling, cache write,
 position update) is captured in one CUDA graph: generating n tokens is n graph replays, no host sync
 per token. The decode position's attention is `larosa::decode_attention` (reads only the filled cache
-positions), and each residual adapter GEMV runs on a side stream concurrent with its layer's MLP half
-(`DecodeEngine(overlap_adapters=...)`). On the CPU everything runs eagerly (tests); the custom ops fall
+positions), and each residual adapter GEMV runs in extra programs of its layer's down-projection select
+launch, on the SMs the select leaves idle (`mlp_block_side`; or on a side stream, or in order:
+`DecodeEngine(overlap_adapters=...)`). On the CPU everything runs eagerly (tests); the custom ops fall
 back to their PyTorch references there, so the CPU path is the plain-PyTorch reference of the GPU path.
 """
 
@@ -570,8 +571,11 @@ def topk_kernel(weights: "ModelWeights") -> Optional[str]:
 
 
 ADAPTER_MODES = ("inline", "stream", "select")
-ADAPTER_SPLIT = 0.375  # share of the adapter's columns computed in the gate/up select (the rest: the down select)
-DEFAULT_ADAPTERS = "stream"  # v16's first "select" kernel (row-major weight tiles) was 3x slower end to end
+# share of the adapter's columns computed in the gate/up select (the rest: the down select). 0: all in the down
+# select, measured fastest end to end (v16, benchmarks/results/adapter-modes-h200.json: 242.7 vs 237.4 tok/s
+# at 0.375, LLaMA2-7B p = 0.5)
+ADAPTER_SPLIT = 0.0
+DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (same run)
 
 
 def _adapter_mode(overlap_adapters, has_adapters: bool, graphs: bool) -> str:
