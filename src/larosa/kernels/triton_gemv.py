@@ -156,14 +156,9 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
     ascending.
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
-    if SIDE:
-        if tl.program_id(0) >= n_rows:
-            _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
-                          stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL,
-                          ROUND_BF16)
-        else:
-            _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
-                        COMPACT)
+    if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
+        _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
+                      stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
         _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
                     COMPACT)
@@ -326,14 +321,9 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
     and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h.
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
-    if SIDE:
-        if tl.program_id(0) >= n_rows:
-            _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
-                          stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL,
-                          ROUND_BF16)
-        else:
-            _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps, stride_x,
-                                stride_r, stride_xs, stride_h, HAS_RES, BLOCK_D, PDL, ROUND_BF16, WINDOW, COMPACT)
+    if SIDE and tl.program_id(0) >= n_rows:  # as in select_packed_kernel
+        _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
+                      stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
         _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps, stride_x,
                             stride_r, stride_xs, stride_h, HAS_RES, BLOCK_D, PDL, ROUND_BF16, WINDOW, COMPACT)
