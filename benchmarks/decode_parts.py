@@ -289,12 +289,13 @@ def hints_overlap_rows(shape: str, gen_len: int) -> list[dict]:
 
 def adapter_mode_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v16, LaRoSA: the adapter GEMVs inside the MLP selects' launches ("select", hints on, at the default split
-    and with every column in the down select) vs on the side stream (hints off: v13-v15's default) vs in order
+    (0 since v16's run: every output in the down select; that run's "select" rows used 0.375 and its
+    "select-split0" rows 0) and with 37.5 % of the outputs in the gate/up select) vs on the side stream (hints off: v13-v15's default) vs in order
     (hints on), alternating; un-rotated Top-K (no adapters, hints on) as the ceiling."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
-    variants = (("select", {"overlap_adapters": "select"}), ("select-split0", {"overlap_adapters": "select",
-                                                                               "adapter_split": 0.0}),
+    variants = (("select", {"overlap_adapters": "select"}),
+                ("select-split0.375", {"overlap_adapters": "select", "adapter_split": 0.375}),
                 ("stream", {"overlap_adapters": "stream"}), ("inline", {"overlap_adapters": "inline"}))
     for p in (0.25, 0.4, 0.5, 0.75):
         w = sparse_variant(base, "larosa", p)

@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA and un-rotated Top-K, each with the "
                     "select hints off and on (all four sites), the select kernels' time per step")
     ap.add_argument("--in-order", action="store_true", help="with --hints-ab: LaRoSA's adapters in order, "
-                    "not on the side stream")
+                    "not on the side stream (the --hints-ab runs place them explicitly, not by the engine default)")
     args = ap.parse_args()
     base = random_base(args.shape, torch.bfloat16, "cuda")
     prompt = torch.randint(0, 1000, (1, 128), device="cuda")
@@ -80,7 +80,8 @@ def main() -> None:
         return hints_ab(base, prompt, args)
     res = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "batch": 1,
            "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times; LaRoSA's adapter GEMVs "
-                   "run on the side stream (concurrent with the MLP half), their time is counted in full"}
+                   f"where the default engine runs them ({DEFAULT_ADAPTERS!r}: 'select' = inside the down "
+                   "projection's select launch, 'stream' = on a side stream), their time counted in full"}
     res["dense"] = profile(base, prompt)
     res["larosa"] = profile(sparse_variant(base, "larosa", args.sparsity), prompt)
     for m in ("dense", "larosa"):

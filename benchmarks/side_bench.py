@@ -12,8 +12,10 @@ weights cycled in one CUDA graph so nothing stays in L2; median per layer):
   mm              the adapter GEMV alone (cuBLAS)
 
 A sweep of the side programs' tiles (A_BN output columns, A_BK inputs per step, A_STAGES) and of the
-split comes first at p = 0.5, then every p at the best tiles. Prints tables, writes JSON; the copy
-bandwidth and the adapter's bytes at that bandwidth are recorded beside the times.
+split comes first at p = 0.5, then every p at the best tiles. The tile sweep and the "default" rows run at
+the engine's `ADAPTER_SPLIT` (v16's committed run, `results/side-h200.json`, used 0.375, the default then).
+Prints tables, writes JSON; the copy bandwidth and the adapter's bytes at that bandwidth are recorded
+beside the times.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv import graph_time_us  # noqa: E402
 from larosa.bench import copy_bandwidth  # noqa: E402
-from larosa.engine import topk_kernel  # noqa: E402
+from larosa.engine import ADAPTER_SPLIT, topk_kernel  # noqa: E402
 from larosa.kernels import triton_gemv  # noqa: E402
 from larosa.shapes import get_shape, random_base, sparse_variant  # noqa: E402
 
@@ -97,19 +99,19 @@ def main() -> None:
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s; the adapter's {d * d * 2 / 2 ** 20:.0f} MiB at it: {adapter_us:.1f} us")
     w = sparse_variant(base, "larosa", 0.5)
     w.layers, w.statics = w.layers[:-1], w.statics[:-1]  # the last layer has no adapter
-    best = (None, 0.375)
+    best = (None, ADAPTER_SPLIT)
     if not a.no_sweep:
-        ref = {v: timed(w, 0.375, None, v) for v in ("mlp", "mlp+mm", "mm")}
+        ref = {v: timed(w, ADAPTER_SPLIT, None, v) for v in ("mlp", "mlp+mm", "mm")}
         print(f"p=0.50 mlp {ref['mlp']:.2f} us  mlp+mm {ref['mlp+mm']:.2f}  mm {ref['mm']:.2f}")
         os.environ["LAROSA_KERNEL_PDL"] = "0"  # the same without programmatic dependent launches
-        nopdl = {v: timed(w, 0.375, None, v) for v in ("mlp", "mlp+side")}
+        nopdl = {v: timed(w, ADAPTER_SPLIT, None, v) for v in ("mlp", "mlp+side")}
         os.environ.pop("LAROSA_KERNEL_PDL")
         print(f"p=0.50 without PDL: mlp {nopdl['mlp']:.2f} us  mlp+side {nopdl['mlp+side']:.2f} us", flush=True)
         ref.update({f"{k}_nopdl": v for k, v in nopdl.items()})
         print("| A_BN | A_BK | A_STAGES | split | mlp+side us | - mlp us |\n|---|---|---|---|---|---|")
         dflt = triton_gemv.SIDE_TILES
-        grid = list(itertools.product((8, 16, 32), (256, 512, 1024), (1, 2, 4), (0.375,))) + \
-            [(*dflt, s) for s in (0.0, 0.25, 0.5, 0.625)]
+        grid = list(itertools.product((8, 16, 32), (256, 512, 1024), (1, 2, 4), (ADAPTER_SPLIT,))) + \
+            [(*dflt, s) for s in (0.0, 0.25, 0.375, 0.5, 0.625) if s != ADAPTER_SPLIT]
         best_t = float("inf")
         for bn, bk, stg, split in grid:
             tiles = (bn, bk, stg)
@@ -128,8 +130,8 @@ def main() -> None:
     for p in [float(s) for s in a.sparsities.split(",")]:
         w = sparse_variant(base, "larosa", p)
         w.layers, w.statics = w.layers[:-1], w.statics[:-1]
-        r = {v: timed(w, 0.375, None, v) for v in ("mlp", "mlp+mm", "mm")}
-        r["mlp+side_default"] = timed(w, 0.375, None, "mlp+side")
+        r = {v: timed(w, ADAPTER_SPLIT, None, v) for v in ("mlp", "mlp+mm", "mm")}
+        r["mlp+side_default"] = timed(w, ADAPTER_SPLIT, None, "mlp+side")
         r["mlp+side_best"] = timed(w, best[1], best[0], "mlp+side")
         per_p.append({"p": p, "kernel": topk_kernel(w), **{f"{k}_us": v for k, v in r.items()}})
         print(f"| {p} | {r['mlp']:.2f} | {r['mlp+mm']:.2f} | {r['mlp+side_best']:.2f} | {r['mlp+side_default']:.2f} | "

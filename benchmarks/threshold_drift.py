@@ -48,8 +48,9 @@ def drift(method: str, base, prompt: torch.Tensor, p: float, half_window: int) -
 def decode_drift(method: str, base, prompt: torch.Tensor, p: float, half_window: int, steps: int,
                  **engine_kw) -> list[dict]:
     """The same measured where the hints are used: `steps` decode steps of the engine with select hints on
-    (`engine_kw`, else the engine's defaults: on CUDA compiled, graph-captured, LaRoSA's adapters on the
-    side stream). Each select leaves the threshold t it found in its hint slot, so the slots after two
+    (`engine_kw`, else the engine's defaults: on CUDA compiled, graph-captured, LaRoSA's adapters where
+    `DecodeEngine` puts them: inside the down projection's select launch since v16, on the side stream
+    before). Each select leaves the threshold t it found in its hint slot, so the slots after two
     consecutive steps give (hint, t) per site: the step |t - hint| and whether t fell in the window
     the kernel searched first ([lo, lo + 2 * half_window) with lo = max(hint - half_window, 0)), i.e. a hit."""
     w = sparse_variant(base, method, p)

@@ -36,7 +36,7 @@ def test_compiled_graph_step_equals_eager_fp32(method):
     w = sparse_variant(base, method, 0.5, thresholds=thr)
     fast = DecodeEngine(w, max_len=64, compile=True, graphs=True)
     slow = DecodeEngine(w, max_len=64, compile=False, graphs=False)
-    assert fast.overlap == (method == "larosa") and not slow.overlap  # adapters on the side stream vs in order
+    assert fast.overlap == (method == "larosa") and not slow.overlap  # adapters split off (default) vs in order
     ref = slow.generate(prompt, 16).tokens
     assert torch.equal(fast.generate(prompt, 16).tokens, ref)
     torch.testing.assert_close(fast.logits, slow.logits, atol=1e-4, rtol=1e-4)
@@ -65,7 +65,7 @@ def test_compiled_graph_step_equals_eager(monkeypatch, method, impl):
     w = sparse_variant(base, method, 0.5, thresholds=thr)
     fast = DecodeEngine(w, max_len=64)
     slow = DecodeEngine(w, max_len=64, compile=False, graphs=False)
-    # the same compiled step without the graph (the adapter GEMVs on the side stream as well)
+    # the same compiled step without the graph (the adapter GEMVs placed as in `fast`)
     nograph = DecodeEngine(w, max_len=64, compile=True, graphs=False, overlap_adapters=fast.adapter_mode)
     assert fast.compile and fast.graphs and fast.overlap == (method == "larosa")
     n = 24
@@ -121,7 +121,7 @@ def test_seeded_sampling_is_reproducible_across_calls_with_graphs():
 @pytest.mark.parametrize("method", ["larosa", "topk"])
 def test_fused_graph_step_follows_the_plain_step(method, fusion):
     """The norm + select kernel (PDL into the GEMV) and the residual in the GEMV epilogue, in the compiled,
-    captured step (adapters on the side stream for LaRoSA): teacher-forced logits follow the plain eager
+    captured step (LaRoSA's adapters where the engine puts them by default): teacher-forced logits follow the plain eager
     engine's and the same compiled step without the graph."""
     base = random_base(SMALL, torch.bfloat16, "cuda", seed=3)
     w = sparse_variant(base, method, 0.5)

@@ -828,12 +828,21 @@ def test_side_ops_compute_their_parts(monkeypatch, impl, gated):
             _close_to_matmul(r.view(1, cols), want[:, :cols])
         h = y if gated else torch.nn.functional.silu(y)
         z0 = torch.ops.larosa.topk_linear(h, wd, 100, None, None, None, None, "split")
-        z, rr = torch.ops.larosa.topk_linear_side(h, wd, 100, x, r_w, r if cols else None, None, None, "split")
-        assert torch.equal(z, z0) and rr.shape == (1, 1, d)
+        z, rr = torch.ops.larosa.topk_linear_side(h, wd, 100, x, r_w, r, None, None, impl)  # r may be 0 wide
+        assert rr.shape == (1, 1, d)
+        if impl == "split":
+            assert torch.equal(z, z0)
+        else:
+            assert _rel(z, z0) < 1e-2
         _close_to_matmul(rr.view(1, d), want)
         if cols:
             assert torch.equal(rr[..., :cols], r)
     assert calls
+    # kernels without a select launch of their own compute the side product with a plain matmul
+    for other in ("inline", "fused"):
+        z, rr = torch.ops.larosa.topk_linear_side(h, wd, 100, x, r_w, None, None, None, other)
+        assert _rel(z, z0) < 1e-2
+        _close_to_matmul(rr.view(1, d), want)
 
 
 def test_side_ops_reference_paths_errors_and_opcheck():
@@ -853,6 +862,8 @@ def test_side_ops_reference_paths_errors_and_opcheck():
         torch.ops.larosa.topk_linear_side(torch.randn(2, 9), torch.randn(9, 5), 3, x, r_w, r[:1])
     with pytest.raises(ValueError, match="leading shape"):
         torch.ops.larosa.topk_linear_side(torch.randn(3, 9), torch.randn(9, 5), 3, x, r_w, None)
+    with pytest.raises(ValueError, match="prev is"):
+        torch.ops.larosa.topk_linear_side(torch.randn(2, 9), torch.randn(9, 5), 3, x, r_w, r.double())
     xb, gb, wb, rb = x[:1].bfloat16(), g.bfloat16(), wt.bfloat16(), r_w.bfloat16()
     torch.library.opcheck(torch.ops.larosa.rmsnorm_topk_side.default, (xb, gb, 1e-6, wb, None, 7, rb, 16),
                           test_utils=("test_schema", "test_faketensor"))

@@ -208,8 +208,8 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
                st: LayerStatic, probe: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
     """The attention half of a layer: returns the mid-layer residual x + o(attn(norm(x))), writing K/V.
 
-    `res` (or None) is added to x first: the previous layer's adapted residual when the adapter ran on
-    its own stream (see `DecodeEngine`)."""
+    `res` (or None) is added to x first: the previous layer's adapted residual x_mid R_l when the adapter
+    GEMV was split off the layer (on a side stream or in the select launches, see `DecodeEngine`)."""
     (attn_norm, wqkv, bqkv, wo, bo, _mlp_norm, _wgate, _wup, _wdown, q_norm, k_norm, _rotate_mlp, _adapter,
      thr, s_ao, _s_mo, cnt, hints) = w
     b, t, _ = x.shape
@@ -612,7 +612,8 @@ class DecodeEngine:
     the down one). "stream" (or True): a second stream, concurrent with the MLP half. "inline" (or False):
     in order. None = `DEFAULT_ADAPTERS` with CUDA graphs, else "inline". On the CPU "stream" runs the same split step
     in order (tests); prefill always runs the plain layer.
-    capture_priority: CUDA stream priority of the captured step (None: the highest when overlapping).
+    capture_priority: CUDA stream priority of the captured step (None: the highest with the adapters on the
+    side stream, else the default).
     fuse_norm_select: Top-K block inputs (q/k/v and gate/up sites, without an in-layer MLP rotation) take
     `larosa::rmsnorm_topk`: the residual add, the RMSNorm and the Top-K select in one kernel, then the GEMV
     without a select launch. Same function (the norm within one rounding of HF's; tested).

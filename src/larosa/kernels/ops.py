@@ -10,9 +10,9 @@
                                                          ... and r = x @ w[:c].T in the same launch
     torch.ops.larosa.topk_linear_side(x, wt, k, a, w, prev)
                                                          TopK_k(x) @ wt, and r = a @ w.T (first columns: prev)
+    torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
 
 The side GEMVs' weights w are output-major (F.linear's layout, d_out x d_in), unlike `wt`.
-    torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
 
 Each takes an optional `counters`: a zeroed int32 buffer owned by the caller (a decode engine), used by
 the kernels for their per-column-block counters (and the tile kernel's fp32 sums) and left zeroed;
@@ -242,6 +242,7 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
     r2 = side = None
     if side_w is not None:
         r2 = torch.empty(x2.shape[0], side_cols, dtype=x.dtype, device=x.device)
+        # the norm + select kernel runs whatever the GEMV implementation: it always carries the side programs
         side = triton_gemv.SideGemv(x2, side_w.contiguous(), r2, 0, side_cols) if side_cols else None
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint, side=side,
@@ -267,19 +268,30 @@ def topk_linear_side(x: torch.Tensor, wt: torch.Tensor, k: int, side_x: torch.Te
     _check_side(side_x, side_w, c0, prev)
     if side_x.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"side_x {tuple(side_x.shape)} must have x's leading shape {tuple(x.shape[:-1])}")
+    if prev is not None and prev.dtype != side_x.dtype:
+        raise ValueError(f"prev is {prev.dtype}, the side GEMV's inputs {side_x.dtype}")
     x2, a2 = _rows(x), _rows(side_x)
+    p2 = None if not c0 else prev.reshape(x2.shape[0], c0).contiguous()  # a 0-wide prev is no prev
     n = side_w.shape[0]
     r_shape = (*x.shape[:-1], n)
-    if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]) or c0 == n:
+    if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]) or c0 == n or not _side_rides(impl, x.shape[-1], k):
         rest = a2 @ side_w[c0:].t()
-        r = rest if prev is None else torch.cat([prev.reshape(-1, c0), rest], 1)
+        r = rest if p2 is None else torch.cat([p2, rest], 1)
         return topk_linear(x, wt, k, None, counters, None, hint, impl), r.view(r_shape)
     r2 = torch.empty(x2.shape[0], n, dtype=side_x.dtype, device=x.device)
-    side = triton_gemv.SideGemv(a2, side_w.contiguous(), r2, c0, n, None if prev is None else prev.reshape(-1, c0))
+    side = triton_gemv.SideGemv(a2, side_w.contiguous(), r2, c0, n, p2)
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
     triton_gemv.launch(x2, wt.contiguous(), y, k, counters=_counters(counters, x2, wt, impl=impl, k=k), hint=hint,
                        impl=impl, side=side)
     return y.view(*x.shape[:-1], wt.shape[1]), r2.view(r_shape)
+
+
+def _side_rides(impl: Optional[str], d_in: int, k: int) -> bool:
+    """Whether the GEMV `impl` resolves to launches a packed select that can carry side programs: not the
+    "inline" / "fused" kernels (no select launch) nor the split-K gather mode (its own compacting select);
+    those compute the side GEMV with a plain matmul."""
+    ri = triton_gemv.resolve_impl(impl, 0, d_in, k)
+    return ri in ("tile", "gtile") or (ri == "split" and not triton_gemv.GATHER)
 
 
 @topk_linear_side.register_fake
