@@ -312,6 +312,30 @@ def adapter_mode_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     return rows
 
 
+def compact_store_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v16 experiment: the gathered kernel everywhere with the compacting select's list stored by `tl.store`
+    or by inline PTX (`LAROSA_COMPACT_STORE`), beside the engine's default kernel choice, alternating: does
+    a cheaper compaction let the gathered kernel win at p <= 0.5 too?"""
+    bw, base, prompt = _engine_setup(shape)
+    rows = []
+    before = os.environ.get("LAROSA_COMPACT_STORE")
+    for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
+        w = sparse_variant(base, method, p)
+        for rep in range(repeats):
+            for label, store, kw in (("gtile+ptx", "asm", {"kernel": "gtile"}), ("gtile+tl", "tl", {"kernel": "gtile"}),
+                                     ("default", "tl", {})):
+                os.environ["LAROSA_COMPACT_STORE"] = store
+                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {label:9s} #{rep}",
+                            {"shape": shape, "method": method, "nominal": p, "variant": label, "repeat": rep}, **kw)
+        del w
+        torch.cuda.empty_cache()
+    if before is None:
+        os.environ.pop("LAROSA_COMPACT_STORE", None)
+    else:
+        os.environ["LAROSA_COMPACT_STORE"] = before
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -320,9 +344,9 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes
+    # adapter_modes, compact_store
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
-                            "hint_sites", "adapter_modes"}
+                            "hint_sites", "adapter_modes", "compact_store"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -346,6 +370,8 @@ def main() -> None:
         res["hint_sites"] = hint_sites_rows(a.shape, a.gen_len)
     if "adapter_modes" in parts:
         res["adapter_modes"] = adapter_mode_rows(a.shape, a.gen_len)
+    if "compact_store" in parts:
+        res["compact_store"] = compact_store_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -885,3 +885,20 @@ def test_side_gemv_tiles_from_the_environment(monkeypatch, tiles):
         monkeypatch.setenv("LAROSA_SIDE_TILES", bad)
         with pytest.raises(ValueError, match="LAROSA_SIDE_TILES"):
             ops.triton_gemv.select(x, 37, side=ops.triton_gemv.SideGemv(ax, aw, y, 0, 70))
+
+
+def test_compact_store_switch(monkeypatch):
+    """LAROSA_COMPACT_STORE picks the compacting select's store (inline PTX only on compiled kernels: the
+    interpreter keeps `tl.store`); a bad value is refused."""
+    tg = ops.triton_gemv
+    assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == 1
+    monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm")
+    assert tg._compact_mode(False) == 0
+    assert tg._compact_mode(True) == (1 if os.environ.get("TRITON_INTERPRET") == "1" else 3)
+    x = torch.randn(1, 300).bfloat16()
+    sel = tg.select(x, 40, compact=True)
+    assert torch.equal(torch.sort(sel[0, 2:]).values, sel[0, 2:])  # ascending kept positions
+    assert torch.equal(topk_keep_mask(x, 40)[0].nonzero()[:, 0].to(torch.int32), sel[0, 2:])
+    monkeypatch.setenv("LAROSA_COMPACT_STORE", "shared")
+    with pytest.raises(ValueError, match="LAROSA_COMPACT_STORE"):
+        tg.select(x, 40, compact=True)

@@ -88,3 +88,26 @@ def test_select_impls_on_gpu(impl):
         idx = torch.arange(d, device="cuda")
         mask = (bits > sel[:, :1]) | ((bits == sel[:, :1]) & (idx < sel[:, 1:]))
         assert torch.equal(mask, topk_keep_mask(x, k))
+
+
+@pytest.mark.parametrize("d_in", [4096, 11008, 14336, 1001])
+def test_compacting_select_ptx_stores_list_the_same_positions(monkeypatch, d_in):
+    """v16 experiment (LAROSA_COMPACT_STORE=asm): the kept list stored by inline PTX equals `tl.store`'s, with
+    heavy ties, for plain and norm + select launches; the gathered GEMV on it matches the reference."""
+    from larosa.kernels import triton_gemv as tg
+
+    x = torch.randn(2, d_in, device="cuda", dtype=torch.bfloat16)
+    x[1, : d_in // 3] = x[1, 0]
+    g = torch.rand(d_in, device="cuda", dtype=torch.bfloat16) + 0.5
+    for k in (1, d_in // 4, d_in // 2, d_in - 1):
+        monkeypatch.setenv("LAROSA_COMPACT_STORE", "tl")
+        want = tg.select(x, k, compact=True)
+        want_n = tg.rmsnorm_select(x, None, g, 1e-6, k, compact=True)[2]
+        monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm")
+        assert tg._compact_mode(True) == 3
+        assert torch.equal(tg.select(x, k, compact=True), want)
+        assert torch.equal(tg.rmsnorm_select(x, None, g, 1e-6, k, compact=True)[2], want_n)
+        wt = torch.randn(d_in, 256, device="cuda", dtype=torch.bfloat16) * 0.02
+        y = topk_linear(x[:1], wt, k, impl="gtile")
+        exact = torch.where(topk_keep_mask(x[:1], k), x[:1], 0).double() @ wt.double()
+        assert _rel(y, exact) < 1e-2

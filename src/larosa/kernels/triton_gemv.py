@@ -154,7 +154,7 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
     to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses.
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
-    ascending.
+    ascending (1; 3: the same list stored by inline PTX, `_scatter_i32`; 2: timing only, no list).
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
     if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
@@ -281,17 +281,33 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         cut = tl.where((e_lo > 0) & (eq0 + 1 == need_eq), 2 * lane + 1,
                        tl.where((e_hi > 0) & (eq0 + e_lo + 1 == need_eq), 2 * lane + 2, 0))
         # kept: above t, or among the first need_eq entries equal to t; place = kept entries before it
-        if COMPACT == 1:  # 2 (timing only, benchmarks/select_bench.py --compact): the packed prefix sum, no list
-            tl.store(idx_ptr + gt0 + tl.minimum(eq0, need_eq), 2 * lane,
-                     mask=(g_lo > 0) | ((e_lo > 0) & (eq0 < need_eq)))
-            tl.store(idx_ptr + gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), 2 * lane + 1,
-                     mask=(g_hi > 0) | ((e_hi > 0) & (eq0 + e_lo < need_eq)))
+        # 2 (timing only, benchmarks/select_bench.py --compact): the packed prefix sum, no list
+        p_lo, m_lo = idx_ptr + gt0 + tl.minimum(eq0, need_eq), (g_lo > 0) | ((e_lo > 0) & (eq0 < need_eq))
+        p_hi = idx_ptr + gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq)
+        m_hi = (g_hi > 0) | ((e_hi > 0) & (eq0 + e_lo < need_eq))
+        if COMPACT == 1:
+            tl.store(p_lo, 2 * lane, mask=m_lo)
+            tl.store(p_hi, 2 * lane + 1, mask=m_hi)
+        if COMPACT == 3:  # v16 experiment, compiled kernels only: the same stores without a layout conversion
+            _scatter_i32(p_lo, 2 * lane, m_lo)
+            _scatter_i32(p_hi, 2 * lane + 1, m_hi)
     else:
         cs = tl.cumsum(e_lo + e_hi, 0)  # equal entries up to and including this lane's pair
         cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
                        tl.where((e_hi > 0) & (cs == need_eq), 2 * lane + 2, 0))
     cutoff = tl.max(cut, 0)
     return t, cutoff
+
+
+@triton.jit
+def _scatter_i32(ptrs, vals, mask):
+    """Predicated 32-bit stores through inline PTX, in the operands' own layout (v16 experiment). `tl.store`
+    of a pointer tensor with no contiguity first moves pointers, values and mask to one element per thread
+    through shared memory (in the compacting select: 16 KB of scratch and 24 more barriers at BLOCK_D 16384,
+    where the stored list costs ~4 us of 14). The kept positions are ascending in lane order, so a warp's
+    stores still land in a short run of addresses. Not for the interpreter (no PTX there)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+                              "=r,l,r,r", [ptrs, vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -797,7 +813,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         x, res if res is not None else x, w, xs if xs is not None else h, h, sel,
         hint if hint is not None else sel, d_in, k, float(eps),
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
-        HAS_RES=res is not None, BLOCK_D=block_d, num_warps=warps, WINDOW=window, COMPACT=compact,
+        HAS_RES=res is not None, BLOCK_D=block_d, num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
         ROUND_BF16=_interpreted_bf16(x), **({"PDL": True} if pdl and _pdl_possible(x) else {}), **side_kw)
     return xs, h, sel
 
@@ -953,6 +969,18 @@ def _side_kwargs(side: SideGemv | None, rows: int, num_warps: int, x: torch.Tens
                            SIDE=True, HAS_PREV=prev is not None, **cfg)
 
 
+def _compact_mode(compact: bool) -> int:
+    """The COMPACT constexpr of a select launch: 0 (no list), 1 (the list by `tl.store`) or, with
+    `LAROSA_COMPACT_STORE=asm` on compiled kernels, 3 (the same stores by inline PTX, v16 experiment:
+    `_scatter_i32`; unmeasured, not the default)."""
+    if not compact:
+        return 0
+    store = os.environ.get("LAROSA_COMPACT_STORE", "tl")
+    if store not in ("tl", "asm"):
+        raise ValueError(f"LAROSA_COMPACT_STORE={store!r}: use tl or asm")
+    return 3 if store == "asm" and os.environ.get("TRITON_INTERPRET") != "1" else 1
+
+
 def _check_compact(compact: bool, d_in: int) -> None:
     if compact and d_in >= 1 << 15:  # the compacting prefix sum counts entries above t in 16 signed bits
         raise ValueError(f"the compacting select takes rows up to 32767 wide, got {d_in}; use impl='tile'")
@@ -992,7 +1020,8 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     if side is not None:
         side_kw["ROUND_BF16"] = _interpreted_bf16(x)
     kernel[(rows + extra,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
-                            num_warps=warps, WINDOW=window, COMPACT=compact, **({"PDL": True} if pdl else {}),
+                            num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
+                            **({"PDL": True} if pdl else {}),
                             **side_kw)
     return sel
 
