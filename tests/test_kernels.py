@@ -276,7 +276,7 @@ def test_ops_take_an_explicit_kernel(monkeypatch):
         torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-5, wt, None, 200, None, None, None, impl)
     assert [n for n, _ in calls] == ["gtile_gemv_kernel"] * 2 + ["rmsnorm_select_kernel", "gtile_gemv_kernel"] \
         + ["tile_gemv_kernel"] * 2 + ["rmsnorm_select_kernel", "tile_gemv_kernel"]
-    assert calls[2][1]["COMPACT"] is True and calls[6][1]["COMPACT"] is False
+    assert calls[2][1]["COMPACT"] == 1 and calls[6][1]["COMPACT"] == 0  # `_compact_mode`: 1 = the list by tl.store
     with pytest.raises(ValueError, match="bogus"):
         topk_linear(x.float(), wt.float(), 20, impl="bogus")  # fp32: the reference path
 
