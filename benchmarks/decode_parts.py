@@ -344,9 +344,9 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes, compact_store
+    # adapter_modes, compact_store, side_tiles
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
-                            "hint_sites", "adapter_modes", "compact_store"}
+                            "hint_sites", "adapter_modes", "compact_store", "side_tiles"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -372,6 +372,9 @@ def main() -> None:
         res["adapter_modes"] = adapter_mode_rows(a.shape, a.gen_len)
     if "compact_store" in parts:
         res["compact_store"] = compact_store_rows(a.shape, a.gen_len)
+    if "side_tiles" in parts:
+        # v16: the side programs' best per-op tiles (results/side-h200.json) vs the default, end to end
+        res["side_tiles"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SIDE_TILES", "8,1024,4", "16,512,2")
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -30,6 +30,8 @@
 #                                                # sweep (~2 min)
 #   bash benchmarks/h200_session.sh adaptermodes # v16: LaRoSA adapters in the selects / side stream / in order,
 #                                                # end to end, beside Top-K (~4 min)
+#   bash benchmarks/h200_session.sh sidetiles    # v16: the side programs' best per-op tiles vs the default, end to
+#                                                # end (~2 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -39,7 +41,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|compactselect|sidetests|side|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|compactselect|sidetests|side|sidetiles|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -105,6 +107,8 @@ for stage in "$@"; do
       python3 benchmarks/side_bench.py --out "$out/side-h200.json" 2>&1 | tee "$out/side-h200.log" || rc=1 ;;
     adaptermodes)
       parts adapter_modes adapter-modes-h200 ;;
+    sidetiles)
+      parts side_tiles side-tiles-h200 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1
