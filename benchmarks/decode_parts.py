@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from gemv import graph_time_us  # noqa: E402
+from gemv import env_set, graph_time_us  # noqa: E402
 
 from larosa.bench import _measure, copy_bandwidth  # noqa: E402
 from larosa.kernels import ops  # noqa: E402
@@ -247,28 +247,28 @@ def hint_sites_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     return rows
 
 
-def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2, **engine_kw) -> list[dict]:
-    """End-to-end A/B of an environment switch read at the kernel launches while the engine captures its step
-    (`var` = on / off), with the
-    default fusions (and `engine_kw`), alternating on/off `repeats` times per method."""
+def variant_ab_rows(shape: str, gen_len: int, var: str, variants, repeats: int = 2) -> list[dict]:
+    """End-to-end A/B of `variants` ((label, value of the environment switch `var`, which the kernel launches
+    read while the engine captures its step, engine keyword arguments)), with the default fusions,
+    alternating `repeats` times per method."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
-    before = os.environ.get(var)
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = sparse_variant(base, method, p)
         for rep in range(repeats):
-            for val in (on, off):
-                os.environ[var] = val
-                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {var}={val} #{rep}",
-                            {"shape": shape, "method": method, "nominal": p, var: val, "repeat": rep, **engine_kw},
-                            **engine_kw)
+            for label, val, kw in variants:
+                with env_set(var, val):
+                    _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {label} #{rep}",
+                                {"shape": shape, "method": method, "nominal": p, "variant": label, var: val,
+                                 "repeat": rep, **kw}, **kw)
         del w
         torch.cuda.empty_cache()
-    if before is None:
-        os.environ.pop(var, None)
-    else:
-        os.environ[var] = before
     return rows
+
+
+def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: int = 2, **engine_kw) -> list[dict]:
+    """`variant_ab_rows` of one environment switch, on / off, with the same `engine_kw`."""
+    return variant_ab_rows(shape, gen_len, var, [(f"{var}={v}", v, engine_kw) for v in (on, off)], repeats)
 
 
 def hints_overlap_rows(shape: str, gen_len: int) -> list[dict]:
@@ -316,24 +316,9 @@ def compact_store_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]
     """v16 experiment: the gathered kernel everywhere with the compacting select's list stored by `tl.store`
     or by inline PTX (`LAROSA_COMPACT_STORE`), beside the engine's default kernel choice, alternating: does
     a cheaper compaction let the gathered kernel win at p <= 0.5 too?"""
-    bw, base, prompt = _engine_setup(shape)
-    rows = []
-    before = os.environ.get("LAROSA_COMPACT_STORE")
-    for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
-        w = sparse_variant(base, method, p)
-        for rep in range(repeats):
-            for label, store, kw in (("gtile+ptx", "asm", {"kernel": "gtile"}), ("gtile+tl", "tl", {"kernel": "gtile"}),
-                                     ("default", "tl", {})):
-                os.environ["LAROSA_COMPACT_STORE"] = store
-                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {label:9s} #{rep}",
-                            {"shape": shape, "method": method, "nominal": p, "variant": label, "repeat": rep}, **kw)
-        del w
-        torch.cuda.empty_cache()
-    if before is None:
-        os.environ.pop("LAROSA_COMPACT_STORE", None)
-    else:
-        os.environ["LAROSA_COMPACT_STORE"] = before
-    return rows
+    gtile = {"kernel": "gtile"}
+    return variant_ab_rows(shape, gen_len, "LAROSA_COMPACT_STORE",
+                           [("gtile+ptx", "asm", gtile), ("gtile+tl", "tl", gtile), ("default", "tl", {})], repeats)
 
 
 def main() -> None:

@@ -12,9 +12,11 @@ weight bytes over the device-to-device copy bandwidth measured in the same run (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -60,6 +62,21 @@ def copy_bandwidth() -> float:
         times.append(s.elapsed_time(e) / 1e3)
     del a, b
     return 2 * n / statistics.median(times[3:])
+
+
+@contextlib.contextmanager
+def env_set(name: str, value: str | None):
+    """Environment variable `name` set to `value` (None: unset) inside the block, restored after it (the
+    package reads its kernel switches at each launch, so a captured graph keeps what was set at capture)."""
+    before = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if before is not None:
+            os.environ[name] = before
 
 
 def graph_time_us(calls, reps: int = 50, priority: int | None = None) -> float:

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemv import graph_time_us  # noqa: E402
+from gemv import env_set, graph_time_us  # noqa: E402
 from larosa.bench import copy_bandwidth  # noqa: E402
 from larosa.engine import ADAPTER_SPLIT, topk_kernel  # noqa: E402
 from larosa.kernels import triton_gemv  # noqa: E402
@@ -71,15 +70,8 @@ def mlp_calls(w, split: float, variant: str):
 def timed(w, split, tiles, variant) -> float:
     """Median us per layer; `tiles` (A_BN, A_BK, A_STAGES) or None for the default, through LAROSA_SIDE_TILES
     (read at each launch, i.e. while the graph is captured)."""
-    before = os.environ.pop("LAROSA_SIDE_TILES", None)
-    if tiles is not None:
-        os.environ["LAROSA_SIDE_TILES"] = ",".join(str(v) for v in tiles)
-    try:
+    with env_set("LAROSA_SIDE_TILES", None if tiles is None else ",".join(str(v) for v in tiles)):
         return graph_time_us(mlp_calls(w, split, variant), reps=30)
-    finally:
-        os.environ.pop("LAROSA_SIDE_TILES", None)
-        if before is not None:
-            os.environ["LAROSA_SIDE_TILES"] = before
 
 
 def main() -> None:
@@ -103,9 +95,8 @@ def main() -> None:
     if not a.no_sweep:
         ref = {v: timed(w, ADAPTER_SPLIT, None, v) for v in ("mlp", "mlp+mm", "mm")}
         print(f"p=0.50 mlp {ref['mlp']:.2f} us  mlp+mm {ref['mlp+mm']:.2f}  mm {ref['mm']:.2f}")
-        os.environ["LAROSA_KERNEL_PDL"] = "0"  # the same without programmatic dependent launches
-        nopdl = {v: timed(w, ADAPTER_SPLIT, None, v) for v in ("mlp", "mlp+side")}
-        os.environ.pop("LAROSA_KERNEL_PDL")
+        with env_set("LAROSA_KERNEL_PDL", "0"):  # the same without programmatic dependent launches
+            nopdl = {v: timed(w, ADAPTER_SPLIT, None, v) for v in ("mlp", "mlp+side")}
         print(f"p=0.50 without PDL: mlp {nopdl['mlp']:.2f} us  mlp+side {nopdl['mlp+side']:.2f} us", flush=True)
         ref.update({f"{k}_nopdl": v for k, v in nopdl.items()})
         print("| A_BN | A_BK | A_STAGES | split | mlp+side us | - mlp us |\n|---|---|---|---|---|---|")

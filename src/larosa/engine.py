@@ -284,7 +284,6 @@ def mlp_block_side(x: torch.Tensor, w: tuple, st: LayerStatic) -> tuple[torch.Te
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp:
         act, prev = torch.ops.larosa.rmsnorm_topk_side(x, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, adapter,
                                                        st.adapter_cols, cnt, _hint(hints, 2, st), st.mlp_in.kernel)
-        prev = prev if st.adapter_cols else None
     else:
         h = _rms(x, mlp_norm, st.eps)
         if st.rotate_mlp:

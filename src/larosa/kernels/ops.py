@@ -134,10 +134,15 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
         return (y if r2 is None else y + r2).view(out_shape)
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
         return ref.topk_gemv_ref(x2, wt, k, bias, r2).view(out_shape)
-    y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
+    return _launch_topk(x2, wt, k, bias, counters, r2, hint, impl).view(out_shape)
+
+
+def _launch_topk(x2, wt, k, bias, counters, r2, hint, impl, side=None) -> torch.Tensor:
+    """The Triton Top-K GEMV of rows x2 (the kernel path of `topk_linear`; `side` rides in its select)."""
+    y = torch.empty(x2.shape[0], wt.shape[1], dtype=x2.dtype, device=x2.device)
     triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt, impl=impl, k=k),
-                       residual=r2, hint=hint, impl=impl)
-    return y.view(out_shape)
+                       residual=r2, hint=hint, impl=impl, side=side)
+    return y
 
 
 @topk_linear.register_fake
@@ -280,9 +285,7 @@ def topk_linear_side(x: torch.Tensor, wt: torch.Tensor, k: int, side_x: torch.Te
         return topk_linear(x, wt, k, None, counters, None, hint, impl), r.view(r_shape)
     r2 = torch.empty(x2.shape[0], n, dtype=side_x.dtype, device=x.device)
     side = triton_gemv.SideGemv(a2, side_w.contiguous(), r2, c0, n, p2)
-    y = torch.empty(x2.shape[0], wt.shape[1], dtype=x.dtype, device=x.device)
-    triton_gemv.launch(x2, wt.contiguous(), y, k, counters=_counters(counters, x2, wt, impl=impl, k=k), hint=hint,
-                       impl=impl, side=side)
+    y = _launch_topk(x2, wt, k, None, counters, None, hint, impl, side)
     return y.view(*x.shape[:-1], wt.shape[1]), r2.view(r_shape)
 
 
