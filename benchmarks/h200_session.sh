@@ -22,6 +22,8 @@
 #                                                # engine's decode, per site (~1 min)
 #   bash benchmarks/h200_session.sh gtile        # gathered-rows GEMV (v15): compiled tests, per-op A/B with a tile
 #                                                # sweep, LLaMA2-7B decode under LAROSA_KERNEL_IMPL=gtile (~7 min)
+#   bash benchmarks/h200_session.sh gputests     # the GPU-only kernel and engine tests (~3 min)
+#   bash benchmarks/h200_session.sh gtilelow     # gathered rows everywhere at p = 0.25 / 0.4, LLaMA2-7B (~1 min)
 #   bash benchmarks/h200_session.sh compactselect # the packed select plain / compacting / prefix sum only (~1 min)
 #   bash benchmarks/h200_session.sh gtileab      # the same per-op A/B at the default tiles only (~1 min)
 #   bash benchmarks/h200_session.sh sidetests    # v16 adapter-in-the-selects: compiled side-GEMV kernel tests and
@@ -41,7 +43,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|compactselect|sidetests|side|sidetiles|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -91,6 +93,14 @@ for stage in "$@"; do
       LAROSA_KERNEL_IMPL=gtile python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,topk \
         --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-gtile-h200-llama2-7b" \
         2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
+    gputests)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py tests/test_engine_gpu.py \
+        > "$out/gpu-tests.log" 2>&1 || rc=1
+      tail -n 3 "$out/gpu-tests.log" ;;
+    gtilelow)
+      LAROSA_KERNEL_IMPL=gtile python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,topk \
+        --sparsities 0.25,0.4 --gen-lens 128 --out "$out/decode-gtile-low-h200-llama2-7b" \
+        2>&1 | grep -v "%|" | tee "$out/decode-gtile-low-h200-llama2-7b.log" || rc=1 ;;
     compactselect)
       python3 benchmarks/select_bench.py --compact --out "$out/select-compact-h200.json" \
         2>&1 | tee "$out/select-compact-h200.log" || rc=1 ;;

@@ -342,6 +342,8 @@ def test_kernel_choice_by_kept_share_reaches_every_topk_launch(monkeypatch):
     assert 0.4 < share < 0.6  # nominal p = 0.5
     kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": False,
           "fuse_norm_select": True, "fuse_residual": True}
+    assert DecodeEngine(w, **kw).kernel == "gtile"
+    monkeypatch.setattr(eng_mod, "GTILE_MODEL_MAX_KEEP", share - 1e-3)
     assert DecodeEngine(w, **kw).kernel == "tile"
     monkeypatch.setattr(eng_mod, "GTILE_MODEL_MAX_KEEP", share)
     assert DecodeEngine(w, **kw).kernel == "gtile"

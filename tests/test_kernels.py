@@ -221,7 +221,8 @@ def test_auto_picks_gtile_by_k_and_leaves_very_wide_rows_to_the_tile_kernel(monk
     for name in ("tile_gemv_kernel", "gtile_gemv_kernel"):
         monkeypatch.setattr(tg, name, _Recorder(name, calls))
     x, wt = torch.randn(1, 256).bfloat16(), torch.randn(256, 32).bfloat16()
-    for k in (100, 102, 200):  # 0.4 * 256 = 102.4
+    c = int(tg.GTILE_MAX_KEEP * 256)
+    for k in (c - 1, c, 240):  # the cut, and well above it
         tg.launch(x, wt, torch.empty(1, 32, dtype=torch.bfloat16), k)
         torch.ops.larosa.rmsnorm_topk(x[None], None, torch.ones(256, dtype=torch.bfloat16), 1e-5, wt, None, k)
     assert [n for n, _ in calls] == ["gtile_gemv_kernel"] * 4 + ["tile_gemv_kernel"] * 2
@@ -271,12 +272,12 @@ def test_ops_take_an_explicit_kernel(monkeypatch):
     x, wt = torch.randn(1, 1, 256).bfloat16(), torch.randn(256, 32).bfloat16()
     g = torch.ones(256, dtype=torch.bfloat16)
     for impl in ("gtile", "tile"):
-        topk_linear(x, wt, 200, impl=impl)  # k > 0.4 d_in: "auto" would mask
+        topk_linear(x, wt, 200, impl=impl)  # k > 0.6 d_in: "auto" would mask
         torch.ops.larosa.topk_gate_up(x, wt, wt, 200, None, None, impl)
         torch.ops.larosa.rmsnorm_topk(x, None, g, 1e-5, wt, None, 200, None, None, None, impl)
     assert [n for n, _ in calls] == ["gtile_gemv_kernel"] * 2 + ["rmsnorm_select_kernel", "gtile_gemv_kernel"] \
         + ["tile_gemv_kernel"] * 2 + ["rmsnorm_select_kernel", "tile_gemv_kernel"]
-    assert calls[2][1]["COMPACT"] == 1 and calls[6][1]["COMPACT"] == 0  # `_compact_mode`: 1 = the list by tl.store
+    assert calls[2][1]["COMPACT"] == tg._compact_mode(True) and calls[6][1]["COMPACT"] == 0  # 0: no list
     with pytest.raises(ValueError, match="bogus"):
         topk_linear(x.float(), wt.float(), 20, impl="bogus")  # fp32: the reference path
 
@@ -888,13 +889,16 @@ def test_side_gemv_tiles_from_the_environment(monkeypatch, tiles):
 
 
 def test_compact_store_switch(monkeypatch):
-    """LAROSA_COMPACT_STORE picks the compacting select's store (inline PTX only on compiled kernels: the
-    interpreter keeps `tl.store`); a bad value is refused."""
+    """LAROSA_COMPACT_STORE picks the compacting select's store (default inline PTX, only on compiled kernels:
+    the interpreter keeps `tl.store`); a bad value is refused."""
     tg = ops.triton_gemv
+    compiled = os.environ.get("TRITON_INTERPRET") != "1"
+    assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == (3 if compiled else 1)  # PTX by default
+    monkeypatch.setenv("LAROSA_COMPACT_STORE", "tl")
     assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == 1
     monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm")
     assert tg._compact_mode(False) == 0
-    assert tg._compact_mode(True) == (1 if os.environ.get("TRITON_INTERPRET") == "1" else 3)
+    assert tg._compact_mode(True) == (3 if compiled else 1)
     x = torch.randn(1, 300).bfloat16()
     sel = tg.select(x, 40, compact=True)
     assert torch.equal(torch.sort(sel[0, 2:]).values, sel[0, 2:])  # ascending kept positions

@@ -92,7 +92,7 @@ def test_select_impls_on_gpu(impl):
 
 @pytest.mark.parametrize("d_in", [4096, 11008, 14336, 1001])
 def test_compacting_select_ptx_stores_list_the_same_positions(monkeypatch, d_in):
-    """v16 experiment (LAROSA_COMPACT_STORE=asm): the kept list stored by inline PTX equals `tl.store`'s, with
+    """v16 (LAROSA_COMPACT_STORE=asm, the default): the kept list stored by inline PTX equals `tl.store`'s, with
     heavy ties, for plain and norm + select launches; the gathered GEMV on it matches the reference."""
     from larosa.kernels import triton_gemv as tg
 

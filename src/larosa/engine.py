@@ -538,7 +538,10 @@ def _compile_limits():
 # ---------- the engine ----------------------------------------------------------------------------
 
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
-GTILE_MODEL_MAX_KEEP = 0.35  # v15: a model keeping at most this share of its Top-K weight bytes gathers rows
+# a model keeping at most this share of its Top-K weight bytes gathers rows. v16 with the kept list stored by
+# inline PTX (benchmarks/results/compact-store-h200.json, LLaMA2-7B LaRoSA): gathered 232.9 / 249.5 / 313.8
+# tok/s vs masked 232.0 / 242.0 / 284.3 at p = 0.4 / 0.5 / 0.75 (kept shares ~0.57 / 0.48 / 0.24); v15 (tl.store): 0.35
+GTILE_MODEL_MAX_KEEP = 0.65
 
 
 def kept_share(weights: "ModelWeights") -> Optional[float]:
@@ -560,9 +563,9 @@ def topk_kernel(weights: "ModelWeights") -> Optional[str]:
     GTILE_MODEL_MAX_KEEP of its Top-K weight bytes, else "tile" (masked rows); None (the ops' own default,
     `LAROSA_KERNEL_IMPL` included) without Top-K sites or where that variable names a kernel (not "auto").
     Rows of 32768 or more run "tile" either way (`triton_gemv.resolve_impl`). One kernel for the
-    whole model: end to end on the H200 (benchmarks/NOTES.md v15) gtile everywhere won at p = 0.75 (LaRoSA
-    LLaMA2-7B 1.19x vs 1.12x) and tile everywhere at p <= 0.5, while the per-op choice by k, which mixed
-    them at p = 0.5, was slower than either (0.96x vs 1.04x / 1.01x)."""
+    whole model: end to end on the H200 (benchmarks/NOTES.md v15) the per-op choice by k, which mixed
+    them at p = 0.5, was slower than either (0.96x vs 1.04x / 1.01x); since the PTX-stored list (v16) gtile
+    everywhere wins or ties from p = 0.4 up."""
     share = kept_share(weights)
     if share is None or os.environ.get("LAROSA_KERNEL_IMPL", "auto") != "auto":
         return None

@@ -8,7 +8,7 @@ Two launches per op, no host synchronisation, a fixed amount of work per call:
    lane; `select_bisect_kernel` does the same one pattern per lane; `select_kernel` does a two-level
    radix select with histograms (top 8 bits, then the low 7). Among entries equal to t the lower indices
    win (a prefix sum gives the cutoff index), so exactly k entries are kept. Output: (t, cutoff) per row.
-2. `gtile_gemv_kernel` (v15, the default where k <= 0.4 d_in): the select also lists the k kept positions (ascending) and
+2. `gtile_gemv_kernel` (v15, the default where k <= 0.6 d_in): the select also lists the k kept positions (ascending) and
    each program loads BLOCK_M of those weight rows x BLOCK_N columns, so the grid and every load scale
    with k (no program walks dropped rows); sums, counter and finisher as in the tile kernel below.
    `tile_gemv_kernel` (v11, the default for larger k): one BLOCK_M x BLOCK_N weight tile per program; a weight row
@@ -154,7 +154,7 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
     to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses.
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
-    ascending (1; 3: the same list stored by inline PTX, `_scatter_i32`; 2: timing only, no list).
+    ascending (3, compiled default: stored by inline PTX, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
     if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
@@ -288,7 +288,7 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         if COMPACT == 1:
             tl.store(p_lo, 2 * lane, mask=m_lo)
             tl.store(p_hi, 2 * lane + 1, mask=m_hi)
-        if COMPACT == 3:  # v16 experiment, compiled kernels only: the same stores without a layout conversion
+        if COMPACT == 3:  # compiled kernels' default (v16): the same stores without a layout conversion
             _scatter_i32(p_lo, 2 * lane, m_lo)
             _scatter_i32(p_hi, 2 * lane + 1, m_hi)
     else:
@@ -301,7 +301,7 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
 
 @triton.jit
 def _scatter_i32(ptrs, vals, mask):
-    """Predicated 32-bit stores through inline PTX, in the operands' own layout (v16 experiment). `tl.store`
+    """Predicated 32-bit stores through inline PTX, in the operands' own layout (v16, the compiled default). `tl.store`
     of a pointer tensor with no contiguity first moves pointers, values and mask to one element per thread
     through shared memory (in the compacting select: 16 KB of scratch and 24 more barriers at BLOCK_D 16384,
     where the stored list costs ~4 us of 14). The kept positions are ascending in lane order, so a warp's
@@ -970,12 +970,13 @@ def _side_kwargs(side: SideGemv | None, rows: int, num_warps: int, x: torch.Tens
 
 
 def _compact_mode(compact: bool) -> int:
-    """The COMPACT constexpr of a select launch: 0 (no list), 1 (the list by `tl.store`) or, with
-    `LAROSA_COMPACT_STORE=asm` on compiled kernels, 3 (the same stores by inline PTX, v16 experiment:
-    `_scatter_i32`; unmeasured, not the default)."""
+    """The COMPACT constexpr of a select launch: 0 (no list), 3 (the list stored by predicated inline PTX,
+    `_scatter_i32`: the default on compiled kernels since v16, 11.9 vs 13.5 us per select at d_in = 11008,
+    `results/select-compact-h200.json`) or 1 (the same list by `tl.store`: under the interpreter, which runs
+    no PTX, or with `LAROSA_COMPACT_STORE=tl`)."""
     if not compact:
         return 0
-    store = os.environ.get("LAROSA_COMPACT_STORE", "tl")
+    store = os.environ.get("LAROSA_COMPACT_STORE", "asm")
     if store not in ("tl", "asm"):
         raise ValueError(f"LAROSA_COMPACT_STORE={store!r}: use tl or asm")
     return 3 if store == "asm" and os.environ.get("TRITON_INTERPRET") != "1" else 1
@@ -1075,7 +1076,9 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
 
 IMPLS = ("split", "inline", "fused", "tile", "gtile", "auto")
 IMPL = "auto"  # default for exact Top-K: gtile where k <= GTILE_MAX_KEEP * d_in, else tile (NOTES.md v15)
-GTILE_MAX_KEEP = 0.4  # v15 decode tables: the gathered kernel wins end to end at p = 0.75, loses at 0.25-0.5
+# v16 (the list stored by inline PTX), per op with its select (`results/gtile-ab-default-h200.json`): gathered
+# rows win or tie from 40 % sparsity up on every LLaMA2-7B op (v15, with `tl.store`: only from 60 %)
+GTILE_MAX_KEEP = 0.6
 
 
 THRESHOLD_IMPL = "split"  # threshold mode (TEAL baseline): split-K was faster end to end (NOTES.md v11)
