@@ -63,8 +63,9 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     assert [r["method"] for r in rows] == ["dense", "larosa", "teal"]
     dense, lar, teal = rows
     assert lar["steps_timed"] == 11 and dense["steps_timed"] == 11
-    # the Top-K kernel the engine chose by the model's kept share (p = 0.5 keeps about half: masked rows)
-    assert (dense["kernel"], lar["kernel"], teal["kernel"]) == (None, "tile", None)
+    # the Top-K kernel the engine chose by the model's kept share (p = 0.5 keeps about half: gathered rows)
+    assert (dense["kernel"], lar["kernel"], teal["kernel"]) == (None, "gtile", None)
+    assert all(r["fuse_rope"] is False for r in rows)  # the CPU default
     # bytes per token counted independently: every weight entry once (fp32), one embedding row, the head,
     # unit norms; LaRoSA reads k of d_in rows per projection plus its adapters
     sh = SHAPES["tiny"]
