@@ -321,6 +321,24 @@ def compact_store_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]
                            [("gtile+ptx", "asm", gtile), ("gtile+tl", "tl", gtile), ("default", "tl", {})], repeats)
 
 
+def rope_fusion_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v17: RoPE and the K/V cache write inside the attention launch (`fuse_rope`) vs the two inductor
+    kernels before it, dense and sparse, alternating."""
+    bw, base, prompt = _engine_setup(shape)
+    rows = []
+    for method, p in (("dense", 0.0), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
+        w = base if method == "dense" else sparse_variant(base, method, p)
+        for rep in range(repeats):
+            for fuse in (True, False):
+                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} fuse_rope={fuse!s:5s} #{rep}",
+                            {"shape": shape, "method": method, "nominal": p, "fuse_rope": fuse, "repeat": rep},
+                            fuse_rope=fuse)
+        if w is not base:
+            del w
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -329,9 +347,9 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes, compact_store, side_tiles
+    # adapter_modes, compact_store, side_tiles, rope_fusion
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
-                            "hint_sites", "adapter_modes", "compact_store", "side_tiles"}
+                            "hint_sites", "adapter_modes", "compact_store", "side_tiles", "rope_fusion"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -360,6 +378,8 @@ def main() -> None:
     if "side_tiles" in parts:
         # v16: the side programs' best per-op tiles (results/side-h200.json) vs the default, end to end
         res["side_tiles"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SIDE_TILES", "8,1024,4", "16,512,2")
+    if "rope_fusion" in parts:
+        res["rope_fusion"] = rope_fusion_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -67,3 +67,74 @@ def test_split_plan_covers_the_cache():
         n, chunk = ops.triton_attention.plan(b, kvh, L)
         assert n * chunk >= L > (n - 1) * chunk and chunk % ops.triton_attention.BLOCK_L == 0
 
+
+
+def _rope_case(b, kvh, g, hd, L, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(b, (kvh * g + 2 * kvh) * hd, generator=gen).to(DEV, dtype)
+    kc = torch.randn(b, kvh, L, hd, generator=gen).to(DEV, dtype)
+    vc = torch.randn(b, kvh, L, hd, generator=gen).to(DEV, dtype)
+    ang = torch.rand(hd // 2, generator=gen) * 6.0
+    cos, sin = torch.cat([ang.cos()] * 2).to(DEV, dtype), torch.cat([ang.sin()] * 2).to(DEV, dtype)
+    return qkv, kc, vc, cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,kvh,g,hd,L,pos", [(1, 2, 1, 64, 200, 0), (1, 2, 4, 64, 200, 130), (2, 1, 3, 32, 70, 69),
+                                              (1, 3, 2, 128, 129, 64), (1, 1, 8, 16, 1000, 999), (1, 2, 2, 64, 300, 255)])
+def test_rope_decode_attention_matches_reference(dtype, b, kvh, g, hd, L, pos):
+    """RoPE, the cache write and attention in one launch: the same caches as the reference (k within one
+    rounding of the fp32 rotation, v exact, every other position untouched) and the same output."""
+    from larosa.kernels.reference import rope_decode_attention_ref
+
+    qkv, kc, vc, cos, sin = _rope_case(b, kvh, g, hd, L, dtype)
+    p = torch.tensor([pos], device=DEV)
+    scale = hd ** -0.5
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    want = rope_decode_attention_ref(qkv, kc_ref, vc_ref, p, cos, sin, scale)
+    got = ops.triton_attention.rope_decode_attention(qkv, kc, vc, p, cos, sin, scale)
+    assert got.shape == (b, kvh, g, hd) and got.dtype == dtype
+    others = torch.arange(L, device=DEV) != pos
+    assert torch.equal(kc[:, :, others], kc_ref[:, :, others]) and torch.equal(vc, vc_ref)
+    torch.testing.assert_close(kc[:, :, pos].double(), kc_ref[:, :, pos].double(), atol=2e-2, rtol=1e-2)
+    # against fp64 attention on the written caches, and against the reference op
+    exact = decode_attention_ref(_rotated_q(qkv, kvh, g, hd, cos, sin), kc.double(), vc.double(), p, scale)
+    torch.testing.assert_close(got.double(), exact, atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got.double(), want.double(), atol=3e-2, rtol=3e-2)
+
+
+def _rotated_q(qkv, kvh, g, hd, cos, sin):
+    """q of the fused op in fp64: rotate-half RoPE of the q heads, (B, KVH, G, HD)."""
+    q = qkv.double()[:, : kvh * g * hd].view(qkv.shape[0], kvh, g, hd)
+    rot = torch.cat((-q[..., hd // 2:], q[..., : hd // 2]), dim=-1)
+    return q * cos.double() + rot * sin.double()
+
+
+def test_rope_decode_attention_op(monkeypatch):
+    """The op runs the kernel on the kernel path and the reference elsewhere (fp32, LAROSA_ATTENTION=sdpa),
+    both writing the caches; bad shapes are refused."""
+    qkv, kc, vc, cos, sin = _rope_case(1, 2, 2, 64, 96, torch.bfloat16)
+    p = torch.tensor([40], device=DEV)
+    calls = []
+    real = ops.triton_attention.rope_decode_attention
+    monkeypatch.setattr(ops.triton_attention, "rope_decode_attention", lambda *a: (calls.append(1), real(*a))[1])
+    k1, v1 = kc.clone(), vc.clone()
+    y = torch.ops.larosa.rope_decode_attention(qkv, k1, v1, p, cos, sin, 0.125)
+    assert calls == [1] and y.shape == (1, 2, 2, 64)
+    monkeypatch.setenv("LAROSA_ATTENTION", "sdpa")
+    k2, v2 = kc.clone(), vc.clone()
+    torch.testing.assert_close(torch.ops.larosa.rope_decode_attention(qkv, k2, v2, p, cos, sin, 0.125), y,
+                               atol=2e-2, rtol=2e-2)
+    assert calls == [1] and torch.equal(v2, v1)
+    torch.testing.assert_close(k2, k1, atol=2e-2, rtol=1e-2)
+    assert not torch.equal(k2[:, :, 40], kc[:, :, 40])  # written
+    monkeypatch.delenv("LAROSA_ATTENTION")
+    y32 = torch.ops.larosa.rope_decode_attention(qkv.float(), kc.float(), vc.float(), p, cos.float(), sin.float(),
+                                                 0.125)
+    assert calls == [1] and y32.is_contiguous() and y32.dtype == torch.float32
+    with pytest.raises(ValueError, match="features"):
+        torch.ops.larosa.rope_decode_attention(qkv[:, :100], kc, vc, p, cos, sin, 0.125)
+    with pytest.raises(ValueError, match="cos/sin"):
+        torch.ops.larosa.rope_decode_attention(qkv, kc, vc, p, cos[:32], sin, 0.125)
+    with pytest.raises(ValueError, match="caches"):
+        torch.ops.larosa.rope_decode_attention(qkv, kc, vc[:, :1], p, cos, sin, 0.125)

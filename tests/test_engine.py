@@ -388,3 +388,57 @@ def test_hint_sites_limit_the_hinted_selects(sites):
         assert all(bool(t[-1][i].all()) == (i in sites) for i in range(4))
     with pytest.raises(LarosaError, match="hint_sites"):
         DecodeEngine(w, **kw, hint_sites=(4,))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_rope_step_equals_plain_step(monkeypatch, arch):
+    """fuse_rope: the decode step's RoPE, cache write and attention in one op. In fp32 (the op's reference)
+    the logits and the KV caches equal the plain step's, for dense and LaRoSA models; layers with q/k norms
+    (Qwen3) keep the plain path."""
+    from larosa.kernels import reference as _ref
+
+    calls = []
+    real = _ref.rope_decode_attention_ref
+    monkeypatch.setattr(_ref, "rope_decode_attention_ref", lambda *a: (calls.append(1), real(*a))[1])
+    model = tiny_model(arch, seed=5)
+    rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
+    fused = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.5)), rot)
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    for m in (model, fused):
+        w = from_hf(m)
+        plain, fr = (DecodeEngine(w, max_len=12, batch=2, fuse_rope=f) for f in (False, True))
+        assert not plain._statics[0].fused_rope and fr._statics[0].fused_rope
+        before = len(calls)
+        for e in (plain, fr):
+            e.prefill(ids)
+        assert len(calls) == before  # prefill keeps the plain path
+        for _ in range(3):
+            plain.step()
+            fr.step()
+            torch.testing.assert_close(fr.logits, plain.logits, rtol=0, atol=1e-6)
+        for a, b in zip(fr.k_cache + fr.v_cache, plain.k_cache + plain.v_cache):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert len(calls) == (0 if arch == "qwen3" else 2 * 3 * model.config.num_hidden_layers)
+
+
+def test_fused_rope_runs_the_kernel_bf16(monkeypatch):
+    """bf16, head size 16: the fused step runs the split-cache kernel with RoPE (interpreted on the CPU,
+    compiled on a GPU) once per layer and step, and its logits follow the plain step's."""
+    calls = []
+    real = _ops.triton_attention.rope_decode_attention
+    monkeypatch.setattr(_ops.triton_attention, "rope_decode_attention", lambda *a: (calls.append(1), real(*a))[1])
+    model = tiny_model("llama", seed=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = from_hf(model).to(device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    kw = {"max_len": 12, "compile": False, "graphs": False}
+    plain, fr = DecodeEngine(w, fuse_rope=False, **kw), DecodeEngine(w, fuse_rope=True, **kw)
+    for e in (plain, fr):
+        e.prefill(ids)
+    for _ in range(3):
+        plain.step()
+        fr.step()
+        cos = torch.nn.functional.cosine_similarity(fr.logits.float(), plain.logits.float(), dim=-1).item()
+        assert cos > 0.999, cos
+        fr.tok.copy_(plain.tok)
+    assert len(calls) == 3 * model.config.num_hidden_layers

@@ -147,6 +147,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["fuse"] = [name for name, flag in FUSIONS.items() if getattr(eng, flag)]  # what the engine ran
     out["kernel"] = eng.kernel or os.environ.get("LAROSA_KERNEL_IMPL")  # the Top-K GEMV (None: dense / default)
     out["adapters"] = eng.adapter_mode  # where the residual adapter GEMVs ran ("inline" without adapters)
+    out["fuse_rope"] = eng.fuse_rope  # RoPE and the cache write inside the attention launch
     del eng
     return out
 

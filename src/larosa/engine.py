@@ -77,6 +77,8 @@ class LayerStatic(NamedTuple):
     hint_sites: int = 0b1111
     # adapters in the selects (`mlp_block_side`): adapter columns computed in the gate/up select's launch
     adapter_cols: int = 0
+    # decode: RoPE, the cache write and attention in one op (`larosa::rope_decode_attention`); set by the engine
+    fused_rope: bool = False
 
 
 @dataclass
@@ -222,6 +224,11 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
             x = x + res
         h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
         qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt, _hint(hints, 0, st))
+    if st.fused_rope and t == 1 and not st.qk_norm:
+        o = torch.ops.larosa.rope_decode_attention(qkv.reshape(b, -1), kc, vc, pos, cos.reshape(-1),
+                                                   sin.reshape(-1), st.scaling)
+        a = _site_input(o.view(b, 1, st.heads * st.head_dim), s_ao, probe, thr, 1, st.attn_out)
+        return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1, st))
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
     q = q.view(b, t, st.heads, st.head_dim)
     k = k.view(b, t, st.kv_heads, st.head_dim)
@@ -577,6 +584,7 @@ ADAPTER_MODES = ("inline", "stream", "select")
 # select, measured fastest end to end (v16, benchmarks/results/adapter-modes-h200.json: 242.7 vs 237.4 tok/s
 # at 0.375, LLaMA2-7B p = 0.5)
 ADAPTER_SPLIT = 0.0
+DEFAULT_FUSE_ROPE = True  # v17: RoPE and the cache write in the attention launch (see DecodeEngine)
 DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (same run)
 
 
@@ -631,6 +639,9 @@ class DecodeEngine:
     hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down);
     None = all four.
     kernel: the Top-K GEMV kernel of every site (`triton_gemv.IMPLS`); None = `topk_kernel(weights)`.
+    fuse_rope: the decode step's RoPE and K/V cache write happen in the attention launch
+    (`larosa::rope_decode_attention`; layers without q/k norms). None = `DEFAULT_FUSE_ROPE` with CUDA,
+    off on the CPU (same function there; the op's reference rounds RoPE once, in fp32).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
@@ -638,11 +649,12 @@ class DecodeEngine:
                  capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
                  fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
                  hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
-                 adapter_split: float = ADAPTER_SPLIT):
+                 adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
         self.fuse_residual = cuda if fuse_residual is None else bool(fuse_residual)
+        self.fuse_rope = (cuda and DEFAULT_FUSE_ROPE) if fuse_rope is None else bool(fuse_rope)
         self.hint_sites = (0, 1, 2, 3) if hint_sites is None else tuple(sorted(set(int(i) for i in hint_sites)))
         if not set(self.hint_sites) <= {0, 1, 2, 3}:
             raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
@@ -650,6 +662,7 @@ class DecodeEngine:
         if self.kernel is not None and _ops.HAVE_TRITON and self.kernel not in _ops.KERNEL_IMPLS:
             raise LarosaError(f"kernel must be one of {', '.join(_ops.KERNEL_IMPLS)}, got {kernel!r}")
         self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual,
+                                     fused_rope=self.fuse_rope,
                                      hint_sites=sum(1 << i for i in self.hint_sites),
                                      **{n: getattr(st, n)._replace(kernel=self.kernel) for n in SITES})
                          for st in weights.statics]

@@ -11,6 +11,8 @@
     torch.ops.larosa.topk_linear_side(x, wt, k, a, w, prev)
                                                          TopK_k(x) @ wt, and r = a @ w.T (first columns: prev)
     torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
+    torch.ops.larosa.rope_decode_attention(qkv, kc, vc, pos, cos, sin, s)  the same from the q/k/v output:
+                                                   RoPE and the cache write in the same launch
 
 The side GEMVs' weights w are output-major (F.linear's layout, d_out x d_in), unlike `wt`.
 
@@ -345,10 +347,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             or k_cache.shape[3] != q.shape[3]:
         raise ValueError(f"q {tuple(q.shape)} / caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}: expected "
                          f"(B, KVH, G, HD) and (B, KVH, L, HD)")
-    hd = q.shape[3]
-    impl = attention_impl()  # checked on every path, so a bad value never passes silently
-    if (HAVE_TRITON and q.dtype in KERNEL_DTYPES and hd == 1 << (hd.bit_length() - 1) and hd >= 16
-            and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and impl == "split"):
+    if _attention_kernel_ok(q, q.shape[3]):
         return triton_attention.decode_attention(q.contiguous(), k_cache.contiguous(), v_cache.contiguous(),
                                                  pos, scale)
     # SDPA may return a permuted layout; the op's output is contiguous, as its fake says
@@ -358,3 +357,39 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, pos, scale):
     return q.new_empty(q.shape)
+
+
+def _attention_kernel_ok(x: torch.Tensor, hd: int) -> bool:
+    """The split-cache kernel runs: Triton, a kernel dtype, a power-of-two head size >= 16, CUDA (or the
+    interpreter) and `LAROSA_ATTENTION=split` (checked on every path, so a bad value never passes)."""
+    impl = attention_impl()
+    return (HAVE_TRITON and x.dtype in KERNEL_DTYPES and hd == 1 << (hd.bit_length() - 1) and hd >= 16
+            and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and impl == "split")
+
+
+@torch.library.custom_op("larosa::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
+def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode position from the q/k/v projection's output qkv (B, (KVH * G + 2 * KVH) * HD): RoPE
+    (rotate-half, cos/sin rows (HD,) of the position) on q and the new key, the new key and value written
+    to the static caches (B, KVH, L, HD) at pos (in place), attention over positions 0..pos. Returns
+    (B, KVH, G, HD). The kernel does it all in the split-cache launch (the engine's RoPE and cache-write
+    kernels folded in); elsewhere the PyTorch reference."""
+    if qkv.dim() != 2 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != qkv.shape[0]:
+        raise ValueError(f"qkv {tuple(qkv.shape)} / caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}: "
+                         f"expected (B, F) and (B, KVH, L, HD)")
+    b, kvh, _, hd = k_cache.shape
+    if qkv.shape[1] % (kvh * hd) or qkv.shape[1] // (kvh * hd) < 3:
+        raise ValueError(f"qkv has {qkv.shape[1]} features: not (KVH * G + 2 * KVH) * HD with KVH = {kvh}, HD = {hd}")
+    if cos.shape != (hd,) or sin.shape != (hd,):
+        raise ValueError(f"cos/sin must be rows of {hd}, got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if _attention_kernel_ok(qkv, hd) and qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous():
+        return triton_attention.rope_decode_attention(qkv, k_cache, v_cache, pos, cos.contiguous(),
+                                                      sin.contiguous(), scale)
+    return ref.rope_decode_attention_ref(qkv, k_cache, v_cache, pos, cos, sin, scale).contiguous()
+
+
+@rope_decode_attention.register_fake
+def _(qkv, k_cache, v_cache, pos, cos, sin, scale):
+    b, kvh, _, hd = k_cache.shape
+    return qkv.new_empty(b, kvh, qkv.shape[1] // hd // kvh - 2, hd)

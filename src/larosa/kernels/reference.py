@@ -81,3 +81,24 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     """q (B, KVH, G, HD) of one position `pos` against cache positions 0..pos of (B, KVH, L, HD) caches."""
     keep = (torch.arange(k_cache.shape[2], device=q.device) <= pos.reshape(-1)[:1]).expand(q.shape[2], -1)
     return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=keep, scale=scale)
+
+
+def rope_rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half RoPE of x (..., HD) with cos/sin rows (HD,), computed in fp32 and rounded once."""
+    xf, half = x.float(), x.shape[-1] // 2
+    rot = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
+    return (xf * cos.float() + rot * sin.float()).to(x.dtype)
+
+
+def rope_decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """The q/k/v projection's output qkv (B, (KVH * G + 2 * KVH) * HD) of position `pos`: RoPE on q and k,
+    k and v written to the (B, KVH, L, HD) caches at pos (in place), then `decode_attention_ref`.
+    Returns (B, KVH, G, HD)."""
+    b, kvh, _, hd = k_cache.shape
+    g = qkv.shape[1] // hd // kvh - 2
+    q, k, v = qkv.view(b, kvh * (g + 2), hd).split([kvh * g, kvh, kvh], dim=1)
+    q, k = rope_rotate_ref(q, cos, sin), rope_rotate_ref(k, cos, sin)
+    k_cache.index_copy_(2, pos.reshape(-1)[:1], k[:, :, None].to(k_cache.dtype))
+    v_cache.index_copy_(2, pos.reshape(-1)[:1], v[:, :, None].to(v_cache.dtype))
+    return decode_attention_ref(q.reshape(b, kvh, g, hd), k_cache, v_cache, pos, scale)

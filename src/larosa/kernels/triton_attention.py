@@ -24,27 +24,56 @@ TARGET_PROGRAMS = 256  # about two programs per SM on an H100/H200
 
 @triton.jit
 def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, L, chunk, scale,
-                  G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                             G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
+                             DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
+                             stride_qkv=0, kv_off=0, v_off=0, KVH: tl.constexpr = 1):
+    """One (batch, KV head) x one chunk of cache positions. With ROPE (`rope_decode_attention`) q_ptr is
+    the q/k/v projection's output (B, 1, q + 2 kv features): the program applies the rotary embedding
+    (HF's rotate-half, cos/sin rows of the position) to its G query heads and to the new key, takes the
+    new key and value for position pos from registers instead of the cache, and the program whose chunk
+    holds pos writes them to the cache (the engine's RoPE and two cache-write kernels, folded in)."""
     bh = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     nsplit = tl.num_programs(1)
-    n_valid = tl.load(pos_ptr).to(tl.int32) + 1
+    pos = tl.load(pos_ptr).to(tl.int32)
+    n_valid = pos + 1
     start = sp * chunk
     end = tl.minimum(tl.minimum(start + chunk, n_valid), L)  # never past the cache
     rg = tl.arange(0, GP)
     rd = tl.arange(0, HD)
-    q = tl.load(q_ptr + bh * G * HD + rg[:, None] * HD + rd[None, :], mask=(rg < G)[:, None], other=0.0)
+    kbase = k_ptr + bh * L * HD
+    vbase = v_ptr + bh * L * HD
+    if ROPE:
+        row = q_ptr + (bh // KVH) * stride_qkv
+        h = bh % KVH
+        rot = (rd + HD // 2) % HD  # rotate-half: out[d] = x[d] cos[d] + sign[d] x[rot[d]] sin[d]
+        sgn = tl.where(rd < HD // 2, -1.0, 1.0)
+        cs = tl.load(cos_ptr + rd).to(tl.float32)
+        sn = tl.load(sin_ptr + rd).to(tl.float32) * sgn
+        qh = row + (h * G + rg)[:, None] * HD
+        gm = (rg < G)[:, None]
+        qa = tl.load(qh + rd[None, :], mask=gm, other=0.0).to(tl.float32)
+        qb = tl.load(qh + rot[None, :], mask=gm, other=0.0).to(tl.float32)
+        q = (qa * cs[None, :] + qb * sn[None, :]).to(q_ptr.dtype.element_ty)
+        kh = row + kv_off + h * HD
+        k_new = (tl.load(kh + rd).to(tl.float32) * cs + tl.load(kh + rot).to(tl.float32) * sn).to(
+            k_ptr.dtype.element_ty)
+        v_new = tl.load(row + v_off + h * HD + rd).to(v_ptr.dtype.element_ty)
+        if (pos >= start) & (pos < start + chunk):
+            tl.store(kbase + pos.to(tl.int64) * HD + rd, k_new)
+            tl.store(vbase + pos.to(tl.int64) * HD + rd, v_new)
+    else:
+        q = tl.load(q_ptr + bh * G * HD + rg[:, None] * HD + rd[None, :], mask=(rg < G)[:, None], other=0.0)
     m = tl.full([GP], float("-inf"), dtype=tl.float32)
     den = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, HD], dtype=tl.float32)
-    kbase = k_ptr + bh * L * HD
-    vbase = v_ptr + bh * L * HD
     for j in range(start, end, BLOCK):
         rl = j + tl.arange(0, BLOCK)
         valid = rl < end
         offs = rl.to(tl.int64)[:, None] * HD + rd[None, :]
         k = tl.load(kbase + offs, mask=valid[:, None], other=0.0)
+        if ROPE:  # position pos from registers (this launch may be writing it)
+            k = tl.where((rl == pos)[:, None], k_new[None, :], k)
         if DOT_F32:  # the interpreter's tl.dot misreads bf16 operands (triton 3.9): multiply in fp32
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee") * scale
         else:
@@ -55,6 +84,8 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
         p = tl.exp(s - m_new[:, None])
         den = den * alpha + tl.sum(p, 1)
         v = tl.load(vbase + offs, mask=valid[:, None], other=0.0)
+        if ROPE:
+            v = tl.where((rl == pos)[:, None], v_new[None, :], v)
         if DOT_F32:
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -97,19 +128,46 @@ def plan(batch: int, kv_heads: int, cache_len: int) -> tuple[int, int]:
     return triton.cdiv(cache_len, chunk), chunk
 
 
+def _workspace(b: int, kvh: int, nsplit: int, gp: int, hd: int, device) -> tuple:
+    m = torch.empty(b * kvh * nsplit * gp, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(b * kvh * nsplit * gp, hd, dtype=torch.float32, device=device)
+
+
+def _combine(m, den, o, out, b: int, kvh: int, g: int, gp: int, hd: int, nsplit: int) -> torch.Tensor:
+    decode_attn_combine_kernel[(b * kvh,)](m, den, o, out, nsplit, G=g, GP=gp, GR=triton.next_power_of_2(g),
+                                           NSP=triton.next_power_of_2(nsplit), HD=hd, num_warps=4)
+    return out
+
+
+def _dot_f32() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float) -> torch.Tensor:
     b, kvh, g, hd = q.shape
     L = k_cache.shape[2]
     nsplit, chunk = plan(b, kvh, L)
     gp = max(16, triton.next_power_of_2(g))  # tl.dot needs 16 rows
-    m = torch.empty(b * kvh * nsplit * gp, dtype=torch.float32, device=q.device)
-    den = torch.empty_like(m)
-    o = torch.empty(b * kvh * nsplit * gp, hd, dtype=torch.float32, device=q.device)
-    out = torch.empty_like(q)
+    m, den, o = _workspace(b, kvh, nsplit, gp, hd, q.device)
     decode_attn_split_kernel[(b * kvh, nsplit)](q, k_cache, v_cache, pos, m, den, o, L, chunk, scale,
-                                     G=g, GP=gp, HD=hd, BLOCK=BLOCK_L,
-                                     DOT_F32=os.environ.get("TRITON_INTERPRET") == "1", num_warps=4)
-    decode_attn_combine_kernel[(b * kvh,)](m, den, o, out, nsplit, G=g, GP=gp, GR=triton.next_power_of_2(g),
-                                NSP=triton.next_power_of_2(nsplit), HD=hd, num_warps=4)
-    return out
+                                                G=g, GP=gp, HD=hd, BLOCK=BLOCK_L, DOT_F32=_dot_f32(), num_warps=4)
+    return _combine(m, den, o, torch.empty_like(q), b, kvh, g, gp, hd, nsplit)
+
+
+def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+    """qkv (B, F) with F = (KVH * G + 2 * KVH) * HD (q heads, then k, then v; rows contiguous), cos/sin (HD,)
+    rows of the position: RoPE on q and the new key, the new key and value written to the caches at pos,
+    and attention over positions 0..pos. Returns (B, KVH, G, HD) in qkv's dtype."""
+    b, kvh, L, hd = k_cache.shape
+    g = qkv.shape[1] // hd // kvh - 2
+    nsplit, chunk = plan(b, kvh, L)
+    gp = max(16, triton.next_power_of_2(g))
+    m, den, o = _workspace(b, kvh, nsplit, gp, hd, qkv.device)
+    decode_attn_split_kernel[(b * kvh, nsplit)](qkv, k_cache, v_cache, pos, m, den, o, L, chunk, scale,
+                                                G=g, GP=gp, HD=hd, BLOCK=BLOCK_L, DOT_F32=_dot_f32(), ROPE=True,
+                                                cos_ptr=cos, sin_ptr=sin, stride_qkv=qkv.stride(0),
+                                                kv_off=kvh * g * hd, v_off=kvh * (g + 1) * hd, KVH=kvh,
+                                                num_warps=4)
+    return _combine(m, den, o, qkv.new_empty(b, kvh, g, hd), b, kvh, g, gp, hd, nsplit)
