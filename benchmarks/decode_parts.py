@@ -321,22 +321,36 @@ def compact_store_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]
                            [("gtile+ptx", "asm", gtile), ("gtile+tl", "tl", gtile), ("default", "tl", {})], repeats)
 
 
-def rope_fusion_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
-    """v17: RoPE and the K/V cache write inside the attention launch (`fuse_rope`) vs the two inductor
-    kernels before it, dense and sparse, alternating."""
+def engine_kw_ab_rows(shape: str, gen_len: int, variants, repeats: int = 2) -> list[dict]:
+    """End-to-end A/B of engine keyword arguments (`variants`: (label, kwargs)), dense and sparse, alternating
+    `repeats` times per method."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
     for method, p in (("dense", 0.0), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
         w = base if method == "dense" else sparse_variant(base, method, p)
         for rep in range(repeats):
-            for fuse in (True, False):
-                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} fuse_rope={fuse!s:5s} #{rep}",
-                            {"shape": shape, "method": method, "nominal": p, "fuse_rope": fuse, "repeat": rep},
-                            fuse_rope=fuse)
+            for label, kw in variants:
+                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {label} #{rep}",
+                            {"shape": shape, "method": method, "nominal": p, "variant": label, **kw, "repeat": rep},
+                            **kw)
         if w is not base:
             del w
         torch.cuda.empty_cache()
     return rows
+
+
+def rope_fusion_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v17: RoPE and the K/V cache write inside the attention launch (`fuse_rope`) vs the two inductor
+    kernels before it."""
+    return engine_kw_ab_rows(shape, gen_len, [(f"fuse_rope={f!s:5s}", {"fuse_rope": f}) for f in (True, False)],
+                             repeats)
+
+
+def attn_combine_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v17 experiment: the attention's cache splits combined by the last split program (`attn_combine="last"`)
+    vs a second launch."""
+    return engine_kw_ab_rows(shape, gen_len, [(f"attn_combine={c:6s}", {"fuse_rope": True, "attn_combine": c})
+                                              for c in ("last", "launch")], repeats)
 
 
 def main() -> None:
@@ -347,9 +361,10 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes, compact_store, side_tiles, rope_fusion
+    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
-                            "hint_sites", "adapter_modes", "compact_store", "side_tiles", "rope_fusion"}
+                            "hint_sites", "adapter_modes", "compact_store", "side_tiles", "rope_fusion",
+                            "attn_combine"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -380,6 +395,8 @@ def main() -> None:
         res["side_tiles"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SIDE_TILES", "8,1024,4", "16,512,2")
     if "rope_fusion" in parts:
         res["rope_fusion"] = rope_fusion_rows(a.shape, a.gen_len)
+    if "attn_combine" in parts:
+        res["attn_combine"] = attn_combine_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -35,6 +35,8 @@
 #   bash benchmarks/h200_session.sh sidetiles    # v16: the side programs' best per-op tiles vs the default, end to
 #                                                # end (~2 min)
 #   bash benchmarks/h200_session.sh ropefusion   # v17: RoPE + cache write in the attention launch: GPU tests, A/B (~3 min)
+#   bash benchmarks/h200_session.sh attncombine  # v17 experiment: the attention's last split program combines: GPU
+#                                                # tests, A/B (~3 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -44,7 +46,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -125,6 +127,11 @@ for stage in "$@"; do
         tests/test_engine.py -k "rope or attention or graph or compile" > "$out/rope-tests.log" 2>&1 || rc=1
       grep -E "passed|failed" "$out/rope-tests.log"
       parts rope_fusion rope-fusion-h200 ;;
+    attncombine)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_attention_kernel.py tests/test_engine_gpu.py \
+        tests/test_engine.py -k "rope or attention or combine or graph or compile" > "$out/attn-combine-tests.log" 2>&1 || rc=1
+      grep -E "passed|failed" "$out/attn-combine-tests.log"
+      parts attn_combine attn-combine-h200 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1

@@ -138,3 +138,20 @@ def test_rope_decode_attention_op(monkeypatch):
         torch.ops.larosa.rope_decode_attention(qkv, kc, vc, p, cos[:32], sin, 0.125)
     with pytest.raises(ValueError, match="caches"):
         torch.ops.larosa.rope_decode_attention(qkv, kc, vc[:, :1], p, cos, sin, 0.125)
+
+
+@pytest.mark.parametrize("b,kvh,g,hd,L,pos", [(1, 2, 4, 64, 200, 130), (2, 1, 3, 32, 70, 0), (1, 8, 4, 128, 320, 255)])
+def test_rope_decode_attention_last_program_combines(b, kvh, g, hd, L, pos):
+    """With `counters` the last split program of each KV head combines (no second launch): the same output
+    and caches as the two-launch form, and the counters are left zeroed for the next call."""
+    qkv, kc, vc, cos, sin = _rope_case(b, kvh, g, hd, L, torch.bfloat16)
+    p = torch.tensor([pos], device=DEV)
+    k2, v2 = kc.clone(), vc.clone()
+    want = ops.triton_attention.rope_decode_attention(qkv, kc, vc, p, cos, sin, hd ** -0.5)
+    cnt = torch.zeros(b * kvh + 3, dtype=torch.int32, device=DEV)
+    for _ in range(2):  # twice: the counters must be reusable
+        got = torch.ops.larosa.rope_decode_attention(qkv, k2, v2, p, cos, sin, hd ** -0.5, cnt)
+        assert torch.equal(got, want) and torch.equal(k2, kc) and torch.equal(v2, vc)
+        assert not cnt.any()
+    with pytest.raises(ValueError, match="counters"):
+        ops.triton_attention.rope_decode_attention(qkv, k2, v2, p, cos, sin, 0.1, cnt[: b * kvh - 1])

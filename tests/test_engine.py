@@ -304,12 +304,12 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
           "fuse_residual": fuse}
     hinted = DecodeEngine(w, **kw)
     assert hinted.select_hints  # the default without overlapped adapters
-    hints = [t[-1] for t in hinted._tensors]
+    hints = hinted.hint_buffers
     assert all(h is not None and h.shape == (4, 1) and not h.any() for h in hints)
     overlapped = DecodeEngine(w, **{**kw, "overlap_adapters": True})
-    assert not overlapped.select_hints and all(t[-1] is None for t in overlapped._tensors)
-    assert all(t[-1] is not None for t in DecodeEngine(w, **{**kw, "overlap_adapters": True},
-                                                        select_hints=True)._tensors)
+    assert not overlapped.select_hints and all(h is None for h in overlapped.hint_buffers)
+    assert all(h is not None for h in DecodeEngine(w, **{**kw, "overlap_adapters": True},
+                                                   select_hints=True).hint_buffers)
     monkeypatch.setenv("LAROSA_SELECT_WINDOW", "0")
     plain = DecodeEngine(w, **kw)
     plain.prefill(ids)
@@ -317,7 +317,7 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     for _ in range(3):
         plain.step()
         logits.append(plain.logits.clone())
-    assert not any(t[-1].any() for t in plain._tensors)  # window off: hints untouched
+    assert not any(h.any() for h in plain.hint_buffers)  # window off: hints untouched
     monkeypatch.delenv("LAROSA_SELECT_WINDOW")
     hinted.prefill(ids)  # 6 rows, one hint slot per layer site: the selects leave the hints alone
     assert not any(h.any() for h in hints)
@@ -384,8 +384,8 @@ def test_hint_sites_limit_the_hinted_selects(sites):
     eng.prefill(ids)
     for _ in range(2):
         eng.step()
-    for t in eng._tensors:
-        assert all(bool(t[-1][i].all()) == (i in sites) for i in range(4))
+    for h in eng.hint_buffers:
+        assert all(bool(h[i].all()) == (i in sites) for i in range(4))
     with pytest.raises(LarosaError, match="hint_sites"):
         DecodeEngine(w, **kw, hint_sites=(4,))
 
@@ -442,3 +442,34 @@ def test_fused_rope_runs_the_kernel_bf16(monkeypatch):
         assert cos > 0.999, cos
         fr.tok.copy_(plain.tok)
     assert len(calls) == 3 * model.config.num_hidden_layers
+
+
+def test_attention_combine_by_last_program_in_the_engine(monkeypatch):
+    """attn_combine="last" (with fuse_rope): the engine gives each layer a zeroed counter slot per KV head,
+    the attention kernel's last split program combines (no combine launch), the logits equal the
+    two-launch step's, and the counters are left zeroed; a bad value is refused."""
+    combines = []
+    real = _ops.triton_attention._combine
+    monkeypatch.setattr(_ops.triton_attention, "_combine", lambda *a: (combines.append(1), real(*a))[1])
+    model = tiny_model("llama", seed=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = from_hf(model).to(device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    kw = {"max_len": 12, "compile": False, "graphs": False, "fuse_rope": True}
+    two, last = DecodeEngine(w, **kw), DecodeEngine(w, attn_combine="last", **kw)
+    assert all(c is None for c in two.attn_counters)
+    assert all(c is not None and c.shape == (2,) for c in last.attn_counters)
+    for e in (two, last):
+        e.prefill(ids)
+    for _ in range(3):
+        n = len(combines)
+        two.step()
+        assert len(combines) == n + model.config.num_hidden_layers
+        last.step()
+        assert len(combines) == n + model.config.num_hidden_layers  # none in the "last" step
+        assert torch.equal(last.logits, two.logits)
+        last.tok.copy_(two.tok)
+        assert not any(c.any() for c in last.attn_counters)
+    assert DecodeEngine(w, **{**kw, "fuse_rope": False}, attn_combine="last").attn_combine == "launch"
+    with pytest.raises(LarosaError, match="attn_combine"):
+        DecodeEngine(w, **kw, attn_combine="bogus")

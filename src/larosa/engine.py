@@ -213,7 +213,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     `res` (or None) is added to x first: the previous layer's adapted residual x_mid R_l when the adapter
     GEMV was split off the layer (on a side stream or in the select launches, see `DecodeEngine`)."""
     (attn_norm, wqkv, bqkv, wo, bo, _mlp_norm, _wgate, _wup, _wdown, q_norm, k_norm, _rotate_mlp, _adapter,
-     thr, s_ao, _s_mo, cnt, hints) = w
+     thr, s_ao, _s_mo, cnt, hints, attn_cnt) = w
     b, t, _ = x.shape
     if st.fused_norm and st.attn_in.mode == "topk" and probe is None:
         xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt,
@@ -226,7 +226,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
         qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt, _hint(hints, 0, st))
     if st.fused_rope and t == 1 and not st.qk_norm:
         o = torch.ops.larosa.rope_decode_attention(qkv.reshape(b, -1), kc, vc, pos, cos.reshape(-1),
-                                                   sin.reshape(-1), st.scaling)
+                                                   sin.reshape(-1), st.scaling, attn_cnt)
         a = _site_input(o.view(b, 1, st.heads * st.head_dim), s_ao, probe, thr, 1, st.attn_out)
         return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1, st))
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
@@ -248,7 +248,7 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
     down(...), already in the next layer's basis (R_l folded into the down projection, `fold_adapter`),
     and the caller adds x @ R_l."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, _adapter,
-     thr, _s_ao, s_mo, cnt, hints) = w
+     thr, _s_ao, s_mo, cnt, hints, _attn_cnt) = w
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
         act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
                                             _hint(hints, 2, st), st.mlp_in.kernel)[1]
@@ -284,7 +284,7 @@ def mlp_block_side(x: torch.Tensor, w: tuple, st: LayerStatic) -> tuple[torch.Te
     projection's select). Returns (down'(m), x_mid R_l), as `mlp_block` and the adapter GEMV would. Sites
     that are not Top-K (or a gate/up input that is not norm + select fused) take the plain path."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, adapter,
-     thr, _s_ao, s_mo, cnt, hints) = w
+     thr, _s_ao, s_mo, cnt, hints, _attn_cnt) = w
     if st.mlp_out.mode != "topk":
         return mlp_block(x, w, st), F.linear(x, adapter)
     prev = None
@@ -585,6 +585,7 @@ ADAPTER_MODES = ("inline", "stream", "select")
 # at 0.375, LLaMA2-7B p = 0.5)
 ADAPTER_SPLIT = 0.0
 DEFAULT_FUSE_ROPE = True  # v17: RoPE and the cache write in the attention launch (see DecodeEngine)
+DEFAULT_ATTN_COMBINE = "launch"  # "last" (v17 experiment): the attention's last split program combines
 DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (same run)
 
 
@@ -642,6 +643,8 @@ class DecodeEngine:
     fuse_rope: the decode step's RoPE and K/V cache write happen in the attention launch
     (`larosa::rope_decode_attention`; layers without q/k norms). None = `DEFAULT_FUSE_ROPE` with CUDA,
     off on the CPU (same function there; the op's reference rounds RoPE once, in fp32).
+    attn_combine: with fuse_rope, "launch" (a second launch combines the cache splits) or "last" (v17
+    experiment, unmeasured: the last split program of each KV head combines them, one launch fewer per layer).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
@@ -649,12 +652,16 @@ class DecodeEngine:
                  capture_priority: Optional[int] = None, fuse_norm_select: Optional[bool] = None,
                  fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
                  hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
-                 adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None):
+                 adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None,
+                 attn_combine: str = DEFAULT_ATTN_COMBINE):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
         self.fuse_residual = cuda if fuse_residual is None else bool(fuse_residual)
         self.fuse_rope = (cuda and DEFAULT_FUSE_ROPE) if fuse_rope is None else bool(fuse_rope)
+        if attn_combine not in ("launch", "last"):
+            raise LarosaError(f"attn_combine must be 'launch' or 'last', got {attn_combine!r}")
+        self.attn_combine = attn_combine if self.fuse_rope else "launch"
         self.hint_sites = (0, 1, 2, 3) if hint_sites is None else tuple(sorted(set(int(i) for i in hint_sites)))
         if not set(self.hint_sites) <= {0, 1, 2, 3}:
             raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
@@ -706,9 +713,12 @@ class DecodeEngine:
         self.select_hints = self.adapter_mode != "stream" if select_hints is None else bool(select_hints)
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
+        # and (attn_combine="last") the attention kernel's zeroed counters, a slot per (row, KV head)
         self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
-                                         if self.select_hints and lw.counters is not None else None,)
-                         for lw in weights.layers]
+                                         if self.select_hints and lw.counters is not None else None,
+                                         torch.zeros(self.batch * st.kv_heads, dtype=torch.int32, device=self.device)
+                                         if self.attn_combine == "last" else None)
+                         for lw, st in zip(weights.layers, weights.statics)]
         self._side = torch.cuda.Stream(self.device) if self.adapter_mode == "stream" and cuda else None
         # capture the step on a high-priority stream, so the side stream's adapter GEMVs fill gaps only
         if capture_priority is None:
@@ -727,7 +737,18 @@ class DecodeEngine:
         self._graph = None
         self._graph_key = None
 
+    @property
+    def hint_buffers(self) -> list:
+        """Per layer: the select hints of its four sites ((4, batch) int32), or None without hints."""
+        return [t[-2] for t in self._tensors]
+
+    @property
+    def attn_counters(self) -> list:
+        """Per layer: the attention kernel's zeroed counters (attn_combine="last"), or None."""
+        return [t[-1] for t in self._tensors]
+
     # -- forward ------------------------------------------------------------------------------------
+
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, layer_fn: Callable, dense: bool = False,
                  probe=None):
         """Logits of the last position; ids (B, T) at positions pos (T,)."""

@@ -11,7 +11,7 @@
     torch.ops.larosa.topk_linear_side(x, wt, k, a, w, prev)
                                                          TopK_k(x) @ wt, and r = a @ w.T (first columns: prev)
     torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
-    torch.ops.larosa.rope_decode_attention(qkv, kc, vc, pos, cos, sin, s)  the same from the q/k/v output:
+    torch.ops.larosa.rope_decode_attention(qkv, kc, vc, pos, cos, sin, s, counters)  the same from the q/k/v output:
                                                    RoPE and the cache write in the same launch
 
 The side GEMVs' weights w are output-major (F.linear's layout, d_out x d_in), unlike `wt`.
@@ -369,12 +369,15 @@ def _attention_kernel_ok(x: torch.Tensor, hd: int) -> bool:
 
 @torch.library.custom_op("larosa::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
 def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+                          cos: torch.Tensor, sin: torch.Tensor, scale: float,
+                          counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One decode position from the q/k/v projection's output qkv (B, (KVH * G + 2 * KVH) * HD): RoPE
     (rotate-half, cos/sin rows (HD,) of the position) on q and the new key, the new key and value written
     to the static caches (B, KVH, L, HD) at pos (in place), attention over positions 0..pos. Returns
     (B, KVH, G, HD). The kernel does it all in the split-cache launch (the engine's RoPE and cache-write
-    kernels folded in); elsewhere the PyTorch reference."""
+    kernels folded in); elsewhere the PyTorch reference. `counters` (v17 experiment; a zeroed int32 buffer
+    of at least B * KVH entries, left zeroed, like the GEMV ops'): the kernel's last program per KV head
+    combines the splits, so no combine launch follows. It changes only the launches, not the result."""
     if qkv.dim() != 2 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != qkv.shape[0]:
         raise ValueError(f"qkv {tuple(qkv.shape)} / caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}: "
                          f"expected (B, F) and (B, KVH, L, HD)")
@@ -385,11 +388,11 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"cos/sin must be rows of {hd}, got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if _attention_kernel_ok(qkv, hd) and qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous():
         return triton_attention.rope_decode_attention(qkv, k_cache, v_cache, pos, cos.contiguous(),
-                                                      sin.contiguous(), scale)
+                                                      sin.contiguous(), scale, counters)
     return ref.rope_decode_attention_ref(qkv, k_cache, v_cache, pos, cos, sin, scale).contiguous()
 
 
 @rope_decode_attention.register_fake
-def _(qkv, k_cache, v_cache, pos, cos, sin, scale):
+def _(qkv, k_cache, v_cache, pos, cos, sin, scale, counters=None):
     b, kvh, _, hd = k_cache.shape
     return qkv.new_empty(b, kvh, qkv.shape[1] // hd // kvh - 2, hd)

@@ -26,12 +26,17 @@ TARGET_PROGRAMS = 256  # about two programs per SM on an H100/H200
 def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, L, chunk, scale,
                              G: tl.constexpr, GP: tl.constexpr, HD: tl.constexpr, BLOCK: tl.constexpr,
                              DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
-                             stride_qkv=0, kv_off=0, v_off=0, KVH: tl.constexpr = 1):
+                             stride_qkv=0, kv_off=0, v_off=0, KVH: tl.constexpr = 1,
+                             COMBINE: tl.constexpr = False, cnt_ptr=None, out_ptr=None, GR: tl.constexpr = 1,
+                             NSP: tl.constexpr = 1):
     """One (batch, KV head) x one chunk of cache positions. With ROPE (`rope_decode_attention`) q_ptr is
     the q/k/v projection's output (B, 1, q + 2 kv features): the program applies the rotary embedding
     (HF's rotate-half, cos/sin rows of the position) to its G query heads and to the new key, takes the
     new key and value for position pos from registers instead of the cache, and the program whose chunk
-    holds pos writes them to the cache (the engine's RoPE and two cache-write kernels, folded in)."""
+    holds pos writes them to the cache (the engine's RoPE and two cache-write kernels, folded in).
+    COMBINE (v17 experiment, `counters=` of `rope_decode_attention`): the last program of each (batch, KV
+    head) to finish (a counter in the caller's zeroed buffer, left zeroed) combines the splits, so no
+    combine launch follows."""
     bh = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -96,28 +101,40 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
     tl.store(m_ptr + ws, m)
     tl.store(l_ptr + ws, den)
     tl.store(o_ptr + ws[:, None] * HD + rd[None, :], acc)
+    if COMBINE:
+        tl.debug_barrier()  # every thread's stores before the release below (as in the GEMV finishers)
+        if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == nsplit - 1:
+            tl.atomic_xchg(cnt_ptr + bh, 0)
+            _combine_bh(bh, m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G, GP, GR, NSP, HD, ".cg")
 
 
 @triton.jit
-def decode_attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: tl.constexpr,
-                    GR: tl.constexpr, NSP: tl.constexpr, HD: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
+def _combine_bh(bh, m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
+                NSP: tl.constexpr, HD: tl.constexpr, CACHE: tl.constexpr):
+    """The output rows of (batch, KV head) bh from every split's max, denominator and unnormalised output
+    (CACHE ".cg" where other programs of the same launch wrote them: read past L1)."""
     rs = tl.arange(0, NSP)
     rg = tl.arange(0, GR)
     stats = (bh * nsplit + rs[:, None]) * GP + rg[None, :]
-    ms = tl.load(m_ptr + stats, mask=(rs < nsplit)[:, None], other=float("-inf"))
+    ms = tl.load(m_ptr + stats, mask=(rs < nsplit)[:, None], other=float("-inf"), cache_modifier=CACHE)
     mx = tl.max(ms, 0)  # split 0 always holds position 0: finite
     rd = tl.arange(0, HD)
     den = tl.zeros([GR], dtype=tl.float32)
     acc = tl.zeros([GR, HD], dtype=tl.float32)
     for s in range(nsplit):
         row = (bh * nsplit + s) * GP + rg
-        w = tl.exp(tl.load(m_ptr + row) - mx)  # empty splits: exp(-inf) = 0
-        den += w * tl.load(l_ptr + row)
-        acc += w[:, None] * tl.load(o_ptr + row[:, None] * HD + rd[None, :])
+        w = tl.exp(tl.load(m_ptr + row, cache_modifier=CACHE) - mx)  # empty splits: exp(-inf) = 0
+        den += w * tl.load(l_ptr + row, cache_modifier=CACHE)
+        acc += w[:, None] * tl.load(o_ptr + row[:, None] * HD + rd[None, :], cache_modifier=CACHE)
     out = acc / den[:, None]
     tl.store(out_ptr + bh * G * HD + rg[:, None] * HD + rd[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(rg < G)[:, None])
+
+
+@triton.jit
+def decode_attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: tl.constexpr,
+                    GR: tl.constexpr, NSP: tl.constexpr, HD: tl.constexpr):
+    _combine_bh(tl.program_id(0).to(tl.int64), m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G, GP, GR, NSP, HD, "")
 
 
 def plan(batch: int, kv_heads: int, cache_len: int) -> tuple[int, int]:
@@ -156,18 +173,27 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, scale: float) -> torch.Tensor:
+                          cos: torch.Tensor, sin: torch.Tensor, scale: float,
+                          counters: torch.Tensor | None = None) -> torch.Tensor:
     """qkv (B, F) with F = (KVH * G + 2 * KVH) * HD (q heads, then k, then v; rows contiguous), cos/sin (HD,)
     rows of the position: RoPE on q and the new key, the new key and value written to the caches at pos,
-    and attention over positions 0..pos. Returns (B, KVH, G, HD) in qkv's dtype."""
+    and attention over positions 0..pos. Returns (B, KVH, G, HD) in qkv's dtype. `counters` (a zeroed int32
+    buffer of at least B * KVH entries, left zeroed): the splits are combined by the last program of each
+    (batch, KV head) instead of a second launch."""
     b, kvh, L, hd = k_cache.shape
     g = qkv.shape[1] // hd // kvh - 2
     nsplit, chunk = plan(b, kvh, L)
     gp = max(16, triton.next_power_of_2(g))
     m, den, o = _workspace(b, kvh, nsplit, gp, hd, qkv.device)
+    out = qkv.new_empty(b, kvh, g, hd)
+    combine = counters is not None
+    if combine and (counters.dtype != torch.int32 or counters.numel() < b * kvh or counters.device != qkv.device):
+        raise ValueError(f"counters must be int32 on {qkv.device} with at least {b * kvh} entries")
     decode_attn_split_kernel[(b * kvh, nsplit)](qkv, k_cache, v_cache, pos, m, den, o, L, chunk, scale,
                                                 G=g, GP=gp, HD=hd, BLOCK=BLOCK_L, DOT_F32=_dot_f32(), ROPE=True,
                                                 cos_ptr=cos, sin_ptr=sin, stride_qkv=qkv.stride(0),
                                                 kv_off=kvh * g * hd, v_off=kvh * (g + 1) * hd, KVH=kvh,
+                                                COMBINE=combine, cnt_ptr=counters, out_ptr=out,
+                                                GR=triton.next_power_of_2(g), NSP=triton.next_power_of_2(nsplit),
                                                 num_warps=4)
-    return _combine(m, den, o, qkv.new_empty(b, kvh, g, hd), b, kvh, g, gp, hd, nsplit)
+    return out if combine else _combine(m, den, o, out, b, kvh, g, gp, hd, nsplit)
