@@ -65,7 +65,7 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     assert lar["steps_timed"] == 11 and dense["steps_timed"] == 11
     # the Top-K kernel the engine chose by the model's kept share (p = 0.5 keeps about half: gathered rows)
     assert (dense["kernel"], lar["kernel"], teal["kernel"]) == (None, "gtile", None)
-    assert all(r["fuse_rope"] is False for r in rows)  # the CPU default
+    assert all(r["fuse_rope"] is False and r["attn_combine"] == "launch" for r in rows)  # the CPU defaults
     # bytes per token counted independently: every weight entry once (fp32), one embedding row, the head,
     # unit norms; LaRoSA reads k of d_in rows per projection plus its adapters
     sh = SHAPES["tiny"]

@@ -148,6 +148,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["kernel"] = eng.kernel or os.environ.get("LAROSA_KERNEL_IMPL")  # the Top-K GEMV (None: dense / default)
     out["adapters"] = eng.adapter_mode  # where the residual adapter GEMVs ran ("inline" without adapters)
     out["fuse_rope"] = eng.fuse_rope  # RoPE and the cache write inside the attention launch
+    out["attn_combine"] = eng.attn_combine  # who combines the attention's cache splits ("launch" / "last")
     del eng
     return out
 
