@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -247,21 +248,27 @@ def hint_sites_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     return rows
 
 
-def variant_ab_rows(shape: str, gen_len: int, var: str, variants, repeats: int = 2) -> list[dict]:
+SPARSE_AB = (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5))
+DENSE_SPARSE_AB = (("dense", 0.0), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5))
+
+
+def variant_ab_rows(shape: str, gen_len: int, var: str | None, variants, repeats: int = 2,
+                    methods=SPARSE_AB) -> list[dict]:
     """End-to-end A/B of `variants` ((label, value of the environment switch `var`, which the kernel launches
-    read while the engine captures its step, engine keyword arguments)), with the default fusions,
-    alternating `repeats` times per method."""
+    read while the engine captures its step, engine keyword arguments); `var` None: keyword arguments
+    only), with the default fusions, alternating `repeats` times per (method, nominal sparsity)."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
-    for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
-        w = sparse_variant(base, method, p)
+    for method, p in methods:
+        w = base if method == "dense" else sparse_variant(base, method, p)
         for rep in range(repeats):
             for label, val, kw in variants:
-                with env_set(var, val):
+                with env_set(var, val) if var else contextlib.nullcontext():
                     _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {label} #{rep}",
-                                {"shape": shape, "method": method, "nominal": p, "variant": label, var: val,
-                                 "repeat": rep, **kw}, **kw)
-        del w
+                                {"shape": shape, "method": method, "nominal": p, "variant": label,
+                                 **({var: val} if var else {}), "repeat": rep, **kw}, **kw)
+        if w is not base:
+            del w
         torch.cuda.empty_cache()
     return rows
 
@@ -321,36 +328,19 @@ def compact_store_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]
                            [("gtile+ptx", "asm", gtile), ("gtile+tl", "tl", gtile), ("default", "tl", {})], repeats)
 
 
-def engine_kw_ab_rows(shape: str, gen_len: int, variants, repeats: int = 2) -> list[dict]:
-    """End-to-end A/B of engine keyword arguments (`variants`: (label, kwargs)), dense and sparse, alternating
-    `repeats` times per method."""
-    bw, base, prompt = _engine_setup(shape)
-    rows = []
-    for method, p in (("dense", 0.0), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
-        w = base if method == "dense" else sparse_variant(base, method, p)
-        for rep in range(repeats):
-            for label, kw in variants:
-                _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {label} #{rep}",
-                            {"shape": shape, "method": method, "nominal": p, "variant": label, **kw, "repeat": rep},
-                            **kw)
-        if w is not base:
-            del w
-        torch.cuda.empty_cache()
-    return rows
-
-
 def rope_fusion_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v17: RoPE and the K/V cache write inside the attention launch (`fuse_rope`) vs the two inductor
     kernels before it."""
-    return engine_kw_ab_rows(shape, gen_len, [(f"fuse_rope={f!s:5s}", {"fuse_rope": f}) for f in (True, False)],
-                             repeats)
+    return variant_ab_rows(shape, gen_len, None, [(f"fuse_rope={f!s:5s}", None, {"fuse_rope": f})
+                                                  for f in (True, False)], repeats, DENSE_SPARSE_AB)
 
 
 def attn_combine_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v17 experiment: the attention's cache splits combined by the last split program (`attn_combine="last"`)
     vs a second launch."""
-    return engine_kw_ab_rows(shape, gen_len, [(f"attn_combine={c:6s}", {"fuse_rope": True, "attn_combine": c})
-                                              for c in ("last", "launch")], repeats)
+    return variant_ab_rows(shape, gen_len, None, [(f"attn_combine={c:6s}", None,
+                                                   {"fuse_rope": True, "attn_combine": c})
+                                                  for c in ("last", "launch")], repeats, DENSE_SPARSE_AB)
 
 
 def main() -> None:

@@ -390,6 +390,21 @@ def test_hint_sites_limit_the_hinted_selects(sites):
         DecodeEngine(w, **kw, hint_sites=(4,))
 
 
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    """A list that gets one entry per call of owner.name (which still runs)."""
+    calls, real = [], getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+def _bf16_tiny_hd16(seed: int):
+    """A tiny Llama with head size 16 (the attention kernel's smallest), its bf16 engine weights on the GPU
+    if there is one (else the CPU, where the kernels run under the interpreter), and a 5-token prompt."""
+    model = tiny_model("llama", seed=seed, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return model, from_hf(model).to(device=dev, dtype=torch.bfloat16), torch.randint(3, model.config.vocab_size, (1, 5))
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_fused_rope_step_equals_plain_step(monkeypatch, arch):
     """fuse_rope: the decode step's RoPE, cache write and attention in one op. In fp32 (the op's reference)
@@ -397,9 +412,7 @@ def test_fused_rope_step_equals_plain_step(monkeypatch, arch):
     (Qwen3) keep the plain path."""
     from larosa.kernels import reference as _ref
 
-    calls = []
-    real = _ref.rope_decode_attention_ref
-    monkeypatch.setattr(_ref, "rope_decode_attention_ref", lambda *a: (calls.append(1), real(*a))[1])
+    calls = _count_calls(monkeypatch, _ref, "rope_decode_attention_ref")
     model = tiny_model(arch, seed=5)
     rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
     fused = apply(copy.deepcopy(model), LarosaConfig("fused", "layer", SparsityPlan.from_nominal(0.5)), rot)
@@ -424,13 +437,8 @@ def test_fused_rope_step_equals_plain_step(monkeypatch, arch):
 def test_fused_rope_runs_the_kernel_bf16(monkeypatch):
     """bf16, head size 16: the fused step runs the split-cache kernel with RoPE (interpreted on the CPU,
     compiled on a GPU) once per layer and step, and its logits follow the plain step's."""
-    calls = []
-    real = _ops.triton_attention.rope_decode_attention
-    monkeypatch.setattr(_ops.triton_attention, "rope_decode_attention", lambda *a: (calls.append(1), real(*a))[1])
-    model = tiny_model("llama", seed=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(model).to(device=dev, dtype=torch.bfloat16)
-    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    calls = _count_calls(monkeypatch, _ops.triton_attention, "rope_decode_attention")
+    model, w, ids = _bf16_tiny_hd16(seed=2)
     kw = {"max_len": 12, "compile": False, "graphs": False}
     plain, fr = DecodeEngine(w, fuse_rope=False, **kw), DecodeEngine(w, fuse_rope=True, **kw)
     for e in (plain, fr):
@@ -448,13 +456,8 @@ def test_attention_combine_by_last_program_in_the_engine(monkeypatch):
     """attn_combine="last" (with fuse_rope): the engine gives each layer a zeroed counter slot per KV head,
     the attention kernel's last split program combines (no combine launch), the logits equal the
     two-launch step's, and the counters are left zeroed; a bad value is refused."""
-    combines = []
-    real = _ops.triton_attention._combine
-    monkeypatch.setattr(_ops.triton_attention, "_combine", lambda *a: (combines.append(1), real(*a))[1])
-    model = tiny_model("llama", seed=4, hidden_size=64, num_attention_heads=4, num_key_value_heads=2)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(model).to(device=dev, dtype=torch.bfloat16)
-    ids = torch.randint(3, model.config.vocab_size, (1, 5))
+    combines = _count_calls(monkeypatch, _ops.triton_attention, "_combine")
+    model, w, ids = _bf16_tiny_hd16(seed=4)
     kw = {"max_len": 12, "compile": False, "graphs": False, "fuse_rope": True}
     two, last = DecodeEngine(w, **kw), DecodeEngine(w, attn_combine="last", **kw)
     assert all(c is None for c in two.attn_counters)

@@ -38,7 +38,7 @@ from torch import nn
 from .arch import decoder_layers, get_submodule, layer_body, spec_for
 from .errors import LarosaError
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.larosa.*)
-from .kernels.reference import rmsnorm_ref
+from .kernels.reference import rmsnorm_ref, rotate_half
 
 MODES = ("dense", "topk", "threshold")
 
@@ -135,10 +135,8 @@ _rms = rmsnorm_ref  # HF's RMSNorm arithmetic (the fused norm + select op comput
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, H, hd); cos/sin (T, hd): HF's rotate-half convention."""
-    half = x.shape[-1] // 2
-    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[None, :, None, :] + rot * sin[None, :, None, :]
+    """x (B, T, H, hd); cos/sin (T, hd): HF's rotate-half convention, in x's dtype."""
+    return x * cos[None, :, None, :] + rotate_half(x) * sin[None, :, None, :]
 
 
 def _apply_threshold(x: torch.Tensor, thr: Optional[torch.Tensor], i: int, site: Site) -> torch.Tensor:

@@ -83,11 +83,16 @@ def decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return torch.nn.functional.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=keep, scale=scale)
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """HF's RoPE partner of x (..., HD): (-x[HD/2:], x[:HD/2])."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
 def rope_rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HF's rotate-half RoPE of x (..., HD) with cos/sin rows (HD,), computed in fp32 and rounded once."""
-    xf, half = x.float(), x.shape[-1] // 2
-    rot = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    return (xf * cos.float() + rot * sin.float()).to(x.dtype)
+    xf = x.float()
+    return (xf * cos.float() + rotate_half(xf) * sin.float()).to(x.dtype)
 
 
 def rope_decode_attention_ref(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
