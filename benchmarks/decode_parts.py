@@ -255,18 +255,22 @@ DENSE_SPARSE_AB = (("dense", 0.0), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0
 def variant_ab_rows(shape: str, gen_len: int, var: str | None, variants, repeats: int = 2,
                     methods=SPARSE_AB) -> list[dict]:
     """End-to-end A/B of `variants` ((label, value of the environment switch `var`, which the kernel launches
-    read while the engine captures its step, engine keyword arguments); `var` None: keyword arguments
-    only), with the default fusions, alternating `repeats` times per (method, nominal sparsity)."""
+    read while the engine captures its step, engine keyword arguments); `var` None: the value is None
+    (keyword arguments only) or a dict of several switches), with the default fusions, alternating `repeats`
+    times per (method, nominal sparsity)."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
     for method, p in methods:
         w = base if method == "dense" else sparse_variant(base, method, p)
         for rep in range(repeats):
             for label, val, kw in variants:
-                with env_set(var, val) if var else contextlib.nullcontext():
+                envs = {var: val} if var else dict(val or {})
+                with contextlib.ExitStack() as stack:
+                    for name, value in envs.items():
+                        stack.enter_context(env_set(name, value))
                     _engine_row(rows, w, prompt, gen_len, bw, f"{shape} {method:6s} p={p:.2f} {label} #{rep}",
                                 {"shape": shape, "method": method, "nominal": p, "variant": label,
-                                 **({var: val} if var else {}), "repeat": rep, **kw}, **kw)
+                                 **envs, "repeat": rep, **kw}, **kw)
         if w is not base:
             del w
         torch.cuda.empty_cache()
@@ -343,6 +347,31 @@ def attn_combine_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
                                                   for c in ("last", "launch")], repeats, DENSE_SPARSE_AB)
 
 
+def side_in_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v18: LaRoSA's adapter programs in the select launches (v16) or in the GEMV launches after them
+    (`LAROSA_SIDE_IN=gemv`: four 2-warp programs per SM instead of one per SM beside a select that holds the
+    whole register file), at two side tilings and with 37.5 % of the adapter in the gate/up launch; un-rotated
+    Top-K (no adapters) as the ceiling."""
+    variants = [("select", {"LAROSA_SIDE_IN": "select"}, {}),
+                ("gemv 8x512x2", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": "8,512,2"}, {}),
+                ("gemv 4x1024x2", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": "4,1024,2"}, {}),
+                ("gemv 8x512x2 split.375", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": "8,512,2"},
+                 {"adapter_split": 0.375})]
+    methods = (("larosa", 0.25), ("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75))
+    rows = variant_ab_rows(shape, gen_len, None, variants, repeats, methods)
+    return rows + variant_ab_rows(shape, gen_len, None, [("no adapters", None, {})], 1,
+                                  (("topk", 0.4), ("topk", 0.5), ("topk", 0.75)))
+
+
+def side_tiles_gemv_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v18: tilings of the adapter programs in the GEMV launches (A_BN outputs, A_BK inputs per step, stages),
+    LaRoSA, end to end."""
+    tiles = ("4,1024,2", "2,2048,2", "4,2048,1", "8,1024,1", "4,512,2")
+    variants = [(f"gemv {t}", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": t}, {}) for t in tiles]
+    return variant_ab_rows(shape, gen_len, None, variants, repeats,
+                           (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -351,10 +380,10 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine
+    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine, side_in, side_tiles_gemv
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
                             "hint_sites", "adapter_modes", "compact_store", "side_tiles", "rope_fusion",
-                            "attn_combine"}
+                            "attn_combine", "side_in", "side_tiles_gemv"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -387,6 +416,10 @@ def main() -> None:
         res["rope_fusion"] = rope_fusion_rows(a.shape, a.gen_len)
     if "attn_combine" in parts:
         res["attn_combine"] = attn_combine_rows(a.shape, a.gen_len)
+    if "side_in" in parts:
+        res["side_in"] = side_in_rows(a.shape, a.gen_len)
+    if "side_tiles_gemv" in parts:
+        res["side_tiles_gemv"] = side_tiles_gemv_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -11,6 +11,8 @@
 #   bash benchmarks/h200_session.sh gemv         # per-op GEMV table (~1 min)
 #   bash benchmarks/h200_session.sh enginetests  # the engine's GPU tests alone (~1 min)
 #   bash benchmarks/h200_session.sh profile      # per-kernel CUDA time of a step, LLaMA2-7B, p = 0.5 (~1 min)
+#   bash benchmarks/h200_session.sh profile3     # the same profile for dense, LaRoSA and un-rotated Top-K at p = 0.5
+#                                                # and 0.75 (Top-K has no adapters: the difference is theirs) (~1.5 min)
 #   bash benchmarks/h200_session.sh selectsteps  # select time vs bisection steps (~1 min)
 #   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
@@ -37,6 +39,9 @@
 #   bash benchmarks/h200_session.sh ropefusion   # v17: RoPE + cache write in the attention launch: GPU tests, A/B (~3 min)
 #   bash benchmarks/h200_session.sh attncombine  # v17 experiment: the attention's last split program combines: GPU
 #                                                # tests, A/B (~3 min)
+#   bash benchmarks/h200_session.sh sidein       # v18: the adapter programs in the GEMV launches (LAROSA_SIDE_IN=gemv):
+#                                                # compiled side tests, then end to end vs in the selects (~6 min)
+#   bash benchmarks/h200_session.sh sidetilesgemv # v18: tilings of the adapter programs in the GEMV launches (~3 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -46,7 +51,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -70,6 +75,11 @@ for stage in "$@"; do
     profile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 \
         --out "$out/profile-decode-llama2-7b.json" 2>&1 | tee "$out/profile-decode-llama2-7b.log" || rc=1 ;;
+    profile3)
+      for sp in 0.5 0.75; do
+        python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity $sp --methods dense,larosa,topk \
+          --out "$out/profile3-llama2-7b-p$sp.json" 2>&1 | tee "$out/profile3-llama2-7b-p$sp.log" || rc=1
+      done ;;
     selectsteps)
       python3 benchmarks/select_bench.py --steps 15,12,8,4,0 --out "$out/select-steps-h200.json" \
         2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;
@@ -132,6 +142,13 @@ for stage in "$@"; do
         tests/test_engine.py -k "rope or attention or combine or graph or compile" > "$out/attn-combine-tests.log" 2>&1 || rc=1
       grep -E "passed|failed" "$out/attn-combine-tests.log"
       parts attn_combine attn-combine-h200 ;;
+    sidein)
+      LAROSA_SIDE_IN=gemv python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels.py \
+        tests/test_engine_gpu.py -k "side or adapter_modes" > "$out/side-in-tests.log" 2>&1 || rc=1
+      grep -E "passed|failed" "$out/side-in-tests.log"
+      parts side_in side-in-h200 ;;
+    sidetilesgemv)
+      parts side_tiles_gemv side-tiles-gemv-h200 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1

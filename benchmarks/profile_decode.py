@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--out", default="benchmarks/results/profile-decode.json")
+    ap.add_argument("--methods", default="dense,larosa", help="comma list of dense, larosa, topk (un-rotated Top-K, "
+                    "no adapters: the difference to larosa is what the adapters cost)")
     ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA and un-rotated Top-K, each with the "
                     "select hints off and on (all four sites), the select kernels' time per step")
     ap.add_argument("--in-order", action="store_true", help="with --hints-ab: LaRoSA's adapters in order, "
@@ -82,9 +84,13 @@ def main() -> None:
            "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times; LaRoSA's adapter GEMVs "
                    f"where the default engine runs them ({DEFAULT_ADAPTERS!r}: 'select' = inside the down "
                    "projection's select launch, 'stream' = on a side stream), their time counted in full"}
-    res["dense"] = profile(base, prompt)
-    res["larosa"] = profile(sparse_variant(base, "larosa", args.sparsity), prompt)
-    for m in ("dense", "larosa"):
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = sorted(set(methods) - {"dense", "larosa", "topk"})
+    if bad:
+        ap.error(f"unknown methods {bad}: choose among dense, larosa, topk")
+    for m in methods:
+        res[m] = profile(base if m == "dense" else sparse_variant(base, m, args.sparsity), prompt)
+    for m in methods:
         print(f"## {m}: {res[m]['total_us_per_step']:.0f} us of kernels per step")
         for k, v in sorted(res[m]["us_per_step_by_kind"].items(), key=lambda kv: -kv[1]):
             print(f"| {k} | {v:.0f} us |")

@@ -46,6 +46,13 @@ CASES = [
                                "HAS_PREV": True}, 8),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256,
                            "PDL": True, "HAS_RES": True}, 2),
+    # v18: the side GEMV's programs in the GEMV launch (LAROSA_SIDE_IN=gemv)
+    (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
+                            "SIDE": True, "HAS_PREV": True}, 2),
+    (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True,
+                            "SIDE": True}, 2),
+    (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,
+                           "PDL": True, "X_LATE": True, "SIDE": True}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,
                            "PDL": True, "X_LATE": True}, 2),
     (tg.sparse_gemv_kernel, {"MODE": 1, "GATED": False, "HAS_BIAS": False, "BLOCK_K": 64, "BLOCK_N": 128,

@@ -142,11 +142,15 @@ def test_fused_graph_step_follows_the_plain_step(method, fusion):
 
 
 @pytest.mark.parametrize("kernel", ["tile", "gtile"])
-@pytest.mark.parametrize("mode", ["select", "stream", "inline"])
-def test_adapter_modes_follow_the_plain_step(mode, kernel):
-    """v16: LaRoSA's adapter GEMVs inside the MLP half's select launches ("select"),
-    on the side stream or in order: the captured step's teacher-forced logits follow the plain eager
-    engine's, and the adapter residual reaches the next layer (a missing adapter gives a cosine far from 1)."""
+@pytest.mark.parametrize("mode", ["select", "select-gemv", "stream", "inline"])
+def test_adapter_modes_follow_the_plain_step(monkeypatch, mode, kernel):
+    """v16: LaRoSA's adapter GEMVs inside the MLP half's select launches ("select"; "select-gemv": v18, in
+    the GEMV launches after them, LAROSA_SIDE_IN=gemv), on the side stream or in order: the captured step's
+    teacher-forced logits follow the plain eager engine's, and the adapter residual reaches the next layer
+    (a missing adapter gives a cosine far from 1)."""
+    if mode == "select-gemv":
+        monkeypatch.setenv("LAROSA_SIDE_IN", "gemv")
+        mode = "select"
     base = random_base(SMALL, torch.bfloat16, "cuda", seed=4)
     w = sparse_variant(base, "larosa", 0.5)
     prompt = torch.randint(0, SMALL.vocab, (1, 16), device="cuda")

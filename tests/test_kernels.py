@@ -782,7 +782,61 @@ def test_side_gemv_rides_in_the_norm_select(with_res):
     _close_to_matmul(y, want)
 
 
-def test_side_gemv_refuses_bad_arguments():
+@pytest.mark.parametrize("impl", ["tile", "gtile"])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("presel", [False, True])
+def test_side_gemv_rides_in_the_gemv_launch(monkeypatch, impl, gated, presel):
+    """v18 (LAROSA_SIDE_IN=gemv): the side programs are the first slices of the tile / gathered GEMV launch;
+    the GEMV's output is that of the launch without them (bit-equal under the interpreter: the same sums in
+    the same order), the side product is right, prev is copied and no column past c1 is written; with the
+    selection from a norm + select (sel=) too."""
+    monkeypatch.setenv("LAROSA_SIDE_IN", "gemv")
+    tg = ops.triton_gemv
+    x, ax, aw, want = _side_setup(torch.bfloat16)
+    g = (torch.rand(300) + 0.5).bfloat16()
+    wt = (torch.randn(300, 40) / 17).bfloat16()
+    wt2 = (torch.randn(300, 40) / 17).bfloat16() if gated else None
+    k = 37
+
+    def run(side):
+        y = torch.empty(2, 40).bfloat16()
+        if presel:
+            _, h, sel = tg.rmsnorm_select(x, None, g, 1e-6, k, compact=impl == "gtile")
+            tg.launch(h, wt, y, k, wt2=wt2, impl=impl, sel=sel, side=side)
+        else:
+            tg.launch(x, wt, y, k, wt2=wt2, impl=impl, side=side)
+        return y
+
+    def same(y, plain):  # compiled, the fp32 atomics add in arrival order
+        return torch.equal(y, plain) if not y.is_cuda else _rel(y, plain) < 1e-2
+
+    plain = run(None)
+    r = torch.full((2, 150), float("nan")).bfloat16()
+    assert same(run(tg.SideGemv(ax, aw, r, 0, 70)), plain)
+    _close_to_matmul(r[:, :70], want[:, :70])
+    assert torch.isnan(r[:, 70:]).all()
+    r2 = torch.full((2, 150), float("nan")).bfloat16()
+    assert same(run(tg.SideGemv(ax, aw, r2, 70, 150, r[:, :70].clone())), plain)
+    assert torch.equal(r2[:, :70], r[:, :70])
+    _close_to_matmul(r2, want)
+    if not presel:  # and the GEMV itself is the Top-K product
+        assert _rel(plain, topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)) < 1e-2
+
+
+def test_side_in_switch(monkeypatch):
+    """LAROSA_SIDE_IN picks the launch that carries the side programs; a bad value is refused."""
+    tg = ops.triton_gemv
+    monkeypatch.delenv("LAROSA_SIDE_IN", raising=False)
+    assert tg.side_in() == tg.DEFAULT_SIDE_IN
+    monkeypatch.setenv("LAROSA_SIDE_IN", "gemv")
+    assert tg.side_in() == "gemv"
+    monkeypatch.setenv("LAROSA_SIDE_IN", "stream")
+    with pytest.raises(ValueError, match="LAROSA_SIDE_IN"):
+        tg.side_in()
+
+
+def test_side_gemv_refuses_bad_arguments(monkeypatch):
+    monkeypatch.setenv("LAROSA_SIDE_IN", "select")
     x, ax, aw, _ = _side_setup(torch.bfloat16)
     y = torch.empty(2, 150).bfloat16()
     SG = ops.triton_gemv.SideGemv
@@ -800,13 +854,21 @@ def test_side_gemv_refuses_bad_arguments():
         with pytest.raises(ValueError, match="side="):
             ops.triton_gemv.launch(x, wt, torch.empty(2, 20).bfloat16(), 9, impl=impl,
                                    sel=None if impl == "fused" else sel, side=SG(ax, aw, y, 0, 150))
+    monkeypatch.setenv("LAROSA_SIDE_IN", "gemv")  # with sel= only the tile / gathered launches can carry it
+    for impl in ("split", "fused", "inline"):
+        with pytest.raises(ValueError, match="side="):
+            ops.triton_gemv.launch(x, wt, torch.empty(2, 20).bfloat16(), 9, impl=impl, sel=sel,
+                                   side=SG(ax, aw, y, 0, 150))
 
 
 @pytest.mark.parametrize("impl", ["tile", "gtile", "split"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_side_ops_compute_their_parts(monkeypatch, impl, gated):
+@pytest.mark.parametrize("side_in", ["select", "gemv"])
+def test_side_ops_compute_their_parts(monkeypatch, impl, gated, side_in):
     """`rmsnorm_topk_side` then `topk_linear_side`: the GEMV outputs of the plain ops, bit for bit (the side
-    programs do not touch them), and the side product x @ w split across the two launches."""
+    programs do not touch them), and the side product x @ w split across the two launches (in the select
+    launches, or in the tile / gathered GEMV launches: LAROSA_SIDE_IN)."""
+    monkeypatch.setenv("LAROSA_SIDE_IN", side_in)
     calls = _kernel_used(monkeypatch)
     d, di = 128, 320
     x = torch.randn(1, 1, d).bfloat16()

@@ -578,9 +578,10 @@ def topk_kernel(weights: "ModelWeights") -> Optional[str]:
 
 
 ADAPTER_MODES = ("inline", "stream", "select")
-# share of the adapter's columns computed in the gate/up select (the rest: the down select). 0: all in the down
-# select, measured fastest end to end (v16, benchmarks/results/adapter-modes-h200.json: 242.7 vs 237.4 tok/s
-# at 0.375, LLaMA2-7B p = 0.5)
+# share of the adapter's columns computed in the gate/up launches (the rest: the down ones). 0: all in the down
+# launches, measured fastest end to end (v16, benchmarks/results/adapter-modes-h200.json: 242.7 vs 237.4 tok/s
+# at 0.375, LLaMA2-7B p = 0.5; v18 with the programs in the GEMV launches, results/side-in-h200.json: 262.4 vs
+# 247.0 at (8, 512, 2))
 ADAPTER_SPLIT = 0.0
 DEFAULT_FUSE_ROPE = True  # v17: RoPE and the cache write in the attention launch (see DecodeEngine)
 DEFAULT_ATTN_COMBINE = "launch"  # "last" (v17 experiment): the attention's last split program combines

@@ -55,6 +55,15 @@ KERNEL_IMPLS = triton_gemv.IMPLS if HAVE_TRITON else ()  # without Triton no ker
 _DEFAULT_MAX_ROWS = 1  # measured crossover on the H200: see benchmarks/NOTES.md
 
 
+def side_placement() -> dict | None:
+    """Where a side GEMV given to the Top-K ops rides and its tiles (`triton_gemv.side_in`, `side_config`);
+    None without Triton. Benchmark rows record it."""
+    if not HAVE_TRITON:
+        return None
+    where = triton_gemv.side_in()
+    return {"side_in": where, "side_tiles": triton_gemv.side_config(0, 0, 2, gemv=where == "gemv")}
+
+
 def max_kernel_rows() -> int:
     return int(os.environ.get("LAROSA_KERNEL_MAX_ROWS", _DEFAULT_MAX_ROWS))
 
@@ -249,14 +258,17 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
     r2 = side = None
     if side_w is not None:
         r2 = torch.empty(x2.shape[0], side_cols, dtype=x.dtype, device=x.device)
-        # the norm + select kernel runs whatever the GEMV implementation: it always carries the side programs
         side = triton_gemv.SideGemv(x2, side_w.contiguous(), r2, 0, side_cols) if side_cols else None
+    ri = triton_gemv.resolve_impl(impl, 0, x2.shape[1], kk)
+    # the side programs ride in the GEMV launch (tile / gathered kernels, `side_in()` "gemv") or else in the
+    # norm + select launch, which runs whatever the GEMV implementation
+    in_gemv = side is not None and ri in ("tile", "gtile") and triton_gemv.side_in() == "gemv"
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
-                                            pdl=pdl, hint=hint, side=side,
-                                            compact=triton_gemv.resolve_impl(impl, 0, x2.shape[1], kk) == "gtile")
+                                            pdl=pdl, hint=hint, side=None if in_gemv else side,
+                                            compact=ri == "gtile")
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
-                       counters=cnt, sel=sel, pdl=pdl, impl=impl)
+                       counters=cnt, sel=sel, pdl=pdl, impl=impl, side=side if in_gemv else None)
     r = None if r2 is None else r2.view(*x.shape[:-1], side_cols)
     return (x.new_empty(0) if xs is None else xs.view(x.shape)), y.view(*x.shape[:-1], d_out), r
 

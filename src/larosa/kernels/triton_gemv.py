@@ -555,13 +555,33 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
                      X_LATE: tl.constexpr = False,  # with PDL: x too is written by that predecessor
-                     HAS_RES: tl.constexpr = False):  # y = res + ..., added in fp32 before rounding
+                     HAS_RES: tl.constexpr = False,  # y = res + ..., added in fp32 before rounding
+                     m0=0, a_n=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
+                     a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
+                     SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
+                     A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
     zeroed: the last program of each column block (an atomic counter) turns them into the 16-bit output
-    (bias or silu(gate) * up epilogue) and zeroes them."""
-    pid_n, row, rn, cmask, rm = _tile_program(d_out, BLOCK_M, BLOCK_N)
+    (bias or silu(gate) * up epilogue) and zeroes them.
+    SIDE (v18): the first m0 slices along grid axis 1 are the programs of a dense side GEMV (`_side_slice`),
+    which start at once, while the GEMV's programs wait for their select (PDL)."""
+    if SIDE and tl.program_id(1) < m0:  # SIDE is a constexpr: without it no branch is compiled
+        _side_slice(m0, a_n, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
+                    stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
+    else:
+        _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
+                        stride_x, stride_y, res_ptr, stride_r, MODE, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, X_LATE,
+                        HAS_RES, m0 if SIDE else 0)
+
+
+@triton.jit
+def _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
+                    stride_x, stride_y, res_ptr, stride_r, MODE: tl.constexpr, GATED: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+                    X_LATE: tl.constexpr, HAS_RES: tl.constexpr, m0):
+    pid_n, row, rn, cmask, rm = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)
     valid = rm < d_in
     if PDL:
         if X_LATE:  # x comes from the predecessor (`rmsnorm_select_kernel`): wait before loading it
@@ -578,7 +598,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
     xf = tl.where(keep, xv.to(tl.float32), 0.0)
     _tile_add_finish(rm, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn,
-                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES)
+                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
 
 
 @triton.jit
@@ -586,37 +606,69 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       d_out, k, stride_x, stride_y, res_ptr, stride_r,
                       GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
-                      HAS_RES: tl.constexpr = False):
+                      HAS_RES: tl.constexpr = False,
+                      m0=0, a_n=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
+                      a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
+                      SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
+                      A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
-    the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`."""
-    pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N)  # j: places in the kept list
+    the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE as there."""
+    if SIDE and tl.program_id(1) < m0:
+        _side_slice(m0, a_n, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
+                    stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
+    else:
+        _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
+                         stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES, m0 if SIDE else 0)
+
+
+@triton.jit
+def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
+                     res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0):
+    pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)  # j: places in the kept list
     jmask = j < k
     if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
         gdc_wait()
     idx = tl.load(sel_ptr + row * (2 + k) + 2 + j, mask=jmask, other=0)
     xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
-                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES)
+                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
 
 
 @triton.jit
-def _tile_program(d_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _side_slice(m0, a_n, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
+                stride_ap, A_BN: tl.constexpr, A_BK: tl.constexpr, A_STAGES: tl.constexpr, HAS_PREV: tl.constexpr,
+                ROUND_BF16: tl.constexpr):
+    """A program of the first m0 slices (grid axis 1) of a tile or gathered GEMV launch that carries a side GEMV
+    (v18): side program j = slice * (programs along axis 0) + column block, in the launch's first row plane
+    only, up to a_n of them (`_side_program`). Launched as the select's programmatic dependent, the GEMV's
+    programs wait for it; these do not (their input was complete before the select began), so the side
+    GEMV streams its weights while the select runs."""
+    j = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    if (tl.program_id(2) == 0) & (j < a_n):
+        _side_program(j, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
+                      stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, False, ROUND_BF16)
+
+
+@triton.jit
+def _tile_program(d_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, m0):
     """A tile program's place: (column block, row of x, its columns, which of them are < d_out, its BLOCK_M
-    offsets along the inputs)."""
+    offsets along the inputs); the first m0 slices along grid axis 1 are a side GEMV's (`_side_slice`)."""
     pid_n = tl.program_id(0)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    return pid_n, tl.program_id(2).to(tl.int64), rn, rn < d_out, tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return (pid_n, tl.program_id(2).to(tl.int64), rn, rn < d_out,
+            (tl.program_id(1) - m0) * BLOCK_M + tl.arange(0, BLOCK_M))
 
 
 @triton.jit
 def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_RES: tl.constexpr):
+                     HAS_RES: tl.constexpr, m0):
     """A tile program's body after it knows its input rows: load W^T[rows_in, rn] where kept (xf is 0
     elsewhere), add the fp32 partial sums into acc with atomics, and let the last program of the column
-    block (counter) finish it (`_finish_block`)."""
+    block (counter; the block has num_programs(1) - m0 of them) finish it (`_finish_block`)."""
     wmask = keep[:, None] & cmask[None, :]
     w_off = rows_in.to(tl.int64)[:, None] * d_out + rn[None, :]
     w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
@@ -627,7 +679,7 @@ def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_
         tl.atomic_add(acc_row + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
     tl.debug_barrier()
     cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
-    if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+    if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - m0 - 1:
         tl.atomic_xchg(cnt_addr, 0)
         _finish_block(acc_row, bias_ptr, y_ptr + row * stride_y, rn, cmask, d_out, GATED, HAS_BIAS,
                       res_ptr + row * stride_r, HAS_RES)
@@ -705,21 +757,25 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     select_impl = select_impl or SELECT_IMPL
     late = sel is not None
-    if late and side is not None:
+    in_gemv = side is not None and side_in() == "gemv"
+    if late and side is not None and not in_gemv:
         raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
     if late:  # (t, cutoff) and x from the kernel launched just before (`rmsnorm_select`)
         sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
-        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=side) if mode == 0 else x
-    grid = (triton.cdiv(d_out, block_n), triton.cdiv(d_in, block_m), rows)
+        sel = (select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=None if in_gemv else side)
+               if mode == 0 else x)
+    n0 = triton.cdiv(d_out, block_n)
+    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)
+    grid = (n0, m0 + triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
         float(threshold), x.stride(0), y.stride(0), residual if residual is not None else y,
         residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
-        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}))
+        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw)
 
 
 GTILE_TALL = 14_000_000  # k * d_out from which 128 x 128 tiles beat 64 x 256 (half the atomics), v15 sweep
@@ -753,21 +809,25 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     cfg = gtile_config(d_in, d_out, gated, k)
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     sel_pdl = _use_pdl(x, pdl)
-    if sel is not None and side is not None:
+    in_gemv = side is not None and side_in() == "gemv"
+    if sel is not None and side is not None and not in_gemv:
         raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
     if sel is None:
-        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=side)
+        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True,
+                     side=None if in_gemv else side)
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
-    grid = (triton.cdiv(d_out, block_n), triton.cdiv(k, block_m), rows)
+    n0 = triton.cdiv(d_out, block_n)
+    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)
+    grid = (n0, m0 + triton.cdiv(k, block_m), rows)
     gtile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_out, k,
         x.stride(0), y.stride(0), residual if residual is not None else y,
         residual.stride(0) if residual is not None else 0, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=1,
-        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}))
+        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw)
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
@@ -926,15 +986,33 @@ class SideGemv(NamedTuple):
     prev: torch.Tensor | None = None
 
 
-SIDE_TILES = (16, 512, 2)
+SIDE_TILES = (16, 512, 2)  # side programs in a select launch (8 warps at d_in > 4096, 4 below)
+SIDE_TILES_GEMV = (4, 1024, 2)  # in a tile / gathered GEMV launch (2 warps: 64 + 64 registers of tile and sums);
+# v18, results/side-in-h200.json: LaRoSA p = 0.4 / 0.5 243.2 / 262.4 tok/s vs 239.3 / 257.6 at (8, 512, 2)
+SIDE_IN = ("select", "gemv")
+DEFAULT_SIDE_IN = "gemv"  # v18: LaRoSA +4.3 / +5.5 / +3.0 % at p = 0.4 / 0.5 / 0.75 over "select" (same run)
 
 
-def side_config(d: int, cols: int, num_warps: int) -> dict:
+def side_in() -> str:
+    """Which launch carries a `SideGemv` given to a Top-K op (`LAROSA_SIDE_IN`, default `DEFAULT_SIDE_IN`):
+    "select", extra programs of the select launch (v16); or "gemv" (v18), extra programs of the tile or
+    gathered GEMV launch that follows it as a programmatic dependent, which start at once while the GEMV's
+    programs wait for the select. The H200 select kernels take all 255 registers a thread may have at 8 warps
+    (the whole register file of an SM per program: `tests/hopper_compile.py`), so side programs in the select
+    launch run one per SM; in the 2-warp GEMV launch four fit on an SM. The split-K kernel has no side
+    programs: there the select carries them either way."""
+    v = os.environ.get("LAROSA_SIDE_IN", DEFAULT_SIDE_IN)
+    if v not in SIDE_IN:
+        raise ValueError(f"LAROSA_SIDE_IN={v!r}: use one of {', '.join(SIDE_IN)}")
+    return v
+
+
+def side_config(d: int, cols: int, num_warps: int, gemv: bool = False) -> dict:
     """Tiles of the side programs: A_BN outputs per program, the d inputs walked A_BK at a time, A_STAGES
-    tiles loaded at once; `LAROSA_SIDE_TILES="A_BN,A_BK,A_STAGES"` overrides them (benchmarks/side_bench.py
-    sweeps them)."""
+    tiles loaded at once (`SIDE_TILES` in a select launch, `SIDE_TILES_GEMV` in a GEMV launch);
+    `LAROSA_SIDE_TILES="A_BN,A_BK,A_STAGES"` overrides them (benchmarks/side_bench.py sweeps them)."""
     raw = os.environ.get("LAROSA_SIDE_TILES")
-    tiles = SIDE_TILES
+    tiles = SIDE_TILES_GEMV if gemv else SIDE_TILES
     if raw:
         try:
             tiles = tuple(int(v) for v in raw.split(","))
@@ -949,10 +1027,26 @@ def _side_kwargs(side: SideGemv | None, rows: int, num_warps: int, x: torch.Tens
     """(extra programs, kernel arguments) of a select launch's side GEMV; (0, {}) without one."""
     if side is None:
         return 0, {}
+    n, kw = _side_args(side, rows, x, side_config(side.x.shape[1], side.c1 - side.c0, num_warps))
+    return n, dict(n_rows=rows, **kw)
+
+
+def _side_gemv_kwargs(side: SideGemv | None, rows: int, n0: int, x: torch.Tensor) -> tuple[int, dict]:
+    """(grid slices along axis 1, kernel arguments) of a side GEMV riding in a tile or gathered GEMV launch
+    whose grid axis 0 has n0 programs (`_side_slice`); (0, {}) without one."""
+    if side is None:
+        return 0, {}
+    n, kw = _side_args(side, rows, x, side_config(side.x.shape[1], side.c1 - side.c0, 2, gemv=True))
+    m0 = triton.cdiv(n, n0)
+    return m0, dict(m0=m0, a_n=n, ROUND_BF16=_interpreted_bf16(x), **kw)
+
+
+def _side_args(side: SideGemv, rows: int, x: torch.Tensor, cfg: dict) -> tuple[int, dict]:
+    """(side programs, kernel arguments but the launch's own) of a side GEMV, checked against the rows x."""
     sx, sw, sy, c0, c1, prev = side
     d = sx.shape[1]
     if sx.shape[0] != rows or sx.stride(1) != 1 or sw.dim() != 2 or sw.shape[1] != d or not sw.is_contiguous():
-        raise ValueError(f"side GEMV: x {tuple(sx.shape)} must have the select's {rows} rows and w (d_out x "
+        raise ValueError(f"side GEMV: x {tuple(sx.shape)} must have the launch's {rows} rows and w (d_out x "
                          f"d_in, contiguous) its width, got w {tuple(sw.shape)}")
     if not 0 <= c0 < c1 <= min(sw.shape[0], sy.shape[1]) or sy.shape[0] != rows or sy.stride(1) != 1:
         raise ValueError(f"side GEMV: columns [{c0}, {c1}) of y {tuple(sy.shape)} and w {tuple(sw.shape)}")
@@ -961,9 +1055,8 @@ def _side_kwargs(side: SideGemv | None, rows: int, num_warps: int, x: torch.Tens
                          f"{None if prev is None else tuple(prev.shape)}")
     if not sx.device == sw.device == sy.device == x.device or not sx.dtype == sw.dtype == sy.dtype:
         raise ValueError("side GEMV: x, w and y must share the rows' device and one dtype")
-    cfg = side_config(d, c1 - c0, num_warps)
     nb = triton.cdiv(c1 - c0, cfg["A_BN"])
-    return rows * nb, dict(n_rows=rows, ax_ptr=sx, aw_ptr=sw, ay_ptr=sy, ap_ptr=prev if prev is not None else sy,
+    return rows * nb, dict(ax_ptr=sx, aw_ptr=sw, ay_ptr=sy, ap_ptr=prev if prev is not None else sy,
                            a_d=d, a_c0=c0, a_c1=c1, a_nb=nb, stride_ax=sx.stride(0), stride_aw=sw.stride(0),
                            stride_ay=sy.stride(0), stride_ap=prev.stride(0) if prev is not None else 0,
                            SIDE=True, HAS_PREV=prev is not None, **cfg)
@@ -1135,12 +1228,14 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     `hint`: the select's per-row threshold hint (`select`); the select kernel reads and updates it. The
     "inline" and "fused" implementations (no select kernel) ignore it.
     `side`: a dense GEMV run by extra programs of the select launch (`SideGemv`; Top-K mode with the packed
-    select launched here, i.e. without `sel`).
+    select launched here, i.e. without `sel`), or of the tile / gathered GEMV launch (`side_in()` "gemv",
+    with or without `sel`).
     """
     impl = resolve_impl(impl, mode, x.shape[1], k)
-    if side is not None and (mode != 0 or sel is not None or select_impl != "packed" or impl in ("inline", "fused")):
-        raise ValueError("side= rides in the packed select this launch runs: Top-K mode, no sel=, "
-                         "impl split / tile / gtile")
+    if side is not None and (mode != 0 or select_impl != "packed" or impl in ("inline", "fused")
+                             or (sel is not None and not (impl in ("tile", "gtile") and side_in() == "gemv"))):
+        raise ValueError("side= rides in the packed select this launch runs (Top-K mode, no sel=, impl split / "
+                         "tile / gtile), or with LAROSA_SIDE_IN=gemv in the tile / gtile GEMV launch")
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl in ("tile", "gtile"):  # they check the residual themselves
