@@ -459,8 +459,8 @@ def test_attention_combine_by_last_program_in_the_engine(monkeypatch):
     combines = _count_calls(monkeypatch, _ops.triton_attention, "_combine")
     model, w, ids = _bf16_tiny_hd16(seed=4)
     kw = {"max_len": 12, "compile": False, "graphs": False, "fuse_rope": True}
-    two, last = DecodeEngine(w, **kw), DecodeEngine(w, attn_combine="last", **kw)
-    assert all(c is None for c in two.attn_counters)
+    two, last = DecodeEngine(w, attn_combine="launch", **kw), DecodeEngine(w, **kw)  # "last": the default
+    assert last.attn_combine == "last" and all(c is None for c in two.attn_counters)
     assert all(c is not None and c.shape == (2,) for c in last.attn_counters)
     for e in (two, last):
         e.prefill(ids)

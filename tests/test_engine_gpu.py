@@ -167,13 +167,13 @@ def test_adapter_modes_follow_the_plain_step(monkeypatch, mode, kernel):
 
 @pytest.mark.parametrize("method", ["dense", "larosa"])
 def test_attention_combine_by_last_program_graph_step(method):
-    """v17 experiment, compiled and captured: the attention's last split program combining gives the
-    two-launch attention's logits along the same tokens (both with RoPE in the launch), and leaves the
+    """v17, the default since v18, compiled and captured: the attention's last split program combining gives
+    the two-launch attention's logits along the same tokens (both with RoPE in the launch), and leaves the
     engine's counters zeroed between replays."""
     base = random_base(SMALL, torch.bfloat16, "cuda", seed=1)
     prompt = torch.randint(0, SMALL.vocab, (1, 16), device="cuda")
     w = sparse_variant(base, method, 0.5) if method != "dense" else base
-    two = DecodeEngine(w, max_len=64, fuse_rope=True)
+    two = DecodeEngine(w, max_len=64, fuse_rope=True, attn_combine="launch")
     last = DecodeEngine(w, max_len=64, fuse_rope=True, attn_combine="last")
     assert last.graphs and last.attn_combine == "last" and all(c is not None for c in last.attn_counters)
     ref = two.generate(prompt, 16).tokens

@@ -584,7 +584,8 @@ ADAPTER_MODES = ("inline", "stream", "select")
 # 247.0 at (8, 512, 2))
 ADAPTER_SPLIT = 0.0
 DEFAULT_FUSE_ROPE = True  # v17: RoPE and the cache write in the attention launch (see DecodeEngine)
-DEFAULT_ATTN_COMBINE = "launch"  # "last" (v17 experiment): the attention's last split program combines
+DEFAULT_ATTN_COMBINE = "last"  # v18: the attention's last split program combines (one launch fewer per layer;
+# +0.1-0.3 % tok/s sparse, +-0 dense, results/attn-combine-h200.json)
 DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (same run)
 
 
@@ -642,8 +643,8 @@ class DecodeEngine:
     fuse_rope: the decode step's RoPE and K/V cache write happen in the attention launch
     (`larosa::rope_decode_attention`; layers without q/k norms). None = `DEFAULT_FUSE_ROPE` with CUDA,
     off on the CPU (same function there; the op's reference rounds RoPE once, in fp32).
-    attn_combine: with fuse_rope, "launch" (a second launch combines the cache splits) or "last" (v17
-    experiment, unmeasured: the last split program of each KV head combines them, one launch fewer per layer).
+    attn_combine: with fuse_rope, "last" (`DEFAULT_ATTN_COMBINE`, v18: the last split program of each KV head
+    combines the cache splits, one launch fewer per layer) or "launch" (a second launch combines them).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
