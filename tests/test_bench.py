@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from larosa.bench import bench_decode, kv_positions_read, param_weighted
+from larosa.bench import bench_decode, detrended_spread, kv_positions_read, param_weighted
 from larosa.engine import DecodeEngine
 from larosa.errors import LarosaError
 from larosa.shapes import SHAPES, random_base, sparse_variant, teal_thresholds
@@ -66,6 +66,7 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     # the Top-K kernel the engine chose by the model's kept share (p = 0.5 keeps about half: gathered rows)
     assert (dense["kernel"], lar["kernel"], teal["kernel"]) == (None, "gtile", None)
     assert all(r["fuse_rope"] is False and r["attn_combine"] == "launch" for r in rows)  # the CPU defaults
+    assert all(r["p99_over_p50_detrended"] >= 1.0 for r in rows)
     # bytes per token counted independently: every weight entry once (fp32), one embedding row, the head,
     # unit norms; LaRoSA reads k of d_in rows per projection plus its adapters
     sh = SHAPES["tiny"]
@@ -90,6 +91,17 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     assert teal["achieved_GBps"] is None and teal["byte_model_limit"] is None
     assert (tmp_path / "table.md").is_file() and (tmp_path / "decode.png").is_file()
     assert "larosa" in res["table"]
+
+
+def test_detrended_spread_removes_the_context_growth_only():
+    """A steady ramp (the attention reading more positions each step) has no jitter once detrended, though
+    its raw p99 / p50 is far above 1; spikes on a ramp still show, at their size."""
+    ramp = [4.0 + 0.002 * i for i in range(2000)]
+    assert detrended_spread(ramp) == pytest.approx(1.0, abs=1e-9)
+    assert max(ramp) / sorted(ramp)[1000] > 1.2
+    spiky = [v * (1.1 if i % 50 == 7 else 1.0) for i, v in enumerate(ramp)]  # 2 % of the steps 10 % slower
+    assert detrended_spread(spiky) == pytest.approx(1.1, abs=0.01)
+    assert detrended_spread([3.0, 4.0]) == 1.0
 
 
 def test_registered_shapes_have_consistent_head_dims():
