@@ -372,13 +372,6 @@ def side_tiles_gemv_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
                            (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75)))
 
 
-def select_trigger_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
-    """v18 experiment: the stand-alone selects let their GEMV launch first thing ("early", default) or once their
-    row has arrived ("late"), so that the adapter programs of that launch do not queue ahead of the row."""
-    return variant_ab_rows(shape, gen_len, "LAROSA_SELECT_TRIGGER", [(f"trigger={v}", v, {}) for v in ("late", "early")],
-                           repeats, (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -387,10 +380,10 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine, side_in, side_tiles_gemv, select_trigger
+    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine, side_in, side_tiles_gemv
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
                             "hint_sites", "adapter_modes", "compact_store", "side_tiles", "rope_fusion",
-                            "attn_combine", "side_in", "side_tiles_gemv", "select_trigger"}
+                            "attn_combine", "side_in", "side_tiles_gemv"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -427,8 +420,6 @@ def main() -> None:
         res["side_in"] = side_in_rows(a.shape, a.gen_len)
     if "side_tiles_gemv" in parts:
         res["side_tiles_gemv"] = side_tiles_gemv_rows(a.shape, a.gen_len)
-    if "select_trigger" in parts:
-        res["select_trigger"] = select_trigger_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -42,7 +42,6 @@
 #   bash benchmarks/h200_session.sh sidein       # v18: the adapter programs in the GEMV launches (LAROSA_SIDE_IN=gemv):
 #                                                # compiled side tests, then end to end vs in the selects (~6 min)
 #   bash benchmarks/h200_session.sh sidetilesgemv # v18: tilings of the adapter programs in the GEMV launches (~3 min)
-#   bash benchmarks/h200_session.sh selecttrigger # v18 experiment: selects trigger their GEMV launch after the row load (~2 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -52,7 +51,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|selecttrigger|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -150,11 +149,6 @@ for stage in "$@"; do
       parts side_in side-in-h200 ;;
     sidetilesgemv)
       parts side_tiles_gemv side-tiles-gemv-h200 ;;
-    selecttrigger)
-      LAROSA_SELECT_TRIGGER=late python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels.py \
-        -k "select_trigger or compacting or exact_k" > "$out/select-trigger-tests.log" 2>&1 || rc=1
-      grep -E "passed|failed" "$out/select-trigger-tests.log"
-      parts select_trigger select-trigger-h200 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1

@@ -46,8 +46,6 @@ CASES = [
                                "HAS_PREV": True}, 8),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256,
                            "PDL": True, "HAS_RES": True}, 2),
-    # v18 experiment: the dependents launched once the row has arrived (LAROSA_SELECT_TRIGGER=late)
-    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 3, "WINDOW": 6, "LATE_TRIGGER": True}, 8),
     # v18: the side GEMV's programs in the GEMV launch (LAROSA_SIDE_IN=gemv)
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
                             "SIDE": True, "HAS_PREV": True}, 2),

@@ -835,20 +835,6 @@ def test_side_in_switch(monkeypatch):
         tg.side_in()
 
 
-def test_select_trigger_switch(monkeypatch):
-    """LAROSA_SELECT_TRIGGER (v18 experiment) moves only the programmatic-launch trigger: same selection; a bad
-    value is refused."""
-    tg = ops.triton_gemv
-    x = torch.randn(2, 300).bfloat16()
-    want = tg.select(x, 37, compact=True, pdl=x.is_cuda)
-    monkeypatch.setenv("LAROSA_SELECT_TRIGGER", "late")
-    assert tg.select_trigger() == "late"
-    assert torch.equal(tg.select(x, 37, compact=True, pdl=x.is_cuda), want)
-    monkeypatch.setenv("LAROSA_SELECT_TRIGGER", "soon")
-    with pytest.raises(ValueError, match="LAROSA_SELECT_TRIGGER"):
-        tg.select(x, 37, pdl=True)
-
-
 def test_side_gemv_refuses_bad_arguments(monkeypatch):
     monkeypatch.setenv("LAROSA_SIDE_IN", "select")
     x, ax, aw, _ = _side_setup(torch.bfloat16)

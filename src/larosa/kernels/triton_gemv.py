@@ -145,7 +145,7 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                          a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                          SIDE: tl.constexpr = False, A_BN: tl.constexpr = 32, A_BK: tl.constexpr = 128,
                          A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False,
-                         ROUND_BF16: tl.constexpr = False, LATE_TRIGGER: tl.constexpr = False):
+                         ROUND_BF16: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
@@ -155,21 +155,19 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses.
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
     ascending (3, compiled default: stored by inline PTX, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
-    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`).
-    LATE_TRIGGER: see `_row_prologue` (`select_trigger()`)."""
+    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
     if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
         _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
-                    COMPACT, LATE_TRIGGER)
+                    COMPACT)
 
 
 @triton.jit
 def _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-                FIRST_BIT: tl.constexpr, WINDOW: tl.constexpr, FALLBACK: tl.constexpr, COMPACT: tl.constexpr,
-                LATE_TRIGGER: tl.constexpr):
-    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL, LATE_TRIGGER)
+                FIRST_BIT: tl.constexpr, WINDOW: tl.constexpr, FALLBACK: tl.constexpr, COMPACT: tl.constexpr):
+    row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     sel_row = sel_ptr + row * (2 + k if COMPACT else 2)
     t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK,
                                sel_row + 2, COMPACT)
@@ -218,21 +216,15 @@ def _side_program(j, ax_ptr, aw_ptr, ay_ptr, ap_ptr, d, c0, c1, n_blocks, stride
 
 
 @triton.jit
-def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexpr, LATE: tl.constexpr = False):
+def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """A one-program-per-row kernel's start: let the dependent GEMV launch (PDL), then load the row
-    (0 past d_in). Returns (row, offs, valid, x). LATE (v18 experiment, `LAROSA_SELECT_TRIGGER=late`): let it
-    launch only once the row has arrived (a reduction over it gates the trigger), so that the side programs
-    of that launch, which start streaming at once, do not queue ahead of the row's load."""
-    if PDL and not LATE:
+    (0 past d_in). Returns (row, offs, valid, x)."""
+    if PDL:
         gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     valid = offs < d_in
-    x = tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
-    if PDL and LATE:
-        if tl.max(tl.abs(x.to(tl.float32)), 0) >= 0.0:  # false only with a NaN: then they launch at the end
-            gdc_launch_dependents()
-    return row, offs, valid, x
+    return row, offs, valid, tl.load(x_ptr + row * stride_x + offs, mask=valid, other=0.0)
 
 
 @triton.jit
@@ -1123,18 +1115,9 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
         side_kw["ROUND_BF16"] = _interpreted_bf16(x)
     kernel[(rows + extra,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
                             num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
-                            **({"PDL": True, "LATE_TRIGGER": select_trigger() == "late"} if pdl else {}),
+                            **({"PDL": True} if pdl else {}),
                             **side_kw)
     return sel
-
-
-def select_trigger() -> str:
-    """When a stand-alone select lets its programmatic dependent launch (`LAROSA_SELECT_TRIGGER`): "early"
-    (default: first thing) or "late" (v18 experiment: once its row has arrived, `_row_prologue`)."""
-    v = os.environ.get("LAROSA_SELECT_TRIGGER", "early")
-    if v not in ("early", "late"):
-        raise ValueError(f"LAROSA_SELECT_TRIGGER={v!r}: use early or late")
-    return v
 
 
 def _interpreted_bf16(x: torch.Tensor) -> bool:
