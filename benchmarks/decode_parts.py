@@ -352,7 +352,7 @@ def side_in_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     (`LAROSA_SIDE_IN=gemv`: four 2-warp programs per SM instead of one per SM beside a select that holds the
     whole register file), at two side tilings and with 37.5 % of the adapter in the gate/up launch; un-rotated
     Top-K (no adapters) as the ceiling."""
-    variants = [("select", {"LAROSA_SIDE_IN": "select"}, {}),
+    variants = [("select", {"LAROSA_SIDE_IN": "select", "LAROSA_SIDE_TILES": None}, {}),
                 ("gemv 8x512x2", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": "8,512,2"}, {}),
                 ("gemv 4x1024x2", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": "4,1024,2"}, {}),
                 ("gemv 8x512x2 split.375", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": "8,512,2"},

@@ -82,8 +82,10 @@ def main() -> None:
         return hints_ab(base, prompt, args)
     res = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "batch": 1,
            "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times; LaRoSA's adapter GEMVs "
-                   f"where the default engine runs them ({DEFAULT_ADAPTERS!r}: 'select' = inside the down "
-                   "projection's select launch, 'stream' = on a side stream), their time counted in full"}
+                   f"where the default engine runs them ({DEFAULT_ADAPTERS!r}: 'select' = extra programs of the down "
+                   "projection's launches, since v18 of its GEMV launch and so counted under 'sparse GEMV', "
+                   "'stream' = on a side stream), their time counted in full; kernels that overlap (PDL) "
+                   "are each counted in full"}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = sorted(set(methods) - {"dense", "larosa", "topk"})
     if bad:

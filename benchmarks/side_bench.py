@@ -1,4 +1,5 @@
-"""The residual adapter GEMV inside the MLP half's select launches (v16), per op on the GPU.
+"""The residual adapter GEMV inside the MLP half's launches (v16: the select launches; since v18 by default the
+GEMV launches, `LAROSA_SIDE_IN`), per op on the GPU.
 
     PYTHONPATH=src python3 benchmarks/side_bench.py --out benchmarks/results/side-h200.json
 
@@ -130,7 +131,7 @@ def main() -> None:
         del w
     props = torch.cuda.get_device_properties(0)
     rec = {"gpu": props.name, "dtype": "bf16", "batch": 1, "shape": a.shape, "layers_cycled": a.layers - 1,
-           "copy_bandwidth_Bps": bw, "adapter_us_at_copy_bw": adapter_us, "default_tiles": triton_gemv.side_config(d, d, 8),
+           "copy_bandwidth_Bps": bw, "adapter_us_at_copy_bw": adapter_us, "default_tiles": triton_gemv.side_config(),
            "best": {"tiles": best[0], "split": best[1]}, "sweep": rows, "per_p": per_p,
            "timing": "CUDA graph replay, median per layer", "torch": torch.__version__,
            "triton": __import__("triton").__version__, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

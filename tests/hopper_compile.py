@@ -21,6 +21,8 @@ FLOATS = {"threshold", "eps", "scale"}
 POINTERS = {"sel_ptr": "*i32", "hint_ptr": "*i32", "cnt_ptr": "*i32", "acc_ptr": "*fp32", "part_ptr": "*fp32",
             "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32"}  # the rest: bf16 tensors
 
+SIDE_GEMV = dict(zip(("A_BN", "A_BK", "A_STAGES"), tg.SIDE_TILES_GEMV))  # the side tiles of a GEMV launch
+
 # (kernel, constexprs, num_warps): the variants the engine launches on the H200, and the hinted select's
 CASES = [
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True}, 4),
@@ -48,11 +50,11 @@ CASES = [
                            "PDL": True, "HAS_RES": True}, 2),
     # v18: the side GEMV's programs in the GEMV launch (LAROSA_SIDE_IN=gemv)
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
-                            "SIDE": True, "HAS_PREV": True}, 2),
+                            "SIDE": True, "HAS_PREV": True, **SIDE_GEMV}, 2),
     (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True,
-                            "SIDE": True}, 2),
+                            "SIDE": True, **SIDE_GEMV}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,
-                           "PDL": True, "X_LATE": True, "SIDE": True}, 2),
+                           "PDL": True, "X_LATE": True, "SIDE": True, **SIDE_GEMV}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,
                            "PDL": True, "X_LATE": True}, 2),
     (tg.sparse_gemv_kernel, {"MODE": 1, "GATED": False, "HAS_BIAS": False, "BLOCK_K": 64, "BLOCK_N": 128,

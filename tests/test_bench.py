@@ -2,6 +2,7 @@
 here, the arithmetic is not)."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -66,7 +67,6 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     # the Top-K kernel the engine chose by the model's kept share (p = 0.5 keeps about half: gathered rows)
     assert (dense["kernel"], lar["kernel"], teal["kernel"]) == (None, "gtile", None)
     assert all(r["fuse_rope"] is False and r["attn_combine"] == "launch" for r in rows)  # the CPU defaults
-    assert all(r["p99_over_p50_detrended"] >= 1.0 for r in rows)
     # bytes per token counted independently: every weight entry once (fp32), one embedding row, the head,
     # unit norms; LaRoSA reads k of d_in rows per projection plus its adapters
     sh = SHAPES["tiny"]
@@ -102,6 +102,7 @@ def test_detrended_spread_removes_the_context_growth_only():
     spiky = [v * (1.1 if i % 50 == 7 else 1.0) for i, v in enumerate(ramp)]  # 2 % of the steps 10 % slower
     assert detrended_spread(spiky) == pytest.approx(1.1, abs=0.01)
     assert detrended_spread([3.0, 4.0]) == 1.0
+    assert math.isnan(detrended_spread([5.0, 3.0, 1.0, 0.1]))  # a fitted line through zero: no ratio
 
 
 def test_registered_shapes_have_consistent_head_dims():

@@ -792,14 +792,16 @@ def test_side_gemv_rides_in_the_gemv_launch(monkeypatch, impl, gated, presel):
     selection from a norm + select (sel=) too."""
     monkeypatch.setenv("LAROSA_SIDE_IN", "gemv")
     tg = ops.triton_gemv
+    select_sides = _select_sides(monkeypatch)
     x, ax, aw, want = _side_setup(torch.bfloat16)
     g = (torch.rand(300) + 0.5).bfloat16()
-    wt = (torch.randn(300, 40) / 17).bfloat16()
-    wt2 = (torch.randn(300, 40) / 17).bfloat16() if gated else None
+    d_out = 300  # several column blocks (the side programs fill n0 programs per slice), two rows
+    wt = (torch.randn(300, d_out) / 17).bfloat16()
+    wt2 = (torch.randn(300, d_out) / 17).bfloat16() if gated else None
     k = 37
 
     def run(side):
-        y = torch.empty(2, 40).bfloat16()
+        y = torch.empty(2, d_out).bfloat16()
         if presel:
             _, h, sel = tg.rmsnorm_select(x, None, g, 1e-6, k, compact=impl == "gtile")
             tg.launch(h, wt, y, k, wt2=wt2, impl=impl, sel=sel, side=side)
@@ -821,6 +823,16 @@ def test_side_gemv_rides_in_the_gemv_launch(monkeypatch, impl, gated, presel):
     _close_to_matmul(r2, want)
     if not presel:  # and the GEMV itself is the Top-K product
         assert _rel(plain, topk_gate_up_ref(x, wt, wt2, k) if gated else topk_gemv_ref(x, wt, k)) < 1e-2
+    assert select_sides and all(sd is None for sd in select_sides)  # no select launch carried them
+
+
+def _select_sides(monkeypatch):
+    """The `side` given to every select / norm + select launch from here on."""
+    tg, sides = ops.triton_gemv, []
+    for name in ("select", "rmsnorm_select"):
+        real = getattr(tg, name)
+        monkeypatch.setattr(tg, name, lambda *a, real=real, **kw: (sides.append(kw.get("side")), real(*a, **kw))[1])
+    return sides
 
 
 def test_side_in_switch(monkeypatch):
@@ -870,6 +882,7 @@ def test_side_ops_compute_their_parts(monkeypatch, impl, gated, side_in):
     launches, or in the tile / gathered GEMV launches: LAROSA_SIDE_IN)."""
     monkeypatch.setenv("LAROSA_SIDE_IN", side_in)
     calls = _kernel_used(monkeypatch)
+    select_sides = _select_sides(monkeypatch)
     d, di = 128, 320
     x = torch.randn(1, 1, d).bfloat16()
     g = (torch.rand(d) + 0.5).bfloat16()
@@ -901,6 +914,9 @@ def test_side_ops_compute_their_parts(monkeypatch, impl, gated, side_in):
         if cols:
             assert torch.equal(rr[..., :cols], r)
     assert calls
+    # which launches carried the side programs: the selects, unless the tile / gathered GEMV launch does
+    carried = [sd is not None for sd in select_sides]
+    assert any(carried) == (side_in == "select" or impl == "split")
     # kernels without a select launch of their own compute the side product with a plain matmul
     for other in ("inline", "fused"):
         z, rr = torch.ops.larosa.topk_linear_side(h, wd, 100, x, r_w, None, None, None, other)

@@ -87,7 +87,10 @@ def detrended_spread(steps: list[float]) -> float:
         return 1.0
     mx, my = (n - 1) / 2, statistics.fmean(steps)
     slope = sum((i - mx) * (v - my) for i, v in enumerate(steps)) / sum((i - mx) ** 2 for i in range(n))
-    ratio = [v / (my + slope * (i - mx)) for i, v in enumerate(steps)]
+    line = [my + slope * (i - mx) for i in range(n)]
+    if min(line) <= 0:  # a trend that falls through zero is no model of step times
+        return float("nan")
+    ratio = [v / f for v, f in zip(steps, line)]
     return _pct(ratio, 0.99) / statistics.median(ratio)
 
 
@@ -164,7 +167,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["fuse_rope"] = eng.fuse_rope  # RoPE and the cache write inside the attention launch
     out["attn_combine"] = eng.attn_combine  # who combines the attention's cache splits ("launch" / "last")
     if eng.adapter_mode == "select":  # which launches carried the adapter programs, at which tiles
-        out["adapter_side"] = side_placement()
+        out["adapter_side"] = side_placement(out["kernel"])
     del eng
     return out
 

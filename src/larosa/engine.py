@@ -277,9 +277,9 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: to
 
 def mlp_block_side(x: torch.Tensor, w: tuple, st: LayerStatic) -> tuple[torch.Tensor, torch.Tensor]:
     """The MLP half of a layer with an adapter, and the adapter GEMV x_mid R_l run by extra programs of the
-    MLP half's two select launches (`larosa::rmsnorm_topk_side` computes the first `st.adapter_cols`
-    columns on the SMs the gate/up select leaves idle, `larosa::topk_linear_side` the rest beside the down
-    projection's select). Returns (down'(m), x_mid R_l), as `mlp_block` and the adapter GEMV would. Sites
+    MLP half's launches (`larosa::rmsnorm_topk_side` computes the first `st.adapter_cols` columns with the
+    gate/up projection, `larosa::topk_linear_side` the rest with the down projection; since v18 in the GEMV
+    launch that waits for the select, `triton_gemv.side_in`, before in the select launch itself). Returns (down'(m), x_mid R_l), as `mlp_block` and the adapter GEMV would. Sites
     that are not Top-K (or a gate/up input that is not norm + select fused) take the plain path."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, adapter,
      thr, _s_ao, s_mo, cnt, hints, _attn_cnt) = w
@@ -591,7 +591,7 @@ DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (s
 
 def _adapter_mode(overlap_adapters, has_adapters: bool, graphs: bool) -> str:
     """Where the residual adapter GEMVs run: "inline" (in order, after the MLP half), "stream" (a side
-    stream), "select" (extra programs of the MLP half's select launches). None: `DEFAULT_ADAPTERS` with CUDA
+    stream), "select" (extra programs of the MLP half's Top-K launches). None: `DEFAULT_ADAPTERS` with CUDA
     graphs, else "inline"."""
     if overlap_adapters is None:
         mode = DEFAULT_ADAPTERS if graphs else "inline"
@@ -618,8 +618,9 @@ class DecodeEngine:
     compile: None = on CUDA only. graphs: None = on CUDA only (the decode step is one CUDA graph).
     overlap_adapters: where the residual adapter GEMVs x_mid R_l of the decode step run (the MLP half does
     not need them: R_l is folded into the down projection, and the next layer adds the two). "select" (v16):
-    extra programs of the MLP half's two select launches compute it on the SMs the one-program-per-row
-    selects leave idle (`mlp_block_side`; `adapter_split` of the columns in the gate/up select, the rest in
+    extra programs of the MLP half's Top-K launches compute it while the one-program-per-row selects leave
+    SMs idle (`mlp_block_side`; since v18 in the GEMV launch that waits for the select, before in the select
+    launch, `triton_gemv.side_in`; `adapter_split` of the columns with the gate/up projection, the rest with
     the down one). "stream" (or True): a second stream, concurrent with the MLP half. "inline" (or False):
     in order. None = `DEFAULT_ADAPTERS` with CUDA graphs, else "inline". On the CPU "stream" runs the same split step
     in order (tests); prefill always runs the plain layer.

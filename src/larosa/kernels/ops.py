@@ -55,13 +55,14 @@ KERNEL_IMPLS = triton_gemv.IMPLS if HAVE_TRITON else ()  # without Triton no ker
 _DEFAULT_MAX_ROWS = 1  # measured crossover on the H200: see benchmarks/NOTES.md
 
 
-def side_placement() -> dict | None:
-    """Where a side GEMV given to the Top-K ops rides and its tiles (`triton_gemv.side_in`, `side_config`);
-    None without Triton. Benchmark rows record it."""
+def side_placement(kernel: Optional[str] = None) -> dict | None:
+    """Where a side GEMV given to the Top-K ops with GEMV kernel `kernel` rides and its tiles
+    (`triton_gemv.side_in`, `side_config`: the tile and gathered kernels carry it where `side_in()` says, the
+    split-K kernel leaves it to its select); None without Triton. Benchmark rows record it."""
     if not HAVE_TRITON:
         return None
-    where = triton_gemv.side_in()
-    return {"side_in": where, "side_tiles": triton_gemv.side_config(0, 0, 2, gemv=where == "gemv")}
+    where = triton_gemv.side_in() if kernel in ("tile", "gtile") else "select"
+    return {"side_in": where, "side_tiles": triton_gemv.side_config(gemv=where == "gemv")}
 
 
 def max_kernel_rows() -> int:
@@ -209,8 +210,10 @@ def rmsnorm_topk_side(x: torch.Tensor, norm_w: torch.Tensor, eps: float, wt: tor
                       counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
                       impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`rmsnorm_topk` without res, plus a dense side GEMV of its input: (y, r) with r = x @ side_w[:side_cols].T
-    (x's leading shape, side_cols; side_w (d_out, d_in) as F.linear's weight). Where the kernels run, r comes from extra programs of the norm + select
-    launch (`triton_gemv.SideGemv`), on the SMs the select leaves idle. `topk_linear_side` finishes it."""
+    (x's leading shape, side_cols; side_w (d_out, d_in) as F.linear's weight). Where the kernels run, r comes
+    from extra programs (`triton_gemv.SideGemv`) of the gate/up GEMV launch, which stream while it waits for
+    the norm + select (tile / gathered kernels, `triton_gemv.side_in()` "gemv"), or else of the norm + select
+    launch itself, on the SMs the select leaves idle. `topk_linear_side` finishes it."""
     _check_side(x, side_w, side_cols, None)
     _, y, r = _rmsnorm_topk(x, None, norm_w, eps, wt, wt_up, k, None, counters, hint, impl, side_w, side_cols)
     return y, r
@@ -263,6 +266,8 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
     # the side programs ride in the GEMV launch (tile / gathered kernels, `side_in()` "gemv") or else in the
     # norm + select launch, which runs whatever the GEMV implementation
     in_gemv = side is not None and ri in ("tile", "gtile") and triton_gemv.side_in() == "gemv"
+    if in_gemv:  # checked before the norm + select launch, not after it
+        triton_gemv.check_side(side, x2.shape[0], x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint, side=None if in_gemv else side,
                                             compact=ri == "gtile")
@@ -280,8 +285,9 @@ def topk_linear_side(x: torch.Tensor, wt: torch.Tensor, k: int, side_x: torch.Te
                      impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, r): y = TopK_k(x) @ wt, and a dense side GEMV r = side_x @ side_w.T (side_x's leading shape x
     side_w's d_out; side_w as F.linear's weight), whose first c columns are `prev` (side_x @ side_w[:c].T,
-    from `rmsnorm_topk_side`) where given. Where the kernels run, the rest of r comes from extra programs of the select launch
-    (`triton_gemv.SideGemv`), on the SMs the select leaves idle."""
+    from `rmsnorm_topk_side`) where given. Where the kernels run, the rest of r comes from extra programs
+    (`triton_gemv.SideGemv`) of the GEMV launch that waits for the select (tile / gathered kernels,
+    `triton_gemv.side_in()` "gemv") or else of the select launch, on the SMs the select leaves idle."""
     _check(x, wt, k, impl)
     c0 = 0 if prev is None else prev.shape[-1]
     _check_side(side_x, side_w, c0, prev)

@@ -179,7 +179,7 @@ def _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constex
 def _side_program(j, ax_ptr, aw_ptr, ay_ptr, ap_ptr, d, c0, c1, n_blocks, stride_ax, stride_aw, stride_ay,
                   stride_ap, A_BN: tl.constexpr, A_BK: tl.constexpr, A_STAGES: tl.constexpr,
                   HAS_PREV: tl.constexpr, PDL: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """One program of a side GEMV riding in a one-program-per-row launch (v16): outputs
+    """One program of a side GEMV riding in a select launch (v16) or a GEMV launch (v18, `_side_slice`): outputs
     c0 + (j % n_blocks) * A_BN.. (below c1) of row j // n_blocks of y = x @ W^T, W (outputs x d) output-major
     (F.linear's layout: each output's d weights contiguous, so every load is a wide vector), the d inputs
     walked A_BK at a time into a 2-D fp32 accumulator (one reduction at the end), rounded once. A_STAGES
@@ -556,7 +556,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
                      X_LATE: tl.constexpr = False,  # with PDL: x too is written by that predecessor
                      HAS_RES: tl.constexpr = False,  # y = res + ..., added in fp32 before rounding
-                     m0=0, a_n=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
+                     m0=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
                      a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                      SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                      A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
@@ -568,7 +568,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     SIDE (v18): the first m0 slices along grid axis 1 are the programs of a dense side GEMV (`_side_slice`),
     which start at once, while the GEMV's programs wait for their select (PDL)."""
     if SIDE and tl.program_id(1) < m0:  # SIDE is a constexpr: without it no branch is compiled
-        _side_slice(m0, a_n, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
+        _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
                     stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
     else:
         _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
@@ -607,7 +607,7 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       PDL: tl.constexpr = False,  # launched as a programmatic dependent of the select
                       HAS_RES: tl.constexpr = False,
-                      m0=0, a_n=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
+                      m0=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
                       a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                       SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                       A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
@@ -616,7 +616,7 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
     the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE as there."""
     if SIDE and tl.program_id(1) < m0:
-        _side_slice(m0, a_n, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
+        _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
                     stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
@@ -638,18 +638,18 @@ def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
 
 
 @triton.jit
-def _side_slice(m0, a_n, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
+def _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
                 stride_ap, A_BN: tl.constexpr, A_BK: tl.constexpr, A_STAGES: tl.constexpr, HAS_PREV: tl.constexpr,
                 ROUND_BF16: tl.constexpr):
     """A program of the first m0 slices (grid axis 1) of a tile or gathered GEMV launch that carries a side GEMV
-    (v18): side program j = slice * (programs along axis 0) + column block, in the launch's first row plane
-    only, up to a_n of them (`_side_program`). Launched as the select's programmatic dependent, the GEMV's
-    programs wait for it; these do not (their input was complete before the select began), so the side
-    GEMV streams its weights while the select runs."""
+    (v18): output block j = slice * (programs along axis 0) + column block (up to a_nb of them) of the side
+    GEMV's row program_id(2), the launch's own row (`_side_program`). Launched as the select's programmatic
+    dependent, the GEMV's programs wait for it; these do not, so the side GEMV streams its weights while the
+    select runs: its inputs (x, w, prev) must be complete before the select began (`SideGemv`)."""
     j = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    if (tl.program_id(2) == 0) & (j < a_n):
-        _side_program(j, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
-                      stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, False, ROUND_BF16)
+    if j < a_nb:
+        _side_program(tl.program_id(2) * a_nb + j, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax,
+                      stride_aw, stride_ay,                       stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, False, ROUND_BF16)
 
 
 @triton.jit
@@ -750,6 +750,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
                 hint: torch.Tensor | None = None, side: SideGemv | None = None) -> None:
     """One-tile-per-program variant of `launch` (same arguments and result), v11."""
     _check_residual(residual, y, wt2)
+    if side is not None and mode != 0:
+        raise ValueError("side= rides with an exact Top-K launch (mode 0)")
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gated = wt2 is not None
@@ -760,14 +762,14 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     in_gemv = side is not None and side_in() == "gemv"
     if late and side is not None and not in_gemv:
         raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
+    n0 = triton.cdiv(d_out, block_n)
+    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)  # checked before any launch
     if late:  # (t, cutoff) and x from the kernel launched just before (`rmsnorm_select`)
         sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
         sel = (select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=None if in_gemv else side)
                if mode == 0 else x)
-    n0 = triton.cdiv(d_out, block_n)
-    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)
     grid = (n0, m0 + triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
@@ -812,14 +814,14 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     in_gemv = side is not None and side_in() == "gemv"
     if sel is not None and side is not None and not in_gemv:
         raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
+    n0 = triton.cdiv(d_out, block_n)
+    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)  # checked before any launch
     if sel is None:
         sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True,
                      side=None if in_gemv else side)
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
-    n0 = triton.cdiv(d_out, block_n)
-    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)
     grid = (n0, m0 + triton.cdiv(k, block_m), rows)
     gtile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_out, k,
@@ -971,10 +973,13 @@ def _hint_args(hint: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor
 
 
 class SideGemv(NamedTuple):
-    """A dense GEMV run by extra programs of a one-program-per-row select launch (v16): y[:, c0:c1] = x @
-    w[c0:c1].T, and y[:, :c0] = prev where given (the outputs an earlier launch's side programs computed).
-    The select uses one SM per row for microseconds; these programs stream weights on the idle ones. The
-    decode engine puts a layer's residual adapter x_mid R_l there (`DecodeEngine(overlap_adapters="select")`).
+    """A dense GEMV run by extra programs of a Top-K op's launches: y[:, c0:c1] = x @ w[c0:c1].T, and
+    y[:, :c0] = prev where given (the outputs an earlier launch's side programs computed). The select uses one
+    SM per row for microseconds; these programs stream weights meanwhile, as extra programs of the tile /
+    gathered GEMV launch that follows the select (v18, `side_in()` "gemv": they do not wait for the select,
+    so x, w and prev must be complete before the select is launched, never the select's own output) or of the
+    select launch itself (v16, "select"). The decode engine puts a layer's residual adapter x_mid R_l there
+    (`DecodeEngine(overlap_adapters="select")`).
     x (rows, d) with unit stride; w (>= c1, d) output-major (F.linear's layout), contiguous; y (rows, >= c1);
     prev (rows, c0)."""
 
@@ -996,8 +1001,8 @@ DEFAULT_SIDE_IN = "gemv"  # v18: LaRoSA +4.3 / +5.5 / +3.0 % at p = 0.4 / 0.5 / 
 def side_in() -> str:
     """Which launch carries a `SideGemv` given to a Top-K op (`LAROSA_SIDE_IN`, default `DEFAULT_SIDE_IN`):
     "select", extra programs of the select launch (v16); or "gemv" (v18), extra programs of the tile or
-    gathered GEMV launch that follows it as a programmatic dependent, which start at once while the GEMV's
-    programs wait for the select. The H200 select kernels take all 255 registers a thread may have at 8 warps
+    gathered GEMV launch that follows it as a programmatic dependent (PDL, Hopper on), which start at once
+    while the GEMV's programs wait for the select (without PDL they overlap only the GEMV). The H200 select kernels take all 255 registers a thread may have at 8 warps
     (the whole register file of an SM per program: `tests/hopper_compile.py`), so side programs in the select
     launch run one per SM; in the 2-warp GEMV launch four fit on an SM. The split-K kernel has no side
     programs: there the select carries them either way."""
@@ -1007,7 +1012,7 @@ def side_in() -> str:
     return v
 
 
-def side_config(d: int, cols: int, num_warps: int, gemv: bool = False) -> dict:
+def side_config(gemv: bool = False) -> dict:
     """Tiles of the side programs: A_BN outputs per program, the d inputs walked A_BK at a time, A_STAGES
     tiles loaded at once (`SIDE_TILES` in a select launch, `SIDE_TILES_GEMV` in a GEMV launch);
     `LAROSA_SIDE_TILES="A_BN,A_BK,A_STAGES"` overrides them (benchmarks/side_bench.py sweeps them)."""
@@ -1027,18 +1032,24 @@ def _side_kwargs(side: SideGemv | None, rows: int, num_warps: int, x: torch.Tens
     """(extra programs, kernel arguments) of a select launch's side GEMV; (0, {}) without one."""
     if side is None:
         return 0, {}
-    n, kw = _side_args(side, rows, x, side_config(side.x.shape[1], side.c1 - side.c0, num_warps))
+    n, kw = _side_args(side, rows, x, side_config())
     return n, dict(n_rows=rows, **kw)
 
 
 def _side_gemv_kwargs(side: SideGemv | None, rows: int, n0: int, x: torch.Tensor) -> tuple[int, dict]:
     """(grid slices along axis 1, kernel arguments) of a side GEMV riding in a tile or gathered GEMV launch
-    whose grid axis 0 has n0 programs (`_side_slice`); (0, {}) without one."""
+    whose grid axis 0 has n0 programs (`_side_slice`: each row plane of the grid carries its own row's side
+    programs); (0, {}) without one. Checks the side GEMV (call it before launching the select)."""
     if side is None:
         return 0, {}
-    n, kw = _side_args(side, rows, x, side_config(side.x.shape[1], side.c1 - side.c0, 2, gemv=True))
-    m0 = triton.cdiv(n, n0)
-    return m0, dict(m0=m0, a_n=n, ROUND_BF16=_interpreted_bf16(x), **kw)
+    _, kw = _side_args(side, rows, x, side_config(gemv=True))
+    m0 = triton.cdiv(kw["a_nb"], n0)
+    return m0, dict(m0=m0, ROUND_BF16=_interpreted_bf16(side.x), **kw)
+
+
+def check_side(side: SideGemv, rows: int, x: torch.Tensor) -> None:
+    """Raise ValueError where `side` does not fit a launch over the rows x (before anything is launched)."""
+    _side_args(side, rows, x, side_config())
 
 
 def _side_args(side: SideGemv, rows: int, x: torch.Tensor, cfg: dict) -> tuple[int, dict]:
@@ -1112,7 +1123,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     hint, window = _hint_args(hint, x)
     extra, side_kw = _side_kwargs(side, rows, warps, x)
     if side is not None:
-        side_kw["ROUND_BF16"] = _interpreted_bf16(x)
+        side_kw["ROUND_BF16"] = _interpreted_bf16(side.x)
     kernel[(rows + extra,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
                             num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
                             **({"PDL": True} if pdl else {}),
@@ -1229,7 +1240,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     "inline" and "fused" implementations (no select kernel) ignore it.
     `side`: a dense GEMV run by extra programs of the select launch (`SideGemv`; Top-K mode with the packed
     select launched here, i.e. without `sel`), or of the tile / gathered GEMV launch (`side_in()` "gemv",
-    with or without `sel`).
+    with or without `sel`; its inputs must not come from the kernel that produced `sel`: the side programs
+    do not wait for it).
     """
     impl = resolve_impl(impl, mode, x.shape[1], k)
     if side is not None and (mode != 0 or select_impl != "packed" or impl in ("inline", "fused")
