@@ -372,6 +372,14 @@ def side_tiles_gemv_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
                            (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75)))
 
 
+def compact_store32_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v18 experiment: the compacting selects' list stored by inline PTX from 32-bit offsets
+    (`LAROSA_COMPACT_STORE=asm32`: 24 B of spills instead of 200 at BLOCK_D 16384 in the sm_90 compile,
+    `benchmarks/kernel_resources.py`) vs from 64-bit pointers (the default)."""
+    return variant_ab_rows(shape, gen_len, "LAROSA_COMPACT_STORE", [(f"store={v}", v, {}) for v in ("asm32", "asm")],
+                           repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -380,10 +388,10 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine, side_in, side_tiles_gemv
+    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine, side_in, side_tiles_gemv, compact_store32
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
                             "hint_sites", "adapter_modes", "compact_store", "side_tiles", "rope_fusion",
-                            "attn_combine", "side_in", "side_tiles_gemv"}
+                            "attn_combine", "side_in", "side_tiles_gemv", "compact_store32"}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -420,6 +428,8 @@ def main() -> None:
         res["side_in"] = side_in_rows(a.shape, a.gen_len)
     if "side_tiles_gemv" in parts:
         res["side_tiles_gemv"] = side_tiles_gemv_rows(a.shape, a.gen_len)
+    if "compact_store32" in parts:
+        res["compact_store32"] = compact_store32_rows(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

@@ -42,6 +42,8 @@
 #   bash benchmarks/h200_session.sh sidein       # v18: the adapter programs in the GEMV launches (LAROSA_SIDE_IN=gemv):
 #                                                # compiled side tests, then end to end vs in the selects (~6 min)
 #   bash benchmarks/h200_session.sh sidetilesgemv # v18: tilings of the adapter programs in the GEMV launches (~3 min)
+#   bash benchmarks/h200_session.sh asm32        # v18 experiment, unmeasured: the kept list stored from 32-bit offsets
+#                                                # (LAROSA_COMPACT_STORE=asm32): GPU tests, select alone, A/B (~3 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -51,7 +53,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -149,6 +151,13 @@ for stage in "$@"; do
       parts side_in side-in-h200 ;;
     sidetilesgemv)
       parts side_tiles_gemv side-tiles-gemv-h200 ;;
+    asm32)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py tests/test_kernels.py \
+        -k "compacting or compact_store" > "$out/asm32-tests.log" 2>&1 || rc=1
+      grep -E "passed|failed" "$out/asm32-tests.log"
+      python3 benchmarks/select_bench.py --compact --warps 8 --out "$out/select-compact32-h200.json" \
+        2>&1 | tee "$out/select-compact32-h200.log" || rc=1
+      parts compact_store32 compact-store32-h200 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1

@@ -64,13 +64,14 @@ def steps_sweep(widths, steps, out: Path) -> None:
 def compact_sweep(widths, warps, out: Path) -> None:
     """The packed select plain, compacting (COMPACT=1: the kept positions listed for the gathered GEMV), with
     the compacting prefix sum but no list stored (COMPACT=2, timing only) and compacting with the list stored
-    by inline PTX (COMPACT=3, v16: no layout conversion before the stores), at each warp count: where the
-    compaction's cost sits (benchmarks/NOTES.md v15, v16)."""
+    by inline PTX (COMPACT=3, v16: no layout conversion before the stores) or from 32-bit offsets (COMPACT=4,
+    v18 experiment: fewer registers), at each warp count: where the compaction's cost sits (benchmarks/NOTES.md
+    v15, v16, v18)."""
     import triton
 
     rows = []
-    print("| d_in | warps | plain us | compacting us | prefix sum only us | compacting, PTX stores us |\n"
-          "|---|---|---|---|---|---|")
+    print("| d_in | warps | plain us | compacting us | prefix sum only us | compacting, PTX stores us | "
+          "PTX stores from 32-bit offsets us |\n|---|---|---|---|---|---|---|")
     for d_in in widths:
         k = d_in // 2
         xs = [torch.randn(1, d_in, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
@@ -78,14 +79,15 @@ def compact_sweep(widths, warps, out: Path) -> None:
         bd = triton.next_power_of_2(d_in)
         for nw in warps:
             t = {}
-            for mode in (0, 1, 2, 3):
+            for mode in (0, 1, 2, 3, 4):
                 def call(x, mode=mode, nw=nw, sel=sel, d_in=d_in, bd=bd, k=k):
                     triton_gemv.select_packed_kernel[(1,)](x, sel, sel, d_in, k, x.stride(0), BLOCK_D=bd,
                                                            num_warps=nw, COMPACT=mode)
                 t[mode] = graph_time_us([(lambda x=x: call(x)) for x in xs])
             rows.append({"d_in": d_in, "k": k, "num_warps": nw, "plain_us": t[0], "compact_us": t[1],
-                         "prefix_sum_only_us": t[2], "compact_ptx_stores_us": t[3]})
-            print(f"| {d_in} | {nw} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t[3]:.2f} |", flush=True)
+                         "prefix_sum_only_us": t[2], "compact_ptx_stores_us": t[3],
+                         "compact_ptx_offset_stores_us": t[4]})
+            print(f"| {d_in} | {nw} | {t[0]:.2f} | {t[1]:.2f} | {t[2]:.2f} | {t[3]:.2f} | {t[4]:.2f} |", flush=True)
     props = torch.cuda.get_device_properties(0)
     rec = {"gpu": props.name, "dtype": "bf16", "batch": 1, "k": "d_in / 2", "rows": rows,
            "timing": "CUDA graph replay, median per call", "torch": torch.__version__,

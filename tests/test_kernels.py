@@ -981,6 +981,9 @@ def test_compact_store_switch(monkeypatch):
     sel = tg.select(x, 40, compact=True)
     assert torch.equal(torch.sort(sel[0, 2:]).values, sel[0, 2:])  # ascending kept positions
     assert torch.equal(topk_keep_mask(x, 40)[0].nonzero()[:, 0].to(torch.int32), sel[0, 2:])
+    monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm32")  # v18 experiment: PTX stores from 32-bit offsets
+    assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == (4 if compiled else 1)
+    assert torch.equal(tg.select(x, 40, compact=True), sel)
     monkeypatch.setenv("LAROSA_COMPACT_STORE", "shared")
     with pytest.raises(ValueError, match="LAROSA_COMPACT_STORE"):
         tg.select(x, 40, compact=True)

@@ -90,10 +90,12 @@ def test_select_impls_on_gpu(impl):
         assert torch.equal(mask, topk_keep_mask(x, k))
 
 
+@pytest.mark.parametrize("store,mode", [("asm", 3), ("asm32", 4)])
 @pytest.mark.parametrize("d_in", [4096, 11008, 14336, 1001])
-def test_compacting_select_ptx_stores_list_the_same_positions(monkeypatch, d_in):
-    """v16 (LAROSA_COMPACT_STORE=asm, the default): the kept list stored by inline PTX equals `tl.store`'s, with
-    heavy ties, for plain and norm + select launches; the gathered GEMV on it matches the reference."""
+def test_compacting_select_ptx_stores_list_the_same_positions(monkeypatch, d_in, store, mode):
+    """v16 (LAROSA_COMPACT_STORE=asm, the default; asm32: v18 experiment, the addresses formed from 32-bit
+    offsets): the kept list stored by inline PTX equals `tl.store`'s, with heavy ties, for plain and norm +
+    select launches; the gathered GEMV on it matches the reference."""
     from larosa.kernels import triton_gemv as tg
 
     x = torch.randn(2, d_in, device="cuda", dtype=torch.bfloat16)
@@ -103,8 +105,8 @@ def test_compacting_select_ptx_stores_list_the_same_positions(monkeypatch, d_in)
         monkeypatch.setenv("LAROSA_COMPACT_STORE", "tl")
         want = tg.select(x, k, compact=True)
         want_n = tg.rmsnorm_select(x, None, g, 1e-6, k, compact=True)[2]
-        monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm")
-        assert tg._compact_mode(True) == 3
+        monkeypatch.setenv("LAROSA_COMPACT_STORE", store)
+        assert tg._compact_mode(True) == mode
         assert torch.equal(tg.select(x, k, compact=True), want)
         assert torch.equal(tg.rmsnorm_select(x, None, g, 1e-6, k, compact=True)[2], want_n)
         wt = torch.randn(d_in, 256, device="cuda", dtype=torch.bfloat16) * 0.02

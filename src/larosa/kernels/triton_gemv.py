@@ -154,7 +154,8 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
     to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses.
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
-    ascending (3, compiled default: stored by inline PTX, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
+    ascending (3, compiled default: stored by inline PTX, `_scatter_i32`; 4: the same from 32-bit offsets,
+    `_scatter_i32_at`, v18 experiment; 1: by `tl.store`; 2: timing only, no list).
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
     if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
@@ -291,6 +292,9 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         if COMPACT == 3:  # compiled kernels' default (v16): the same stores without a layout conversion
             _scatter_i32(p_lo, 2 * lane, m_lo)
             _scatter_i32(p_hi, 2 * lane + 1, m_hi)
+        if COMPACT == 4:  # v18 experiment: 32-bit offsets, the address formed in the store's own PTX
+            _scatter_i32_at(idx_ptr, gt0 + tl.minimum(eq0, need_eq), 2 * lane, m_lo)
+            _scatter_i32_at(idx_ptr, gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), 2 * lane + 1, m_hi)
     else:
         cs = tl.cumsum(e_lo + e_hi, 0)  # equal entries up to and including this lane's pair
         cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
@@ -308,6 +312,18 @@ def _scatter_i32(ptrs, vals, mask):
     stores still land in a short run of addresses. Not for the interpreter (no PTX there)."""
     tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
                               "=r,l,r,r", [ptrs, vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _scatter_i32_at(base, offs, vals, mask):
+    """`_scatter_i32` of base + offs (v18 experiment, `LAROSA_COMPACT_STORE=asm32`): the 64-bit address is formed
+    inside the store's PTX from a 32-bit offset, so the compiler holds int32 offsets (one register each)
+    instead of a tensor of 64-bit pointers (two each); the 16384-wide compacting select spills 200 B of
+    registers with the pointers (`benchmarks/kernel_resources.py`)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $4, 0; mad.wide.s32 a, $2, 4, $1; "
+                              "@p st.global.b32 [a], $3; mov.b32 $0, 0; }",
+                              "=r,l,r,r,r", [base, offs, vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                              pack=1)
 
 
 @triton.jit
@@ -1081,9 +1097,11 @@ def _compact_mode(compact: bool) -> int:
     if not compact:
         return 0
     store = os.environ.get("LAROSA_COMPACT_STORE", "asm")
-    if store not in ("tl", "asm"):
-        raise ValueError(f"LAROSA_COMPACT_STORE={store!r}: use tl or asm")
-    return 3 if store == "asm" and os.environ.get("TRITON_INTERPRET") != "1" else 1
+    if store not in ("tl", "asm", "asm32"):
+        raise ValueError(f"LAROSA_COMPACT_STORE={store!r}: use tl, asm or asm32")
+    if store == "tl" or os.environ.get("TRITON_INTERPRET") == "1":
+        return 1
+    return 4 if store == "asm32" else 3
 
 
 def _check_compact(compact: bool, d_in: int) -> None:
