@@ -380,6 +380,11 @@ def compact_store32_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
                            repeats)
 
 
+AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
+            "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
+            "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -387,11 +392,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     a = ap.parse_args()
-    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, hints_overlap, hint_sites,
-    # adapter_modes, compact_store, side_tiles, rope_fusion, attn_combine, side_in, side_tiles_gemv, compact_store32
-    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "hints_overlap",
-                            "hint_sites", "adapter_modes", "compact_store", "side_tiles", "rope_fusion",
-                            "attn_combine", "side_in", "side_tiles_gemv", "compact_store32"}
+    parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, side_tiles, or AB_PARTS
+    unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "side_tiles",
+                            *AB_PARTS}
     if unknown:
         ap.error(f"unknown parts: {', '.join(sorted(unknown))}")
     res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "torch": torch.__version__}
@@ -409,27 +412,12 @@ def main() -> None:
         # v13: the select searches near the previous token's threshold first (window 2^6 patterns) vs not
         # (hints forced on: the engine's default leaves them off where the adapters overlap)
         res["select_window"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SELECT_WINDOW", "6", "0", select_hints=True)
-    if "hints_overlap" in parts:
-        res["hints_overlap"] = hints_overlap_rows(a.shape, a.gen_len)
-    if "hint_sites" in parts:
-        res["hint_sites"] = hint_sites_rows(a.shape, a.gen_len)
-    if "adapter_modes" in parts:
-        res["adapter_modes"] = adapter_mode_rows(a.shape, a.gen_len)
-    if "compact_store" in parts:
-        res["compact_store"] = compact_store_rows(a.shape, a.gen_len)
     if "side_tiles" in parts:
         # v16: the side programs' best per-op tiles (results/side-h200.json) vs the default, end to end
         res["side_tiles"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SIDE_TILES", "8,1024,4", "16,512,2")
-    if "rope_fusion" in parts:
-        res["rope_fusion"] = rope_fusion_rows(a.shape, a.gen_len)
-    if "attn_combine" in parts:
-        res["attn_combine"] = attn_combine_rows(a.shape, a.gen_len)
-    if "side_in" in parts:
-        res["side_in"] = side_in_rows(a.shape, a.gen_len)
-    if "side_tiles_gemv" in parts:
-        res["side_tiles_gemv"] = side_tiles_gemv_rows(a.shape, a.gen_len)
-    if "compact_store32" in parts:
-        res["compact_store32"] = compact_store32_rows(a.shape, a.gen_len)
+    for name, rows_fn in AB_PARTS.items():  # the end-to-end A/Bs that take only (shape, gen_len)
+        if name in parts:
+            res[name] = rows_fn(a.shape, a.gen_len)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")
