@@ -253,12 +253,12 @@ DENSE_SPARSE_AB = (("dense", 0.0), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0
 
 
 def variant_ab_rows(shape: str, gen_len: int, var: str | None, variants, repeats: int = 2,
-                    methods=SPARSE_AB) -> list[dict]:
+                    methods=SPARSE_AB, setup=None) -> list[dict]:
     """End-to-end A/B of `variants` ((label, value of the environment switch `var`, which the kernel launches
     read while the engine captures its step, engine keyword arguments); `var` None: the value is None
     (keyword arguments only) or a dict of several switches), with the default fusions, alternating `repeats`
-    times per (method, nominal sparsity)."""
-    bw, base, prompt = _engine_setup(shape)
+    times per (method, nominal sparsity). `setup`: an `_engine_setup(shape)` to reuse."""
+    bw, base, prompt = setup or _engine_setup(shape)
     rows = []
     for method, p in methods:
         w = base if method == "dense" else sparse_variant(base, method, p)
@@ -358,9 +358,10 @@ def side_in_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
                 ("gemv 8x512x2 split.375", {"LAROSA_SIDE_IN": "gemv", "LAROSA_SIDE_TILES": "8,512,2"},
                  {"adapter_split": 0.375})]
     methods = (("larosa", 0.25), ("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75))
-    rows = variant_ab_rows(shape, gen_len, None, variants, repeats, methods)
+    setup = _engine_setup(shape)  # one base model for both calls
+    rows = variant_ab_rows(shape, gen_len, None, variants, repeats, methods, setup)
     return rows + variant_ab_rows(shape, gen_len, None, [("no adapters", None, {})], 1,
-                                  (("topk", 0.4), ("topk", 0.5), ("topk", 0.75)))
+                                  (("topk", 0.4), ("topk", 0.5), ("topk", 0.75)), setup)
 
 
 def side_tiles_gemv_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:

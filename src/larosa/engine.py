@@ -279,8 +279,9 @@ def mlp_block_side(x: torch.Tensor, w: tuple, st: LayerStatic) -> tuple[torch.Te
     """The MLP half of a layer with an adapter, and the adapter GEMV x_mid R_l run by extra programs of the
     MLP half's launches (`larosa::rmsnorm_topk_side` computes the first `st.adapter_cols` columns with the
     gate/up projection, `larosa::topk_linear_side` the rest with the down projection; since v18 in the GEMV
-    launch that waits for the select, `triton_gemv.side_in`, before in the select launch itself). Returns (down'(m), x_mid R_l), as `mlp_block` and the adapter GEMV would. Sites
-    that are not Top-K (or a gate/up input that is not norm + select fused) take the plain path."""
+    launch that waits for the select, `triton_gemv.side_in`, before in the select launch itself). Returns
+    (down'(m), x_mid R_l), as `mlp_block` and the adapter GEMV would. Sites that are not Top-K (or a gate/up
+    input that is not norm + select fused) take the plain path."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, adapter,
      thr, _s_ao, s_mo, cnt, hints, _attn_cnt) = w
     if st.mlp_out.mode != "topk":

@@ -150,7 +150,8 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
 
 
 def _launch_topk(x2, wt, k, bias, counters, r2, hint, impl, side=None) -> torch.Tensor:
-    """The Triton Top-K GEMV of rows x2 (the kernel path of `topk_linear`; `side` rides in its select)."""
+    """The Triton Top-K GEMV of rows x2 (the kernel path of `topk_linear`; `side`: a `triton_gemv.SideGemv`
+    carried by its launches, `triton_gemv.launch`)."""
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x2.dtype, device=x2.device)
     triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt, impl=impl, k=k),
                        residual=r2, hint=hint, impl=impl, side=side)
@@ -393,9 +394,10 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     (rotate-half, cos/sin rows (HD,) of the position) on q and the new key, the new key and value written
     to the static caches (B, KVH, L, HD) at pos (in place), attention over positions 0..pos. Returns
     (B, KVH, G, HD). The kernel does it all in the split-cache launch (the engine's RoPE and cache-write
-    kernels folded in); elsewhere the PyTorch reference. `counters` (v17 experiment; a zeroed int32 buffer
-    of at least B * KVH entries, left zeroed, like the GEMV ops'): the kernel's last program per KV head
-    combines the splits, so no combine launch follows. It changes only the launches, not the result."""
+    kernels folded in); elsewhere the PyTorch reference. `counters` (a zeroed int32 buffer of at least
+    B * KVH entries, left zeroed, like the GEMV ops'; the engine passes it by default since v18): the
+    kernel's last program per KV head combines the splits, so no combine launch follows. It changes only
+    the launches, not the result."""
     if qkv.dim() != 2 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != qkv.shape[0]:
         raise ValueError(f"qkv {tuple(qkv.shape)} / caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}: "
                          f"expected (B, F) and (B, KVH, L, HD)")

@@ -34,9 +34,9 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
     (HF's rotate-half, cos/sin rows of the position) to its G query heads and to the new key, takes the
     new key and value for position pos from registers instead of the cache, and the program whose chunk
     holds pos writes them to the cache (the engine's RoPE and two cache-write kernels, folded in).
-    COMBINE (v17 experiment, `counters=` of `rope_decode_attention`): the last program of each (batch, KV
-    head) to finish (a counter in the caller's zeroed buffer, left zeroed) combines the splits, so no
-    combine launch follows."""
+    COMBINE (`counters=` of `rope_decode_attention`, the engine's default since v18): the last program of
+    each (batch, KV head) to finish (a counter in the caller's zeroed buffer, left zeroed) combines the
+    splits, so no combine launch follows."""
     bh = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     nsplit = tl.num_programs(1)

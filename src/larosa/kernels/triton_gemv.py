@@ -636,7 +636,8 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                     stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
-                         stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES, m0 if SIDE else 0)
+                         stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
+                         m0 if SIDE else 0)
 
 
 @triton.jit
@@ -665,7 +666,7 @@ def _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, strid
     j = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
     if j < a_nb:
         _side_program(tl.program_id(2) * a_nb + j, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax,
-                      stride_aw, stride_ay,                       stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, False, ROUND_BF16)
+                      stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, False, ROUND_BF16)
 
 
 @triton.jit
@@ -1018,10 +1019,11 @@ def side_in() -> str:
     """Which launch carries a `SideGemv` given to a Top-K op (`LAROSA_SIDE_IN`, default `DEFAULT_SIDE_IN`):
     "select", extra programs of the select launch (v16); or "gemv" (v18), extra programs of the tile or
     gathered GEMV launch that follows it as a programmatic dependent (PDL, Hopper on), which start at once
-    while the GEMV's programs wait for the select (without PDL they overlap only the GEMV). The H200 select kernels take all 255 registers a thread may have at 8 warps
-    (the whole register file of an SM per program: `tests/hopper_compile.py`), so side programs in the select
-    launch run one per SM; in the 2-warp GEMV launch four fit on an SM. The split-K kernel has no side
-    programs: there the select carries them either way."""
+    while the GEMV's programs wait for the select (without PDL they overlap only the GEMV). The 16384-wide
+    select kernel takes all 255 registers a thread may have at 8 warps (the whole register file of an SM per
+    program, `benchmarks/kernel_resources.py`), so side programs in its launch run one per SM; in the 2-warp
+    GEMV launch four fit on an SM. The split-K kernel has no side programs: there the select carries them
+    either way."""
     v = os.environ.get("LAROSA_SIDE_IN", DEFAULT_SIDE_IN)
     if v not in SIDE_IN:
         raise ValueError(f"LAROSA_SIDE_IN={v!r}: use one of {', '.join(SIDE_IN)}")
@@ -1092,8 +1094,9 @@ def _side_args(side: SideGemv, rows: int, x: torch.Tensor, cfg: dict) -> tuple[i
 def _compact_mode(compact: bool) -> int:
     """The COMPACT constexpr of a select launch: 0 (no list), 3 (the list stored by predicated inline PTX,
     `_scatter_i32`: the default on compiled kernels since v16, 11.9 vs 13.5 us per select at d_in = 11008,
-    `results/select-compact-h200.json`) or 1 (the same list by `tl.store`: under the interpreter, which runs
-    no PTX, or with `LAROSA_COMPACT_STORE=tl`)."""
+    `results/select-compact-h200.json`), 4 (`LAROSA_COMPACT_STORE=asm32`, v18 experiment, unmeasured: the same
+    stores from 32-bit offsets, `_scatter_i32_at`) or 1 (the same list by `tl.store`: under the interpreter,
+    which runs no PTX, or with `LAROSA_COMPACT_STORE=tl`)."""
     if not compact:
         return 0
     store = os.environ.get("LAROSA_COMPACT_STORE", "asm")
