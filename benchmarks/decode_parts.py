@@ -376,9 +376,11 @@ def side_tiles_gemv_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
 def compact_store32_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v18 experiment: the compacting selects' list stored by inline PTX from 32-bit offsets
     (`LAROSA_COMPACT_STORE=asm32`: 24 B of spills instead of 200 at BLOCK_D 16384 in the sm_90 compile,
-    `benchmarks/kernel_resources.py`) vs from 64-bit pointers (the default)."""
-    return variant_ab_rows(shape, gen_len, "LAROSA_COMPACT_STORE", [(f"store={v}", v, {}) for v in ("asm32", "asm")],
-                           repeats)
+    `benchmarks/kernel_resources.py`) vs from 64-bit pointers (the default), each with the select hints on
+    (the default since the adapters left the side stream) and off: v14 measured the hints at +-0 for LaRoSA
+    with its adapter overlapped, and the select may now be slowed by the adapter's streaming instead."""
+    variants = [(f"store={v} hints={h}", v, {"select_hints": h}) for h in (True, False) for v in ("asm32", "asm")]
+    return variant_ab_rows(shape, gen_len, "LAROSA_COMPACT_STORE", variants, repeats)
 
 
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,

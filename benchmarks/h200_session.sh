@@ -43,7 +43,7 @@
 #                                                # compiled side tests, then end to end vs in the selects (~6 min)
 #   bash benchmarks/h200_session.sh sidetilesgemv # v18: tilings of the adapter programs in the GEMV launches (~3 min)
 #   bash benchmarks/h200_session.sh asm32        # v18 experiment, unmeasured: the kept list stored from 32-bit offsets
-#                                                # (LAROSA_COMPACT_STORE=asm32): GPU tests, select alone, A/B (~3 min)
+#                                                # (LAROSA_COMPACT_STORE=asm32): GPU tests, select alone, A/B x hints, profile (~6 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -157,7 +157,10 @@ for stage in "$@"; do
       grep -E "passed|failed" "$out/asm32-tests.log"
       python3 benchmarks/select_bench.py --compact --warps 8 --out "$out/select-compact32-h200.json" \
         2>&1 | tee "$out/select-compact32-h200.log" || rc=1
-      parts compact_store32 compact-store32-h200 ;;
+      parts compact_store32 compact-store32-h200
+      LAROSA_COMPACT_STORE=asm32 python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 \
+        --methods larosa,topk --out "$out/profile-asm32-llama2-7b-p0.5.json" 2>&1 \
+        | tee "$out/profile-asm32-llama2-7b-p0.5.log" || rc=1 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1
