@@ -31,9 +31,9 @@ CASES = [
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "FIRST_BIT": 7}, 4),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": True}, 8),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "COMPACT": 2}, 8),  # timing only (select_bench.py --compact)
-    # the kept list stored by inline PTX (COMPACT=3, the compiled default since v16; True = 1 = tl.store)
+    # the kept list stored by inline PTX (COMPACT=3, the compiled default of v16-v18; True = 1 = tl.store)
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 3, "WINDOW": 6}, 8),
-    # v18 experiment: the list stored from 32-bit offsets (LAROSA_COMPACT_STORE=asm32)
+    # v19 default: the list stored from 32-bit offsets (LAROSA_COMPACT_STORE=asm32)
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WINDOW": 6}, 8),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 3}, 4),

@@ -308,6 +308,7 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     assert all(h is not None and h.shape == (4, 1) and not h.any() for h in hints)
     overlapped = DecodeEngine(w, **{**kw, "overlap_adapters": True})
     assert not overlapped.select_hints and all(h is None for h in overlapped.hint_buffers)
+    assert not DecodeEngine(w, **{**kw, "overlap_adapters": "select"}).select_hints  # v19: off there too
     assert all(h is not None for h in DecodeEngine(w, **{**kw, "overlap_adapters": True},
                                                    select_hints=True).hint_buffers)
     monkeypatch.setenv("LAROSA_SELECT_WINDOW", "0")

@@ -967,11 +967,11 @@ def test_side_gemv_tiles_from_the_environment(monkeypatch, tiles):
 
 
 def test_compact_store_switch(monkeypatch):
-    """LAROSA_COMPACT_STORE picks the compacting select's store (default inline PTX, only on compiled kernels:
-    the interpreter keeps `tl.store`); a bad value is refused."""
+    """LAROSA_COMPACT_STORE picks the compacting select's store (default inline PTX from 32-bit offsets, only on
+    compiled kernels: the interpreter keeps `tl.store`); a bad value is refused."""
     tg = ops.triton_gemv
     compiled = os.environ.get("TRITON_INTERPRET") != "1"
-    assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == (3 if compiled else 1)  # PTX by default
+    assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == (4 if compiled else 1)  # PTX by default
     monkeypatch.setenv("LAROSA_COMPACT_STORE", "tl")
     assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == 1
     monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm")
@@ -981,7 +981,7 @@ def test_compact_store_switch(monkeypatch):
     sel = tg.select(x, 40, compact=True)
     assert torch.equal(torch.sort(sel[0, 2:]).values, sel[0, 2:])  # ascending kept positions
     assert torch.equal(topk_keep_mask(x, 40)[0].nonzero()[:, 0].to(torch.int32), sel[0, 2:])
-    monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm32")  # v18 experiment: PTX stores from 32-bit offsets
+    monkeypatch.setenv("LAROSA_COMPACT_STORE", "asm32")  # the default (v19): PTX stores from 32-bit offsets
     assert tg._compact_mode(False) == 0 and tg._compact_mode(True) == (4 if compiled else 1)
     assert torch.equal(tg.select(x, 40, compact=True), sel)
     monkeypatch.setenv("LAROSA_COMPACT_STORE", "shared")

@@ -93,8 +93,8 @@ def test_select_impls_on_gpu(impl):
 @pytest.mark.parametrize("store,mode", [("asm", 3), ("asm32", 4)])
 @pytest.mark.parametrize("d_in", [4096, 11008, 14336, 1001])
 def test_compacting_select_ptx_stores_list_the_same_positions(monkeypatch, d_in, store, mode):
-    """v16 (LAROSA_COMPACT_STORE=asm, the default; asm32: v18 experiment, the addresses formed from 32-bit
-    offsets): the kept list stored by inline PTX equals `tl.store`'s, with heavy ties, for plain and norm +
+    """v16 (LAROSA_COMPACT_STORE=asm, 64-bit pointers) and v19 (asm32, the default: the addresses formed from
+    32-bit offsets): the kept list stored by inline PTX equals `tl.store`'s, with heavy ties, for plain and norm +
     select launches; the gathered GEMV on it matches the reference."""
     from larosa.kernels import triton_gemv as tg
 

@@ -636,9 +636,11 @@ class DecodeEngine:
     Both None = on with CUDA (measured together: +0.9 % LaRoSA, +3 % un-rotated Top-K tokens/s on the
     H200, `benchmarks/results/fusions-h200.json`), off on the CPU (where they only change the rounding).
     select_hints: each Top-K select keeps its row's threshold in an engine-owned slot and, at the next token,
-    searches a small window around it first (`triton_gemv.select`; exact either way). None = on unless the
-    adapters run on the side stream: measured on the H200 (`benchmarks/results/select-window-h200.json`),
-    +3.5 % tok/s for un-rotated Top-K at p = 0.5, but -1 to -3 % for LaRoSA with the overlapped adapters.
+    searches a small window around it first (`triton_gemv.select`; exact either way). None = on unless
+    adapters are overlapped (side stream or extra programs of the Top-K launches): measured on the H200,
+    +3.5 % tok/s for un-rotated Top-K at p = 0.5 (`benchmarks/results/select-window-h200.json`; +3 % in v19),
+    but -1 to -3 % for LaRoSA with the adapters on the side stream (v13) and -1.2 / +0.2 / -0.2 % at
+    p = 0.4 / 0.5 / 0.75 with them in the GEMV launches (v19, `benchmarks/results/compact-store32-h200.json`).
     hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down);
     None = all four.
     kernel: the Top-K GEMV kernel of every site (`triton_gemv.IMPLS`); None = `topk_kernel(weights)`.
@@ -712,7 +714,7 @@ class DecodeEngine:
             raise LarosaError(f"adapter_split must be in [0, 1], got {adapter_split}")
         cols = int(round(adapter_split * weights.embed.shape[1] / 8)) * 8  # 16-byte aligned column split
         self._statics = [st._replace(adapter_cols=min(cols, weights.embed.shape[1])) for st in self._statics]
-        self.select_hints = self.adapter_mode != "stream" if select_hints is None else bool(select_hints)
+        self.select_hints = self.adapter_mode == "inline" if select_hints is None else bool(select_hints)
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
         # and (attn_combine="last") the attention kernel's zeroed counters, a slot per (row, KV head)

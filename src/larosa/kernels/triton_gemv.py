@@ -316,10 +316,11 @@ def _scatter_i32(ptrs, vals, mask):
 
 @triton.jit
 def _scatter_i32_at(base, offs, vals, mask):
-    """`_scatter_i32` of base + offs (v18 experiment, `LAROSA_COMPACT_STORE=asm32`): the 64-bit address is formed
+    """`_scatter_i32` of base + offs (v19 default, `LAROSA_COMPACT_STORE=asm32`): the 64-bit address is formed
     inside the store's PTX from a 32-bit offset, so the compiler holds int32 offsets (one register each)
     instead of a tensor of 64-bit pointers (two each); the 16384-wide compacting select spills 200 B of
-    registers with the pointers (`benchmarks/kernel_resources.py`)."""
+    registers with the pointers, 24 B with the offsets (`benchmarks/kernel_resources.py`). On the H200 the select
+    at d_in = 11008 takes 11.67 vs 11.86 us alone and LaRoSA decodes 1.3-2.6 % faster (`results/compact-store32-h200.json`)."""
     tl.inline_asm_elementwise("{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $4, 0; mad.wide.s32 a, $2, 4, $1; "
                               "@p st.global.b32 [a], $3; mov.b32 $0, 0; }",
                               "=r,l,r,r,r", [base, offs, vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
@@ -1092,14 +1093,14 @@ def _side_args(side: SideGemv, rows: int, x: torch.Tensor, cfg: dict) -> tuple[i
 
 
 def _compact_mode(compact: bool) -> int:
-    """The COMPACT constexpr of a select launch: 0 (no list), 3 (the list stored by predicated inline PTX,
-    `_scatter_i32`: the default on compiled kernels since v16, 11.9 vs 13.5 us per select at d_in = 11008,
-    `results/select-compact-h200.json`), 4 (`LAROSA_COMPACT_STORE=asm32`, v18 experiment, unmeasured: the same
-    stores from 32-bit offsets, `_scatter_i32_at`) or 1 (the same list by `tl.store`: under the interpreter,
-    which runs no PTX, or with `LAROSA_COMPACT_STORE=tl`)."""
+    """The COMPACT constexpr of a select launch: 0 (no list), 4 (the list stored by predicated inline PTX from
+    32-bit offsets, `_scatter_i32_at`: the default on compiled kernels since v19, `LAROSA_COMPACT_STORE=asm32`),
+    3 (the same from 64-bit pointers, `_scatter_i32`: the default of v16-v18, 11.9 vs 13.5 us per select at
+    d_in = 11008 against `tl.store`, `results/select-compact-h200.json`; `LAROSA_COMPACT_STORE=asm`) or 1 (the
+    same list by `tl.store`: under the interpreter, which runs no PTX, or with `LAROSA_COMPACT_STORE=tl`)."""
     if not compact:
         return 0
-    store = os.environ.get("LAROSA_COMPACT_STORE", "asm")
+    store = os.environ.get("LAROSA_COMPACT_STORE", "asm32")
     if store not in ("tl", "asm", "asm32"):
         raise ValueError(f"LAROSA_COMPACT_STORE={store!r}: use tl, asm or asm32")
     if store == "tl" or os.environ.get("TRITON_INTERPRET") == "1":
