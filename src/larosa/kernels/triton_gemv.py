@@ -320,7 +320,8 @@ def _scatter_i32_at(base, offs, vals, mask):
     inside the store's PTX from a 32-bit offset, so the compiler holds int32 offsets (one register each)
     instead of a tensor of 64-bit pointers (two each); the 16384-wide compacting select spills 200 B of
     registers with the pointers, 24 B with the offsets (`benchmarks/kernel_resources.py`). On the H200 the select
-    at d_in = 11008 takes 11.67 vs 11.86 us alone and LaRoSA decodes 1.3-2.6 % faster (`results/compact-store32-h200.json`)."""
+    at d_in = 11008 takes 11.67 vs 11.86 us alone, and LaRoSA decodes +1.3 / +1.4 / +2.6 % faster at p = 0.4 / 0.5 /
+    0.75 with the select hints off (+0.4 / +1.8 / +2.4 % with them on; `results/compact-store32-h200.json`)."""
     tl.inline_asm_elementwise("{ .reg .pred p; .reg .b64 a; setp.ne.b32 p, $4, 0; mad.wide.s32 a, $2, 4, $1; "
                               "@p st.global.b32 [a], $3; mov.b32 $0, 0; }",
                               "=r,l,r,r,r", [base, offs, vals, mask.to(tl.int32)], dtype=tl.int32, is_pure=False,
