@@ -231,14 +231,16 @@ def fusion_engine_rows(shape: str, gen_len: int) -> list[dict]:
 
 
 def hint_sites_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
-    """v14, LaRoSA with the adapters overlapped: select hints at no site, at the attention half's sites
-    only (q/k/v, o: the adapter GEMV runs during the MLP half) or at all four, alternating."""
+    """LaRoSA with the adapters overlapped: select hints at no site, at the norm + select sites only (q/k/v,
+    gate/up: v19's profile has these kernels 16 % faster with hints and the stand-alone o / down selects 15 %
+    slower, `results/profile-decode-llama2-7b.json` vs `profile-asm32-llama2-7b-p0.5.json`) or at all four,
+    alternating (v14 tried the attention half's sites, q/k/v and o, instead of the norm + select ones)."""
     bw, base, prompt = _engine_setup(shape)
     rows = []
     for p in (0.4, 0.5, 0.75):
         w = sparse_variant(base, "larosa", p)
         for rep in range(repeats):
-            for sites in ((), (0, 1), (0, 1, 2, 3)):
+            for sites in ((), (0, 2), (0, 1, 2, 3)):
                 label = f"{shape} larosa p={p:.2f} hint sites {str(list(sites)):12s} #{rep}"
                 row = {"shape": shape, "method": "larosa", "nominal": p, "hint_sites": list(sites), "repeat": rep}
                 _engine_row(rows, w, prompt, gen_len, bw, label, row, select_hints=bool(sites),

@@ -17,7 +17,7 @@
 #   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
 #   bash benchmarks/h200_session.sh hintsoverlap # LaRoSA: select hints x adapter overlap, end to end (~1 min)
-#   bash benchmarks/h200_session.sh hintsites    # LaRoSA, overlapped adapters: hints at no / attention / all sites (~1.5 min)
+#   bash benchmarks/h200_session.sh hintsites    # LaRoSA, overlapped adapters: hints at no / norm + select / all sites (~3.5 min)
 #   bash benchmarks/h200_session.sh hintprofile  # select kernel time per step, hints off/on, LaRoSA and Top-K (~1 min)
 #   bash benchmarks/h200_session.sh hintprofileinorder  # the same with LaRoSA's adapters in order (~1 min)
 #   bash benchmarks/h200_session.sh hintdrift    # window hits of the hinted selects in the default (graph, overlap)
