@@ -67,6 +67,8 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     # the Top-K kernel the engine chose by the model's kept share (p = 0.5 keeps about half: gathered rows)
     assert (dense["kernel"], lar["kernel"], teal["kernel"]) == (None, "gtile", None)
     assert all(r["fuse_rope"] is False and r["attn_combine"] == "launch" for r in rows)  # the CPU defaults
+    # in order on the CPU (no graphs): LaRoSA's selects keep hints at all four sites; its list store is recorded
+    assert lar["select_hints"] == [0, 1, 2, 3] and lar["compact_store"] == "asm32" and "compact_store" not in dense
     # bytes per token counted independently: every weight entry once (fp32), one embedding row, the head,
     # unit norms; LaRoSA reads k of d_in rows per projection plus its adapters
     sh = SHAPES["tiny"]

@@ -65,6 +65,12 @@ def side_placement(kernel: Optional[str] = None) -> dict | None:
     return {"side_in": where, "side_tiles": triton_gemv.side_config(gemv=where == "gemv")}
 
 
+def compact_store() -> Optional[str]:
+    """How the compacting selects store the kept list (`triton_gemv.compact_store`); None without Triton.
+    Benchmark rows record it."""
+    return triton_gemv.compact_store() if HAVE_TRITON else None
+
+
 def max_kernel_rows() -> int:
     return int(os.environ.get("LAROSA_KERNEL_MAX_ROWS", _DEFAULT_MAX_ROWS))
 

@@ -1093,6 +1093,19 @@ def _side_args(side: SideGemv, rows: int, x: torch.Tensor, cfg: dict) -> tuple[i
                            SIDE=True, HAS_PREV=prev is not None, **cfg)
 
 
+COMPACT_STORES = ("tl", "asm", "asm32")
+DEFAULT_COMPACT_STORE = "asm32"  # v19
+
+
+def compact_store() -> str:
+    """How compiled compacting selects store the kept list (`LAROSA_COMPACT_STORE`, default
+    `DEFAULT_COMPACT_STORE`): "asm32", "asm" or "tl" (see `_compact_mode`)."""
+    store = os.environ.get("LAROSA_COMPACT_STORE", DEFAULT_COMPACT_STORE)
+    if store not in COMPACT_STORES:
+        raise ValueError(f"LAROSA_COMPACT_STORE={store!r}: use one of {', '.join(COMPACT_STORES)}")
+    return store
+
+
 def _compact_mode(compact: bool) -> int:
     """The COMPACT constexpr of a select launch: 0 (no list), 4 (the list stored by predicated inline PTX from
     32-bit offsets, `_scatter_i32_at`: the default on compiled kernels since v19, `LAROSA_COMPACT_STORE=asm32`),
@@ -1101,9 +1114,7 @@ def _compact_mode(compact: bool) -> int:
     same list by `tl.store`: under the interpreter, which runs no PTX, or with `LAROSA_COMPACT_STORE=tl`)."""
     if not compact:
         return 0
-    store = os.environ.get("LAROSA_COMPACT_STORE", "asm32")
-    if store not in ("tl", "asm", "asm32"):
-        raise ValueError(f"LAROSA_COMPACT_STORE={store!r}: use tl, asm or asm32")
+    store = compact_store()
     if store == "tl" or os.environ.get("TRITON_INTERPRET") == "1":
         return 1
     return 4 if store == "asm32" else 3
