@@ -209,8 +209,7 @@ def _engine_row(rows: list, w, prompt, gen_len: int, bw: float, label: str, row:
     """One end-to-end measurement (`larosa.bench._measure` with `engine_kw`): `row` plus tok/s, p50 and
     p99/p50 appended to `rows`, and a log line `engine <label>: ...`."""
     r = _measure(w, prompt, gen_len, bw, **engine_kw)
-    rows.append({**row, "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"],
-                 "p99_over_p50_detrended": r["p99_over_p50_detrended"]})
+    rows.append({**row, "tok_s": r["tok_s"], "p50_ms": r["p50_ms"], "p99_over_p50": r["p99_over_p50"]})
     print(f"engine {label}: {r['tok_s']:.1f} tok/s  p50 {r['p50_ms']:.3f} ms  p99/p50 {r['p99_over_p50']:.3f}",
           flush=True)
 
@@ -386,40 +385,9 @@ def compact_store32_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
     return variant_ab_rows(shape, gen_len, "LAROSA_COMPACT_STORE", variants, repeats)
 
 
-ATTN_PLANS = [("serial combine, 256 programs", {"LAROSA_ATTN_COMBINE_GROUP": "1", "LAROSA_ATTN_PROGRAMS": None}, {}),
-              ("grouped combine, 256 programs", {"LAROSA_ATTN_COMBINE_GROUP": None, "LAROSA_ATTN_PROGRAMS": None}, {}),
-              ("grouped combine, 1024 programs", {"LAROSA_ATTN_COMBINE_GROUP": None, "LAROSA_ATTN_PROGRAMS": "1024"},
-               {})]
-
-
-def attn_plan_rows(shape: str, gen_len: int) -> list[dict]:
-    """v19: the attention's combine loading a group of splits' partials at once (`combine_group`; before, one
-    split per step: a chain of dependent loads, 7 at a 2240-position cache on LLaMA2-7B, 18 on LLaMA3-8B's
-    8 KV heads) and 1024 programs per split launch instead of 256 (shorter chunks), end to end at 128 and 2048
-    generated tokens on `shape` and at 2048 on LLaMA3-8B (dense, LaRoSA p = 0.5, one pass each), and the
-    attention alone (`attention_rows`, its separate combine launch) under each."""
-    rows = []
-    for label, envs, _ in ATTN_PLANS:
-        with contextlib.ExitStack() as stack:
-            for name, value in envs.items():
-                stack.enter_context(env_set(name, value))
-            rows += [{**r, "variant": label, "part": "attention alone"} for r in attention_rows()]
-    methods = (("dense", 0.0), ("larosa", 0.5))
-    for shp, lens in ((shape, (128, 2048)), ("llama3-8b", (2048,))):
-        if shp == shape and lens == (2048,):
-            continue
-        setup = _engine_setup(shp)
-        for n in lens:
-            rows += [{**r, "gen_len": n} for r in variant_ab_rows(shp, n, None, ATTN_PLANS, 1, methods, setup)]
-        del setup
-        torch.cuda.empty_cache()
-    return rows
-
-
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
-            "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
-            "attn_plan": attn_plan_rows}
+            "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows}
 
 
 def main() -> None:

@@ -44,8 +44,6 @@
 #   bash benchmarks/h200_session.sh sidetilesgemv # v18: tilings of the adapter programs in the GEMV launches (~3 min)
 #   bash benchmarks/h200_session.sh asm32        # v18 experiment, unmeasured: the kept list stored from 32-bit offsets
 #                                                # (LAROSA_COMPACT_STORE=asm32): GPU tests, select alone, A/B x hints, profile (~6 min)
-#   bash benchmarks/h200_session.sh attnplan     # v19: the attention combine by groups of splits, 1024 programs: GPU
-#                                                # tests, the attention alone, end to end at 128 / 2048 tokens (~6 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -55,7 +53,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|attnplan|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -163,11 +161,6 @@ for stage in "$@"; do
       LAROSA_COMPACT_STORE=asm32 python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 \
         --methods larosa,topk --out "$out/profile-asm32-llama2-7b-p0.5.json" 2>&1 \
         | tee "$out/profile-asm32-llama2-7b-p0.5.log" || rc=1 ;;
-    attnplan)
-      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_attention_kernel.py \
-        > "$out/attn-plan-tests.log" 2>&1 || rc=1
-      tail -n 1 "$out/attn-plan-tests.log"
-      parts attn_plan attn-plan-h200 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1

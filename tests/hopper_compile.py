@@ -66,17 +66,11 @@ CASES = [
                              "ROWS_PER_SPLIT": 512, "PDL": True, "HAS_RES": False}, 4),
     (ta.decode_attn_split_kernel, {"G": 4, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False}, 4),
     (ta.decode_attn_combine_kernel, {"G": 4, "GP": 16, "GR": 4, "NSP": 8, "HD": 128}, 4),
-    (ta.decode_attn_combine_kernel, {"G": 4, "GP": 16, "GR": 4, "NSP": 32, "HD": 128, "SG": 8}, 4),
     # v17: RoPE and the cache write in the split launch (`rope_decode_attention`), and the last program combining
     (ta.decode_attn_split_kernel, {"G": 4, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 8}, 4),
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8}, 4),
-    # v19: the combine loads a group of splits at once (`combine_group`)
-    (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
-                                   "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "SG": 8}, 4),
-    (ta.decode_attn_split_kernel, {"G": 4, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
-                                   "KVH": 8, "COMBINE": True, "GR": 4, "NSP": 32, "SG": 8}, 4),
 ]
 
 

@@ -28,7 +28,7 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
                              DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
                              stride_qkv=0, kv_off=0, v_off=0, KVH: tl.constexpr = 1,
                              COMBINE: tl.constexpr = False, cnt_ptr=None, out_ptr=None, GR: tl.constexpr = 1,
-                             NSP: tl.constexpr = 1, SG: tl.constexpr = 1):
+                             NSP: tl.constexpr = 1):
     """One (batch, KV head) x one chunk of cache positions. With ROPE (`rope_decode_attention`) q_ptr is
     the q/k/v projection's output (B, 1, q + 2 kv features): the program applies the rotary embedding
     (HF's rotate-half, cos/sin rows of the position) to its G query heads and to the new key, takes the
@@ -105,15 +105,14 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
         tl.debug_barrier()  # every thread's stores before the release below (as in the GEMV finishers)
         if tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel") == nsplit - 1:
             tl.atomic_xchg(cnt_ptr + bh, 0)
-            _combine_bh(bh, m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G, GP, GR, NSP, HD, ".cg", SG)
+            _combine_bh(bh, m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G, GP, GR, NSP, HD, ".cg")
 
 
 @triton.jit
 def _combine_bh(bh, m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: tl.constexpr, GR: tl.constexpr,
-                NSP: tl.constexpr, HD: tl.constexpr, CACHE: tl.constexpr, SG: tl.constexpr):
+                NSP: tl.constexpr, HD: tl.constexpr, CACHE: tl.constexpr):
     """The output rows of (batch, KV head) bh from every split's max, denominator and unnormalised output
-    (CACHE ".cg" where other programs of the same launch wrote them: read past L1), SG splits at a time
-    (`combine_group`; v18 and before: one, a chain of nsplit dependent loads)."""
+    (CACHE ".cg" where other programs of the same launch wrote them: read past L1)."""
     rs = tl.arange(0, NSP)
     rg = tl.arange(0, GR)
     stats = (bh * nsplit + rs[:, None]) * GP + rg[None, :]
@@ -122,16 +121,11 @@ def _combine_bh(bh, m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: t
     rd = tl.arange(0, HD)
     den = tl.zeros([GR], dtype=tl.float32)
     acc = tl.zeros([GR, HD], dtype=tl.float32)
-    for s0 in range(0, nsplit, SG):  # SG splits' partials loaded at once: one round trip per group
-        rgrp = s0 + tl.arange(0, SG)
-        sm = (rgrp < nsplit)[:, None]
-        rows = (bh * nsplit + rgrp[:, None]) * GP + rg[None, :]  # (SG, GR)
-        # empty splits and those past nsplit: exp(-inf) = 0
-        w = tl.exp(tl.load(m_ptr + rows, mask=sm, other=float("-inf"), cache_modifier=CACHE) - mx[None, :])
-        den += tl.sum(w * tl.load(l_ptr + rows, mask=sm, other=0.0, cache_modifier=CACHE), 0)
-        o = tl.load(o_ptr + rows[:, :, None] * HD + rd[None, None, :], mask=sm[:, :, None], other=0.0,
-                    cache_modifier=CACHE)
-        acc += tl.sum(w[:, :, None] * o, 0)
+    for s in range(nsplit):
+        row = (bh * nsplit + s) * GP + rg
+        w = tl.exp(tl.load(m_ptr + row, cache_modifier=CACHE) - mx)  # empty splits: exp(-inf) = 0
+        den += w * tl.load(l_ptr + row, cache_modifier=CACHE)
+        acc += w[:, None] * tl.load(o_ptr + row[:, None] * HD + rd[None, :], cache_modifier=CACHE)
     out = acc / den[:, None]
     tl.store(out_ptr + bh * G * HD + rg[:, None] * HD + rd[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(rg < G)[:, None])
@@ -139,37 +133,14 @@ def _combine_bh(bh, m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: t
 
 @triton.jit
 def decode_attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.constexpr, GP: tl.constexpr,
-                    GR: tl.constexpr, NSP: tl.constexpr, HD: tl.constexpr, SG: tl.constexpr = 1):
-    _combine_bh(tl.program_id(0).to(tl.int64), m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G, GP, GR, NSP, HD, "", SG)
-
-
-COMBINE_VALUES = 4096  # fp32 partial outputs a combining program loads at once (32 registers a thread at 4 warps)
-
-
-def combine_group(gr: int, hd: int, nsp: int) -> int:
-    """Splits whose partials a combine loads at once (a power of two <= nsp): as many as COMBINE_VALUES
-    allow, or `LAROSA_ATTN_COMBINE_GROUP` (1 = one split per step, the v18 combine)."""
-    raw = os.environ.get("LAROSA_ATTN_COMBINE_GROUP")
-    if raw is None:
-        return max(1, min(nsp, COMBINE_VALUES // (gr * hd)))
-    if not raw.strip().isdigit() or int(raw) < 1 or int(raw) & (int(raw) - 1):
-        raise ValueError(f"LAROSA_ATTN_COMBINE_GROUP={raw!r}: use a power of two")
-    return min(int(raw), nsp)
-
-
-def target_programs() -> int:
-    """Programs a split launch aims at: `TARGET_PROGRAMS`, or `LAROSA_ATTN_PROGRAMS` (a positive integer;
-    more programs = shorter chunks, each a chain of dependent block loads, and more partials to combine)."""
-    raw = os.environ.get("LAROSA_ATTN_PROGRAMS", str(TARGET_PROGRAMS))
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise ValueError(f"LAROSA_ATTN_PROGRAMS={raw!r}: use a positive integer")
-    return int(raw)
+                    GR: tl.constexpr, NSP: tl.constexpr, HD: tl.constexpr):
+    _combine_bh(tl.program_id(0).to(tl.int64), m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G, GP, GR, NSP, HD, "")
 
 
 def plan(batch: int, kv_heads: int, cache_len: int) -> tuple[int, int]:
-    """(splits, positions per split): about `target_programs()` programs, chunks a multiple of BLOCK_L."""
+    """(splits, positions per split): about TARGET_PROGRAMS programs, chunks a multiple of BLOCK_L."""
     blocks = triton.cdiv(cache_len, BLOCK_L)
-    want = max(1, min(blocks, target_programs() // max(1, batch * kv_heads)))
+    want = max(1, min(blocks, TARGET_PROGRAMS // max(1, batch * kv_heads)))
     chunk = triton.cdiv(blocks, want) * BLOCK_L
     return triton.cdiv(cache_len, chunk), chunk
 
@@ -180,9 +151,8 @@ def _workspace(b: int, kvh: int, nsplit: int, gp: int, hd: int, device) -> tuple
 
 
 def _combine(m, den, o, out, b: int, kvh: int, g: int, gp: int, hd: int, nsplit: int) -> torch.Tensor:
-    gr, nsp = triton.next_power_of_2(g), triton.next_power_of_2(nsplit)
-    decode_attn_combine_kernel[(b * kvh,)](m, den, o, out, nsplit, G=g, GP=gp, GR=gr, NSP=nsp, HD=hd,
-                                           SG=combine_group(gr, hd, nsp), num_warps=4)
+    decode_attn_combine_kernel[(b * kvh,)](m, den, o, out, nsplit, G=g, GP=gp, GR=triton.next_power_of_2(g),
+                                           NSP=triton.next_power_of_2(nsplit), HD=hd, num_warps=4)
     return out
 
 
@@ -216,7 +186,6 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     gp = max(16, triton.next_power_of_2(g))
     m, den, o = _workspace(b, kvh, nsplit, gp, hd, qkv.device)
     out = qkv.new_empty(b, kvh, g, hd)
-    gr, nsp = triton.next_power_of_2(g), triton.next_power_of_2(nsplit)
     combine = counters is not None
     if combine and (counters.dtype != torch.int32 or counters.numel() < b * kvh or counters.device != qkv.device):
         raise ValueError(f"counters must be int32 on {qkv.device} with at least {b * kvh} entries")
@@ -224,6 +193,7 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                 G=g, GP=gp, HD=hd, BLOCK=BLOCK_L, DOT_F32=_dot_f32(), ROPE=True,
                                                 cos_ptr=cos, sin_ptr=sin, stride_qkv=qkv.stride(0),
                                                 kv_off=kvh * g * hd, v_off=kvh * (g + 1) * hd, KVH=kvh,
-                                                COMBINE=combine, cnt_ptr=counters, out_ptr=out, GR=gr, NSP=nsp,
-                                                SG=combine_group(gr, hd, nsp), num_warps=4)
+                                                COMBINE=combine, cnt_ptr=counters, out_ptr=out,
+                                                GR=triton.next_power_of_2(g), NSP=triton.next_power_of_2(nsplit),
+                                                num_warps=4)
     return out if combine else _combine(m, den, o, out, b, kvh, g, gp, hd, nsplit)
