@@ -307,10 +307,12 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     hints = hinted.hint_buffers
     assert all(h is not None and h.shape == (4, 1) and not h.any() for h in hints)
     overlapped = DecodeEngine(w, **{**kw, "overlap_adapters": True})
-    assert not overlapped.select_hints and all(h is None for h in overlapped.hint_buffers)
-    assert not DecodeEngine(w, **{**kw, "overlap_adapters": "select"}).select_hints  # v19: off there too
-    assert all(h is not None for h in DecodeEngine(w, **{**kw, "overlap_adapters": True},
-                                                   select_hints=True).hint_buffers)
+    assert hinted.hint_sites == (0, 1, 2, 3)
+    # v19: with overlapped adapters only the norm + select sites (q/k/v, gate/up) keep hints
+    assert overlapped.select_hints and overlapped.hint_sites == (0, 2)
+    assert DecodeEngine(w, **{**kw, "overlap_adapters": "select"}).hint_sites == (0, 2)
+    off = DecodeEngine(w, **{**kw, "overlap_adapters": True}, select_hints=False)
+    assert all(h is None for h in off.hint_buffers)
     monkeypatch.setenv("LAROSA_SELECT_WINDOW", "0")
     plain = DecodeEngine(w, **kw)
     plain.prefill(ids)
@@ -326,6 +328,10 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
         hinted.step()
         assert torch.equal(hinted.logits, want)
     assert all(h.all() for h in hints)  # every site's select left its threshold
+    overlapped.prefill(ids)
+    for _ in range(3):
+        overlapped.step()
+    assert all(h[[0, 2]].all() and not h[[1, 3]].any() for h in overlapped.hint_buffers)  # only its sites
 
 
 def test_kernel_choice_by_kept_share_reaches_every_topk_launch(monkeypatch):

@@ -86,7 +86,7 @@ def test_compiled_graph_step_equals_eager(monkeypatch, method, impl):
     if fast.select_hints and method in ("topk", "larosa"):
         # the captured selects kept their thresholds (the ops write the hints without declaring them mutated:
         # this checks that the compiled graph hands the engine's own buffers to the kernels)
-        assert all(h.all() for h in fast.hint_buffers)
+        assert all(h[list(fast.hint_sites)].all() for h in fast.hint_buffers)  # the sites that keep hints
     assert got.tokens.shape == ref.shape
     assert len(got.step_ms) == 0  # no timing asked
 

@@ -636,13 +636,14 @@ class DecodeEngine:
     Both None = on with CUDA (measured together: +0.9 % LaRoSA, +3 % un-rotated Top-K tokens/s on the
     H200, `benchmarks/results/fusions-h200.json`), off on the CPU (where they only change the rounding).
     select_hints: each Top-K select keeps its row's threshold in an engine-owned slot and, at the next token,
-    searches a small window around it first (`triton_gemv.select`; exact either way). None = on unless
-    adapters are overlapped (side stream or extra programs of the Top-K launches): measured on the H200,
-    +3.5 % tok/s for un-rotated Top-K at p = 0.5 (`benchmarks/results/select-window-h200.json`; +3 % in v19),
-    but -1 to -3 % for LaRoSA with the adapters on the side stream (v13) and -1.2 / +0.2 / -0.2 % at
-    p = 0.4 / 0.5 / 0.75 with them in the GEMV launches (v19, `benchmarks/results/compact-store32-h200.json`).
-    hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down);
-    None = all four.
+    searches a small window around it first (`triton_gemv.select`; exact either way). None = on.
+    hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down).
+    None = all four where no adapter overlaps (un-rotated Top-K: +3.5 % tok/s at p = 0.5 on the H200,
+    `benchmarks/results/select-window-h200.json`), else (v19) the norm + select sites only, q/k/v and gate/up:
+    with the adapter programs in the GEMV launches LaRoSA gains 1.4 / 1.5 / 2.0 % at p = 0.4 / 0.5 / 0.75 over
+    no hints, while hints at all four sites gain nothing (+0.1 / -0.1 / -1.8 %,
+    `benchmarks/results/hint-sites-h200.json`; the stand-alone o and down selects run slower with hints
+    beside the adapter's streaming, `profile-asm32-llama2-7b-p0.5.*`).
     kernel: the Top-K GEMV kernel of every site (`triton_gemv.IMPLS`); None = `topk_kernel(weights)`.
     fuse_rope: the decode step's RoPE and K/V cache write happen in the attention launch
     (`larosa::rope_decode_attention`; layers without q/k norms). None = `DEFAULT_FUSE_ROPE` with CUDA,
@@ -666,7 +667,11 @@ class DecodeEngine:
         if attn_combine not in ("launch", "last"):
             raise LarosaError(f"attn_combine must be 'launch' or 'last', got {attn_combine!r}")
         self.attn_combine = attn_combine if self.fuse_rope else "launch"
-        self.hint_sites = (0, 1, 2, 3) if hint_sites is None else tuple(sorted(set(int(i) for i in hint_sites)))
+        self.adapter_mode = _adapter_mode(overlap_adapters, any(st.adapter for st in weights.statics),
+                                          cuda if graphs is None else bool(graphs))
+        if hint_sites is None:  # v19: where adapters overlap, hints only at the norm + select sites
+            hint_sites = (0, 1, 2, 3) if self.adapter_mode == "inline" else (0, 2)
+        self.hint_sites = tuple(sorted(set(int(i) for i in hint_sites)))
         if not set(self.hint_sites) <= {0, 1, 2, 3}:
             raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
         self.kernel = topk_kernel(weights) if kernel is None else kernel
@@ -707,14 +712,12 @@ class DecodeEngine:
             self._attn_fn = torch.compile(attn_block, fullgraph=True, dynamic=False)
             self._mlp_fn = torch.compile(mlp_block, fullgraph=True, dynamic=False)
             self._mlp_side_fn = torch.compile(mlp_block_side, fullgraph=True, dynamic=False)
-        has_adapters = any(st.adapter for st in weights.statics)
-        self.adapter_mode = _adapter_mode(overlap_adapters, has_adapters, self.graphs)
         self.overlap = self.adapter_mode != "inline"
         if not 0.0 <= adapter_split <= 1.0:
             raise LarosaError(f"adapter_split must be in [0, 1], got {adapter_split}")
         cols = int(round(adapter_split * weights.embed.shape[1] / 8)) * 8  # 16-byte aligned column split
         self._statics = [st._replace(adapter_cols=min(cols, weights.embed.shape[1])) for st in self._statics]
-        self.select_hints = self.adapter_mode == "inline" if select_hints is None else bool(select_hints)
+        self.select_hints = True if select_hints is None else bool(select_hints)
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
         # and (attn_combine="last") the attention kernel's zeroed counters, a slot per (row, KV head)
