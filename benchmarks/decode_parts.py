@@ -284,13 +284,13 @@ def env_ab_rows(shape: str, gen_len: int, var: str, on: str, off: str, repeats: 
     return variant_ab_rows(shape, gen_len, var, [(f"{var}={v}", v, engine_kw) for v in (on, off)], repeats)
 
 
-def hints_overlap_rows(shape: str, gen_len: int) -> list[dict]:
+def hints_overlap_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """LaRoSA p = 0.5: select hints on/off x adapters on the side stream or in order, in one run (v13 found
     hints +3.5 % without adapters but -2.3 % with the overlapped ones: is it the overlap?)."""
     bw, base, prompt = _engine_setup(shape)
     w = sparse_variant(base, "larosa", 0.5)
     rows = []
-    for rep in range(2):
+    for rep in range(repeats):
         for overlap in (True, False):
             for hints in (True, False):
                 label = f"{shape} larosa p=0.50 overlap={overlap!s:5s} hints={hints!s:5s} #{rep}"
@@ -396,6 +396,7 @@ def main() -> None:
     ap.add_argument("--parts", default="attention,engine")
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=None, help="alternations of an A/B part (its default if unset)")
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, side_tiles, or AB_PARTS
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "side_tiles",
@@ -422,7 +423,7 @@ def main() -> None:
         res["side_tiles"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SIDE_TILES", "8,1024,4", "16,512,2")
     for name, rows_fn in AB_PARTS.items():  # the end-to-end A/Bs that take only (shape, gen_len)
         if name in parts:
-            res[name] = rows_fn(a.shape, a.gen_len)
+            res[name] = rows_fn(a.shape, a.gen_len, **({"repeats": a.repeats} if a.repeats else {}))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")
