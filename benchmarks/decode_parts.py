@@ -376,11 +376,10 @@ def side_tiles_gemv_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
 
 
 def compact_store32_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
-    """v18 experiment: the compacting selects' list stored by inline PTX from 32-bit offsets
-    (`LAROSA_COMPACT_STORE=asm32`: 24 B of spills instead of 200 at BLOCK_D 16384 in the sm_90 compile,
-    `benchmarks/kernel_resources.py`) vs from 64-bit pointers (the default), each with the select hints on
-    (the default since the adapters left the side stream) and off: v14 measured the hints at +-0 for LaRoSA
-    with its adapter overlapped, and the select may now be slowed by the adapter's streaming instead."""
+    """v19: the compacting selects' list stored by inline PTX from 32-bit offsets (`LAROSA_COMPACT_STORE=asm32`,
+    now the default: 24 B of spills instead of 200 at BLOCK_D 16384 in the sm_90 compile,
+    `benchmarks/kernel_resources.py`) vs from 64-bit pointers (v16-v18), each with the select hints at all four
+    sites (v18's default) and off."""
     variants = [(f"store={v} hints={h}", v, {"select_hints": h}) for h in (True, False) for v in ("asm32", "asm")]
     return variant_ab_rows(shape, gen_len, "LAROSA_COMPACT_STORE", variants, repeats)
 

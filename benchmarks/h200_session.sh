@@ -42,8 +42,8 @@
 #   bash benchmarks/h200_session.sh sidein       # v18: the adapter programs in the GEMV launches (LAROSA_SIDE_IN=gemv):
 #                                                # compiled side tests, then end to end vs in the selects (~6 min)
 #   bash benchmarks/h200_session.sh sidetilesgemv # v18: tilings of the adapter programs in the GEMV launches (~3 min)
-#   bash benchmarks/h200_session.sh asm32        # v18 experiment, unmeasured: the kept list stored from 32-bit offsets
-#                                                # (LAROSA_COMPACT_STORE=asm32): GPU tests, select alone, A/B x hints, profile (~6 min)
+#   bash benchmarks/h200_session.sh asm32        # v19: the kept list stored from 32-bit offsets (LAROSA_COMPACT_STORE=
+#                                                # asm32, now the default): GPU tests, select alone, A/B x hints, profile (~4 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as

@@ -167,7 +167,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["fuse_rope"] = eng.fuse_rope  # RoPE and the cache write inside the attention launch
     out["attn_combine"] = eng.attn_combine  # who combines the attention's cache splits ("launch" / "last")
     out["select_hints"] = list(eng.hint_sites) if eng.select_hints else []  # sites whose selects kept hints
-    if eng.kernel == "gtile":  # how the compacting selects stored the kept list
+    if out["kernel"] == "gtile":  # how the compacting selects stored the kept list
         out["compact_store"] = compact_store()
     if eng.adapter_mode == "select":  # which launches carried the adapter programs, at which tiles
         out["adapter_side"] = side_placement(out["kernel"])
