@@ -18,7 +18,7 @@
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
 #   bash benchmarks/h200_session.sh hintsoverlap # LaRoSA: select hints x adapter overlap, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hintsites    # LaRoSA, overlapped adapters: hints at no / norm + select / all sites (~3.5 min)
-#   bash benchmarks/h200_session.sh hintprofile  # select kernel time per step, hints off/on, LaRoSA and Top-K (~1 min)
+#   bash benchmarks/h200_session.sh hintprofile  # select kernel time per step by hint sites, LaRoSA and Top-K (~1.5 min)
 #   bash benchmarks/h200_session.sh hintprofileinorder  # the same with LaRoSA's adapters in order (~1 min)
 #   bash benchmarks/h200_session.sh hintdrift    # window hits of the hinted selects in the default (graph, overlap)
 #                                                # engine's decode, per site (~1 min)
@@ -97,7 +97,7 @@ for stage in "$@"; do
         --out "$out/profile-hints-inorder-llama2-7b.json" 2>&1 | tee "$out/profile-hints-inorder-llama2-7b.log" || rc=1 ;;
     hintprofile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --hints-ab \
-        --out "$out/profile-hints-llama2-7b.json" 2>&1 | tee "$out/profile-hints-llama2-7b.log" || rc=1 ;;
+        --out "$out/profile-hint-sites-llama2-7b.json" 2>&1 | tee "$out/profile-hint-sites-llama2-7b.log" || rc=1 ;;
     gtile)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py \
         > "$out/gtile-tests.log" 2>&1 || rc=1

@@ -71,10 +71,11 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/profile-decode.json")
     ap.add_argument("--methods", default="dense,larosa", help="comma list of dense, larosa, topk (un-rotated Top-K, "
                     "no adapters: the difference to larosa is what the adapters cost)")
-    ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA and un-rotated Top-K, each with the "
-                    "select hints off and on (all four sites), the select kernels' time per step")
-    ap.add_argument("--in-order", action="store_true", help="with --hints-ab: LaRoSA's adapters in order, "
-                    "not on the side stream (the --hints-ab runs place them explicitly, not by the engine default)")
+    ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA with the select hints at no site, at "
+                    "the norm + select sites (q/k/v, gate/up) and at all four, and un-rotated Top-K at none and all "
+                    "four: the select kernels' time per step")
+    ap.add_argument("--in-order", action="store_true", help="with --hints-ab: LaRoSA's adapters in order instead "
+                    "of where the engine runs them by default")
     args = ap.parse_args()
     base = random_base(args.shape, torch.bfloat16, "cuda")
     prompt = torch.randint(0, 1000, (1, 128), device="cuda")
@@ -103,17 +104,21 @@ def main() -> None:
 
 
 def hints_ab(base, prompt, args) -> None:
-    """Select kernel time per step with and without hints, LaRoSA (adapters overlapped) and Top-K."""
+    """Select kernel time per step by hint sites, LaRoSA (adapters where the engine runs them, or in order) and
+    Top-K. (Up to v18 this compared hints off / on at all four sites with LaRoSA's adapters on the side
+    stream: `results/profile-hints-llama2-7b.json`.)"""
     res = {"shape": args.shape, "gpu": torch.cuda.get_device_name(), "dtype": "bf16", "batch": 1,
            "sparsity": args.sparsity, "note": "compiled step without CUDA graphs, torch.profiler CUDA times",
-           "adapters": "in order" if args.in_order else "side stream", "rows": []}
-    print("| method | hints | select_packed_kernel us (launches) | rmsnorm_select_kernel us (launches) | "
-          "tile_gemv_kernel us | all kernels us |")
+           "adapters": "in order" if args.in_order else f"engine default ({DEFAULT_ADAPTERS})", "rows": []}
+    print("| method | hint sites | select_packed_kernel us (launches) | rmsnorm_select_kernel us (launches) | "
+          "tile / gtile GEMV us | all kernels us |")
     print("|---|---|---|---|---|---|")
-    for method in ("larosa", "topk"):
+    for method, site_sets in (("larosa", ((), (0, 2), (0, 1, 2, 3))), ("topk", ((), (0, 1, 2, 3)))):
         w = sparse_variant(base, method, args.sparsity)
-        for hints in (False, True):
-            r = profile(w, prompt, select_hints=hints, overlap_adapters="inline" if args.in_order else "stream")
+        for sites in site_sets:
+            hints = bool(sites)
+            r = profile(w, prompt, select_hints=hints, hint_sites=sites or None,
+                        overlap_adapters="inline" if args.in_order else DEFAULT_ADAPTERS)
             top = dict(r["top_kernels_us_per_step"])
 
             def us(name, top=top):
@@ -121,13 +126,14 @@ def hints_ab(base, prompt, args) -> None:
 
             def n(name, launches=r["launches_per_step"]):
                 return sum(v for k, v in launches.items() if k.startswith(name))
-            row = {"method": method, "select_hints": hints, "select_packed_us": us("select_packed_kernel"),
+            row = {"method": method, "select_hints": hints, "hint_sites": list(sites),
+                   "select_packed_us": us("select_packed_kernel"),
                    "select_packed_launches": n("select_packed_kernel"),
                    "rmsnorm_select_us": us("rmsnorm_select_kernel"),
                    "rmsnorm_select_launches": n("rmsnorm_select_kernel"), "tile_gemv_us": us("tile_gemv_kernel") + us("gtile_gemv_kernel"),
                    "total_us": r["total_us_per_step"]}
             res["rows"].append(row)
-            print(f"| {method} | {hints} | {row['select_packed_us']:.0f} ({row['select_packed_launches']:.0f}) | "
+            print(f"| {method} | {list(sites)} | {row['select_packed_us']:.0f} ({row['select_packed_launches']:.0f}) | "
                   f"{row['rmsnorm_select_us']:.0f} ({row['rmsnorm_select_launches']:.0f}) | "
                   f"{row['tile_gemv_us']:.0f} | {row['total_us']:.0f} |", flush=True)
         del w
