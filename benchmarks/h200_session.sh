@@ -44,6 +44,8 @@
 #   bash benchmarks/h200_session.sh sidetilesgemv # v18: tilings of the adapter programs in the GEMV launches (~3 min)
 #   bash benchmarks/h200_session.sh asm32        # v19: the kept list stored from 32-bit offsets (LAROSA_COMPACT_STORE=
 #                                                # asm32, now the default): GPU tests, select alone, A/B x hints, profile (~4 min)
+#   bash benchmarks/h200_session.sh densechain   # v19 experiment, not run yet: dense GEMV chains, cuBLAS vs
+#                                                # `dense_gemv` loading weight tiles before its PDL wait (~2 min)
 #   bash benchmarks/h200_session.sh compactstore # v16 experiment: compiled PTX-store tests, the select alone
 #                                                # (compactselect) and end to end gtile+PTX / gtile / default (~5 min)
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
@@ -53,7 +55,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3 ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -161,6 +163,12 @@ for stage in "$@"; do
       LAROSA_COMPACT_STORE=asm32 python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 \
         --methods larosa,topk --out "$out/profile-asm32-llama2-7b-p0.5.json" 2>&1 \
         | tee "$out/profile-asm32-llama2-7b-p0.5.log" || rc=1 ;;
+    densechain)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
+        > "$out/dense-chain-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/dense-chain-tests.log"
+      python3 benchmarks/dense_chain.py --out "$out/dense-chain-h200.json" 2>&1 | tee "$out/dense-chain-h200.log" \
+        || rc=1 ;;
     compactstore)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py -k compacting \
         > "$out/compact-store-tests.log" 2>&1 || rc=1

@@ -15,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from larosa.kernels import triton_attention as ta
+from larosa.kernels import triton_dense as td
 from larosa.kernels import triton_gemv as tg
 
 FLOATS = {"threshold", "eps", "scale"}
@@ -64,6 +65,9 @@ CASES = [
                              "ROWS_PER_SPLIT": 256, "SPLIT_CHUNK": 4}, 4),
     (tg.sparse_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": True, "BLOCK_K": 16, "BLOCK_N": 64,
                              "ROWS_PER_SPLIT": 512, "PDL": True, "HAS_RES": False}, 4),
+    # v19 experiment: the dense GEMV that loads its first weight tiles before waiting for x (and without)
+    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True}, 2),
+    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": False}, 2),
     (ta.decode_attn_split_kernel, {"G": 4, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False}, 4),
     (ta.decode_attn_combine_kernel, {"G": 4, "GP": 16, "GR": 4, "NSP": 8, "HD": 128}, 4),
     # v17: RoPE and the cache write in the split launch (`rope_decode_attention`), and the last program combining

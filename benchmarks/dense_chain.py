@@ -1,0 +1,124 @@
+"""Chains of dense batch-1 GEMVs at the LLaMA2-7B shape: cuBLAS vs `triton_dense.dense_gemv` (v19 experiment).
+
+    PYTHONPATH=src python3 benchmarks/dense_chain.py --out benchmarks/results/dense-chain-h200.json
+
+The decode engine's dense step spends 3.79 ms per token in cuBLAS GEMVs on the H200 (LLaMA2-7B shape), more
+than the 3.66 ms a 273 tok/s token (the dense bar) may take. Each stand-alone launch loses ~2.5 us to its
+ramp and tail. `dense_gemv` launched as a programmatic dependent loads its first weight tiles before it waits
+for its input, so the next GEMV's resident programs stream while the previous one finishes. This measures
+whether that pays, before the engine uses it.
+
+A "token" here is the 128 GEMVs of the shape's 32 layers in order (q/k/v 4096 -> 12288, o 4096 -> 4096, gate
+and up 4096 -> 22016, down 11008 -> 4096; each takes the previous output's first d_in entries as its input, so
+every GEMV depends on the one before), all 12.9 GB of weights distinct (far beyond the 60 MB L2), captured in
+one CUDA graph; median of the replays. bf16, batch 1, random weights. Variants: cuBLAS (F.linear, the engine's
+dense GEMVs); `dense_gemv` without PDL, with PDL but waiting before any load, and with PDL loading its first
+tiles before the wait, at a few tilings. Each variant's outputs are checked against cuBLAS first. Printed as a
+table beside the copy bandwidth and the bytes-per-token roofline; JSON with the hardware and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemv import graph_time_us  # noqa: E402
+from larosa.bench import copy_bandwidth  # noqa: E402
+from larosa.kernels.triton_dense import dense_gemv  # noqa: E402
+
+LAYER = (("q/k/v", 4096, 12288), ("o", 4096, 4096), ("gate+up", 4096, 22016), ("down", 11008, 4096))
+
+
+def weights(layers: int) -> list[torch.Tensor]:
+    """The shape's dense GEMV weights in decode order, (d_out, d_in) each (F.linear's layout)."""
+    return [torch.randn(n, d, device="cuda", dtype=torch.bfloat16) * d ** -0.5
+            for _ in range(layers) for _, d, n in LAYER]
+
+
+def chain(ws: list[torch.Tensor], gemv, x0: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
+    """The calls of one token from input x0 (each GEMV reads the first d_in outputs of the one before) and
+    their outputs."""
+    outs = [torch.empty(1, w.shape[0], device=x0.device, dtype=x0.dtype) for w in ws]
+    calls = []
+    for i, w in enumerate(ws):
+        src = (x0 if i == 0 else outs[i - 1])[:, : w.shape[1]]
+        calls.append(lambda w=w, src=src, o=outs[i]: gemv(src, w, o))
+    return calls, outs
+
+
+def token_time_us(calls, reps: int = 30) -> float:
+    """Median time of one replay of the whole chain (us)."""
+    return graph_time_us(calls, reps) * len(calls)
+
+
+def variants(tilings) -> list[tuple[str, object]]:
+    def cublas(x, w, o):
+        torch.mm(x, w.T, out=o)
+
+    out = [("cuBLAS (F.linear)", cublas)]
+    for t in tilings:
+        out += [(f"dense_gemv {t}, no PDL", lambda x, w, o, t=t: dense_gemv(x, w, o, pdl=False, tiles=t)),
+                (f"dense_gemv {t}, PDL, wait first", lambda x, w, o, t=t: dense_gemv(x, w, o, pdl=True,
+                                                                                     prefetch=False, tiles=t)),
+                (f"dense_gemv {t}, PDL, tiles before wait", lambda x, w, o, t=t: dense_gemv(x, w, o, pdl=True,
+                                                                                           prefetch=True, tiles=t))]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tilings", default="4,1024,2;8,512,2;2,2048,2", help="(BN,BK,STAGES) tilings, ';'-separated")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU")
+    tilings = [tuple(int(v) for v in t.split(",")) for t in a.tilings.split(";")]
+    bw = copy_bandwidth(torch.device("cuda"))
+    ws = weights(a.layers)
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    # check every variant on one layer's chain against cuBLAS (fp32 accumulation both; bf16 outputs)
+    x0 = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    ref_calls, ref_outs = chain(ws[:4], variants([])[0][1], x0)
+    for c in ref_calls:
+        c()
+    rows = []
+    print(f"{torch.cuda.get_device_name()} | bf16 | batch 1 | LLaMA2-7B dense GEMVs, {a.layers} layers, "
+          f"{nbytes / 1e9:.2f} GB per token | copy BW {bw / 1e12:.2f} TB/s | roofline {nbytes / bw * 1e6:.0f} us")
+    print("| variant | us per token | GB/s | of copy BW | vs cuBLAS |")
+    print("|---|---|---|---|---|")
+    base = None
+    for name, gemv in variants(tilings):
+        calls, outs = chain(ws[:4], gemv, x0)
+        for c in calls:
+            c()
+        err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(outs, ref_outs))
+        if err > 2e-2:
+            raise SystemExit(f"{name}: relative error {err:.3g} against cuBLAS")
+        us = token_time_us(chain(ws, gemv, x0)[0])
+        base = base or us
+        row = {"variant": name, "us_per_token": us, "GBps": nbytes / us / 1e3, "of_copy_bw": nbytes / us * 1e6 / bw,
+               "vs_cublas": base / us, "max_rel_err_vs_cublas": err}
+        rows.append(row)
+        print(f"| {name} | {us:.0f} | {row['GBps']:.0f} | {row['of_copy_bw']:.0%} | {row['vs_cublas']:.3f}x |",
+              flush=True)
+    import triton
+
+    res = {"device": torch.cuda.get_device_name(), "dtype": "bfloat16", "batch": 1, "layers": a.layers,
+           "bytes_per_token": nbytes, "copy_bandwidth_Bps": bw, "roofline_us": nbytes / bw * 1e6,
+           "torch": torch.__version__, "triton": triton.__version__, "timing": "CUDA graph of one token's chain, "
+           "median of 30 replays", "rows": rows}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
