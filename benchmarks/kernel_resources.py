@@ -54,8 +54,6 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: this compiles the kernels")
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     import hopper_compile as hc
 
@@ -64,10 +62,7 @@ def main() -> None:
     print("| kernel | constexprs | warps | registers | stack B | programs/SM |")
     print("|---|---|---|---|---|---|")
     for kernel, constexprs, warps in hc.CASES:
-        sig, consts = hc.signature(kernel, constexprs)
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        r = resources(compiled.asm["cubin"], cuobjdump)
+        r = resources(hc.compile_sm90(kernel, constexprs, warps).asm["cubin"], cuobjdump)
         r.update(kernel=kernel.fn.__name__, constexprs=constexprs, num_warps=warps,
                  programs_per_sm=programs_per_sm(r["registers"], warps))
         rows.append(r)

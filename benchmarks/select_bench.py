@@ -65,7 +65,7 @@ def compact_sweep(widths, warps, out: Path) -> None:
     """The packed select plain, compacting (COMPACT=1: the kept positions listed for the gathered GEMV), with
     the compacting prefix sum but no list stored (COMPACT=2, timing only) and compacting with the list stored
     by inline PTX (COMPACT=3, v16: no layout conversion before the stores) or from 32-bit offsets (COMPACT=4,
-    v18 experiment: fewer registers), at each warp count: where the compaction's cost sits (benchmarks/NOTES.md
+    the compiled default since v19: fewer registers), at each warp count: where the compaction's cost sits (benchmarks/NOTES.md
     v15, v16, v18)."""
     import triton
 

@@ -94,12 +94,16 @@ def signature(kernel, constexprs: dict) -> tuple[dict, dict]:
     return sig, consts
 
 
+def compile_sm90(kernel, constexprs: dict, warps: int):
+    """One CASES variant compiled for sm_90 (the compiled kernel: its `asm["cubin"]`, `asm["ptx"]`, ...)."""
+    sig, consts = signature(kernel, constexprs)
+    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": warps})
+
+
 def main() -> None:
-    target = GPUTarget("cuda", 90, 32)
     for kernel, constexprs, warps in CASES:
-        sig, consts = signature(kernel, constexprs)
-        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
-                       options={"num_warps": warps})
+        compile_sm90(kernel, constexprs, warps)
         print(f"sm_90 {kernel.fn.__name__} {constexprs}: ok", flush=True)
     print(f"compiled {len(CASES)}")
 

@@ -667,8 +667,10 @@ class DecodeEngine:
         if attn_combine not in ("launch", "last"):
             raise LarosaError(f"attn_combine must be 'launch' or 'last', got {attn_combine!r}")
         self.attn_combine = attn_combine if self.fuse_rope else "launch"
-        self.adapter_mode = _adapter_mode(overlap_adapters, any(st.adapter for st in weights.statics),
-                                          cuda if graphs is None else bool(graphs))
+        self.graphs = cuda if graphs is None else graphs
+        if self.graphs and not cuda:
+            raise LarosaError("CUDA graphs need a CUDA device")
+        self.adapter_mode = _adapter_mode(overlap_adapters, any(st.adapter for st in weights.statics), self.graphs)
         if hint_sites is None:  # v19: where adapters overlap, hints only at the norm + select sites
             hint_sites = (0, 1, 2, 3) if self.adapter_mode == "inline" else (0, 2)
         self.hint_sites = tuple(sorted(set(int(i) for i in hint_sites)))
@@ -685,9 +687,6 @@ class DecodeEngine:
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
-        self.graphs = cuda if graphs is None else graphs
-        if self.graphs and not cuda:
-            raise LarosaError("CUDA graphs need a CUDA device")
         sw = weights.meta.get("sliding_window")
         if sw is not None and max_len > sw:
             raise LarosaError(f"this model uses sliding-window attention ({sw} tokens); the engine supports "

@@ -61,7 +61,7 @@ def side_placement(kernel: Optional[str] = None) -> dict | None:
     split-K kernel leaves it to its select); None without Triton. Benchmark rows record it."""
     if not HAVE_TRITON:
         return None
-    where = triton_gemv.side_in() if kernel in ("tile", "gtile") else "select"
+    where = "gemv" if kernel is not None and triton_gemv.side_in_gemv(kernel) else "select"
     return {"side_in": where, "side_tiles": triton_gemv.side_config(gemv=where == "gemv")}
 
 
@@ -272,7 +272,7 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
     ri = triton_gemv.resolve_impl(impl, 0, x2.shape[1], kk)
     # the side programs ride in the GEMV launch (tile / gathered kernels, `side_in()` "gemv") or else in the
     # norm + select launch, which runs whatever the GEMV implementation
-    in_gemv = side is not None and ri in ("tile", "gtile") and triton_gemv.side_in() == "gemv"
+    in_gemv = side is not None and triton_gemv.side_in_gemv(ri)
     if in_gemv:  # checked before the norm + select launch, not after it
         triton_gemv.check_side(side, x2.shape[0], x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,

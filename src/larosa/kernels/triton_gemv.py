@@ -154,8 +154,8 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
     to hint_ptr[row]. FALLBACK=False (tests only) skips the full search where the window misses.
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
-    ascending (3, compiled default: stored by inline PTX, `_scatter_i32`; 4: the same from 32-bit offsets,
-    `_scatter_i32_at`, v18 experiment; 1: by `tl.store`; 2: timing only, no list).
+    ascending (4, compiled default since v19: stored by inline PTX from 32-bit offsets, `_scatter_i32_at`; 3:
+    the same from 64-bit pointers, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
     if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
@@ -289,10 +289,10 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         if COMPACT == 1:
             tl.store(p_lo, 2 * lane, mask=m_lo)
             tl.store(p_hi, 2 * lane + 1, mask=m_hi)
-        if COMPACT == 3:  # compiled kernels' default (v16): the same stores without a layout conversion
+        if COMPACT == 3:  # v16-v18's default: the same stores without a layout conversion
             _scatter_i32(p_lo, 2 * lane, m_lo)
             _scatter_i32(p_hi, 2 * lane + 1, m_hi)
-        if COMPACT == 4:  # v18 experiment: 32-bit offsets, the address formed in the store's own PTX
+        if COMPACT == 4:  # the compiled default (v19): 32-bit offsets, the address formed in the store's own PTX
             _scatter_i32_at(idx_ptr, gt0 + tl.minimum(eq0, need_eq), 2 * lane, m_lo)
             _scatter_i32_at(idx_ptr, gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), 2 * lane + 1, m_hi)
     else:
@@ -778,17 +778,13 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     select_impl = select_impl or SELECT_IMPL
     late = sel is not None
-    in_gemv = side is not None and side_in() == "gemv"
-    if late and side is not None and not in_gemv:
-        raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
     n0 = triton.cdiv(d_out, block_n)
-    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)  # checked before any launch
+    sel_side, m0, side_kw = _route_side(side, "tile", late, rows, n0, x)
     if late:  # (t, cutoff) and x from the kernel launched just before (`rmsnorm_select`)
         sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
-        sel = (select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=None if in_gemv else side)
-               if mode == 0 else x)
+        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=sel_side) if mode == 0 else x
     grid = (n0, m0 + triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
@@ -830,14 +826,10 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     cfg = gtile_config(d_in, d_out, gated, k)
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
     sel_pdl = _use_pdl(x, pdl)
-    in_gemv = side is not None and side_in() == "gemv"
-    if sel is not None and side is not None and not in_gemv:
-        raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
     n0 = triton.cdiv(d_out, block_n)
-    m0, side_kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)  # checked before any launch
+    sel_side, m0, side_kw = _route_side(side, "gtile", sel is not None, rows, n0, x)
     if sel is None:
-        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True,
-                     side=None if in_gemv else side)
+        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=sel_side)
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
@@ -889,7 +881,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
     block_d = max(2, triton.next_power_of_2(d_in))
     hint, window = _hint_args(hint, x)
     warps = num_warps or select_warps(block_d)
-    extra, side_kw = _side_kwargs(side, rows, warps, x)
+    extra, side_kw = _side_kwargs(side, rows, x)
     rmsnorm_select_kernel[(rows + extra,)](
         x, res if res is not None else x, w, xs if xs is not None else h, h, sel,
         hint if hint is not None else sel, d_in, k, float(eps),
@@ -1032,6 +1024,24 @@ def side_in() -> str:
     return v
 
 
+def side_in_gemv(impl: str) -> bool:
+    """Whether a `SideGemv` given to a Top-K op whose GEMV kernel is `impl` rides in the GEMV launch (tile and
+    gathered kernels, `side_in()` "gemv"), not in the select launch."""
+    return impl in ("tile", "gtile") and side_in() == "gemv"
+
+
+def _route_side(side: SideGemv | None, impl: str, sel_given: bool, rows: int, n0: int,
+                x: torch.Tensor) -> tuple[SideGemv | None, int, dict]:
+    """Where a tile / gathered launch's side GEMV rides: (the side GEMV for its select launch, or None; grid
+    slices along axis 1 and kernel arguments for the GEMV launch, `_side_gemv_kwargs`). Checked before
+    anything is launched; with `sel` given (no select here) it can only ride in the GEMV launch."""
+    in_gemv = side is not None and side_in_gemv(impl)
+    if sel_given and side is not None and not in_gemv:
+        raise ValueError("side= rides in the select this launch runs; with sel= give it to that select")
+    m0, kw = _side_gemv_kwargs(side if in_gemv else None, rows, n0, x)
+    return (None if in_gemv else side), m0, kw
+
+
 def side_config(gemv: bool = False) -> dict:
     """Tiles of the side programs: A_BN outputs per program, the d inputs walked A_BK at a time, A_STAGES
     tiles loaded at once (`SIDE_TILES` in a select launch, `SIDE_TILES_GEMV` in a GEMV launch);
@@ -1048,7 +1058,7 @@ def side_config(gemv: bool = False) -> dict:
     return dict(zip(("A_BN", "A_BK", "A_STAGES"), tiles))
 
 
-def _side_kwargs(side: SideGemv | None, rows: int, num_warps: int, x: torch.Tensor) -> tuple[int, dict]:
+def _side_kwargs(side: SideGemv | None, rows: int, x: torch.Tensor) -> tuple[int, dict]:
     """(extra programs, kernel arguments) of a select launch's side GEMV; (0, {}) without one."""
     if side is None:
         return 0, {}
@@ -1155,7 +1165,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
         kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=warps)
         return sel
     hint, window = _hint_args(hint, x)
-    extra, side_kw = _side_kwargs(side, rows, warps, x)
+    extra, side_kw = _side_kwargs(side, rows, x)
     if side is not None:
         side_kw["ROUND_BF16"] = _interpreted_bf16(side.x)
     kernel[(rows + extra,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
@@ -1279,7 +1289,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     """
     impl = resolve_impl(impl, mode, x.shape[1], k)
     if side is not None and (mode != 0 or select_impl != "packed" or impl in ("inline", "fused")
-                             or (sel is not None and not (impl in ("tile", "gtile") and side_in() == "gemv"))):
+                             or (sel is not None and not side_in_gemv(impl))):
         raise ValueError("side= rides in the packed select this launch runs (Top-K mode, no sel=, impl split / "
                          "tile / gtile), or with LAROSA_SIDE_IN=gemv in the tile / gtile GEMV launch")
     if impl not in IMPLS:
