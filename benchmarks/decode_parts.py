@@ -384,9 +384,24 @@ def compact_store32_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
     return variant_ab_rows(shape, gen_len, "LAROSA_COMPACT_STORE", variants, repeats)
 
 
+def dense_kernel_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v20: the dense sites and the head in `larosa::dense_linear` (PDL-chained, first weight tiles loaded before
+    the wait; `LAROSA_DENSE_TILES`) vs cuBLAS and compiled glue, the attention launched as a programmatic
+    dependent or not (`LAROSA_ATTN_PDL`). LaRoSA has only the head dense."""
+    cublas = {"dense_kernel": False}
+    ours = {"dense_kernel": True}
+    variants = [("cuBLAS", {"LAROSA_ATTN_PDL": "0", "LAROSA_DENSE_TILES": None}, cublas),
+                ("ours 2x2048x2 w4", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "2,2048,2,4"}, ours),
+                ("ours 2x2048x2 w2", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "2,2048,2,2"}, ours),
+                ("ours 4x1024x2 w4", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "4,1024,2,4"}, ours),
+                ("ours 2x2048x2 w4 attn no PDL", {"LAROSA_ATTN_PDL": "0", "LAROSA_DENSE_TILES": "2,2048,2,4"}, ours)]
+    return variant_ab_rows(shape, gen_len, None, variants, repeats, (("dense", 0.0), ("larosa", 0.5)))
+
+
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
-            "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows}
+            "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
+            "dense_kernel": dense_kernel_rows}
 
 
 def main() -> None:

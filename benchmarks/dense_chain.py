@@ -1,20 +1,22 @@
-"""Chains of dense batch-1 GEMVs at the LLaMA2-7B shape: cuBLAS vs `triton_dense.dense_gemv` (v19 experiment).
+"""Chains of dense batch-1 GEMVs at the LLaMA2-7B shape: cuBLAS vs `triton_dense.dense_gemv`.
 
-    PYTHONPATH=src python3 benchmarks/dense_chain.py --out benchmarks/results/dense-chain-h200.json
+    PYTHONPATH=src python3 benchmarks/dense_chain.py --block --out benchmarks/results/dense-chain-h200.json
 
-The decode engine's dense step spends 3.79 ms per token in cuBLAS GEMVs on the H200 (LLaMA2-7B shape), more
-than the 3.66 ms a 273 tok/s token (the dense bar) may take. Each stand-alone launch loses ~2.5 us to its
-ramp and tail. `dense_gemv` launched as a programmatic dependent loads its first weight tiles before it waits
-for its input, so the next GEMV's resident programs stream while the previous one finishes. This measures
-whether that pays, before the engine uses it.
+The decode engine's cuBLAS step spends 3.79 ms per token in GEMVs on the H200 (LLaMA2-7B shape), more than the
+3.66 ms a 273 tok/s token (the dense bar) may take. Each stand-alone launch loses ~2.5 us to its ramp and tail.
+`dense_gemv` launched as a programmatic dependent loads its first weight tiles before it waits for its input,
+so the next GEMV's resident programs stream while the previous one finishes (v19 run: 3200 vs 3634 us per
+token; since v20 the engine's dense step).
 
 A "token" here is the 128 GEMVs of the shape's 32 layers in order (q/k/v 4096 -> 12288, o 4096 -> 4096, gate
 and up 4096 -> 22016, down 11008 -> 4096; each takes the previous output's first d_in entries as its input, so
 every GEMV depends on the one before), all 12.9 GB of weights distinct (far beyond the 60 MB L2), captured in
-one CUDA graph; median of the replays. bf16, batch 1, random weights. Variants: cuBLAS (F.linear, the engine's
-dense GEMVs); `dense_gemv` without PDL, with PDL but waiting before any load, and with PDL loading its first
-tiles before the wait, at a few tilings. Each variant's outputs are checked against cuBLAS first. Printed as a
-table beside the copy bandwidth and the bytes-per-token roofline; JSON with the hardware and versions.
+one CUDA graph; median of the replays. bf16, batch 1, random weights. Variants: cuBLAS (F.linear); `dense_gemv`
+without PDL, with PDL but waiting before any load, and with PDL loading its first tiles before the wait, at a
+few tilings (BN, BK, STAGES, WARPS); with --block also the engine's form (`larosa::dense_linear`: the norm in
+the q/k/v and gate/up launches, SiLU * up, the residual in the o and down ones). Each variant's outputs are
+checked first (against cuBLAS, the block form against its plain PyTorch form). Printed as a table beside the
+copy bandwidth and the bytes-per-token roofline; JSON with the hardware and versions.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv import graph_time_us  # noqa: E402
 from larosa.bench import copy_bandwidth  # noqa: E402
+from larosa.kernels.reference import dense_linear_ref  # noqa: E402
 from larosa.kernels.triton_dense import dense_gemv  # noqa: E402
 
 LAYER = (("q/k/v", 4096, 12288), ("o", 4096, 4096), ("gate+up", 4096, 22016), ("down", 11008, 4096))
@@ -42,14 +45,33 @@ def weights(layers: int) -> list[torch.Tensor]:
             for _ in range(layers) for _, d, n in LAYER]
 
 
-def chain(ws: list[torch.Tensor], gemv, x0: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
-    """The calls of one token from input x0 (each GEMV reads the first d_in outputs of the one before) and
-    their outputs."""
-    outs = [torch.empty(1, w.shape[0], device=x0.device, dtype=x0.dtype) for w in ws]
-    calls = []
+def block_args(ws: list[torch.Tensor]) -> list[dict]:
+    """Per GEMV, the engine's `dense_linear` parts (v20): q/k/v and gate/up with the block input's norm, o
+    and down with the residual; the gate/up weight (22016, 4096) read as its two halves (gate, up)."""
+    dev = ws[0].device
+    out = []
     for i, w in enumerate(ws):
+        site = i % 4
+        if site in (0, 2):
+            kw = {"norm_w": torch.rand(w.shape[1], device=dev, dtype=w.dtype) + 0.5, "eps": 1e-5}
+            if site == 2:
+                kw.update(w=w[: w.shape[0] // 2], w_up=w[w.shape[0] // 2:])
+            out.append(kw)
+        else:
+            out.append({"residual": torch.randn(1, w.shape[0], device=dev, dtype=w.dtype)})
+    return out
+
+
+def chain(ws: list[torch.Tensor], gemv, x0: torch.Tensor, args: list[dict] | None = None) -> tuple[list, list]:
+    """The calls of one token from input x0 (each GEMV reads the first d_in outputs of the one before) and
+    their outputs; `args`: per GEMV keyword arguments of the block form (`block_args`)."""
+    args = args or [{} for _ in ws]
+    outs = [torch.empty(1, kw.get("w", w).shape[0], device=x0.device, dtype=x0.dtype) for w, kw in zip(ws, args)]
+    calls = []
+    for i, (w, kw) in enumerate(zip(ws, args)):
         src = (x0 if i == 0 else outs[i - 1])[:, : w.shape[1]]
-        calls.append(lambda w=w, src=src, o=outs[i]: gemv(src, w, o))
+        kw = {"w": w, **kw}
+        calls.append(lambda src=src, o=outs[i], kw=kw: gemv(src, o, **kw))
     return calls, outs
 
 
@@ -58,17 +80,24 @@ def token_time_us(calls, reps: int = 30) -> float:
     return graph_time_us(calls, reps) * len(calls)
 
 
-def variants(tilings) -> list[tuple[str, object]]:
-    def cublas(x, w, o):
+def variants(tilings, block: bool) -> list[tuple[str, object, bool]]:
+    """(name, gemv(x, out, w=..., **parts), block form)."""
+    def cublas(x, o, w):
         torch.mm(x, w.T, out=o)
 
-    out = [("cuBLAS (F.linear)", cublas)]
+    out = [("cuBLAS (F.linear)", cublas, False)]
     for t in tilings:
-        out += [(f"dense_gemv {t}, no PDL", lambda x, w, o, t=t: dense_gemv(x, w, o, pdl=False, tiles=t)),
-                (f"dense_gemv {t}, PDL, wait first", lambda x, w, o, t=t: dense_gemv(x, w, o, pdl=True,
-                                                                                     prefetch=False, tiles=t)),
-                (f"dense_gemv {t}, PDL, tiles before wait", lambda x, w, o, t=t: dense_gemv(x, w, o, pdl=True,
-                                                                                           prefetch=True, tiles=t))]
+        out += [(f"dense_gemv {t}, no PDL", lambda x, o, w, t=t: dense_gemv(x, w, o, pdl=False, tiles=t), False),
+                (f"dense_gemv {t}, PDL, wait first", lambda x, o, w, t=t: dense_gemv(x, w, o, pdl=True,
+                                                                                     prefetch=False, tiles=t), False),
+                (f"dense_gemv {t}, PDL, tiles before wait", lambda x, o, w, t=t: dense_gemv(x, w, o, pdl=True,
+                                                                                           prefetch=True, tiles=t),
+                 False)]
+        if block:  # the engine's form: norms, SiLU * up and residuals in the launches (gate/up: BN halved)
+            out.append((f"dense_gemv {t}, PDL, tiles before wait, engine block form",
+                        lambda x, o, w, t=t, **kw: dense_gemv(
+                            x, w, o, pdl=True, prefetch=True,
+                            tiles=(max(1, t[0] // 2),) + tuple(t[1:]) if "w_up" in kw else t, **kw), True))
     return out
 
 
@@ -76,7 +105,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--tilings", default="4,1024,2;8,512,2;2,2048,2", help="(BN,BK,STAGES) tilings, ';'-separated")
+    ap.add_argument("--tilings", default="2,2048,2,2;2,2048,2,4;4,1024,2,4;1,2048,2,4",
+                    help="(BN,BK,STAGES,WARPS) tilings, ';'-separated")
+    ap.add_argument("--block", action="store_true", help="also the engine's block form (norms, SiLU * up, residuals)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
@@ -86,26 +117,35 @@ def main() -> None:
     nbytes = sum(w.numel() * w.element_size() for w in ws)
     # check every variant on one layer's chain against cuBLAS (fp32 accumulation both; bf16 outputs)
     x0 = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    ref_calls, ref_outs = chain(ws[:4], variants([])[0][1], x0)
+    ref_calls, ref_outs = chain(ws[:4], variants([], False)[0][1], x0)
     for c in ref_calls:
         c()
+    bargs = block_args(ws) if a.block else None
     rows = []
     print(f"{torch.cuda.get_device_name()} | bf16 | batch 1 | LLaMA2-7B dense GEMVs, {a.layers} layers, "
           f"{nbytes / 1e9:.2f} GB per token | copy BW {bw / 1e12:.2f} TB/s | roofline {nbytes / bw * 1e6:.0f} us")
     print("| variant | us per token | GB/s | of copy BW | vs cuBLAS |")
     print("|---|---|---|---|---|")
     base = None
-    for name, gemv in variants(tilings):
-        calls, outs = chain(ws[:4], gemv, x0)
-        for c in calls:
-            c()
-        err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(outs, ref_outs))
+    for name, gemv, block in variants(tilings, a.block):
+        if block:  # checked against the block's plain PyTorch form on one layer (each GEMV on the same input)
+            calls, outs = chain(ws[:4], gemv, x0, bargs[:4])
+            for c in calls:
+                c()
+            srcs = [x0] + outs[:3]
+            err = max(((o.float() - dense_linear_ref(s[:, : w.shape[1]], **{"w": w, **kw}).float()).norm()
+                       / o.float().norm()).item() for o, s, w, kw in zip(outs, srcs, ws, bargs))
+        else:
+            calls, outs = chain(ws[:4], gemv, x0)
+            for c in calls:
+                c()
+            err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(outs, ref_outs))
         if err > 2e-2:
-            raise SystemExit(f"{name}: relative error {err:.3g} against cuBLAS")
-        us = token_time_us(chain(ws, gemv, x0)[0])
+            raise SystemExit(f"{name}: relative error {err:.3g} against the reference")
+        us = token_time_us(chain(ws, gemv, x0, bargs if block else None)[0])
         base = base or us
-        row = {"variant": name, "us_per_token": us, "GBps": nbytes / us / 1e3, "of_copy_bw": nbytes / us * 1e6 / bw,
-               "vs_cublas": base / us, "max_rel_err_vs_cublas": err}
+        row = {"variant": name, "block_form": block, "us_per_token": us, "GBps": nbytes / us / 1e3, "of_copy_bw": nbytes / us * 1e6 / bw,
+               "vs_cublas": base / us, "max_rel_err": err}
         rows.append(row)
         print(f"| {name} | {us:.0f} | {row['GBps']:.0f} | {row['of_copy_bw']:.0%} | {row['vs_cublas']:.3f}x |",
               flush=True)

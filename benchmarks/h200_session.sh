@@ -22,6 +22,8 @@
 #   bash benchmarks/h200_session.sh hintprofileinorder  # the same with LaRoSA's adapters in order (~1 min)
 #   bash benchmarks/h200_session.sh hintdrift    # window hits of the hinted selects in the default (graph, overlap)
 #                                                # engine's decode, per site (~1 min)
+#   bash benchmarks/h200_session.sh densekernel  # v20: dense GEMV chain with the engine's block form, tests, and the
+#                                                # engine's dense_linear vs cuBLAS end to end (~5 min)
 #   bash benchmarks/h200_session.sh gtile        # gathered-rows GEMV (v15): compiled tests, per-op A/B with a tile
 #                                                # sweep, LLaMA2-7B decode under LAROSA_KERNEL_IMPL=gtile (~7 min)
 #   bash benchmarks/h200_session.sh gputests     # the GPU-only kernel and engine tests (~3 min)
@@ -163,6 +165,13 @@ for stage in "$@"; do
       LAROSA_COMPACT_STORE=asm32 python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 \
         --methods larosa,topk --out "$out/profile-asm32-llama2-7b-p0.5.json" 2>&1 \
         | tee "$out/profile-asm32-llama2-7b-p0.5.log" || rc=1 ;;
+    densekernel)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
+        tests/test_engine_gpu.py -k "dense" > "$out/dense-kernel-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/dense-kernel-tests.log"
+      python3 benchmarks/dense_chain.py --block --out "$out/dense-chain-block-h200.json" 2>&1 \
+        | tee "$out/dense-chain-block-h200.log" || rc=1
+      parts dense_kernel dense-kernel-h200 ;;
     densechain)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
         > "$out/dense-chain-tests.log" 2>&1 || rc=1

@@ -65,9 +65,16 @@ CASES = [
                              "ROWS_PER_SPLIT": 256, "SPLIT_CHUNK": 4}, 4),
     (tg.sparse_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": True, "BLOCK_K": 16, "BLOCK_N": 64,
                              "ROWS_PER_SPLIT": 512, "PDL": True, "HAS_RES": False}, 4),
-    # v19 experiment: the dense GEMV that loads its first weight tiles before waiting for x (and without)
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True}, 2),
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": False}, 2),
+    # v20: the dense decode step's GEMVs (load their first weight tiles before waiting for x): q/k/v with the
+    # norm (and bias), o and down with the residual, gate/up with the norm (4 warps); the v19 experiment's
+    # 2-warp tiles waiting first (benchmarks/dense_chain.py)
+    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+                            "HAS_BIAS": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "HAS_RES": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 1, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+                            "GATE_UP": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": False}, 2),
     (ta.decode_attn_split_kernel, {"G": 4, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False}, 4),
     (ta.decode_attn_combine_kernel, {"G": 4, "GP": 16, "GR": 4, "NSP": 8, "HD": 128}, 4),
     # v17: RoPE and the cache write in the split launch (`rope_decode_attention`), and the last program combining
@@ -75,6 +82,9 @@ CASES = [
                                    "KVH": 8}, 4),
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8}, 4),
+    # v20: launched as a programmatic dependent
+    (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
+                                   "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True}, 4),
 ]
 
 

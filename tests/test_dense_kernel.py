@@ -1,5 +1,5 @@
-"""The experimental dense GEMV (`triton_dense.dense_gemv`) vs fp64 matmul: compiled on a GPU, under
-TRITON_INTERPRET=1 on the CPU (tests/conftest.py)."""
+"""The dense decode GEMV (`triton_dense.dense_gemv`, `larosa::dense_linear`) vs fp64 arithmetic and HF's: compiled
+on a GPU, under TRITON_INTERPRET=1 on the CPU (tests/conftest.py)."""
 
 import pytest
 import torch
@@ -45,8 +45,85 @@ def test_dense_gemv_refuses_bad_input():
         dense_gemv(x, w[:, :32])
     with pytest.raises(ValueError, match="contiguous"):
         dense_gemv(x, w.T.contiguous().T)
-    for tiles in ((3, 64, 2), (4, 8, 2), (4, 64, 3)):
+    for tiles in ((3, 64, 2), (4, 8, 2), (4, 64, 3), (4, 64, 2, 3), (4, 64), (4, 64, 2, 4, 1)):
         with pytest.raises(ValueError, match="tiles"):
             dense_gemv(x, w, tiles=tiles)
     with pytest.raises(ValueError, match="out"):
         dense_gemv(x, w, out=torch.empty(1, 9, device=DEV))
+    with pytest.raises(ValueError, match="w_up"):
+        dense_gemv(x, w, w_up=w[:4])
+    with pytest.raises(ValueError, match="bias is not supported"):
+        dense_gemv(x, w, w_up=w, bias=torch.zeros(8, device=DEV))
+    with pytest.raises(ValueError, match="norm_w"):
+        dense_gemv(x, w, norm_w=torch.ones(63, device=DEV))
+    with pytest.raises(ValueError, match="bias"):
+        dense_gemv(x, w, bias=torch.ones(9, device=DEV))
+    with pytest.raises(ValueError, match="residual"):
+        dense_gemv(x, w, residual=torch.ones(1, 9, device=DEV))
+
+
+def _block_fp64(x, w, w_up, bias, res, g, eps):
+    """The block in fp64 without intermediate roundings (what the kernel computes before its one rounding)."""
+    x, w = x.double(), w.double()
+    h = x if g is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * g.double()
+    y = h @ w.T
+    if bias is not None:
+        y = y + bias.double()
+    if w_up is not None:
+        y = torch.nn.functional.silu(y) * (h @ w_up.double().T)
+    return y if res is None else y + res.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("parts", ["norm", "norm+bias", "res", "gate_up", "gate_up+res", "norm+bias+res"])
+@pytest.mark.parametrize("rows,d,n_out,tiles", [(1, 300, 37, (2, 64, 2, 2)), (2, 256, 16, (1, 128, 2, 4)),
+                                                (1, 96, 7, (4, 32, 1, 1))])
+def test_dense_gemv_block_parts(dtype, parts, rows, d, n_out, tiles):
+    """The norm prologue (sums of squares over several steps and a partial last tile), bias, SiLU * up and
+    residual epilogues against the fp64 block: within the dtype's rounding."""
+    from larosa.kernels.triton_dense import dense_gemv
+
+    gen = torch.Generator().manual_seed(rows * d + n_out)
+    x = (torch.randn(rows, d, generator=gen) * 3).to(DEV, dtype)
+    w = (torch.randn(n_out, d, generator=gen) * d ** -0.5).to(DEV, dtype)
+    w_up = (torch.randn(n_out, d, generator=gen) * d ** -0.5).to(DEV, dtype) if "gate_up" in parts else None
+    bias = torch.randn(n_out, generator=gen).to(DEV, dtype) if "bias" in parts else None
+    res = torch.randn(rows, n_out, generator=gen).to(DEV, dtype) if "res" in parts else None
+    g = (1 + torch.rand(d, generator=gen)).to(DEV, dtype) if "norm" in parts or "gate_up" in parts else None
+    got = dense_gemv(x, w, tiles=tiles, w_up=w_up, bias=bias, residual=res, norm_w=g, eps=1e-5)
+    want = _block_fp64(x, w, w_up, bias, res, g, 1e-5)
+    assert got.shape == (rows, n_out) and got.dtype == dtype
+    assert _rel(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.bfloat16:  # one rounding of the fp32 result: nearly every output within one bf16 ulp
+        ulp = want.abs().clamp_min(1e-30) * 2.0 ** -7
+        assert ((got.double() - want).abs() <= ulp).double().mean() > 0.97
+
+
+@pytest.mark.parametrize("parts", ["qkv", "o", "gate_up", "head"])
+def test_dense_linear_op_matches_hf_arithmetic(parts):
+    """`larosa::dense_linear` (kernel: one row, bf16) within bf16 rounding of HF's arithmetic
+    (`reference.dense_linear_ref`), and exactly it on the fallback paths (two rows, fp32)."""
+    from larosa.kernels.reference import dense_linear_ref
+
+    gen = torch.Generator().manual_seed(len(parts))
+    d, n = 192, 80
+    x = torch.randn(2, 1, d, generator=gen)
+    w = torch.randn(n, d, generator=gen) * d ** -0.5
+    kw = {"qkv": dict(bias=torch.randn(n, generator=gen), norm_w=1 + torch.rand(d, generator=gen), eps=1e-6),
+          "o": dict(residual=torch.randn(2, 1, n, generator=gen)),
+          "gate_up": dict(w_up=torch.randn(n, d, generator=gen) * d ** -0.5, norm_w=1 + torch.rand(d, generator=gen),
+                          eps=1e-6),
+          "head": dict(norm_w=1 + torch.rand(d, generator=gen), eps=1e-5)}[parts]
+    bf = {k: v.to(DEV, torch.bfloat16) if torch.is_tensor(v) else v for k, v in kw.items()}
+    xb, wb = x.to(DEV, torch.bfloat16), w.to(DEV, torch.bfloat16)
+    one = {k: v[:1] if k == "residual" else v for k, v in bf.items()}
+    got = torch.ops.larosa.dense_linear(xb[:1], wb, one.get("w_up"), one.get("bias"), one.get("residual"),
+                                        one.get("norm_w"), one.get("eps", 0.0))
+    want = dense_linear_ref(xb[:1], wb, **one)
+    assert got.shape == want.shape == (1, 1, n)
+    assert _rel(got, want) < 1e-2
+    for xx, ww, kk in ((xb, wb, bf), (x.to(DEV), w.to(DEV), {k: v.to(DEV) if torch.is_tensor(v) else v
+                                                               for k, v in kw.items()})):
+        got = torch.ops.larosa.dense_linear(xx, ww, kk.get("w_up"), kk.get("bias"), kk.get("residual"),
+                                            kk.get("norm_w"), kk.get("eps", 0.0))
+        assert torch.equal(got, dense_linear_ref(xx, ww, **kk))

@@ -483,3 +483,60 @@ def test_attention_combine_by_last_program_in_the_engine(monkeypatch):
     assert DecodeEngine(w, **{**kw, "fuse_rope": False}, attn_combine="last").attn_combine == "launch"
     with pytest.raises(LarosaError, match="attn_combine"):
         DecodeEngine(w, **kw, attn_combine="bogus")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_dense_kernel_engine_equals_plain_engine_fp32(monkeypatch, arch):
+    """dense_kernel: every dense site and the head go through `larosa::dense_linear` (prefill rows too: the
+    op's reference there). In fp32 that is HF's arithmetic, so tokens and logits equal the plain engine's,
+    for dense models (biases: Qwen2; q/k norms: Qwen3) and LaRoSA ones (only the head is dense). The CPU's
+    default is off."""
+    from larosa.kernels import reference as _ref
+
+    calls = _count_calls(monkeypatch, _ref, "dense_linear_ref")
+    model, fused = _larosa_tiny(seed=6) if arch == "llama" else (tiny_model(arch, seed=6), None)
+    ids = torch.randint(3, model.config.vocab_size, (2, 5))
+    layers = model.config.num_hidden_layers
+    for m, per_pass in ((model, 4 * layers + 1), (fused, 1)):
+        if m is None:
+            continue
+        w = from_hf(m)
+        plain, dk = DecodeEngine(w, max_len=12, batch=2), DecodeEngine(w, max_len=12, batch=2, dense_kernel=True)
+        assert not plain.dense_kernel and not any(st.dense_kernel for st in plain._statics)
+        assert all(st.dense_kernel for st in dk._statics)
+        before = len(calls)
+        torch.testing.assert_close(dk.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
+        for _ in range(3):
+            plain.step()
+            dk.step()
+            torch.testing.assert_close(dk.logits, plain.logits, rtol=0, atol=0)
+        assert torch.equal(dk.out, plain.out)
+        assert len(calls) - before == 4 * per_pass  # prefill and three steps
+
+
+def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch):
+    """bf16, batch 1: each decode step runs the dense GEMV kernel (interpreted on the CPU, compiled on a GPU)
+    four times per layer (q/k/v with the norm, o with the residual, gate/up with the norm, down with the
+    residual) and once for the head, and its logits follow the plain engine's."""
+    from larosa.kernels import triton_dense
+
+    launches = []
+    real = triton_dense.dense_gemv
+    monkeypatch.setattr(triton_dense, "dense_gemv",
+                        lambda *a, **k: (launches.append(tuple(n for n in ("w_up", "bias", "residual", "norm_w")
+                                                                   if k.get(n) is not None)), real(*a, **k))[1])
+    model, w, ids = _bf16_tiny_hd16(seed=8)
+    kw = {"max_len": 12, "compile": False, "graphs": False}
+    plain, dk = DecodeEngine(w, dense_kernel=False, **kw), DecodeEngine(w, dense_kernel=True, **kw)
+    for e in (plain, dk):
+        e.prefill(ids)
+    assert launches == [("norm_w",)]  # the prompt's rows take the reference, its last position's head the kernel
+    launches.clear()
+    for _ in range(3):
+        plain.step()
+        dk.step()
+        cos = torch.nn.functional.cosine_similarity(dk.logits.float(), plain.logits.float(), dim=-1).item()
+        assert cos > 0.999, cos
+        dk.tok.copy_(plain.tok)
+    layer = [("norm_w",), ("residual",), ("w_up", "norm_w"), ("residual",)]
+    assert launches == (layer * model.config.num_hidden_layers + [("norm_w",)]) * 3

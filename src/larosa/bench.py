@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .engine import DecodeEngine, ModelWeights
 from .errors import LarosaError
-from .kernels.ops import attention_impl, compact_store, side_placement
+from .kernels.ops import attention_impl, compact_store, dense_tiles, side_placement
 from .record import run_record, write_json
 from .report import markdown_table
 from .sparsity import SparsityPlan
@@ -167,6 +167,9 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["fuse_rope"] = eng.fuse_rope  # RoPE and the cache write inside the attention launch
     out["attn_combine"] = eng.attn_combine  # who combines the attention's cache splits ("launch" / "last")
     out["select_hints"] = list(eng.hint_sites) if eng.select_hints else []  # sites whose selects kept hints
+    out["dense_kernel"] = eng.dense_kernel  # dense sites and head in `larosa::dense_linear` (v20), at these tiles
+    if eng.dense_kernel:
+        out["dense_tiles"] = dense_tiles()
     if out["kernel"] == "gtile":  # how the compacting selects stored the kept list
         out["compact_store"] = compact_store()
     if eng.adapter_mode == "select":  # which launches carried the adapter programs, at which tiles

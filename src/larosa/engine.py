@@ -79,6 +79,9 @@ class LayerStatic(NamedTuple):
     adapter_cols: int = 0
     # decode: RoPE, the cache write and attention in one op (`larosa::rope_decode_attention`); set by the engine
     fused_rope: bool = False
+    # dense sites: `larosa::dense_linear` (the block's norm, bias, SiLU * up and residual in the GEMV launch, its
+    # first weight tiles loaded before it waits for its input); set by the engine
+    dense_kernel: bool = False
 
 
 @dataclass
@@ -160,10 +163,13 @@ def _hint(hints: Optional[torch.Tensor], site: int, st: LayerStatic) -> Optional
 
 
 def _residual_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
-                     cnt: Optional[torch.Tensor], fused: bool, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """r + the site's projection of x; with `fused` and a Top-K site the add happens in the kernel's epilogue."""
-    if fused and site.mode == "topk":
+                     cnt: Optional[torch.Tensor], st: LayerStatic, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """r + the site's projection of x; the add happens in the kernel's epilogue at Top-K sites with
+    `st.fused_residual` and at dense sites with `st.dense_kernel`."""
+    if st.fused_residual and site.mode == "topk":
         return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r, hint, site.kernel)
+    if st.dense_kernel and site.mode == "dense":
+        return torch.ops.larosa.dense_linear(x, w, None, b, r)
     return r + _linear(x, w, b, site, cnt, hint)
 
 
@@ -217,6 +223,10 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
         xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt,
                                                 _hint(hints, 0, st), st.attn_in.kernel)
         x = x if res is None else xs
+    elif st.dense_kernel and st.attn_in.mode == "dense" and probe is None:
+        if res is not None:
+            x = x + res
+        qkv = torch.ops.larosa.dense_linear(x, wqkv, None, bqkv, None, attn_norm, st.eps)
     else:
         if res is not None:
             x = x + res
@@ -226,7 +236,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
         o = torch.ops.larosa.rope_decode_attention(qkv.reshape(b, -1), kc, vc, pos, cos.reshape(-1),
                                                    sin.reshape(-1), st.scaling, attn_cnt)
         a = _site_input(o.view(b, 1, st.heads * st.head_dim), s_ao, probe, thr, 1, st.attn_out)
-        return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1, st))
+        return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st, _hint(hints, 1, st))
     q, k, v = qkv.split([st.q_size, st.kv_size, st.kv_size], dim=-1)
     q = q.view(b, t, st.heads, st.head_dim)
     k = k.view(b, t, st.kv_heads, st.head_dim)
@@ -237,7 +247,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     kc.index_copy_(2, pos, k.transpose(1, 2))
     vc.index_copy_(2, pos, v.transpose(1, 2))
     a = _site_input(_attention(q, kc, vc, mask, pos, st), s_ao, probe, thr, 1, st.attn_out)
-    return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st.fused_residual, _hint(hints, 1, st))
+    return _residual_linear(x, a, wo, bo, st.attn_out, cnt, st, _hint(hints, 1, st))
 
 
 def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
@@ -250,6 +260,8 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
         act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
                                             _hint(hints, 2, st), st.mlp_in.kernel)[1]
+    elif st.dense_kernel and st.mlp_in.mode == "dense" and not st.rotate_mlp and probe is None:
+        act = torch.ops.larosa.dense_linear(x, wgate, wup, None, None, mlp_norm, st.eps)
     else:
         h = _rms(x, mlp_norm, st.eps)
         if st.rotate_mlp:
@@ -259,7 +271,7 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
     act = _site_input(act, s_mo, probe, thr, 3, st.mlp_out)
     if st.adapter:
         return _linear(act, wdown, None, st.mlp_out, cnt, _hint(hints, 3, st))
-    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st.fused_residual, _hint(hints, 3, st))
+    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st, _hint(hints, 3, st))
 
 
 def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -650,6 +662,12 @@ class DecodeEngine:
     off on the CPU (same function there; the op's reference rounds RoPE once, in fp32).
     attn_combine: with fuse_rope, "last" (`DEFAULT_ATTN_COMBINE`, v18: the last split program of each KV head
     combines the cache splits, one launch fewer per layer) or "launch" (a second launch combines them).
+    dense_kernel: dense sites (every site of a dense model) and the head take `larosa::dense_linear` (v20): the
+    block input's RMSNorm, the bias, SiLU * up and the residual add in the GEMV launch, which loads its first
+    weight tiles before waiting for its input (PDL), so a dense decode step is a chain of such launches and
+    the attention. None = where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9),
+    else off (the plain step: cuBLAS and compiled glue). On the CPU (tests) the op runs the interpreted kernel
+    for bf16 under TRITON_INTERPRET=1, else HF's arithmetic.
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
@@ -658,9 +676,11 @@ class DecodeEngine:
                  fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
                  hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
                  adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None,
-                 attn_combine: str = DEFAULT_ATTN_COMBINE):
+                 attn_combine: str = DEFAULT_ATTN_COMBINE, dense_kernel: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
+        self.dense_kernel = (_ops.dense_kernel_default(weights.device) if dense_kernel is None
+                             else bool(dense_kernel))
         self.fuse_norm_select = cuda if fuse_norm_select is None else bool(fuse_norm_select)
         self.fuse_residual = cuda if fuse_residual is None else bool(fuse_residual)
         self.fuse_rope = (cuda and DEFAULT_FUSE_ROPE) if fuse_rope is None else bool(fuse_rope)
@@ -680,7 +700,7 @@ class DecodeEngine:
         if self.kernel is not None and _ops.HAVE_TRITON and self.kernel not in _ops.KERNEL_IMPLS:
             raise LarosaError(f"kernel must be one of {', '.join(_ops.KERNEL_IMPLS)}, got {kernel!r}")
         self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual,
-                                     fused_rope=self.fuse_rope,
+                                     fused_rope=self.fuse_rope, dense_kernel=self.dense_kernel,
                                      hint_sites=sum(1 << i for i in self.hint_sites),
                                      **{n: getattr(st, n)._replace(kernel=self.kernel) for n in SITES})
                          for st in weights.statics]
@@ -771,8 +791,12 @@ class DecodeEngine:
         return F.embedding(ids, self.w.embed), self.cos[pos], self.sin[pos], self.positions[None, :] <= pos[:, None]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        h = _rms(x[:, -1:], self.w.final_norm, self.w.final_eps)
-        return F.linear(h, self.w.head)[:, 0].to(self.logits_dtype)
+        if self.dense_kernel:
+            y = torch.ops.larosa.dense_linear(x[:, -1:], self.w.head, None, None, None, self.w.final_norm,
+                                              self.w.final_eps)
+        else:
+            y = F.linear(_rms(x[:, -1:], self.w.final_norm, self.w.final_eps), self.w.head)
+        return y[:, 0].to(self.logits_dtype)
 
     def _forward_overlapped(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One decode position (ids (B, 1)) with each adapter GEMV x_mid R_l on the side stream, concurrent

@@ -10,6 +10,9 @@
                                                          ... and r = x @ w[:c].T in the same launch
     torch.ops.larosa.topk_linear_side(x, wt, k, a, w, prev)
                                                          TopK_k(x) @ wt, and r = a @ w.T (first columns: prev)
+    torch.ops.larosa.dense_linear(x, w, w_up, bias, residual, norm_w, eps)
+                                                         y = RMSNorm(x) @ w.T (+ bias) (+ residual), or
+                                                         silu(. @ w.T) * (. @ w_up.T): dense decode sites
     torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
     torch.ops.larosa.rope_decode_attention(qkv, kc, vc, pos, cos, sin, s, counters)  the same from the q/k/v output:
                                                    RoPE and the cache write in the same launch
@@ -44,7 +47,7 @@ from . import reference as ref
 try:
     import triton  # noqa: F401
 
-    from . import triton_attention, triton_gemv
+    from . import triton_attention, triton_dense, triton_gemv
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - triton missing or broken
@@ -69,6 +72,11 @@ def compact_store() -> Optional[str]:
     """How the compacting selects store the kept list (`triton_gemv.compact_store`); None without Triton.
     Benchmark rows record it."""
     return triton_gemv.compact_store() if HAVE_TRITON else None
+
+
+def dense_tiles() -> Optional[tuple]:
+    """The dense GEMV's tiles (`triton_dense.dense_tiles`); None without Triton. Benchmark rows record them."""
+    return triton_dense.dense_tiles() if HAVE_TRITON else None
 
 
 def max_kernel_rows() -> int:
@@ -345,6 +353,38 @@ def threshold_linear(x: torch.Tensor, wt: torch.Tensor, threshold: float,
 @threshold_linear.register_fake
 def _(x, wt, threshold, counters=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
+
+
+def dense_kernel_default(device: torch.device) -> bool:
+    """Whether a decode engine on `device` runs its dense sites through `dense_linear`'s kernel by default:
+    where its early weight loads can overlap the kernel before (PDL: CUDA, compute capability >= 9)."""
+    device = torch.device(device)
+    return HAVE_TRITON and device.type == "cuda" and triton_gemv.pdl_default(torch.empty(0, device=device))
+
+
+@torch.library.custom_op("larosa::dense_linear", mutates_args=())
+def dense_linear(x: torch.Tensor, w: torch.Tensor, w_up: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+                 norm_w: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
+    """A dense projection of the decode step with its block's other work: y = RMSNorm(x) (with norm_w) @ w.T
+    (+ bias), or silu(. @ w.T) * (. @ w_up.T) with w_up, + residual. w, w_up (d_out, d_in) output-major
+    (F.linear's layout). Up to `max_kernel_rows()` rows run `triton_dense.dense_gemv` (one launch, fp32 until
+    the one rounding, loading its first weight tiles before it waits for x where PDL is possible); more rows,
+    fp32 and devices where Triton cannot run take `reference.dense_linear_ref` (HF's roundings)."""
+    if w.dim() != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x (..., {x.shape[-1]}) does not match w {tuple(w.shape)} (expected d_out x d_in)")
+    x2 = _rows(x)
+    if not _use_kernel(x, x2.shape[0]):
+        return ref.dense_linear_ref(x, w, w_up, bias, residual, norm_w, eps)
+    r2 = None if residual is None else _rows(residual)
+    y = triton_dense.dense_gemv(x2, w.contiguous(), w_up=None if w_up is None else w_up.contiguous(), bias=bias,
+                                residual=r2, norm_w=norm_w, eps=eps)
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+@dense_linear.register_fake
+def _(x, w, w_up=None, bias=None, residual=None, norm_w=None, eps=0.0):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
 def dense_linear_kernel(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:

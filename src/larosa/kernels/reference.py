@@ -62,6 +62,18 @@ def rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
+def dense_linear_ref(x: torch.Tensor, w: torch.Tensor, w_up: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                     norm_w: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """The dense decode step's block in plain PyTorch (HF's arithmetic and roundings): h = RMSNorm(x) * norm_w
+    (x without norm_w), y = h @ w.T (+ bias), or silu(h @ w.T) * (h @ w_up.T) when w_up is given; + residual."""
+    h = x if norm_w is None else rmsnorm_ref(x, norm_w, eps)
+    y = torch.nn.functional.linear(h, w, bias)
+    if w_up is not None:
+        y = torch.nn.functional.silu(y) * torch.nn.functional.linear(h, w_up)
+    return y if residual is None else residual + y
+
+
 def rmsnorm_topk_ref(x: torch.Tensor, res: torch.Tensor | None, norm_w: torch.Tensor, eps: float,
                      wt: torch.Tensor, wt_up: torch.Tensor | None, k: int,
                      bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_gemv import _use_pdl, gdc_launch_dependents, gdc_wait
+
 BLOCK_L = 64
 TARGET_PROGRAMS = 256  # about two programs per SM on an H100/H200
 
@@ -28,7 +30,7 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
                              DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
                              stride_qkv=0, kv_off=0, v_off=0, KVH: tl.constexpr = 1,
                              COMBINE: tl.constexpr = False, cnt_ptr=None, out_ptr=None, GR: tl.constexpr = 1,
-                             NSP: tl.constexpr = 1):
+                             NSP: tl.constexpr = 1, PDL: tl.constexpr = False):
     """One (batch, KV head) x one chunk of cache positions. With ROPE (`rope_decode_attention`) q_ptr is
     the q/k/v projection's output (B, 1, q + 2 kv features): the program applies the rotary embedding
     (HF's rotate-half, cos/sin rows of the position) to its G query heads and to the new key, takes the
@@ -36,7 +38,12 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
     holds pos writes them to the cache (the engine's RoPE and two cache-write kernels, folded in).
     COMBINE (`counters=` of `rope_decode_attention`, the engine's default since v18): the last program of
     each (batch, KV head) to finish (a counter in the caller's zeroed buffer, left zeroed) combines the
-    splits, so no combine launch follows."""
+    splits, so no combine launch follows. PDL (v20): launched as a programmatic dependent, the program lets its
+    own dependents launch (the next projection's programs load their weights meanwhile, `triton_dense`), then
+    waits for the kernel before it, before any load."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     bh = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     nsplit = tl.num_programs(1)
@@ -156,6 +163,12 @@ def _combine(m, den, o, out, b: int, kvh: int, g: int, gp: int, hd: int, nsplit:
     return out
 
 
+def attention_pdl(x: torch.Tensor) -> bool:
+    """Whether `rope_decode_attention` launches as a programmatic dependent: where PDL is possible
+    (`triton_gemv.pdl_default`), unless `LAROSA_ATTN_PDL=0` (A/B runs)."""
+    return os.environ.get("LAROSA_ATTN_PDL", "1") != "0" and _use_pdl(x, None)
+
+
 def _dot_f32() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -195,5 +208,6 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                 kv_off=kvh * g * hd, v_off=kvh * (g + 1) * hd, KVH=kvh,
                                                 COMBINE=combine, cnt_ptr=counters, out_ptr=out,
                                                 GR=triton.next_power_of_2(g), NSP=triton.next_power_of_2(nsplit),
-                                                num_warps=4)
+                                                num_warps=4, **({"PDL": True, "launch_pdl": True}
+                                                                if attention_pdl(qkv) else {}))
     return out if combine else _combine(m, den, o, out, b, kvh, g, gp, hd, nsplit)

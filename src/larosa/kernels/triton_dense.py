@@ -1,18 +1,29 @@
-"""Dense batch-1 GEMV that loads its first weight tiles before waiting for its input (experiment, v19).
+"""Dense batch-1 GEMV that loads its first weight tiles before waiting for its input (v20: the dense decode step).
 
-The dense bar of the decode engine (273 tok/s on the LLaMA2-7B shape) lies below what cuBLAS's GEMVs alone
-allow on the H200 (3.79 ms of a 3.66 ms token): each stand-alone launch loses ~2.5 us to its ramp and tail
-(`benchmarks/results/floor-h200-bf16.json`). A GEMV's weights do not depend on the kernel before it, only
-its input does. Launched as a programmatic dependent (PDL, Hopper), each program here first lets its own
-dependents launch, then loads its first `STAGES` weight tiles, and only then waits (`griddepcontrol.wait`)
-for the input: the loads of the programs that are already resident overlap the previous kernel's tail.
-`benchmarks/dense_chain.py` measures chains of these against cuBLAS before the engine uses them.
+Each stand-alone cuBLAS GEMV launch of the decode step loses ~2.5 us to its ramp and tail on the H200
+(`benchmarks/results/floor-h200-bf16.json`). A GEMV's weights do not depend on the kernel before it, only its
+input does. Launched as a programmatic dependent (PDL, Hopper), each program here first lets its own dependents
+launch, then loads its first `STAGES` weight tiles, and only then waits (`griddepcontrol.wait`) for the input:
+the loads of the programs already resident overlap the previous kernel's tail. A chain of the LLaMA2-7B
+shape's 128 GEMVs per token streams at 96 % of the copy bandwidth this way against cuBLAS's 85 %
+(`benchmarks/dense_chain.py`, `results/dense-chain-h200.json`: 3200 vs 3634 us per token).
 
-y[r, n] = sum_k x[r, k] w[n, k]: w (n_out, d) output-major (F.linear's layout, each output's weights one
-contiguous row), x (rows, d), fp32 accumulation in a 2-D register tile, one rounding.
+So that every launch of the decode step's chain is one of these, the block's other work rides in them:
+
+    y = (norm(x) @ w.T + bias) + residual                 one projection
+    y = silu(norm(x) @ w.T) * (norm(x) @ w_up.T)          gate/up (w_up given)
+
+norm(x) = x / rms(x) * g (RMSNorm, weight g): each program sums x^2 over the input it loads anyway and scales
+its fp32 sums once at the end, y = rsqrt(mean(x^2) + eps) * sum_k w[n, k] g[k] x[k] (HF rounds the normalised
+input to the dtype first: within one rounding). Bias, SiLU * up and the residual are added in fp32 before
+the one rounding of the output.
+
+w (n_out, d) output-major (F.linear's layout: each output's weights one contiguous row), x (rows, d).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -20,64 +31,157 @@ import triton.language as tl
 
 from .triton_gemv import _interpreted_bf16, _round, _use_pdl, gdc_launch_dependents, gdc_wait
 
-DENSE_TILES = (4, 1024, 2)  # BN outputs per program, BK inputs per step, STAGES steps loaded at once
+# BN outputs per program, BK inputs per step, STAGES steps loaded at once, warps per program. v19 experiment
+# at 2 warps (dense-chain-h200.json, plain GEMVs): (2, 2048, 2) 3200 us per token, (4, 1024, 2) 3277,
+# (8, 512, 2) 3861, cuBLAS 3634. At 2 warps (2, 2048, 2) spills 48-72 B and its gate/up half (1, 2048, 2)
+# 264 B in the sm_90 compile, at 4 warps none (benchmarks/kernel_resources.py)
+DENSE_TILES = (2, 2048, 2, 4)
+
+
+def dense_tiles() -> tuple[int, int, int, int]:
+    """The default tiles: `LAROSA_DENSE_TILES` ("BN,BK,STAGES,WARPS", for A/B runs) or `DENSE_TILES`."""
+    env = os.environ.get("LAROSA_DENSE_TILES")
+    if not env:
+        return DENSE_TILES
+    t = tuple(int(v) for v in env.split(","))
+    if len(t) != 4:
+        raise ValueError(f"LAROSA_DENSE_TILES must be BN,BK,STAGES,WARPS, got {env!r}")
+    return t
+
+
+@triton.jit
+def _x_tile(x_row, g_ptr, kk, d, NORM: tl.constexpr):
+    """Inputs kk of the row in fp32 (times the norm weight with NORM) and their sum of squares."""
+    km = kk < d
+    xv = tl.load(x_row + kk, mask=km, other=0.0).to(tl.float32)
+    ss = tl.sum(xv * xv, 0)
+    if NORM:
+        xv = xv * tl.load(g_ptr + kk, mask=km, other=0.0).to(tl.float32)
+    return xv, ss
 
 
 @triton.jit
 def dense_gemv_kernel(x_ptr, w_ptr, y_ptr, d, n_out, stride_x, stride_w, stride_y,
                       BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr = False,
-                      PREFETCH: tl.constexpr = True, ROUND_BF16: tl.constexpr = False):
-    """Program (n, r): outputs n * BN .. of row r. With PDL the program lets its dependents launch first;
-    with PREFETCH it loads the first STAGES weight tiles before waiting for x, else it waits first."""
+                      PREFETCH: tl.constexpr = True, ROUND_BF16: tl.constexpr = False,
+                      w2_ptr=None, b_ptr=None, r_ptr=None, stride_r=0, g_ptr=None, eps=0.0,
+                      GATE_UP: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, HAS_RES: tl.constexpr = False,
+                      NORM: tl.constexpr = False):
+    """Program (n, r): outputs n * BN .. of row r (of each of w and w2 with GATE_UP). With PDL the program
+    lets its dependents launch first; with PREFETCH it loads the first STAGES weight tiles before waiting
+    for x (and the residual), else it waits first."""
     r = tl.program_id(1).to(tl.int64)
     outs = tl.program_id(0) * BN + tl.arange(0, BN)
     omask = outs < n_out
     rk = tl.arange(0, BK)
     w_rows = w_ptr + outs.to(tl.int64)[:, None] * stride_w
+    u_rows = w_rows
+    if GATE_UP:
+        u_rows = w2_ptr + outs.to(tl.int64)[:, None] * stride_w
     x_row = x_ptr + r * stride_x
     if PDL:
         gdc_launch_dependents()
         if not PREFETCH:
             gdc_wait()
     acc = tl.zeros((BN, BK), dtype=tl.float32)
+    acc2 = acc
     STEP: tl.constexpr = BK * STAGES
     # the first step's weight tiles (before the wait with PREFETCH), then its inputs
-    w0 = tl.load(w_rows + rk[None, :], mask=omask[:, None] & (rk < d)[None, :], other=0.0)
+    m0 = omask[:, None] & (rk < d)[None, :]
+    w0 = tl.load(w_rows + rk[None, :], mask=m0, other=0.0)
     w1 = w0
+    u0 = w0
+    u1 = w0
+    if GATE_UP:
+        u0 = tl.load(u_rows + rk[None, :], mask=m0, other=0.0)
     if STAGES > 1:
-        w1 = tl.load(w_rows + (BK + rk)[None, :], mask=omask[:, None] & (BK + rk < d)[None, :], other=0.0)
+        m1 = omask[:, None] & (BK + rk < d)[None, :]
+        w1 = tl.load(w_rows + (BK + rk)[None, :], mask=m1, other=0.0)
+        if GATE_UP:
+            u1 = tl.load(u_rows + (BK + rk)[None, :], mask=m1, other=0.0)
     if PDL:
         if PREFETCH:
             gdc_wait()
-    acc += w0.to(tl.float32) * tl.load(x_row + rk, mask=rk < d, other=0.0).to(tl.float32)[None, :]
+    xv, ss = _x_tile(x_row, g_ptr, rk, d, NORM)
+    acc += w0.to(tl.float32) * xv[None, :]
+    if GATE_UP:
+        acc2 += u0.to(tl.float32) * xv[None, :]
     if STAGES > 1:
-        acc += w1.to(tl.float32) * tl.load(x_row + BK + rk, mask=BK + rk < d, other=0.0).to(tl.float32)[None, :]
+        xv, s1 = _x_tile(x_row, g_ptr, BK + rk, d, NORM)
+        ss += s1
+        acc += w1.to(tl.float32) * xv[None, :]
+        if GATE_UP:
+            acc2 += u1.to(tl.float32) * xv[None, :]
     for k0 in range(STEP, d, STEP):
         for s in tl.static_range(STAGES):
             kk = k0 + s * BK + rk
-            km = kk < d
-            w = tl.load(w_rows + kk[None, :], mask=omask[:, None] & km[None, :], other=0.0)
-            acc += w.to(tl.float32) * tl.load(x_row + kk, mask=km, other=0.0).to(tl.float32)[None, :]
+            mk = omask[:, None] & (kk < d)[None, :]
+            w = tl.load(w_rows + kk[None, :], mask=mk, other=0.0)
+            u = w
+            if GATE_UP:
+                u = tl.load(u_rows + kk[None, :], mask=mk, other=0.0)
+            xv, s1 = _x_tile(x_row, g_ptr, kk, d, NORM)
+            ss += s1
+            acc += w.to(tl.float32) * xv[None, :]
+            if GATE_UP:
+                acc2 += u.to(tl.float32) * xv[None, :]
     y = tl.sum(acc, 1)
+    if NORM:
+        inv = 1.0 / tl.sqrt(ss / d + eps)
+        y = y * inv
+    if HAS_BIAS:
+        y += tl.load(b_ptr + outs, mask=omask, other=0.0).to(tl.float32)
+    if GATE_UP:
+        up = tl.sum(acc2, 1)
+        if NORM:
+            up = up * inv
+        y = y / (1.0 + tl.exp(-y)) * up
+    if HAS_RES:
+        y += tl.load(r_ptr + r * stride_r + outs, mask=omask, other=0.0).to(tl.float32)
     tl.store(y_ptr + r * stride_y + outs, _round(y, y_ptr.dtype.element_ty, ROUND_BF16), mask=omask)
 
 
+def _check_vec(name: str, t: torch.Tensor | None, n: int, x: torch.Tensor) -> None:
+    if t is not None and (t.shape != (n,) or t.stride(0) != 1 or t.device != x.device):
+        raise ValueError(f"{name} must be a contiguous ({n},) vector on {x.device}, got {tuple(t.shape)}")
+
+
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, pdl: bool | None = None,
-               prefetch: bool = True, tiles: tuple[int, int, int] = DENSE_TILES) -> torch.Tensor:
-    """x (rows, d) @ w.T with w (n_out, d) contiguous: (rows, n_out) in x's dtype, or into `out`. `pdl`:
-    launch as a programmatic dependent of the kernel before (default where the GPU supports it, never under
-    the interpreter); `prefetch`: load the first weight tiles before waiting for x (only with PDL).
-    `tiles`: (BN, BK, STAGES), BN and BK powers of two, STAGES 1 or 2."""
+               prefetch: bool = True, tiles: tuple[int, ...] | None = None, *, w_up: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+               norm_w: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+    """x (rows, d) @ w.T with w (n_out, d) contiguous: (rows, n_out) in x's dtype, or into `out`.
+
+    norm_w: RMSNorm x first (weight norm_w (d,), `eps`); w_up (n_out, d): silu(. @ w.T) * (. @ w_up.T);
+    bias (n_out,) (not with w_up); residual (rows, n_out): added last. All in fp32, one rounding.
+    `pdl`: launch as a programmatic dependent of the kernel before (default where the GPU supports it, never
+    under the interpreter); `prefetch`: load the first weight tiles before waiting for x (only with PDL).
+    `tiles`: (BN, BK, STAGES[, WARPS]), BN and BK powers of two, STAGES 1 or 2, WARPS 1-8 (default 4); None =
+    `dense_tiles()` with BN halved for w_up (each program then reads BN rows of each matrix)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x (rows, d) and w (n_out, d), got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.stride(1) != 1 or not w.is_contiguous():
         raise ValueError("x needs unit stride along d and w must be contiguous")
-    bn, bk, stages = tiles
-    if bn < 1 or bk < 16 or bn & (bn - 1) or bk & (bk - 1) or stages not in (1, 2):
-        raise ValueError(f"tiles must be (BN, BK, STAGES) with BN, BK powers of two (BK >= 16), STAGES 1 or 2, "
-                         f"got {tiles}")
+    if w_up is not None and (w_up.shape != w.shape or not w_up.is_contiguous()):
+        raise ValueError(f"w_up must be contiguous and shaped like w {tuple(w.shape)}, got {tuple(w_up.shape)}")
+    if w_up is not None and bias is not None:
+        raise ValueError("bias is not supported with w_up")
+    if tiles is None:
+        bn, bk, stages, warps = dense_tiles()
+        tiles = (max(1, bn // 2) if w_up is not None else bn, bk, stages, warps)
+    if len(tiles) not in (3, 4):
+        raise ValueError(f"tiles must be (BN, BK, STAGES[, WARPS]), got {tiles}")
+    bn, bk, stages, warps = tuple(tiles) + (4,) * (len(tiles) == 3)
+    if (bn < 1 or bk < 16 or bn & (bn - 1) or bk & (bk - 1) or stages not in (1, 2)
+            or warps not in (1, 2, 4, 8)):
+        raise ValueError(f"tiles must be (BN, BK, STAGES[, WARPS]) with BN, BK powers of two (BK >= 16), STAGES 1 "
+                         f"or 2, WARPS 1, 2, 4 or 8, got {tiles}")
     rows, d = x.shape
     n_out = w.shape[0]
+    _check_vec("bias", bias, n_out, x)
+    _check_vec("norm_w", norm_w, d, x)
+    if residual is not None and (residual.shape != (rows, n_out) or residual.stride(1) != 1):
+        raise ValueError(f"residual must be ({rows}, {n_out}) with unit stride, got {tuple(residual.shape)}")
     if out is None:
         out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     elif out.shape != (rows, n_out) or out.stride(1) != 1 or out.device != x.device:
@@ -85,6 +189,8 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     use_pdl = _use_pdl(x, pdl)
     dense_gemv_kernel[(triton.cdiv(n_out, bn), rows)](
         x, w, out, d, n_out, x.stride(0), w.stride(0), out.stride(0), BN=bn, BK=bk, STAGES=stages,
-        ROUND_BF16=_interpreted_bf16(out), num_warps=2,
-        **({"PDL": True, "PREFETCH": bool(prefetch), "launch_pdl": True} if use_pdl else {}))
+        ROUND_BF16=_interpreted_bf16(out), w2_ptr=w_up, b_ptr=bias, r_ptr=residual,
+        stride_r=0 if residual is None else residual.stride(0), g_ptr=norm_w, eps=float(eps),
+        GATE_UP=w_up is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None, NORM=norm_w is not None,
+        num_warps=warps, **({"PDL": True, "PREFETCH": bool(prefetch), "launch_pdl": True} if use_pdl else {}))
     return out
