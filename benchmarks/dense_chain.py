@@ -45,28 +45,51 @@ def weights(layers: int) -> list[torch.Tensor]:
             for _ in range(layers) for _, d, n in LAYER]
 
 
-def block_args(ws: list[torch.Tensor]) -> list[dict]:
-    """Per GEMV, the engine's `dense_linear` parts (v20): q/k/v and gate/up with the block input's norm, o
-    and down with the residual; the gate/up weight (22016, 4096) read as its two halves (gate, up)."""
+FORMS = {  # the block forms timed with --block: which of the engine's parts each GEMV launch carries
+    "norm": {"norm", "g"}, "norm, g folded": {"norm"}, "gate/up two pointers": {"gate_up"},
+    "gate/up pairs": {"pairs"}, "residual": {"res"}, "engine v20a (norm, gate/up two pointers, residual)":
+    {"norm", "g", "gate_up", "res"}, "pairs, g folded, residual": {"norm", "pairs", "res"}}
+
+
+def block_args(ws: list[torch.Tensor], form: set) -> list[dict]:
+    """Per GEMV, `dense_gemv`'s keyword arguments in a block form (`FORMS`): "norm" at q/k/v and gate/up (with
+    its weight "g", else folded into w: only the rms scaling), "gate_up" (the (22016, 4096) weight read as its
+    gate and up halves) or "pairs" (its rows taken as interleaved gate/up pairs), "res" at o and down."""
     dev = ws[0].device
     out = []
     for i, w in enumerate(ws):
-        site = i % 4
-        if site in (0, 2):
-            kw = {"norm_w": torch.rand(w.shape[1], device=dev, dtype=w.dtype) + 0.5, "eps": 1e-5}
-            if site == 2:
-                kw.update(w=w[: w.shape[0] // 2], w_up=w[w.shape[0] // 2:])
-            out.append(kw)
-        else:
-            out.append({"residual": torch.randn(1, w.shape[0], device=dev, dtype=w.dtype)})
+        site, kw = i % 4, {}
+        if site in (0, 2) and "norm" in form:
+            kw = {"rms": True, "eps": 1e-5}
+            if "g" in form:
+                kw["norm_w"] = torch.rand(w.shape[1], device=dev, dtype=w.dtype) + 0.5
+        if site == 2 and "gate_up" in form:
+            kw.update(w=w[: w.shape[0] // 2], w_up=w[w.shape[0] // 2:])
+        if site == 2 and "pairs" in form:
+            kw["pairs"] = True
+        if site in (1, 3) and "res" in form:
+            kw["residual"] = torch.randn(1, w.shape[0], device=dev, dtype=w.dtype)
+        out.append(kw)
     return out
+
+
+def block_ref(x: torch.Tensor, w: torch.Tensor, kw: dict) -> torch.Tensor:
+    """The plain PyTorch form (`dense_linear_ref`) of one `block_args` call."""
+    kw = dict(kw)
+    w = kw.pop("w", w)
+    if kw.pop("pairs", False):
+        w, kw["w_up"] = w[0::2], w[1::2]
+    if kw.pop("rms", False) and "norm_w" not in kw:
+        kw["norm_w"] = torch.ones(w.shape[1], device=w.device, dtype=w.dtype)
+    return dense_linear_ref(x, w, **kw)
 
 
 def chain(ws: list[torch.Tensor], gemv, x0: torch.Tensor, args: list[dict] | None = None) -> tuple[list, list]:
     """The calls of one token from input x0 (each GEMV reads the first d_in outputs of the one before) and
     their outputs; `args`: per GEMV keyword arguments of the block form (`block_args`)."""
     args = args or [{} for _ in ws]
-    outs = [torch.empty(1, kw.get("w", w).shape[0], device=x0.device, dtype=x0.dtype) for w, kw in zip(ws, args)]
+    outs = [torch.empty(1, kw.get("w", w).shape[0] // (2 if kw.get("pairs") else 1), device=x0.device, dtype=x0.dtype)
+            for w, kw in zip(ws, args)]
     calls = []
     for i, (w, kw) in enumerate(zip(ws, args)):
         src = (x0 if i == 0 else outs[i - 1])[:, : w.shape[1]]
@@ -80,24 +103,25 @@ def token_time_us(calls, reps: int = 30) -> float:
     return graph_time_us(calls, reps) * len(calls)
 
 
-def variants(tilings, block: bool) -> list[tuple[str, object, bool]]:
-    """(name, gemv(x, out, w=..., **parts), block form)."""
+def variants(tilings, block: bool) -> list[tuple[str, object, set | None]]:
+    """(name, gemv(x, out, w=..., **parts), block form or None)."""
     def cublas(x, o, w):
         torch.mm(x, w.T, out=o)
 
-    out = [("cuBLAS (F.linear)", cublas, False)]
+    def ours(t, **fixed):
+        def run(x, o, w, **kw):
+            bn = max(1, t[0] // 2) if "w_up" in kw else max(2, t[0]) if kw.get("pairs") else t[0]
+            return dense_gemv(x, w, o, tiles=(bn,) + tuple(t[1:]), **fixed, **kw)
+        return run
+
+    out = [("cuBLAS (F.linear)", cublas, None)]
     for t in tilings:
-        out += [(f"dense_gemv {t}, no PDL", lambda x, o, w, t=t: dense_gemv(x, w, o, pdl=False, tiles=t), False),
-                (f"dense_gemv {t}, PDL, wait first", lambda x, o, w, t=t: dense_gemv(x, w, o, pdl=True,
-                                                                                     prefetch=False, tiles=t), False),
-                (f"dense_gemv {t}, PDL, tiles before wait", lambda x, o, w, t=t: dense_gemv(x, w, o, pdl=True,
-                                                                                           prefetch=True, tiles=t),
-                 False)]
-        if block:  # the engine's form: norms, SiLU * up and residuals in the launches (gate/up: BN halved)
-            out.append((f"dense_gemv {t}, PDL, tiles before wait, engine block form",
-                        lambda x, o, w, t=t, **kw: dense_gemv(
-                            x, w, o, pdl=True, prefetch=True,
-                            tiles=(max(1, t[0] // 2),) + tuple(t[1:]) if "w_up" in kw else t, **kw), True))
+        out += [(f"dense_gemv {t}, no PDL", ours(t, pdl=False), None),
+                (f"dense_gemv {t}, PDL, wait first", ours(t, pdl=True, prefetch=False), None),
+                (f"dense_gemv {t}, PDL, tiles before wait", ours(t, pdl=True, prefetch=True), None)]
+        if block:  # the engine's parts in the launches (gate/up: BN halved with two pointers, >= 2 with pairs)
+            out += [(f"dense_gemv {t}, PDL, tiles before wait, {name}", ours(t, pdl=True, prefetch=True), form)
+                    for name, form in FORMS.items()]
     return out
 
 
@@ -105,7 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--tilings", default="2,2048,2,2;2,2048,2,4;4,1024,2,4;1,2048,2,4",
+    ap.add_argument("--tilings", default="2,2048,2,2;4,1024,2,4",
                     help="(BN,BK,STAGES,WARPS) tilings, ';'-separated")
     ap.add_argument("--block", action="store_true", help="also the engine's block form (norms, SiLU * up, residuals)")
     a = ap.parse_args()
@@ -120,21 +144,22 @@ def main() -> None:
     ref_calls, ref_outs = chain(ws[:4], variants([], False)[0][1], x0)
     for c in ref_calls:
         c()
-    bargs = block_args(ws) if a.block else None
     rows = []
     print(f"{torch.cuda.get_device_name()} | bf16 | batch 1 | LLaMA2-7B dense GEMVs, {a.layers} layers, "
           f"{nbytes / 1e9:.2f} GB per token | copy BW {bw / 1e12:.2f} TB/s | roofline {nbytes / bw * 1e6:.0f} us")
     print("| variant | us per token | GB/s | of copy BW | vs cuBLAS |")
     print("|---|---|---|---|---|")
     base = None
-    for name, gemv, block in variants(tilings, a.block):
+    for name, gemv, form in variants(tilings, a.block):
+        block = form is not None
+        bargs = block_args(ws, form) if block else None
         if block:  # checked against the block's plain PyTorch form on one layer (each GEMV on the same input)
             calls, outs = chain(ws[:4], gemv, x0, bargs[:4])
             for c in calls:
                 c()
             srcs = [x0] + outs[:3]
-            err = max(((o.float() - dense_linear_ref(s[:, : w.shape[1]], **{"w": w, **kw}).float()).norm()
-                       / o.float().norm()).item() for o, s, w, kw in zip(outs, srcs, ws, bargs))
+            err = max(((o.float() - block_ref(s[:, : w.shape[1]], w, kw).float()).norm() / o.float().norm()).item()
+                      for o, s, w, kw in zip(outs, srcs, ws, bargs))
         else:
             calls, outs = chain(ws[:4], gemv, x0)
             for c in calls:
@@ -142,9 +167,10 @@ def main() -> None:
             err = max(((o.float() - r.float()).norm() / r.float().norm()).item() for o, r in zip(outs, ref_outs))
         if err > 2e-2:
             raise SystemExit(f"{name}: relative error {err:.3g} against the reference")
-        us = token_time_us(chain(ws, gemv, x0, bargs if block else None)[0])
+        us = token_time_us(chain(ws, gemv, x0, bargs)[0])
+        del bargs
         base = base or us
-        row = {"variant": name, "block_form": block, "us_per_token": us, "GBps": nbytes / us / 1e3, "of_copy_bw": nbytes / us * 1e6 / bw,
+        row = {"variant": name, "block_form": sorted(form) if block else None, "us_per_token": us, "GBps": nbytes / us / 1e3, "of_copy_bw": nbytes / us * 1e6 / bw,
                "vs_cublas": base / us, "max_rel_err": err}
         rows.append(row)
         print(f"| {name} | {us:.0f} | {row['GBps']:.0f} | {row['of_copy_bw']:.0%} | {row['vs_cublas']:.3f}x |",

@@ -172,6 +172,14 @@ for stage in "$@"; do
       python3 benchmarks/dense_chain.py --block --out "$out/dense-chain-block-h200.json" 2>&1 \
         | tee "$out/dense-chain-block-h200.log" || rc=1
       parts dense_kernel dense-kernel-h200 ;;
+    denseforms)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
+        > "$out/dense-forms-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/dense-forms-tests.log"
+      python3 benchmarks/dense_chain.py --block --tilings "2,2048,2,2;4,1024,2,4;2,1024,2,4" \
+        --out "$out/dense-chain-forms-h200.json" 2>&1 | tee "$out/dense-chain-forms-h200.log" || rc=1
+      python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --dense-kernel-ab \
+        --out "$out/profile-dense-kernel-llama2-7b.json" 2>&1 | tee "$out/profile-dense-kernel-llama2-7b.log" || rc=1 ;;
     densechain)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
         > "$out/dense-chain-tests.log" 2>&1 || rc=1

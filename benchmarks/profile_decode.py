@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from larosa.engine import DEFAULT_ADAPTERS, DecodeEngine  # noqa: E402
 from larosa.shapes import random_base, sparse_variant  # noqa: E402
 
-KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv"), ("attention", "attention|attn|flash|fmha|sdpa|softmax"),
+KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv"), ("dense GEMV (ours)", "dense_gemv"), ("attention", "attention|attn|flash|fmha|sdpa|softmax"),
          ("cuBLAS GEMV/GEMM", "gemv|gemm|cublas|sm90_xmma|nvjet|cutlass"), ("fused elementwise (inductor)", "triton_"),
          ("copies/other", "")]
 
@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA with the select hints at no site, at "
                     "the norm + select sites (q/k/v, gate/up) and at all four, and un-rotated Top-K at none and all "
                     "four: the select kernels' time per step")
+    ap.add_argument("--dense-kernel-ab", action="store_true", help="each method with the dense sites and head in "
+                    "`larosa::dense_linear` and with cuBLAS (v20)")
     ap.add_argument("--in-order", action="store_true", help="with --hints-ab: LaRoSA's adapters in order instead "
                     "of where the engine runs them by default")
     args = ap.parse_args()
@@ -88,11 +90,15 @@ def main() -> None:
                    "'stream' = on a side stream), their time counted in full; kernels that overlap (PDL) "
                    "are each counted in full"}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = sorted(set(methods) - {"dense", "larosa", "topk"})
+    bad = sorted(set(methods) - {"dense", "larosa", "topk"})  # noqa: E501
     if bad:
         ap.error(f"unknown methods {bad}: choose among dense, larosa, topk")
+    if args.dense_kernel_ab:
+        methods = [f"{m}{tag}" for m in methods for tag in ("", "+cuBLAS")]
     for m in methods:
-        res[m] = profile(base if m == "dense" else sparse_variant(base, m, args.sparsity), prompt)
+        name = m.removesuffix("+cuBLAS")
+        kw = {"dense_kernel": False} if m.endswith("+cuBLAS") else {}
+        res[m] = profile(base if name == "dense" else sparse_variant(base, name, args.sparsity), prompt, **kw)
     for m in methods:
         print(f"## {m}: {res[m]['total_us_per_step']:.0f} us of kernels per step")
         for k, v in sorted(res[m]["us_per_step_by_kind"].items(), key=lambda kv: -kv[1]):
