@@ -387,21 +387,36 @@ def compact_store32_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dic
 def dense_kernel_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v20: the dense sites and the head in `larosa::dense_linear` (PDL-chained, first weight tiles loaded before
     the wait; `LAROSA_DENSE_TILES`) vs cuBLAS and compiled glue, the attention launched as a programmatic
-    dependent or not (`LAROSA_ATTN_PDL`). LaRoSA has only the head dense."""
+    dependent or not (`LAROSA_ATTN_PDL`); dense model."""
     cublas = {"dense_kernel": False}
     ours = {"dense_kernel": True}
     variants = [("cuBLAS", {"LAROSA_ATTN_PDL": "0", "LAROSA_DENSE_TILES": None}, cublas),
-                ("ours 2x2048x2 w4", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "2,2048,2,4"}, ours),
-                ("ours 2x2048x2 w2", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "2,2048,2,2"}, ours),
                 ("ours 4x1024x2 w4", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "4,1024,2,4"}, ours),
-                ("ours 2x2048x2 w4 attn no PDL", {"LAROSA_ATTN_PDL": "0", "LAROSA_DENSE_TILES": "2,2048,2,4"}, ours)]
-    return variant_ab_rows(shape, gen_len, None, variants, repeats, (("dense", 0.0), ("larosa", 0.5)))
+                ("ours 2x2048x2 w2", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "2,2048,2,2"}, ours),
+                ("ours 4x1024x2 w4 attn no PDL", {"LAROSA_ATTN_PDL": "0", "LAROSA_DENSE_TILES": "4,1024,2,4"}, ours)]
+    return variant_ab_rows(shape, gen_len, None, variants, repeats, (("dense", 0.0),))
+
+
+def sparse_chain_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v20: the Top-K step as a PDL chain: the selects launched as programmatic dependents of the GEMV before
+    (which lets them launch at its start; they wait, `LAROSA_SELECT_WAIT`), the attention likewise
+    (`LAROSA_ATTN_PDL`), and the head in `larosa::dense_linear` or cuBLAS (`dense_kernel`)."""
+    variants = [("v19: no waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "0", "LAROSA_ATTN_PDL": "0"},
+                 {"dense_kernel": False}),
+                ("select waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "1", "LAROSA_ATTN_PDL": "0"},
+                 {"dense_kernel": False}),
+                ("select waits, attn PDL, cuBLAS head", {"LAROSA_SELECT_WAIT": "1", "LAROSA_ATTN_PDL": "1"},
+                 {"dense_kernel": False}),
+                ("select waits, attn PDL, our head", {"LAROSA_SELECT_WAIT": "1", "LAROSA_ATTN_PDL": "1"},
+                 {"dense_kernel": True})]
+    return variant_ab_rows(shape, gen_len, None, variants, repeats,
+                           (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
 
 
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
-            "dense_kernel": dense_kernel_rows}
+            "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows}
 
 
 def main() -> None:

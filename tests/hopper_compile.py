@@ -37,6 +37,10 @@ CASES = [
     # v19 default: the list stored from 32-bit offsets (LAROSA_COMPACT_STORE=asm32)
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WINDOW": 6}, 8),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4}, 4),
+    # v20: the selects launched as programmatic dependents of the GEMV before (WAIT)
+    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 6,
+                                "WAIT": True}, 4),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WAIT": True}, 8),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 3}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": True}, 4),

@@ -497,8 +497,9 @@ class _Recorder:
 
 
 def test_pdl_launch_flags(monkeypatch):
-    """Where PDL can run, each select (and the norm + select) triggers its GEMV early (PDL) and is itself
-    launched plainly, after the kernel that wrote x; the GEMV after a select is its programmatic dependent
+    """Where PDL can run, each select (and the norm + select) triggers its GEMV early (PDL) and is itself (v20)
+    a programmatic dependent of the kernel that wrote x, waiting for it first (WAIT; launched plainly with
+    LAROSA_SELECT_WAIT=0); the GEMV after a select is its programmatic dependent
     (launch_pdl), the one after the norm + select waits before it loads h too (X_LATE); a threshold-mode
     GEMV has no select before it. (The kernels' arithmetic under PDL is checked compiled on the GPU by the
     other tests here; this checks what is asked of each launch.)"""
@@ -527,9 +528,14 @@ def test_pdl_launch_flags(monkeypatch):
                                                                                           False, True]
     for name, kw in calls:
         if name in ("select_packed_kernel", "rmsnorm_select_kernel"):
-            assert kw.get("PDL") is True and "launch_pdl" not in kw
+            assert kw.get("PDL") is True and kw.get("WAIT") is True and kw.get("launch_pdl") is True
     assert all(kw.get("launch_pdl") is True for n, kw in calls[:10] if n.endswith("gemv_kernel"))  # gtile too
     assert "launch_pdl" not in calls[10][1]  # threshold mode: no select before it
+    calls.clear()
+    monkeypatch.setenv("LAROSA_SELECT_WAIT", "0")
+    tg.launch(x, wt, y, 100, impl="gtile")
+    assert [n for n, _ in calls] == ["select_packed_kernel", "gtile_gemv_kernel"]
+    assert "WAIT" not in calls[0][1] and "launch_pdl" not in calls[0][1] and calls[1][1]["launch_pdl"] is True
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:

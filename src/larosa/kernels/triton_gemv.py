@@ -145,10 +145,12 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                          a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                          SIDE: tl.constexpr = False, A_BN: tl.constexpr = 32, A_BK: tl.constexpr = 128,
                          A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False,
-                         ROUND_BF16: tl.constexpr = False):
+                         ROUND_BF16: tl.constexpr = False, WAIT: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
+    WAIT (v20): launched as a programmatic dependent itself (of the GEMV before, which lets it launch early),
+    every program first waits for that kernel, and only then lets its own dependent launch.
     FIRST_BIT < 14 is for timing only (benchmarks/select_bench.py --steps): fewer bisection steps, wrong
     selections.
     WINDOW > 0: search near the row's previous threshold first (`_packed_select`), and store the new one
@@ -157,6 +159,8 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     ascending (4, compiled default since v19: stored by inline PTX from 32-bit offsets, `_scatter_i32_at`; 3:
     the same from 64-bit pointers, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
+    if WAIT:
+        gdc_wait()
     if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
@@ -349,12 +353,16 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
                           n_rows=1, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
                           a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                           SIDE: tl.constexpr = False, A_BN: tl.constexpr = 32, A_BK: tl.constexpr = 128,
-                          A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False):
+                          A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False,
+                          WAIT: tl.constexpr = False):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
     and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h.
-    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
+    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`). WAIT: as
+    in select_packed_kernel."""
+    if WAIT:
+        gdc_wait()
     if SIDE and tl.program_id(0) >= n_rows:  # as in select_packed_kernel
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
@@ -584,7 +592,11 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     zeroed: the last program of each column block (an atomic counter) turns them into the 16-bit output
     (bias or silu(gate) * up epilogue) and zeroes them.
     SIDE (v18): the first m0 slices along grid axis 1 are the programs of a dense side GEMV (`_side_slice`),
-    which start at once, while the GEMV's programs wait for their select (PDL)."""
+    which start at once, while the GEMV's programs wait for their select (PDL). With PDL every program also
+    lets the kernel after it launch at once (v20: a select launched as this one's dependent waits for it,
+    `WAIT`)."""
+    if PDL:
+        gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:  # SIDE is a constexpr: without it no branch is compiled
         _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
                     stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
@@ -632,7 +644,9 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
-    the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE as there."""
+    the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE and PDL as there."""
+    if PDL:
+        gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:
         _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
                     stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
@@ -887,7 +901,8 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         hint if hint is not None else sel, d_in, k, float(eps),
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
         HAS_RES=res is not None, BLOCK_D=block_d, num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
-        ROUND_BF16=_interpreted_bf16(x), **({"PDL": True} if pdl and _pdl_possible(x) else {}), **side_kw)
+        ROUND_BF16=_interpreted_bf16(x), **({"PDL": True} if pdl and _pdl_possible(x) else {}),
+        **_wait_kw(x), **side_kw)
     return xs, h, sel
 
 
@@ -1170,7 +1185,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
         side_kw["ROUND_BF16"] = _interpreted_bf16(side.x)
     kernel[(rows + extra,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
                             num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
-                            **({"PDL": True} if pdl else {}),
+                            **({"PDL": True} if pdl else {}), **_wait_kw(x),
                             **side_kw)
     return sel
 
@@ -1204,6 +1219,14 @@ def pdl_default(x: torch.Tensor) -> bool:
 def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
     """The caller's choice (default: `pdl_default`), never where it is not possible."""
     return pdl_default(x) if pdl is None else bool(pdl) and _pdl_possible(x)
+
+
+def _wait_kw(x: torch.Tensor) -> dict:
+    """A packed select's launch as a programmatic dependent of the kernel before (v20, `WAIT`): where PDL is
+    possible (`pdl_default`), unless `LAROSA_SELECT_WAIT=0` (A/B runs)."""
+    if os.environ.get("LAROSA_SELECT_WAIT", "1") == "0" or not pdl_default(x):
+        return {}
+    return {"WAIT": True, "launch_pdl": True}
 
 
 def _select_then_pdl(x: torch.Tensor, pdl: bool | None, mode: int, select_impl: str) -> bool:
