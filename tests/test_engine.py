@@ -504,6 +504,8 @@ def test_dense_kernel_engine_equals_plain_engine_fp32(monkeypatch, arch):
         plain, dk = DecodeEngine(w, max_len=12, batch=2), DecodeEngine(w, max_len=12, batch=2, dense_kernel=True)
         assert not plain.dense_kernel and not any(st.dense_kernel for st in plain._statics)
         assert all(st.dense_kernel for st in dk._statics)
+        # tiny models have random norm scales; LaRoSA's fused form folds them (ones: the rms scaling alone)
+        assert all(st.unit_norms == (m is fused) for st in dk._statics) and dk._unit_final_norm == (m is fused)
         before = len(calls)
         torch.testing.assert_close(dk.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
         for _ in range(3):
@@ -514,23 +516,30 @@ def test_dense_kernel_engine_equals_plain_engine_fp32(monkeypatch, arch):
         assert len(calls) - before == 4 * per_pass  # prefill and three steps
 
 
-def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch):
+@pytest.mark.parametrize("unit", [False, True])
+def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
     """bf16, batch 1: each decode step runs the dense GEMV kernel (interpreted on the CPU, compiled on a GPU)
     four times per layer (q/k/v with the norm, o with the residual, gate/up with the norm, down with the
-    residual) and once for the head, and its logits follow the plain engine's."""
+    residual) and once for the head, and its logits follow the plain engine's. Norm weights of ones (`unit`)
+    are not loaded: the kernel scales by the rms alone."""
     from larosa.kernels import triton_dense
 
     launches = []
     real = triton_dense.dense_gemv
     monkeypatch.setattr(triton_dense, "dense_gemv",
                         lambda *a, **k: (launches.append(tuple(n for n in ("w_up", "bias", "residual", "norm_w")
-                                                                   if k.get(n) is not None)), real(*a, **k))[1])
+                                                                   if k.get(n) is not None) + ("rms",) * k["rms"]),
+                                         real(*a, **k))[1])
     model, w, ids = _bf16_tiny_hd16(seed=8)
+    if unit:
+        for t in [w.final_norm] + [n for lw in w.layers for n in (lw.attn_norm, lw.mlp_norm)]:
+            t.fill_(1.0)
     kw = {"max_len": 12, "compile": False, "graphs": False}
     plain, dk = DecodeEngine(w, dense_kernel=False, **kw), DecodeEngine(w, dense_kernel=True, **kw)
     for e in (plain, dk):
         e.prefill(ids)
-    assert launches == [("norm_w",)]  # the prompt's rows take the reference, its last position's head the kernel
+    g = () if unit else ("norm_w",)
+    assert launches == [g + ("rms",)]  # the prompt's rows take the reference, its last position's head the kernel
     launches.clear()
     for _ in range(3):
         plain.step()
@@ -538,5 +547,5 @@ def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch):
         cos = torch.nn.functional.cosine_similarity(dk.logits.float(), plain.logits.float(), dim=-1).item()
         assert cos > 0.999, cos
         dk.tok.copy_(plain.tok)
-    layer = [("norm_w",), ("residual",), ("w_up", "norm_w"), ("residual",)]
-    assert launches == (layer * model.config.num_hidden_layers + [("norm_w",)]) * 3
+    layer = [g + ("rms",), ("residual",), ("w_up",) + g + ("rms",), ("residual",)]
+    assert launches == (layer * model.config.num_hidden_layers + [g + ("rms",)]) * 3

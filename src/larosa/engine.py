@@ -82,6 +82,9 @@ class LayerStatic(NamedTuple):
     # dense sites: `larosa::dense_linear` (the block's norm, bias, SiLU * up and residual in the GEMV launch, its
     # first weight tiles loaded before it waits for its input); set by the engine
     dense_kernel: bool = False
+    # both block-input norm weights are all ones (folded into the projections, as LaRoSA's fused form and the
+    # random-weight shapes have them): `dense_linear` then scales by the rms alone, without loading them
+    unit_norms: bool = False
 
 
 @dataclass
@@ -226,7 +229,8 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     elif st.dense_kernel and st.attn_in.mode == "dense" and probe is None:
         if res is not None:
             x = x + res
-        qkv = torch.ops.larosa.dense_linear(x, wqkv, None, bqkv, None, attn_norm, st.eps)
+        qkv = torch.ops.larosa.dense_linear(x, wqkv, None, bqkv, None, None if st.unit_norms else attn_norm, st.eps,
+                                            True)
     else:
         if res is not None:
             x = x + res
@@ -261,7 +265,8 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
         act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
                                             _hint(hints, 2, st), st.mlp_in.kernel)[1]
     elif st.dense_kernel and st.mlp_in.mode == "dense" and not st.rotate_mlp and probe is None:
-        act = torch.ops.larosa.dense_linear(x, wgate, wup, None, None, mlp_norm, st.eps)
+        act = torch.ops.larosa.dense_linear(x, wgate, wup, None, None, None if st.unit_norms else mlp_norm, st.eps,
+                                            True)
     else:
         h = _rms(x, mlp_norm, st.eps)
         if st.rotate_mlp:
@@ -701,9 +706,11 @@ class DecodeEngine:
             raise LarosaError(f"kernel must be one of {', '.join(_ops.KERNEL_IMPLS)}, got {kernel!r}")
         self._statics = [st._replace(fused_norm=self.fuse_norm_select, fused_residual=self.fuse_residual,
                                      fused_rope=self.fuse_rope, dense_kernel=self.dense_kernel,
+                                     unit_norms=bool((lw.attn_norm == 1).all() and (lw.mlp_norm == 1).all()),
                                      hint_sites=sum(1 << i for i in self.hint_sites),
                                      **{n: getattr(st, n)._replace(kernel=self.kernel) for n in SITES})
-                         for st in weights.statics]
+                         for st, lw in zip(weights.statics, weights.layers)]
+        self._unit_final_norm = bool((weights.final_norm == 1).all())
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
@@ -792,8 +799,9 @@ class DecodeEngine:
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_kernel:
-            y = torch.ops.larosa.dense_linear(x[:, -1:], self.w.head, None, None, None, self.w.final_norm,
-                                              self.w.final_eps)
+            y = torch.ops.larosa.dense_linear(x[:, -1:], self.w.head, None, None, None,
+                                              None if self._unit_final_norm else self.w.final_norm,
+                                              self.w.final_eps, True)
         else:
             y = F.linear(_rms(x[:, -1:], self.w.final_norm, self.w.final_eps), self.w.head)
         return y[:, 0].to(self.logits_dtype)

@@ -10,7 +10,7 @@
                                                          ... and r = x @ w[:c].T in the same launch
     torch.ops.larosa.topk_linear_side(x, wt, k, a, w, prev)
                                                          TopK_k(x) @ wt, and r = a @ w.T (first columns: prev)
-    torch.ops.larosa.dense_linear(x, w, w_up, bias, residual, norm_w, eps)
+    torch.ops.larosa.dense_linear(x, w, w_up, bias, residual, norm_w, eps, rms)
                                                          y = RMSNorm(x) @ w.T (+ bias) (+ residual), or
                                                          silu(. @ w.T) * (. @ w_up.T): dense decode sites
     torch.ops.larosa.decode_attention(q, kc, vc, pos, s) one position against cache positions 0..pos
@@ -365,9 +365,10 @@ def dense_kernel_default(device: torch.device) -> bool:
 @torch.library.custom_op("larosa::dense_linear", mutates_args=())
 def dense_linear(x: torch.Tensor, w: torch.Tensor, w_up: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                 norm_w: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
-    """A dense projection of the decode step with its block's other work: y = RMSNorm(x) (with norm_w) @ w.T
-    (+ bias), or silu(. @ w.T) * (. @ w_up.T) with w_up, + residual. w, w_up (d_out, d_in) output-major
+                 norm_w: Optional[torch.Tensor] = None, eps: float = 0.0, rms: bool = False) -> torch.Tensor:
+    """A dense projection of the decode step with its block's other work: y = RMSNorm(x) (with norm_w, or
+    with `rms` a norm whose weight is all ones) @ w.T (+ bias), or silu(. @ w.T) * (. @ w_up.T) with w_up,
+    + residual. w, w_up (d_out, d_in) output-major
     (F.linear's layout). Up to `max_kernel_rows()` rows run `triton_dense.dense_gemv` (one launch, fp32 until
     the one rounding, loading its first weight tiles before it waits for x where PDL is possible); more rows,
     fp32 and devices where Triton cannot run take `reference.dense_linear_ref` (HF's roundings)."""
@@ -375,15 +376,17 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, w_up: Optional[torch.Tensor] 
         raise ValueError(f"x (..., {x.shape[-1]}) does not match w {tuple(w.shape)} (expected d_out x d_in)")
     x2 = _rows(x)
     if not _use_kernel(x, x2.shape[0]):
+        if rms and norm_w is None:
+            norm_w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
         return ref.dense_linear_ref(x, w, w_up, bias, residual, norm_w, eps)
     r2 = None if residual is None else _rows(residual)
     y = triton_dense.dense_gemv(x2, w.contiguous(), w_up=None if w_up is None else w_up.contiguous(), bias=bias,
-                                residual=r2, norm_w=norm_w, eps=eps)
+                                residual=r2, norm_w=norm_w, eps=eps, rms=rms or norm_w is not None)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
 @dense_linear.register_fake
-def _(x, w, w_up=None, bias=None, residual=None, norm_w=None, eps=0.0):
+def _(x, w, w_up=None, bias=None, residual=None, norm_w=None, eps=0.0, rms=False):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
