@@ -69,15 +69,14 @@ CASES = [
                              "ROWS_PER_SPLIT": 256, "SPLIT_CHUNK": 4}, 4),
     (tg.sparse_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": True, "BLOCK_K": 16, "BLOCK_N": 64,
                              "ROWS_PER_SPLIT": 512, "PDL": True, "HAS_RES": False}, 4),
-    # v20: the dense decode step's GEMVs (load their first weight tiles before waiting for x): q/k/v with the
-    # norm (and bias), o and down with the residual, gate/up with the norm (4 warps); the v19 experiment's
-    # 2-warp tiles waiting first (benchmarks/dense_chain.py)
-    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
-                            "HAS_G": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+    # v20: the dense decode step's GEMVs at the default tiles (load their first weight tiles before waiting for
+    # x): q/k/v with the norm (weight loaded, and bias; or ones: rms alone), o and down with the residual,
+    # gate/up with the norm; the v19 experiment's 2-warp tiles waiting first (benchmarks/dense_chain.py)
+    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
                             "HAS_G": True, "HAS_BIAS": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "HAS_RES": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 1, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "HAS_RES": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 2, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
                             "HAS_G": True, "GATE_UP": True}, 4),
     (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": False}, 2),
     # gate/up rows interleaved in one matrix, the norm weight folded into the weights (only the rms scaling)

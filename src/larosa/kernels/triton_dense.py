@@ -33,9 +33,10 @@ from .triton_gemv import _interpreted_bf16, _round, _use_pdl, gdc_launch_depende
 
 # BN outputs per program, BK inputs per step, STAGES steps loaded at once, warps per program. v19 experiment
 # at 2 warps (dense-chain-h200.json, plain GEMVs): (2, 2048, 2) 3200 us per token, (4, 1024, 2) 3277,
-# (8, 512, 2) 3861, cuBLAS 3634. At 2 warps (2, 2048, 2) spills 48-72 B and its gate/up half (1, 2048, 2)
-# 264 B in the sm_90 compile, at 4 warps none (benchmarks/kernel_resources.py)
-DENSE_TILES = (2, 2048, 2, 4)
+# (8, 512, 2) 3861, cuBLAS 3634. With the block's parts in the launches (v20, dense-chain-block-h200.json)
+# (4, 1024, 2, 4) 3649 us, (2, 2048, 2, 2) 3798, (2, 2048, 2, 4) 4134; end to end (dense-kernel-h200.json,
+# LLaMA2-7B dense) 244.1 tok/s vs 215.9 / 211.4, cuBLAS 224.6
+DENSE_TILES = (4, 1024, 2, 4)
 
 
 def dense_tiles() -> tuple[int, int, int, int]:
