@@ -388,27 +388,23 @@ def dense_kernel_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v20: the dense sites and the head in `larosa::dense_linear` (PDL-chained, first weight tiles loaded before
     the wait; `LAROSA_DENSE_TILES`) vs cuBLAS and compiled glue, the attention launched as a programmatic
     dependent or not (`LAROSA_ATTN_PDL`); dense model."""
+    # (the v20 runs also toggled the attention's PDL by a LAROSA_ATTN_PDL switch, since replaced by the engine's
+    # rule: results/chains-h200.json)
     cublas = {"dense_kernel": False}
     ours = {"dense_kernel": True}
-    variants = [("cuBLAS", {"LAROSA_ATTN_PDL": "0", "LAROSA_DENSE_TILES": None}, cublas),
-                ("ours 4x1024x2 w4", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "4,1024,2,4"}, ours),
-                ("ours 2x2048x2 w2", {"LAROSA_ATTN_PDL": "1", "LAROSA_DENSE_TILES": "2,2048,2,2"}, ours),
-                ("ours 4x1024x2 w4 attn no PDL", {"LAROSA_ATTN_PDL": "0", "LAROSA_DENSE_TILES": "4,1024,2,4"}, ours)]
+    variants = [("cuBLAS", {"LAROSA_DENSE_TILES": None}, cublas)] + [
+        (f"ours {t}", {"LAROSA_DENSE_TILES": t}, ours) for t in ("4,1024,2,4", "8,512,2,4", "2,2048,2,2", "4,1024,2,2")]
     return variant_ab_rows(shape, gen_len, None, variants, repeats, (("dense", 0.0),))
 
 
 def sparse_chain_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v20: the Top-K step as a PDL chain: the selects launched as programmatic dependents of the GEMV before
-    (which lets them launch at its start; they wait, `LAROSA_SELECT_WAIT`), the attention likewise
-    (`LAROSA_ATTN_PDL`), and the head in `larosa::dense_linear` or cuBLAS (`dense_kernel`)."""
-    variants = [("v19: no waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "0", "LAROSA_ATTN_PDL": "0"},
-                 {"dense_kernel": False}),
-                ("select waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "1", "LAROSA_ATTN_PDL": "0"},
-                 {"dense_kernel": False}),
-                ("select waits, attn PDL, cuBLAS head", {"LAROSA_SELECT_WAIT": "1", "LAROSA_ATTN_PDL": "1"},
-                 {"dense_kernel": False}),
-                ("select waits, attn PDL, our head", {"LAROSA_SELECT_WAIT": "1", "LAROSA_ATTN_PDL": "1"},
-                 {"dense_kernel": True})]
+    (which lets them launch at its start; they wait, `LAROSA_SELECT_WAIT`), the attention likewise (then
+    `LAROSA_ATTN_PDL`, since replaced by the engine's rule: only before a dense o projection), and the head
+    in `larosa::dense_linear` or cuBLAS (`dense_kernel`). The rows of results/chains-h200.json."""
+    variants = [("v19: no waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "0"}, {"dense_kernel": False}),
+                ("select waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "1"}, {"dense_kernel": False}),
+                ("no waits, our head (v20 default)", {"LAROSA_SELECT_WAIT": "0"}, {"dense_kernel": True})]
     return variant_ab_rows(shape, gen_len, None, variants, repeats,
                            (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
 

@@ -180,6 +180,8 @@ for stage in "$@"; do
         --out "$out/dense-chain-forms-h200.json" 2>&1 | tee "$out/dense-chain-forms-h200.log" || rc=1
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --dense-kernel-ab \
         --out "$out/profile-dense-kernel-llama2-7b.json" 2>&1 | tee "$out/profile-dense-kernel-llama2-7b.log" || rc=1 ;;
+    densetiles)
+      parts dense_kernel dense-tiles-h200 ;;
     chains)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py -k "dense_kernel" \
         > "$out/chains-tests.log" 2>&1 || rc=1

@@ -530,11 +530,15 @@ def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
                         lambda *a, **k: (launches.append(tuple(n for n in ("w_up", "bias", "residual", "norm_w")
                                                                    if k.get(n) is not None) + ("rms",) * k["rms"]),
                                          real(*a, **k))[1])
+    attn_pdl = []
+    real_attn = _ops.triton_attention.rope_decode_attention
+    monkeypatch.setattr(_ops.triton_attention, "rope_decode_attention",
+                        lambda *a: (attn_pdl.append(a[-1]), real_attn(*a))[1])
     model, w, ids = _bf16_tiny_hd16(seed=8)
     if unit:
         for t in [w.final_norm] + [n for lw in w.layers for n in (lw.attn_norm, lw.mlp_norm)]:
             t.fill_(1.0)
-    kw = {"max_len": 12, "compile": False, "graphs": False}
+    kw = {"max_len": 12, "compile": False, "graphs": False, "fuse_rope": True}
     plain, dk = DecodeEngine(w, dense_kernel=False, **kw), DecodeEngine(w, dense_kernel=True, **kw)
     for e in (plain, dk):
         e.prefill(ids)
@@ -547,5 +551,9 @@ def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
         cos = torch.nn.functional.cosine_similarity(dk.logits.float(), plain.logits.float(), dim=-1).item()
         assert cos > 0.999, cos
         dk.tok.copy_(plain.tok)
+    # the attention asks to launch as a programmatic dependent in the dense-kernel step only (its o projection
+    # loads weights meanwhile)
+    n = model.config.num_hidden_layers
+    assert attn_pdl == ([False] * n + [True] * n) * 3
     layer = [g + ("rms",), ("residual",), ("w_up",) + g + ("rms",), ("residual",)]
     assert launches == (layer * model.config.num_hidden_layers + [g + ("rms",)]) * 3

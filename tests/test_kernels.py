@@ -497,9 +497,9 @@ class _Recorder:
 
 
 def test_pdl_launch_flags(monkeypatch):
-    """Where PDL can run, each select (and the norm + select) triggers its GEMV early (PDL) and is itself (v20)
-    a programmatic dependent of the kernel that wrote x, waiting for it first (WAIT; launched plainly with
-    LAROSA_SELECT_WAIT=0); the GEMV after a select is its programmatic dependent
+    """Where PDL can run, each select (and the norm + select) triggers its GEMV early (PDL) and is itself
+    launched plainly, after the kernel that wrote x (with LAROSA_SELECT_WAIT=1, v20: as a programmatic
+    dependent of that kernel, waiting for it first, WAIT); the GEMV after a select is its programmatic dependent
     (launch_pdl), the one after the norm + select waits before it loads h too (X_LATE); a threshold-mode
     GEMV has no select before it. (The kernels' arithmetic under PDL is checked compiled on the GPU by the
     other tests here; this checks what is asked of each launch.)"""
@@ -528,14 +528,18 @@ def test_pdl_launch_flags(monkeypatch):
                                                                                           False, True]
     for name, kw in calls:
         if name in ("select_packed_kernel", "rmsnorm_select_kernel"):
-            assert kw.get("PDL") is True and kw.get("WAIT") is True and kw.get("launch_pdl") is True
+            assert kw.get("PDL") is True and "WAIT" not in kw and "launch_pdl" not in kw
     assert all(kw.get("launch_pdl") is True for n, kw in calls[:10] if n.endswith("gemv_kernel"))  # gtile too
     assert "launch_pdl" not in calls[10][1]  # threshold mode: no select before it
     calls.clear()
-    monkeypatch.setenv("LAROSA_SELECT_WAIT", "0")
+    monkeypatch.setenv("LAROSA_SELECT_WAIT", "1")
     tg.launch(x, wt, y, 100, impl="gtile")
-    assert [n for n, _ in calls] == ["select_packed_kernel", "gtile_gemv_kernel"]
-    assert "WAIT" not in calls[0][1] and "launch_pdl" not in calls[0][1] and calls[1][1]["launch_pdl"] is True
+    torch.ops.larosa.rmsnorm_topk(x[None], None, torch.ones(256, dtype=torch.bfloat16), 1e-5, wt, None, 100)
+    assert [n for n, _ in calls] == ["select_packed_kernel", "gtile_gemv_kernel", "rmsnorm_select_kernel",
+                                     "gtile_gemv_kernel"]
+    for i in (0, 2):
+        assert calls[i][1]["WAIT"] is True and calls[i][1]["launch_pdl"] is True and calls[i][1]["PDL"] is True
+    assert calls[1][1]["launch_pdl"] is True
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -438,7 +438,7 @@ def _attention_kernel_ok(x: torch.Tensor, hd: int) -> bool:
 @torch.library.custom_op("larosa::rope_decode_attention", mutates_args=("k_cache", "v_cache"))
 def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                           cos: torch.Tensor, sin: torch.Tensor, scale: float,
-                          counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+                          counters: Optional[torch.Tensor] = None, pdl: bool = False) -> torch.Tensor:
     """One decode position from the q/k/v projection's output qkv (B, (KVH * G + 2 * KVH) * HD): RoPE
     (rotate-half, cos/sin rows (HD,) of the position) on q and the new key, the new key and value written
     to the static caches (B, KVH, L, HD) at pos (in place), attention over positions 0..pos. Returns
@@ -446,7 +446,9 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     kernels folded in); elsewhere the PyTorch reference. `counters` (a zeroed int32 buffer of at least
     B * KVH entries, left zeroed, like the GEMV ops'; the engine passes it by default since v18): the
     kernel's last program per KV head combines the splits, so no combine launch follows. It changes only
-    the launches, not the result."""
+    the launches, not the result. `pdl` (v20): the kernel launches as a programmatic dependent where
+    possible, letting the kernel after it launch at once (the dense step's o projection, which loads its
+    weights meanwhile); timing only."""
     if qkv.dim() != 2 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or k_cache.shape[0] != qkv.shape[0]:
         raise ValueError(f"qkv {tuple(qkv.shape)} / caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)}: "
                          f"expected (B, F) and (B, KVH, L, HD)")
@@ -457,11 +459,11 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"cos/sin must be rows of {hd}, got {tuple(cos.shape)}, {tuple(sin.shape)}")
     if _attention_kernel_ok(qkv, hd) and qkv.stride(1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous():
         return triton_attention.rope_decode_attention(qkv, k_cache, v_cache, pos, cos.contiguous(),
-                                                      sin.contiguous(), scale, counters)
+                                                      sin.contiguous(), scale, counters, pdl)
     return ref.rope_decode_attention_ref(qkv, k_cache, v_cache, pos, cos, sin, scale).contiguous()
 
 
 @rope_decode_attention.register_fake
-def _(qkv, k_cache, v_cache, pos, cos, sin, scale, counters=None):
+def _(qkv, k_cache, v_cache, pos, cos, sin, scale, counters=None, pdl=False):
     b, kvh, _, hd = k_cache.shape
     return qkv.new_empty(b, kvh, qkv.shape[1] // hd // kvh - 2, hd)

@@ -163,12 +163,6 @@ def _combine(m, den, o, out, b: int, kvh: int, g: int, gp: int, hd: int, nsplit:
     return out
 
 
-def attention_pdl(x: torch.Tensor) -> bool:
-    """Whether `rope_decode_attention` launches as a programmatic dependent: where PDL is possible
-    (`triton_gemv.pdl_default`), unless `LAROSA_ATTN_PDL=0` (A/B runs)."""
-    return os.environ.get("LAROSA_ATTN_PDL", "1") != "0" and _use_pdl(x, None)
-
-
 def _dot_f32() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -187,12 +181,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                           cos: torch.Tensor, sin: torch.Tensor, scale: float,
-                          counters: torch.Tensor | None = None) -> torch.Tensor:
+                          counters: torch.Tensor | None = None, pdl: bool = False) -> torch.Tensor:
     """qkv (B, F) with F = (KVH * G + 2 * KVH) * HD (q heads, then k, then v; rows contiguous), cos/sin (HD,)
     rows of the position: RoPE on q and the new key, the new key and value written to the caches at pos,
     and attention over positions 0..pos. Returns (B, KVH, G, HD) in qkv's dtype. `counters` (a zeroed int32
     buffer of at least B * KVH entries, left zeroed): the splits are combined by the last program of each
-    (batch, KV head) instead of a second launch."""
+    (batch, KV head) instead of a second launch. `pdl`: launch as a programmatic dependent where possible
+    (v20: in the dense step, whose o projection then loads its weights during the attention)."""
     b, kvh, L, hd = k_cache.shape
     g = qkv.shape[1] // hd // kvh - 2
     nsplit, chunk = plan(b, kvh, L)
@@ -209,5 +204,5 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                 COMBINE=combine, cnt_ptr=counters, out_ptr=out,
                                                 GR=triton.next_power_of_2(g), NSP=triton.next_power_of_2(nsplit),
                                                 num_warps=4, **({"PDL": True, "launch_pdl": True}
-                                                                if attention_pdl(qkv) else {}))
+                                                                if pdl and _use_pdl(qkv, None) else {}))
     return out if combine else _combine(m, den, o, out, b, kvh, g, gp, hd, nsplit)

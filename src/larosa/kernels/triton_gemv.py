@@ -1222,9 +1222,10 @@ def _use_pdl(x: torch.Tensor, pdl: bool | None) -> bool:
 
 
 def _wait_kw(x: torch.Tensor) -> dict:
-    """A packed select's launch as a programmatic dependent of the kernel before (v20, `WAIT`): where PDL is
-    possible (`pdl_default`), unless `LAROSA_SELECT_WAIT=0` (A/B runs)."""
-    if os.environ.get("LAROSA_SELECT_WAIT", "1") == "0" or not pdl_default(x):
+    """A packed select's launch as a programmatic dependent of the kernel before (v20, `WAIT`): with
+    `LAROSA_SELECT_WAIT=1` where PDL is possible (`pdl_default`). Off by default: end to end (LLaMA2-7B,
+    results/chains-h200.json) LaRoSA +1.1 % tok/s at p = 0.5 but -2.7 % at 0.75, un-rotated Top-K +0.2 %."""
+    if os.environ.get("LAROSA_SELECT_WAIT", "0") != "1" or not pdl_default(x):
         return {}
     return {"WAIT": True, "launch_pdl": True}
 
