@@ -714,6 +714,10 @@ class DecodeEngine:
                                      **{n: getattr(st, n)._replace(kernel=self.kernel) for n in SITES})
                          for st, lw in zip(weights.statics, weights.layers)]
         self._unit_final_norm = bool((weights.final_norm == 1).all())
+        # the head in `dense_linear` too, except after adapters split off the layers: measured there (LaRoSA,
+        # LLaMA2-7B, results/decode-h200-llama2-7b-v20a, chains-h200.json) it cost 11-13 tok/s at p = 0.5 (not
+        # understood: the kernel alone takes cuBLAS's 66 us), while un-rotated Top-K and TEAL gained
+        self._dense_head = self.dense_kernel and self.adapter_mode == "inline"
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
@@ -801,7 +805,7 @@ class DecodeEngine:
         return F.embedding(ids, self.w.embed), self.cos[pos], self.sin[pos], self.positions[None, :] <= pos[:, None]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense_kernel:
+        if self._dense_head:
             y = torch.ops.larosa.dense_linear(x[:, -1:], self.w.head, None, None, None,
                                               None if self._unit_final_norm else self.w.final_norm,
                                               self.w.final_eps, True)
