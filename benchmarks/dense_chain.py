@@ -45,16 +45,18 @@ def weights(layers: int) -> list[torch.Tensor]:
             for _ in range(layers) for _, d, n in LAYER]
 
 
-FORMS = {  # the block forms timed with --block: which of the engine's parts each GEMV launch carries
-    "norm": {"norm", "g"}, "norm, g folded": {"norm"}, "gate/up two pointers": {"gate_up"},
-    "gate/up pairs": {"pairs"}, "residual": {"res"}, "engine v20a (norm, gate/up two pointers, residual)":
-    {"norm", "g", "gate_up", "res"}, "pairs, g folded, residual": {"norm", "pairs", "res"}}
+# the block forms timed with --block: which of the engine's parts each GEMV launch carries. (v20 also timed
+# gate/up rows interleaved in one matrix, "pairs", code at 4766410: no faster than two pointers, removed;
+# results/dense-chain-forms-h200.json)
+FORMS = {"norm": {"norm", "g"}, "norm, g folded": {"norm"}, "gate/up": {"gate_up"}, "residual": {"res"},
+         "all, norm weight loaded": {"norm", "g", "gate_up", "res"},
+         "all, norm weight of ones (the engine on these shapes)": {"norm", "gate_up", "res"}}
 
 
 def block_args(ws: list[torch.Tensor], form: set) -> list[dict]:
     """Per GEMV, `dense_gemv`'s keyword arguments in a block form (`FORMS`): "norm" at q/k/v and gate/up (with
     its weight "g", else folded into w: only the rms scaling), "gate_up" (the (22016, 4096) weight read as its
-    gate and up halves) or "pairs" (its rows taken as interleaved gate/up pairs), "res" at o and down."""
+    gate and up halves), "res" at o and down."""
     dev = ws[0].device
     out = []
     for i, w in enumerate(ws):
@@ -65,8 +67,6 @@ def block_args(ws: list[torch.Tensor], form: set) -> list[dict]:
                 kw["norm_w"] = torch.rand(w.shape[1], device=dev, dtype=w.dtype) + 0.5
         if site == 2 and "gate_up" in form:
             kw.update(w=w[: w.shape[0] // 2], w_up=w[w.shape[0] // 2:])
-        if site == 2 and "pairs" in form:
-            kw["pairs"] = True
         if site in (1, 3) and "res" in form:
             kw["residual"] = torch.randn(1, w.shape[0], device=dev, dtype=w.dtype)
         out.append(kw)
@@ -77,8 +77,6 @@ def block_ref(x: torch.Tensor, w: torch.Tensor, kw: dict) -> torch.Tensor:
     """The plain PyTorch form (`dense_linear_ref`) of one `block_args` call."""
     kw = dict(kw)
     w = kw.pop("w", w)
-    if kw.pop("pairs", False):
-        w, kw["w_up"] = w[0::2], w[1::2]
     if kw.pop("rms", False) and "norm_w" not in kw:
         kw["norm_w"] = torch.ones(w.shape[1], device=w.device, dtype=w.dtype)
     return dense_linear_ref(x, w, **kw)
@@ -88,8 +86,7 @@ def chain(ws: list[torch.Tensor], gemv, x0: torch.Tensor, args: list[dict] | Non
     """The calls of one token from input x0 (each GEMV reads the first d_in outputs of the one before) and
     their outputs; `args`: per GEMV keyword arguments of the block form (`block_args`)."""
     args = args or [{} for _ in ws]
-    outs = [torch.empty(1, kw.get("w", w).shape[0] // (2 if kw.get("pairs") else 1), device=x0.device, dtype=x0.dtype)
-            for w, kw in zip(ws, args)]
+    outs = [torch.empty(1, kw.get("w", w).shape[0], device=x0.device, dtype=x0.dtype) for w, kw in zip(ws, args)]
     calls = []
     for i, (w, kw) in enumerate(zip(ws, args)):
         src = (x0 if i == 0 else outs[i - 1])[:, : w.shape[1]]
@@ -110,7 +107,7 @@ def variants(tilings, block: bool) -> list[tuple[str, object, set | None]]:
 
     def ours(t, **fixed):
         def run(x, o, w, **kw):
-            bn = max(1, t[0] // 2) if "w_up" in kw else max(2, t[0]) if kw.get("pairs") else t[0]
+            bn = max(1, t[0] // 2) if "w_up" in kw else t[0]
             return dense_gemv(x, w, o, tiles=(bn,) + tuple(t[1:]), **fixed, **kw)
         return run
 
@@ -119,7 +116,7 @@ def variants(tilings, block: bool) -> list[tuple[str, object, set | None]]:
         out += [(f"dense_gemv {t}, no PDL", ours(t, pdl=False), None),
                 (f"dense_gemv {t}, PDL, wait first", ours(t, pdl=True, prefetch=False), None),
                 (f"dense_gemv {t}, PDL, tiles before wait", ours(t, pdl=True, prefetch=True), None)]
-        if block:  # the engine's parts in the launches (gate/up: BN halved with two pointers, >= 2 with pairs)
+        if block:  # the engine's parts in the launches (gate/up: BN halved, BN rows of each matrix)
             out += [(f"dense_gemv {t}, PDL, tiles before wait, {name}", ours(t, pdl=True, prefetch=True), form)
                     for name, form in FORMS.items()]
     return out
@@ -129,7 +126,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--tilings", default="2,2048,2,2;4,1024,2,4",
+    ap.add_argument("--tilings", default="8,512,2,4;4,1024,2,4;2,2048,2,2",
                     help="(BN,BK,STAGES,WARPS) tilings, ';'-separated")
     ap.add_argument("--block", action="store_true", help="also the engine's block form (norms, SiLU * up, residuals)")
     a = ap.parse_args()

@@ -72,18 +72,15 @@ CASES = [
     # v20: the dense decode step's GEMVs at the default tiles (load their first weight tiles before waiting for
     # x): q/k/v with the norm (weight loaded, and bias; or ones: rms alone), o and down with the residual,
     # gate/up with the norm; the v19 experiment's 2-warp tiles waiting first (benchmarks/dense_chain.py)
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+    (td.dense_gemv_kernel, {"BN": 8, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
                             "HAS_G": True, "HAS_BIAS": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "HAS_RES": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 2, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+    (td.dense_gemv_kernel, {"BN": 8, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 8, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "HAS_RES": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 4, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
                             "HAS_G": True, "GATE_UP": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 4, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+                            "GATE_UP": True}, 4),
     (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": False}, 2),
-    # gate/up rows interleaved in one matrix, the norm weight folded into the weights (only the rms scaling)
-    (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
-                            "PAIRS": True}, 2),
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
-                            "PAIRS": True}, 4),
     (ta.decode_attn_split_kernel, {"G": 4, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False}, 4),
     (ta.decode_attn_combine_kernel, {"G": 4, "GP": 16, "GR": 4, "NSP": 8, "HD": 128}, 4),
     # v17: RoPE and the cache write in the split launch (`rope_decode_attention`), and the last program combining

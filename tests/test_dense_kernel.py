@@ -54,10 +54,6 @@ def test_dense_gemv_refuses_bad_input():
         dense_gemv(x, w, w_up=w[:4])
     with pytest.raises(ValueError, match="bias is not supported"):
         dense_gemv(x, w, w_up=w, bias=torch.zeros(8, device=DEV))
-    with pytest.raises(ValueError, match="pairs"):
-        dense_gemv(x, w[:7].contiguous(), pairs=True)
-    with pytest.raises(ValueError, match="pairs needs BN"):
-        dense_gemv(x, w, pairs=True, tiles=(1, 64, 2))
     with pytest.raises(ValueError, match="norm_w"):
         dense_gemv(x, w, norm_w=torch.ones(63, device=DEV))
     with pytest.raises(ValueError, match="bias"):
@@ -79,8 +75,8 @@ def _block_fp64(x, w, w_up, bias, res, g, eps):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("parts", ["norm", "norm+bias", "res", "gate_up", "gate_up+res", "norm+bias+res", "pairs",
-                                   "pairs+folded", "folded+bias"])
+@pytest.mark.parametrize("parts", ["norm", "norm+bias", "res", "gate_up", "gate_up+res", "norm+bias+res",
+                                   "gate_up+folded", "folded+bias"])
 @pytest.mark.parametrize("rows,d,n_out,tiles", [(1, 300, 37, (2, 64, 2, 2)), (2, 256, 16, (1, 128, 2, 4)),
                                                 (1, 96, 7, (4, 32, 1, 1))])
 def test_dense_gemv_block_parts(dtype, parts, rows, d, n_out, tiles):
@@ -99,17 +95,9 @@ def test_dense_gemv_block_parts(dtype, parts, rows, d, n_out, tiles):
     if "folded" in parts:  # the norm weight folded into w's columns by the caller: only the rms scaling here
         g = (1 + torch.rand(d, generator=gen)).to(DEV, dtype)
         w = (w.double() * g.double()).to(dtype)
-        kw = {"rms": True}
-    if "pairs" in parts:  # gate and up rows interleaved in one matrix
-        w_up = (torch.randn(n_out, d, generator=gen) * d ** -0.5).to(DEV, dtype)
-        if "folded" in parts:
-            w_up = (w_up.double() * g.double()).to(dtype)
-        kw["pairs"] = True
-        tiles = (max(2, tiles[0]),) + tuple(tiles[1:])
-        got = dense_gemv(x, torch.stack([w, w_up], 1).reshape(2 * n_out, d), tiles=tiles, bias=bias, residual=res,
-                         eps=1e-5, **kw)
-    else:
-        got = dense_gemv(x, w, tiles=tiles, bias=bias, residual=res, eps=1e-5, **kw)
+        w_up = None if w_up is None else (w_up.double() * g.double()).to(dtype)
+        kw = {"w_up": w_up, "rms": True}
+    got = dense_gemv(x, w, tiles=tiles, bias=bias, residual=res, eps=1e-5, **kw)
     ones = torch.ones(d, device=DEV, dtype=dtype) if "folded" in parts else g
     want = _block_fp64(x, w, w_up, bias, res, ones, 1e-5)
     assert got.shape == (rows, n_out) and got.dtype == dtype

@@ -35,8 +35,10 @@ from .triton_gemv import _interpreted_bf16, _round, _use_pdl, gdc_launch_depende
 # at 2 warps (dense-chain-h200.json, plain GEMVs): (2, 2048, 2) 3200 us per token, (4, 1024, 2) 3277,
 # (8, 512, 2) 3861, cuBLAS 3634. With the block's parts in the launches (v20, dense-chain-block-h200.json)
 # (4, 1024, 2, 4) 3649 us, (2, 2048, 2, 2) 3798, (2, 2048, 2, 4) 4134; end to end (dense-kernel-h200.json,
-# LLaMA2-7B dense) 244.1 tok/s vs 215.9 / 211.4, cuBLAS 224.6
-DENSE_TILES = (4, 1024, 2, 4)
+# LLaMA2-7B dense) 244.1 tok/s vs 215.9 / 211.4, cuBLAS 224.6. With the norm weights of ones not loaded
+# (dense-tiles-h200.json, one run, two alternations): (8, 512, 2, 4) 264.3 tok/s, (4, 1024, 2, 2) 259.4,
+# (4, 1024, 2, 4) 255.6, (2, 2048, 2, 2) 246.4, cuBLAS 225.2
+DENSE_TILES = (8, 512, 2, 4)
 
 
 def dense_tiles() -> tuple[int, int, int, int]:
@@ -67,13 +69,12 @@ def dense_gemv_kernel(x_ptr, w_ptr, y_ptr, d, n_out, stride_x, stride_w, stride_
                       PREFETCH: tl.constexpr = True, ROUND_BF16: tl.constexpr = False,
                       w2_ptr=None, b_ptr=None, r_ptr=None, stride_r=0, g_ptr=None, eps=0.0,
                       GATE_UP: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, HAS_RES: tl.constexpr = False,
-                      NORM: tl.constexpr = False, HAS_G: tl.constexpr = False, PAIRS: tl.constexpr = False):
+                      NORM: tl.constexpr = False, HAS_G: tl.constexpr = False):
     """Program (n, r): outputs n * BN .. of row r (of each of w and w2 with GATE_UP). With PDL the program
     lets its dependents launch first; with PREFETCH it loads the first STAGES weight tiles before waiting
     for x (and the residual), else it waits first. NORM: scale the sums by rsqrt(mean(x^2) + eps), the
     squares summed as a vector over the steps and reduced once; HAS_G: times the norm weight g (else folded
-    into w by the caller). PAIRS: w's rows interleave gate and up (row 2i gate i, 2i + 1 up i; n_out counts
-    rows, BN even), the output is silu(gate) * up, n_out / 2 wide."""
+    into w by the caller)."""
     r = tl.program_id(1).to(tl.int64)
     outs = tl.program_id(0) * BN + tl.arange(0, BN)
     omask = outs < n_out
@@ -140,11 +141,6 @@ def dense_gemv_kernel(x_ptr, w_ptr, y_ptr, d, n_out, stride_x, stride_w, stride_
         if NORM:
             up = up * inv
         y = y / (1.0 + tl.exp(-y)) * up
-    if PAIRS:
-        gate, up = tl.split(tl.reshape(y, (BN // 2, 2)))
-        y = gate / (1.0 + tl.exp(-gate)) * up
-        outs = tl.program_id(0) * (BN // 2) + tl.arange(0, BN // 2)
-        omask = outs < n_out // 2
     if HAS_RES:
         y += tl.load(r_ptr + r * stride_r + outs, mask=omask, other=0.0).to(tl.float32)
     tl.store(y_ptr + r * stride_y + outs, _round(y, y_ptr.dtype.element_ty, ROUND_BF16), mask=omask)
@@ -158,14 +154,13 @@ def _check_vec(name: str, t: torch.Tensor | None, n: int, x: torch.Tensor) -> No
 def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, pdl: bool | None = None,
                prefetch: bool = True, tiles: tuple[int, ...] | None = None, *, w_up: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-               norm_w: torch.Tensor | None = None, eps: float = 0.0, rms: bool | None = None,
-               pairs: bool = False) -> torch.Tensor:
+               norm_w: torch.Tensor | None = None, eps: float = 0.0, rms: bool | None = None) -> torch.Tensor:
     """x (rows, d) @ w.T with w (n_out, d) contiguous: (rows, n_out) in x's dtype, or into `out`.
 
     norm_w: RMSNorm x first (weight norm_w (d,), `eps`); rms: the norm's scaling even without norm_w (its
     weight folded into w's columns by the caller; default: norm_w given); w_up (n_out, d): silu(. @ w.T) *
-    (. @ w_up.T); pairs: the same from w alone, whose rows interleave gate and up (2 n_out rows); bias
-    (n_out,) (not with either); residual (rows, n_out): added last. All in fp32, one rounding.
+    (. @ w_up.T); bias (n_out,) (not with w_up); residual (rows, n_out): added last. All in fp32, one
+    rounding.
     `pdl`: launch as a programmatic dependent of the kernel before (default where the GPU supports it, never
     under the interpreter); `prefetch`: load the first weight tiles before waiting for x (only with PDL).
     `tiles`: (BN, BK, STAGES[, WARPS]), BN and BK powers of two, STAGES 1 or 2, WARPS 1-8 (default 4); None =
@@ -176,14 +171,11 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
         raise ValueError("x needs unit stride along d and w must be contiguous")
     if w_up is not None and (w_up.shape != w.shape or not w_up.is_contiguous()):
         raise ValueError(f"w_up must be contiguous and shaped like w {tuple(w.shape)}, got {tuple(w_up.shape)}")
-    if (w_up is not None or pairs) and bias is not None:
-        raise ValueError("bias is not supported with w_up or pairs")
-    if pairs and (w_up is not None or w.shape[0] % 2):
-        raise ValueError(f"pairs: w holds gate and up rows interleaved (an even count, no w_up), got "
-                         f"{tuple(w.shape)}{' and w_up' if w_up is not None else ''}")
+    if w_up is not None and bias is not None:
+        raise ValueError("bias is not supported with w_up")
     if tiles is None:
         bn, bk, stages, warps = dense_tiles()
-        tiles = (max(1, bn // 2) if w_up is not None else max(2, bn) if pairs else bn, bk, stages, warps)
+        tiles = (max(1, bn // 2) if w_up is not None else bn, bk, stages, warps)
     if len(tiles) not in (3, 4):
         raise ValueError(f"tiles must be (BN, BK, STAGES[, WARPS]), got {tiles}")
     bn, bk, stages, warps = tuple(tiles) + (4,) * (len(tiles) == 3)
@@ -191,10 +183,8 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
             or warps not in (1, 2, 4, 8)):
         raise ValueError(f"tiles must be (BN, BK, STAGES[, WARPS]) with BN, BK powers of two (BK >= 16), STAGES 1 "
                          f"or 2, WARPS 1, 2, 4 or 8, got {tiles}")
-    if pairs and bn < 2:
-        raise ValueError(f"pairs needs BN >= 2, got tiles {tiles}")
     rows, d = x.shape
-    n_out = w.shape[0] // 2 if pairs else w.shape[0]
+    n_out = w.shape[0]
     _check_vec("bias", bias, n_out, x)
     _check_vec("norm_w", norm_w, d, x)
     if residual is not None and (residual.shape != (rows, n_out) or residual.stride(1) != 1):
@@ -204,11 +194,11 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     elif out.shape != (rows, n_out) or out.stride(1) != 1 or out.device != x.device:
         raise ValueError(f"out must be ({rows}, {n_out}) with unit stride on {x.device}, got {tuple(out.shape)}")
     use_pdl = _use_pdl(x, pdl)
-    dense_gemv_kernel[(triton.cdiv(w.shape[0], bn), rows)](
-        x, w, out, d, w.shape[0], x.stride(0), w.stride(0), out.stride(0), BN=bn, BK=bk, STAGES=stages,
+    dense_gemv_kernel[(triton.cdiv(n_out, bn), rows)](
+        x, w, out, d, n_out, x.stride(0), w.stride(0), out.stride(0), BN=bn, BK=bk, STAGES=stages,
         ROUND_BF16=_interpreted_bf16(out), w2_ptr=w_up, b_ptr=bias, r_ptr=residual,
         stride_r=0 if residual is None else residual.stride(0), g_ptr=norm_w, eps=float(eps),
         GATE_UP=w_up is not None, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        NORM=norm_w is not None if rms is None else bool(rms), HAS_G=norm_w is not None, PAIRS=bool(pairs),
+        NORM=norm_w is not None if rms is None else bool(rms), HAS_G=norm_w is not None,
         num_warps=warps, **({"PDL": True, "PREFETCH": bool(prefetch), "launch_pdl": True} if use_pdl else {}))
     return out
