@@ -401,7 +401,8 @@ def sparse_chain_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v20: the Top-K step as a PDL chain: the selects launched as programmatic dependents of the GEMV before
     (which lets them launch at its start; they wait, `LAROSA_SELECT_WAIT`), the attention likewise (then
     `LAROSA_ATTN_PDL`, since replaced by the engine's rule: only before a dense o projection), and the head
-    in `larosa::dense_linear` or cuBLAS (`dense_kernel`). The rows of results/chains-h200.json."""
+    in `larosa::dense_linear` or cuBLAS (`dense_kernel`). results/chains-h200.json came from an earlier set
+    of these variants, which also toggled the attention's PDL."""
     variants = [("v19: no waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "0"}, {"dense_kernel": False}),
                 ("select waits, cuBLAS head", {"LAROSA_SELECT_WAIT": "1"}, {"dense_kernel": False}),
                 ("no waits, our head (v20 default)", {"LAROSA_SELECT_WAIT": "0"}, {"dense_kernel": True})]
