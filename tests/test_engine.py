@@ -404,6 +404,17 @@ def _count_calls(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+def _follow(ref: DecodeEngine, eng: DecodeEngine, steps: int) -> None:
+    """Step both engines (prefilled) `steps` times, `eng` on `ref`'s tokens; its logits within bf16 rounding of
+    `ref`'s (cosine > 0.999) at every step."""
+    for _ in range(steps):
+        ref.step()
+        eng.step()
+        cos = torch.nn.functional.cosine_similarity(eng.logits.float(), ref.logits.float(), dim=-1).item()
+        assert cos > 0.999, cos
+        eng.tok.copy_(ref.tok)
+
+
 def _bf16_tiny_hd16(seed: int):
     """A tiny Llama with head size 16 (the attention kernel's smallest), its bf16 engine weights on the GPU
     if there is one (else the CPU, where the kernels run under the interpreter), and a 5-token prompt."""
@@ -450,12 +461,7 @@ def test_fused_rope_runs_the_kernel_bf16(monkeypatch):
     plain, fr = DecodeEngine(w, fuse_rope=False, **kw), DecodeEngine(w, fuse_rope=True, **kw)
     for e in (plain, fr):
         e.prefill(ids)
-    for _ in range(3):
-        plain.step()
-        fr.step()
-        cos = torch.nn.functional.cosine_similarity(fr.logits.float(), plain.logits.float(), dim=-1).item()
-        assert cos > 0.999, cos
-        fr.tok.copy_(plain.tok)
+    _follow(plain, fr, 3)
     assert len(calls) == 3 * model.config.num_hidden_layers
 
 
@@ -545,12 +551,7 @@ def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
     g = () if unit else ("norm_w",)
     assert launches == [g + ("rms",)]  # the prompt's rows take the reference, its last position's head the kernel
     launches.clear()
-    for _ in range(3):
-        plain.step()
-        dk.step()
-        cos = torch.nn.functional.cosine_similarity(dk.logits.float(), plain.logits.float(), dim=-1).item()
-        assert cos > 0.999, cos
-        dk.tok.copy_(plain.tok)
+    _follow(plain, dk, 3)
     # the attention asks to launch as a programmatic dependent in the dense-kernel step only (its o projection
     # loads weights meanwhile)
     n = model.config.num_hidden_layers

@@ -670,10 +670,10 @@ class DecodeEngine:
     off on the CPU (same function there; the op's reference rounds RoPE once, in fp32).
     attn_combine: with fuse_rope, "last" (`DEFAULT_ATTN_COMBINE`, v18: the last split program of each KV head
     combines the cache splits, one launch fewer per layer) or "launch" (a second launch combines them).
-    dense_kernel: dense sites (every site of a dense model) and the head take `larosa::dense_linear` (v20): the
-    block input's RMSNorm, the bias, SiLU * up and the residual add in the GEMV launch, which loads its first
-    weight tiles before waiting for its input (PDL), so a dense decode step is a chain of such launches and
-    the attention. None = where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9),
+    dense_kernel: dense sites (every site of a dense model) and the head (where no adapters are split off the
+    layers) take `larosa::dense_linear` (v20): the block input's RMSNorm, the bias, SiLU * up and the residual
+    add in the GEMV launch, which loads its first weight tiles before waiting for its input (PDL), so a dense
+    decode step is a chain of such launches and the attention (then itself a programmatic dependent). None = where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9),
     else off (the plain step: cuBLAS and compiled glue). On the CPU (tests) the op runs the interpreted kernel
     for bf16 under TRITON_INTERPRET=1, else HF's arithmetic.
     """
