@@ -76,10 +76,7 @@ def block_args(ws: list[torch.Tensor], form: set) -> list[dict]:
 def block_ref(x: torch.Tensor, w: torch.Tensor, kw: dict) -> torch.Tensor:
     """The plain PyTorch form (`dense_linear_ref`) of one `block_args` call."""
     kw = dict(kw)
-    w = kw.pop("w", w)
-    if kw.pop("rms", False) and "norm_w" not in kw:
-        kw["norm_w"] = torch.ones(w.shape[1], device=w.device, dtype=w.dtype)
-    return dense_linear_ref(x, w, **kw)
+    return dense_linear_ref(x, kw.pop("w", w), **kw)
 
 
 def chain(ws: list[torch.Tensor], gemv, x0: torch.Tensor, args: list[dict] | None = None) -> tuple[list, list]:

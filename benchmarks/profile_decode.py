@@ -90,7 +90,7 @@ def main() -> None:
                    "'stream' = on a side stream), their time counted in full; kernels that overlap (PDL) "
                    "are each counted in full"}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = sorted(set(methods) - {"dense", "larosa", "topk"})  # noqa: E501
+    bad = sorted(set(methods) - {"dense", "larosa", "topk"})
     if bad:
         ap.error(f"unknown methods {bad}: choose among dense, larosa, topk")
     if args.dense_kernel_ab:

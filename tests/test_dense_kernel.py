@@ -107,10 +107,11 @@ def test_dense_gemv_block_parts(dtype, parts, rows, d, n_out, tiles):
         assert ((got.double() - want).abs() <= ulp).double().mean() > 0.97
 
 
-@pytest.mark.parametrize("parts", ["qkv", "o", "gate_up", "head"])
+@pytest.mark.parametrize("parts", ["qkv", "o", "gate_up", "head", "head, norm weight of ones"])
 def test_dense_linear_op_matches_hf_arithmetic(parts):
     """`larosa::dense_linear` (kernel: one row, bf16) within bf16 rounding of HF's arithmetic
-    (`reference.dense_linear_ref`), and exactly it on the fallback paths (two rows, fp32)."""
+    (`reference.dense_linear_ref`), and exactly it on the fallback paths (two rows, fp32); `rms` alone is a
+    norm weight of ones."""
     from larosa.kernels.reference import dense_linear_ref
 
     gen = torch.Generator().manual_seed(len(parts))
@@ -121,17 +122,21 @@ def test_dense_linear_op_matches_hf_arithmetic(parts):
           "o": dict(residual=torch.randn(2, 1, n, generator=gen)),
           "gate_up": dict(w_up=torch.randn(n, d, generator=gen) * d ** -0.5, norm_w=1 + torch.rand(d, generator=gen),
                           eps=1e-6),
-          "head": dict(norm_w=1 + torch.rand(d, generator=gen), eps=1e-5)}[parts]
+          "head": dict(norm_w=1 + torch.rand(d, generator=gen), eps=1e-5),
+          "head, norm weight of ones": dict(rms=True, eps=1e-5)}[parts]
     bf = {k: v.to(DEV, torch.bfloat16) if torch.is_tensor(v) else v for k, v in kw.items()}
     xb, wb = x.to(DEV, torch.bfloat16), w.to(DEV, torch.bfloat16)
     one = {k: v[:1] if k == "residual" else v for k, v in bf.items()}
     got = torch.ops.larosa.dense_linear(xb[:1], wb, one.get("w_up"), one.get("bias"), one.get("residual"),
-                                        one.get("norm_w"), one.get("eps", 0.0))
+                                        one.get("norm_w"), one.get("eps", 0.0), one.get("rms", False))
     want = dense_linear_ref(xb[:1], wb, **one)
+    if parts.endswith("ones"):  # the same as an explicit norm weight of ones
+        assert torch.equal(want, dense_linear_ref(xb[:1], wb, norm_w=torch.ones(d, device=DEV, dtype=wb.dtype),
+                                                  eps=1e-5))
     assert got.shape == want.shape == (1, 1, n)
     assert _rel(got, want) < 1e-2
     for xx, ww, kk in ((xb, wb, bf), (x.to(DEV), w.to(DEV), {k: v.to(DEV) if torch.is_tensor(v) else v
                                                                for k, v in kw.items()})):
         got = torch.ops.larosa.dense_linear(xx, ww, kk.get("w_up"), kk.get("bias"), kk.get("residual"),
-                                            kk.get("norm_w"), kk.get("eps", 0.0))
+                                            kk.get("norm_w"), kk.get("eps", 0.0), kk.get("rms", False))
         assert torch.equal(got, dense_linear_ref(xx, ww, **kk))

@@ -226,16 +226,15 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
         xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt,
                                                 _hint(hints, 0, st), st.attn_in.kernel)
         x = x if res is None else xs
-    elif st.dense_kernel and st.attn_in.mode == "dense" and probe is None:
-        if res is not None:
-            x = x + res
-        qkv = torch.ops.larosa.dense_linear(x, wqkv, None, bqkv, None, None if st.unit_norms else attn_norm, st.eps,
-                                            True)
     else:
         if res is not None:
             x = x + res
-        h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
-        qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt, _hint(hints, 0, st))
+        if st.dense_kernel and st.attn_in.mode == "dense" and probe is None:
+            qkv = torch.ops.larosa.dense_linear(x, wqkv, None, bqkv, None, None if st.unit_norms else attn_norm,
+                                                st.eps, True)
+        else:
+            h = _site_input(_rms(x, attn_norm, st.eps), None, probe, thr, 0, st.attn_in)
+            qkv = _linear(h, wqkv, bqkv, st.attn_in, cnt, _hint(hints, 0, st))
     if st.fused_rope and t == 1 and not st.qk_norm:
         # v20: a programmatic dependent only where our dense o projection follows (results/chains-h200.json:
         # +0.5 % dense tok/s; before a Top-K select -1.3 to -2.4 %)

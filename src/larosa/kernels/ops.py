@@ -376,9 +376,7 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, w_up: Optional[torch.Tensor] 
         raise ValueError(f"x (..., {x.shape[-1]}) does not match w {tuple(w.shape)} (expected d_out x d_in)")
     x2 = _rows(x)
     if not _use_kernel(x, x2.shape[0]):
-        if rms and norm_w is None:
-            norm_w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
-        return ref.dense_linear_ref(x, w, w_up, bias, residual, norm_w, eps)
+        return ref.dense_linear_ref(x, w, w_up, bias, residual, norm_w, eps, rms)
     r2 = None if residual is None else _rows(residual)
     y = triton_dense.dense_gemv(x2, w.contiguous(), w_up=None if w_up is None else w_up.contiguous(), bias=bias,
                                 residual=r2, norm_w=norm_w, eps=eps, rms=rms or norm_w is not None)

@@ -64,9 +64,12 @@ def rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 def dense_linear_ref(x: torch.Tensor, w: torch.Tensor, w_up: torch.Tensor | None = None,
                      bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                     norm_w: torch.Tensor | None = None, eps: float = 0.0) -> torch.Tensor:
+                     norm_w: torch.Tensor | None = None, eps: float = 0.0, rms: bool = False) -> torch.Tensor:
     """The dense decode step's block in plain PyTorch (HF's arithmetic and roundings): h = RMSNorm(x) * norm_w
-    (x without norm_w), y = h @ w.T (+ bias), or silu(h @ w.T) * (h @ w_up.T) when w_up is given; + residual."""
+    (with `rms` and no norm_w a norm weight of ones; x without either), y = h @ w.T (+ bias), or
+    silu(h @ w.T) * (h @ w_up.T) when w_up is given; + residual."""
+    if rms and norm_w is None:
+        norm_w = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     h = x if norm_w is None else rmsnorm_ref(x, norm_w, eps)
     y = torch.nn.functional.linear(h, w, bias)
     if w_up is not None:
