@@ -410,10 +410,59 @@ def sparse_chain_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
                            (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
 
 
+SITE_CANDIDATES = {  # (BN, BK, STAGES, WARPS); gate/up's BN is per matrix
+    "gate_up": ("4,512,2,4", "8,256,2,4", "4,512,2,8", "8,512,2,8", "2,1024,2,2", "4,256,2,2", "8,256,2,8"),
+    "down": ("8,512,2,4", "16,256,2,4", "16,512,2,8", "8,512,2,8", "4,1024,2,4", "8,256,2,2", "4,512,2,2"),
+    "qkv": ("8,512,2,4", "16,256,2,4", "16,512,2,8", "8,512,2,8", "4,1024,2,2", "8,256,2,2", "4,512,2,2"),
+    "o": ("8,512,2,4", "16,256,2,4", "16,512,2,8", "8,512,2,8", "4,1024,2,2", "8,256,2,2", "4,512,2,2"),
+    "head": ("8,512,2,4", "16,256,2,4", "16,512,2,8", "8,512,2,8", "4,1024,2,2"),
+}
+
+
+def dense_site_rows(shape: str, gen_len: int, repeats: int = 2, also: tuple = ("llama3-8b",)) -> list[dict]:
+    """v21: the dense step's tiles per site (`triton_dense.dense_site`), greedy: site after site (most bytes
+    first), each candidate of `SITE_CANDIDATES` with the sites before at their best so far; then the
+    best per-site tiling against the default, alternating `repeats` times, on `shape` and then on the shapes
+    `also`. Dense model, one pass per candidate (v20's tile A/B repeated within 0.1 tok/s)."""
+    from larosa.kernels import triton_dense
+
+    setup = _engine_setup(shape)
+    bw, base, prompt = setup
+    rows = []
+    best = {}
+
+    def spec(tiles: dict) -> str:
+        return ";".join(f"{k}={v}" for k, v in tiles.items())
+
+    def measure(tiles: dict, label: str, **row) -> float:
+        with env_set("LAROSA_DENSE_TILES", spec(tiles) or None):
+            _engine_row(rows, base, prompt, gen_len, bw, f"{row.get('check_shape', shape)} dense {label}",
+                        {"shape": row.pop("check_shape", shape), "method": "dense", "nominal": 0.0, "tiles": dict(tiles), **row},
+                        dense_kernel=True)
+        return rows[-1]["tok_s"]
+
+    for site, cands in SITE_CANDIDATES.items():
+        scores = {c: measure({**best, site: c}, f"{site}={c}", site=site, candidate=c) for c in cands}
+        top = max(scores, key=scores.get)
+        if top != ",".join(map(str, triton_dense.SITE_TILES[site])):
+            best[site] = top
+        print(f"site {site}: best {top} ({scores[top]:.1f} tok/s)", flush=True)
+    for other in (shape, *also):
+        if other != shape:  # the same tilings on another shape (its own sizes, same sites)
+            del base
+            torch.cuda.empty_cache()
+            bw, base, prompt = _engine_setup(other)
+        for rep in range(repeats):
+            for label, tiles in (("default", {}), ("best per site", best)):
+                measure(tiles, f"{label} {spec(tiles)} #{rep}", final=label, repeat=rep, check_shape=other)
+    return rows
+
+
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
-            "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows}
+            "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows,
+            "dense_sites": dense_site_rows}
 
 
 def main() -> None:

@@ -24,6 +24,8 @@
 #                                                # engine's decode, per site (~1 min)
 #   bash benchmarks/h200_session.sh densekernel  # v20: dense GEMV chain with the engine's block form, tests, and the
 #                                                # engine's dense_linear vs cuBLAS end to end (~5 min)
+#   bash benchmarks/h200_session.sh densesites   # v21: the dense step's tiles per site, greedy sweep on LLaMA2-7B,
+#                                                # then best vs default on both shapes (~4 min)
 #   bash benchmarks/h200_session.sh gtile        # gathered-rows GEMV (v15): compiled tests, per-op A/B with a tile
 #                                                # sweep, LLaMA2-7B decode under LAROSA_KERNEL_IMPL=gtile (~7 min)
 #   bash benchmarks/h200_session.sh gputests     # the GPU-only kernel and engine tests (~3 min)
@@ -182,6 +184,8 @@ for stage in "$@"; do
         --out "$out/profile-dense-kernel-llama2-7b.json" 2>&1 | tee "$out/profile-dense-kernel-llama2-7b.log" || rc=1 ;;
     densetiles)
       parts dense_kernel dense-tiles-h200 ;;
+    densesites)
+      parts dense_sites dense-sites-h200 ;;
     chains)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py -k "dense_kernel" \
         > "$out/chains-tests.log" 2>&1 || rc=1

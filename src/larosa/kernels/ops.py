@@ -74,9 +74,10 @@ def compact_store() -> Optional[str]:
     return triton_gemv.compact_store() if HAVE_TRITON else None
 
 
-def dense_tiles() -> Optional[tuple]:
-    """The dense GEMV's tiles (`triton_dense.dense_tiles`); None without Triton. Benchmark rows record them."""
-    return triton_dense.dense_tiles() if HAVE_TRITON else None
+def dense_tiles() -> Optional[dict]:
+    """The dense GEMV's tiles by site (`triton_dense.site_tiles`); None without Triton. Benchmark rows record
+    them."""
+    return triton_dense.site_tiles() if HAVE_TRITON else None
 
 
 def max_kernel_rows() -> int:

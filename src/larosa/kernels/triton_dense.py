@@ -36,20 +36,56 @@ from .triton_gemv import _interpreted_bf16, _round, _use_pdl, gdc_launch_depende
 # (8, 512, 2) 3861, cuBLAS 3634. With the block's parts in the launches (v20, dense-chain-block-h200.json)
 # (4, 1024, 2, 4) 3649 us, (2, 2048, 2, 2) 3798, (2, 2048, 2, 4) 4134; end to end (dense-kernel-h200.json,
 # LLaMA2-7B dense) 244.1 tok/s vs 215.9 / 211.4, cuBLAS 224.6. With the norm weights of ones not loaded
-# (dense-tiles-h200.json, one run, two alternations): (8, 512, 2, 4) 264.3 tok/s, (4, 1024, 2, 2) 259.4,
-# (4, 1024, 2, 4) 255.6, (2, 2048, 2, 2) 246.4, cuBLAS 225.2
+# (dense-tiles-h200.json, one run, two alternations, one tiling for every site): (8, 512, 2, 4) 264.3 tok/s,
+# (4, 1024, 2, 2) 259.4, (4, 1024, 2, 4) 255.6, (2, 2048, 2, 2) 246.4, cuBLAS 225.2. Gate/up's BN is per
+# matrix (each program reads BN rows of each).
 DENSE_TILES = (8, 512, 2, 4)
+# the sites of a decode step by shape (`dense_site`), each with its tiles (v21: a sweep per site in the step)
+DENSE_SITES = ("qkv", "o", "gate_up", "down", "head")
+SITE_TILES = {"qkv": DENSE_TILES, "o": DENSE_TILES, "gate_up": (4, 512, 2, 4), "down": DENSE_TILES,
+              "head": DENSE_TILES}
 
 
-def dense_tiles() -> tuple[int, int, int, int]:
-    """The default tiles: `LAROSA_DENSE_TILES` ("BN,BK,STAGES,WARPS", for A/B runs) or `DENSE_TILES`."""
+def dense_site(d: int, n_out: int, gate_up: bool = False) -> str:
+    """The decode-step site a GEMV of this shape is, for its tiles: "gate_up" (w_up given), "down" (d > n_out),
+    "o" (square), "head" (n_out >= 4 d: a vocabulary), else "qkv"."""
+    if gate_up:
+        return "gate_up"
+    if n_out < d:
+        return "down"
+    if n_out == d:
+        return "o"
+    return "head" if n_out >= 4 * d else "qkv"
+
+
+def _parse_tiles(spec: str, env: str) -> tuple[int, int, int, int]:
+    t = tuple(int(v) for v in spec.split(","))
+    if len(t) != 4:
+        raise ValueError(f"{env}: tiles must be BN,BK,STAGES,WARPS, got {spec!r}")
+    return t
+
+
+def site_tiles() -> dict[str, tuple[int, int, int, int]]:
+    """The tiles of every site: `SITE_TILES`, or as `LAROSA_DENSE_TILES` says (for A/B runs): "BN,BK,STAGES,WARPS"
+    for every site (BN halved for gate/up), or "site=BN,BK,STAGES,WARPS;..." for the named sites only."""
     env = os.environ.get("LAROSA_DENSE_TILES")
     if not env:
-        return DENSE_TILES
-    t = tuple(int(v) for v in env.split(","))
-    if len(t) != 4:
-        raise ValueError(f"LAROSA_DENSE_TILES must be BN,BK,STAGES,WARPS, got {env!r}")
-    return t
+        return dict(SITE_TILES)
+    if "=" not in env:
+        t = _parse_tiles(env, "LAROSA_DENSE_TILES")
+        return {s: (max(1, t[0] // 2), *t[1:]) if s == "gate_up" else t for s in DENSE_SITES}
+    out = dict(SITE_TILES)
+    for item in filter(None, (v.strip() for v in env.split(";"))):
+        site, _, spec = item.partition("=")
+        if site.strip() not in DENSE_SITES:
+            raise ValueError(f"LAROSA_DENSE_TILES: unknown site {site!r} (sites: {', '.join(DENSE_SITES)})")
+        out[site.strip()] = _parse_tiles(spec, "LAROSA_DENSE_TILES")
+    return out
+
+
+def dense_tiles(d: int, n_out: int, gate_up: bool = False) -> tuple[int, int, int, int]:
+    """The tiles of a GEMV of this shape: its site's (`dense_site`, `site_tiles`)."""
+    return site_tiles()[dense_site(d, n_out, gate_up)]
 
 
 @triton.jit
@@ -164,7 +200,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     `pdl`: launch as a programmatic dependent of the kernel before (default where the GPU supports it, never
     under the interpreter); `prefetch`: load the first weight tiles before waiting for x (only with PDL).
     `tiles`: (BN, BK, STAGES[, WARPS]), BN and BK powers of two, STAGES 1 or 2, WARPS 1-8 (default 4); None =
-    `dense_tiles()` with BN halved for w_up (each program then reads BN rows of each matrix)."""
+    the tiles of the shape's site (`dense_tiles`; BN rows of each matrix with w_up)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"expected x (rows, d) and w (n_out, d), got {tuple(x.shape)} and {tuple(w.shape)}")
     if x.stride(1) != 1 or not w.is_contiguous():
@@ -174,8 +210,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     if w_up is not None and bias is not None:
         raise ValueError("bias is not supported with w_up")
     if tiles is None:
-        bn, bk, stages, warps = dense_tiles()
-        tiles = (max(1, bn // 2) if w_up is not None else bn, bk, stages, warps)
+        tiles = dense_tiles(x.shape[1], w.shape[0], w_up is not None)
     if len(tiles) not in (3, 4):
         raise ValueError(f"tiles must be (BN, BK, STAGES[, WARPS]), got {tiles}")
     bn, bk, stages, warps = tuple(tiles) + (4,) * (len(tiles) == 3)
