@@ -410,7 +410,9 @@ def sparse_chain_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
                            (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
 
 
-SITE_CANDIDATES = {  # (BN, BK, STAGES, WARPS); gate/up's BN is per matrix
+# (BN, BK, STAGES, WARPS) per site; gate/up's BN is per matrix. The first round (v21, results/dense-sites-h200.json)
+# from v20's one tiling; `--site-candidates` for another
+SITE_CANDIDATES = {
     "gate_up": ("4,512,2,4", "8,256,2,4", "4,512,2,8", "8,512,2,8", "2,1024,2,2", "4,256,2,2", "8,256,2,8"),
     "down": ("8,512,2,4", "16,256,2,4", "16,512,2,8", "8,512,2,8", "4,1024,2,4", "8,256,2,2", "4,512,2,2"),
     "qkv": ("8,512,2,4", "16,256,2,4", "16,512,2,8", "8,512,2,8", "4,1024,2,2", "8,256,2,2", "4,512,2,2"),
@@ -419,7 +421,17 @@ SITE_CANDIDATES = {  # (BN, BK, STAGES, WARPS); gate/up's BN is per matrix
 }
 
 
-def dense_site_rows(shape: str, gen_len: int, repeats: int = 2, also: tuple = ("llama3-8b",)) -> list[dict]:
+def parse_site_candidates(spec: str) -> dict[str, tuple[str, ...]]:
+    """"site=BN,BK,STAGES,WARPS/BN,...;site=..." -> {site: tilings} (the sites in the order given)."""
+    out = {}
+    for item in filter(None, (v.strip() for v in spec.split(";"))):
+        site, _, tilings = item.partition("=")
+        out[site.strip()] = tuple(t.strip() for t in tilings.split("/") if t.strip())
+    return out
+
+
+def dense_site_rows(shape: str, gen_len: int, repeats: int = 2, also: tuple = ("llama3-8b",),
+                    candidates: dict | None = None) -> list[dict]:
     """v21: the dense step's tiles per site (`triton_dense.dense_site`), greedy: site after site (most bytes
     first), each candidate of `SITE_CANDIDATES` with the sites before at their best so far; then the
     best per-site tiling against the default, alternating `repeats` times, on `shape` and then on the shapes
@@ -441,12 +453,13 @@ def dense_site_rows(shape: str, gen_len: int, repeats: int = 2, also: tuple = ("
                         dense_kernel=True)
         return rows[-1]["tok_s"]
 
-    for site, cands in SITE_CANDIDATES.items():
+    for site, cands in (candidates or SITE_CANDIDATES).items():
         scores = {c: measure({**best, site: c}, f"{site}={c}", site=site, candidate=c) for c in cands}
         top = max(scores, key=scores.get)
         if top != ",".join(map(str, triton_dense.SITE_TILES[site])):
             best[site] = top
         print(f"site {site}: best {top} ({scores[top]:.1f} tok/s)", flush=True)
+    print(f"best per site: {spec(best) or 'the defaults'}", flush=True)
     for other in (shape, *also):
         if other != shape:  # the same tilings on another shape (its own sizes, same sites)
             del base
@@ -472,6 +485,8 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=None, help="alternations of an A/B part (its default if unset)")
+    ap.add_argument("--site-candidates", default=None,
+                    help='dense_sites: "site=BN,BK,STAGES,WARPS/...;site=..." instead of SITE_CANDIDATES')
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, side_tiles, or AB_PARTS
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "side_tiles",
@@ -498,7 +513,10 @@ def main() -> None:
         res["side_tiles"] = env_ab_rows(a.shape, a.gen_len, "LAROSA_SIDE_TILES", "8,1024,4", "16,512,2")
     for name, rows_fn in AB_PARTS.items():  # the end-to-end A/Bs that take only (shape, gen_len)
         if name in parts:
-            res[name] = rows_fn(a.shape, a.gen_len, **({"repeats": a.repeats} if a.repeats else {}))
+            kw = {"repeats": a.repeats} if a.repeats else {}
+            if name == "dense_sites" and a.site_candidates:
+                kw["candidates"] = parse_site_candidates(a.site_candidates)
+            res[name] = rows_fn(a.shape, a.gen_len, **kw)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
     print(f"wrote {a.out}")

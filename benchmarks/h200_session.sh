@@ -25,7 +25,9 @@
 #   bash benchmarks/h200_session.sh densekernel  # v20: dense GEMV chain with the engine's block form, tests, and the
 #                                                # engine's dense_linear vs cuBLAS end to end (~5 min)
 #   bash benchmarks/h200_session.sh densesites   # v21: the dense step's tiles per site, greedy sweep on LLaMA2-7B,
-#                                                # then best vs default on both shapes (~4 min)
+#                                                # then best vs default on both shapes (~1.5 min)
+#   bash benchmarks/h200_session.sh densesites2  # v21: a second round around the first's best; the later stages of
+#                                                # the call run with its best (LAROSA_DENSE_TILES) (~1.5 min)
 #   bash benchmarks/h200_session.sh gtile        # gathered-rows GEMV (v15): compiled tests, per-op A/B with a tile
 #                                                # sweep, LLaMA2-7B decode under LAROSA_KERNEL_IMPL=gtile (~7 min)
 #   bash benchmarks/h200_session.sh gputests     # the GPU-only kernel and engine tests (~3 min)
@@ -186,6 +188,13 @@ for stage in "$@"; do
       parts dense_kernel dense-tiles-h200 ;;
     densesites)
       parts dense_sites dense-sites-h200 ;;
+    densesites2)  # a second round around the first's best (now SITE_TILES)
+      python3 benchmarks/decode_parts.py --parts dense_sites --out "$out/dense-sites2-h200.json" --site-candidates \
+        "down=16,512,2,8/16,1024,2,8/32,256,2,8/8,1024,2,8/16,1024,1,8/32,512,1,8;o=16,512,2,8/16,1024,2,8/32,256,2,8/8,1024,2,8/16,256,2,8;qkv=8,512,2,4/8,1024,2,8/16,256,2,8/8,256,2,4/4,512,2,4;gate_up=2,1024,2,2/4,1024,2,8/2,2048,2,4/4,512,2,4/2,512,2,2" \
+        2>&1 | tee "$out/dense-sites2-h200.log" || rc=1
+      best=$(sed -n 's/^best per site: //p' "$out/dense-sites2-h200.log")
+      if [ -n "$best" ] && [ "$best" != "the defaults" ]; then  # the later stages of this call run with it
+        export LAROSA_DENSE_TILES="$best"; echo "LAROSA_DENSE_TILES=$best for the later stages"; fi ;;
     chains)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py -k "dense_kernel" \
         > "$out/chains-tests.log" 2>&1 || rc=1

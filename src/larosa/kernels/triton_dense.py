@@ -40,9 +40,13 @@ from .triton_gemv import _interpreted_bf16, _round, _use_pdl, gdc_launch_depende
 # (4, 1024, 2, 2) 259.4, (4, 1024, 2, 4) 255.6, (2, 2048, 2, 2) 246.4, cuBLAS 225.2. Gate/up's BN is per
 # matrix (each program reads BN rows of each).
 DENSE_TILES = (8, 512, 2, 4)
-# the sites of a decode step by shape (`dense_site`), each with its tiles (v21: a sweep per site in the step)
+# The sites of a decode step by shape (`dense_site`), each with its tiles. v21 (dense-sites-h200.json, LLaMA2-7B
+# dense, greedy site after site from DENSE_TILES): down 264.7 -> 270.2 tok/s at (16, 512, 2, 8) (one 8-warp program
+# per SM, 181 registers), then o 270.3 -> 273.9 at (16, 512, 2, 8); q/k/v and the head best at DENSE_TILES (the
+# head's five tilings within 0.3 tok/s); gate/up (2, 1024, 2, 2) 264.6 vs 264.1. All together vs DENSE_TILES
+# everywhere: 273.8 vs 264.2 tok/s (LLaMA2-7B), 242.3 vs 233.7 (LLaMA3-8B)
 DENSE_SITES = ("qkv", "o", "gate_up", "down", "head")
-SITE_TILES = {"qkv": DENSE_TILES, "o": DENSE_TILES, "gate_up": (4, 512, 2, 4), "down": DENSE_TILES,
+SITE_TILES = {"qkv": DENSE_TILES, "o": (16, 512, 2, 8), "gate_up": (2, 1024, 2, 2), "down": (16, 512, 2, 8),
               "head": DENSE_TILES}
 
 
