@@ -430,52 +430,83 @@ def parse_site_candidates(spec: str) -> dict[str, tuple[str, ...]]:
     return out
 
 
-def dense_site_rows(shape: str, gen_len: int, repeats: int = 2, also: tuple = ("llama3-8b",),
-                    candidates: dict | None = None) -> list[dict]:
-    """v21: the dense step's tiles per site (`triton_dense.dense_site`), greedy: site after site (most bytes
-    first), each candidate of `SITE_CANDIDATES` with the sites before at their best so far; then the
-    best per-site tiling against the default, alternating `repeats` times, on `shape` and then on the shapes
-    `also`. Dense model, one pass per candidate (v20's tile A/B repeated within 0.1 tok/s)."""
-    from larosa.kernels import triton_dense
-
-    setup = _engine_setup(shape)
-    bw, base, prompt = setup
+def site_sweep_rows(shape: str, gen_len: int, var: str, candidates: dict, defaults: dict, checks,
+                    method: str = "dense", p: float = 0.0, repeats: int = 2, **engine_kw) -> list[dict]:
+    """v21: a kernel's tiles per decode-step site (`triton_gemv.decode_site`) in the step, greedy: site after site,
+    each candidate (a spec of the environment switch `var`, "default" = the site's default: `defaults`) with the
+    sites before at their best so far (`method` at sparsity `p` on `shape`, one pass each: v20's tile A/B
+    repeated within 0.1 tok/s); then the best per site against the defaults, alternating `repeats` times, at
+    each (shape, method, p) of `checks`."""
+    bw, base, prompt = _engine_setup(shape)
     rows = []
     best = {}
 
     def spec(tiles: dict) -> str:
         return ";".join(f"{k}={v}" for k, v in tiles.items())
 
-    def measure(tiles: dict, label: str, **row) -> float:
-        with env_set("LAROSA_DENSE_TILES", spec(tiles) or None):
-            _engine_row(rows, base, prompt, gen_len, bw, f"{row.get('check_shape', shape)} dense {label}",
-                        {"shape": row.pop("check_shape", shape), "method": "dense", "nominal": 0.0, "tiles": dict(tiles), **row},
-                        dense_kernel=True)
+    def measure(w, shp: str, meth: str, nominal: float, tiles: dict, label: str, **row) -> float:
+        with env_set(var, spec(tiles) or None):
+            _engine_row(rows, w, prompt, gen_len, bw, f"{shp} {meth} p={nominal:.2f} {label}",
+                        {"shape": shp, "method": meth, "nominal": nominal, "tiles": dict(tiles), **row}, **engine_kw)
         return rows[-1]["tok_s"]
 
-    for site, cands in (candidates or SITE_CANDIDATES).items():
-        scores = {c: measure({**best, site: c}, f"{site}={c}", site=site, candidate=c) for c in cands}
+    w = base if method == "dense" else sparse_variant(base, method, p)
+    for site, cands in candidates.items():
+        scores = {c: measure(w, shape, method, p, {**best, **({} if c == "default" else {site: c})},
+                             f"{site}={c}", site=site, candidate=c) for c in cands}
         top = max(scores, key=scores.get)
-        if top != ",".join(map(str, triton_dense.SITE_TILES[site])):
+        if top not in ("default", defaults.get(site)):
             best[site] = top
         print(f"site {site}: best {top} ({scores[top]:.1f} tok/s)", flush=True)
     print(f"best per site: {spec(best) or 'the defaults'}", flush=True)
-    for other in (shape, *also):
-        if other != shape:  # the same tilings on another shape (its own sizes, same sites)
-            del base
+    for shp, meth, nominal in checks:
+        if shp != shape:  # the same tilings on another shape (its own sizes, same sites)
+            del w, base
             torch.cuda.empty_cache()
-            bw, base, prompt = _engine_setup(other)
+            bw, base, prompt = _engine_setup(shp)
+            shape = shp
+        w = base if meth == "dense" else sparse_variant(base, meth, nominal)
         for rep in range(repeats):
             for label, tiles in (("default", {}), ("best per site", best)):
-                measure(tiles, f"{label} {spec(tiles)} #{rep}", final=label, repeat=rep, check_shape=other)
+                measure(w, shp, meth, nominal, tiles, f"{label} {spec(tiles)} #{rep}", final=label, repeat=rep)
     return rows
+
+
+def dense_site_rows(shape: str, gen_len: int, repeats: int = 2, candidates: dict | None = None) -> list[dict]:
+    """v21: the dense GEMV's tiles per site (`LAROSA_DENSE_TILES`), dense model, then checked on both shapes."""
+    from larosa.kernels import triton_dense
+
+    defaults = {s: ",".join(map(str, t)) for s, t in triton_dense.SITE_TILES.items()}
+    return site_sweep_rows(shape, gen_len, "LAROSA_DENSE_TILES", candidates or SITE_CANDIDATES, defaults,
+                           ((shape, "dense", 0.0), ("llama3-8b", "dense", 0.0)), repeats=repeats, dense_kernel=True)
+
+
+# (BLOCK_M kept rows, BLOCK_N columns, warps) per site; "default" = `gtile_config`'s rule (128 x 128 on q/k/v and
+# down at p = 0.5, 64 x 256 on o, 64 x 64 gated, all 2 warps: 344 / 64 / 96 B of spills in the sm_90 compile). The
+# candidates do not spill (`benchmarks/kernel_resources.py`'s compile): e.g. 128 x 128 at 4 warps 162 registers,
+# 64 x 256 at 4 warps 218, gated 64 x 64 at 4 warps 128
+GTILE_CANDIDATES = {
+    "down": ("default", "128,128,4", "64,256,4", "64,128,2", "128,64,2", "32,256,2"),
+    "gate_up": ("default", "64,64,4", "32,128,2", "32,128,4", "64,32,2", "32,64,2"),
+    "qkv": ("default", "128,128,4", "64,256,4", "64,128,2", "128,64,2", "32,256,4"),
+    "o": ("default", "64,256,4", "128,128,4", "32,256,2", "64,128,2", "32,256,4"),
+}
+
+
+def gtile_site_rows(shape: str, gen_len: int, repeats: int = 2, candidates: dict | None = None) -> list[dict]:
+    """v21: the gathered-rows GEMV's tiles per site (`LAROSA_GTILE_TILES`) in LaRoSA's step at p = 0.5 (the v15 tiles
+    came from a per-op sweep, and the dense one's per-op ranking was not the step's), then checked at p = 0.4,
+    0.5 and 0.75."""
+    return site_sweep_rows(shape, gen_len, "LAROSA_GTILE_TILES", candidates or GTILE_CANDIDATES, {},
+                           tuple((shape, "larosa", q) for q in (0.4, 0.5, 0.75)), method="larosa", p=0.5,
+                           repeats=repeats)
 
 
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
             "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows,
-            "dense_sites": dense_site_rows}
+            "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows}
 
 
 def main() -> None:
@@ -486,7 +517,7 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=None, help="alternations of an A/B part (its default if unset)")
     ap.add_argument("--site-candidates", default=None,
-                    help='dense_sites: "site=BN,BK,STAGES,WARPS/...;site=..." instead of SITE_CANDIDATES')
+                    help='dense_sites, gtile_sites: "site=TILES/TILES/...;site=..." instead of their candidates')
     a = ap.parse_args()
     parts = a.parts.split(",")  # attention, engine, dense_layout, fusions, select_window, side_tiles, or AB_PARTS
     unknown = set(parts) - {"attention", "engine", "dense_layout", "fusions", "select_window", "side_tiles",
@@ -514,7 +545,7 @@ def main() -> None:
     for name, rows_fn in AB_PARTS.items():  # the end-to-end A/Bs that take only (shape, gen_len)
         if name in parts:
             kw = {"repeats": a.repeats} if a.repeats else {}
-            if name == "dense_sites" and a.site_candidates:
+            if name in ("dense_sites", "gtile_sites") and a.site_candidates:
                 kw["candidates"] = parse_site_candidates(a.site_candidates)
             res[name] = rows_fn(a.shape, a.gen_len, **kw)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@
 #                                                # engine's dense_linear vs cuBLAS end to end (~5 min)
 #   bash benchmarks/h200_session.sh densesites   # v21: the dense step's tiles per site, greedy sweep on LLaMA2-7B,
 #                                                # then best vs default on both shapes (~1.5 min)
+#   bash benchmarks/h200_session.sh gtilesites   # v21: the gathered GEMV's tiles per site in LaRoSA's step (p = 0.5),
+#                                                # then best vs default at 0.4 / 0.5 / 0.75 (~3 min)
 #   bash benchmarks/h200_session.sh densetests   # the dense kernel's and the engine's dense GPU tests (~1 min)
 #   bash benchmarks/h200_session.sh densesites2  # v21: a second round around the first's best; the later stages of
 #                                                # the call run with its best (LAROSA_DENSE_TILES) (~1.5 min)
@@ -187,6 +189,8 @@ for stage in "$@"; do
         --out "$out/profile-dense-kernel-llama2-7b.json" 2>&1 | tee "$out/profile-dense-kernel-llama2-7b.log" || rc=1 ;;
     densetiles)
       parts dense_kernel dense-tiles-h200 ;;
+    gtilesites)
+      parts gtile_sites gtile-sites-h200 ;;
     densetests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
         tests/test_engine_gpu.py -k "dense" > "$out/dense-tests.log" 2>&1 || rc=1

@@ -66,12 +66,13 @@ def test_dense_tiles_by_site(monkeypatch):
     """Each decode-step shape maps to its site, and `LAROSA_DENSE_TILES` sets every site ("BN,BK,STAGES,WARPS",
     gate/up's BN halved: its programs read BN rows of each matrix) or the named ones; bad specs are refused."""
     from larosa.kernels import ops
-    from larosa.kernels.triton_dense import DENSE_SITES, SITE_TILES, dense_site, dense_tiles, site_tiles
+    from larosa.kernels.triton_dense import DENSE_SITES, SITE_TILES, dense_tiles, site_tiles
+    from larosa.kernels.triton_gemv import decode_site
 
     shapes = {(4096, 12288, False): "qkv", (4096, 4096, False): "o", (4096, 11008, True): "gate_up",
               (11008, 4096, False): "down", (4096, 32000, False): "head", (4096, 6144, False): "qkv",
               (14336, 4096, False): "down", (4096, 128256, False): "head", (3584, 4608, False): "qkv"}
-    assert {k: dense_site(*k) for k in shapes} == shapes
+    assert {k: decode_site(*k) for k in shapes} == shapes
     monkeypatch.delenv("LAROSA_DENSE_TILES", raising=False)
     assert site_tiles() == SITE_TILES and set(SITE_TILES) == set(DENSE_SITES)
     assert ops.dense_tiles() == SITE_TILES
@@ -82,7 +83,7 @@ def test_dense_tiles_by_site(monkeypatch):
     assert dense_tiles(11008, 4096) == (16, 256, 2, 4) and dense_tiles(4096, 11008, True) == (8, 128, 1, 8)
     assert dense_tiles(4096, 4096) == SITE_TILES["o"]
     for bad, msg in (("8,256,2", "BN,BK,STAGES,WARPS"), ("mlp=8,256,2,2", "unknown site"),
-                     ("down=8,256", "BN,BK,STAGES,WARPS")):
+                     ("down=8,256", "BN,BK,STAGES,WARPS"), ("down=8,a,2,2", "BN,BK,STAGES,WARPS")):
         monkeypatch.setenv("LAROSA_DENSE_TILES", bad)
         with pytest.raises(ValueError, match=msg):
             site_tiles()

@@ -282,6 +282,33 @@ def test_ops_take_an_explicit_kernel(monkeypatch):
         topk_linear(x.float(), wt.float(), 20, impl="bogus")  # fp32: the reference path
 
 
+def test_gtile_tiles_by_site(monkeypatch):
+    """LAROSA_GTILE_TILES (v21 A/B runs) sets the gathered kernel's tiles of the named sites only, for the launch
+    and its workspace; the result still equals the reference; bad specs are refused."""
+    tg = ops.triton_gemv
+    monkeypatch.delenv("LAROSA_GTILE_TILES", raising=False)
+    plain = {s: tg.gtile_config(*shape) for s, shape in (("down", (512, 64)), ("o", (64, 64)), ("gate_up", (64, 96, True)))}
+    monkeypatch.setenv("LAROSA_GTILE_TILES", "down=32,64,4; gate_up=16,32,2")
+    assert tg.gtile_config(512, 64) == {"block_m": 32, "block_n": 64, "num_warps": 4}
+    assert tg.gtile_config(64, 96, True) == {"block_m": 16, "block_n": 32, "num_warps": 2}
+    assert tg.gtile_config(64, 64) == plain["o"]
+    assert tg.counters_needed(1, 512, 64, impl="gtile", k=100) == tg.tile_workspace_needed(1, 64, False, 64)
+    calls = []
+    real = tg.gtile_gemv_kernel
+    monkeypatch.setattr(tg, "gtile_gemv_kernel", _Recorder("gtile_gemv_kernel", calls))
+    x, wt = torch.randn(1, 512).bfloat16(), torch.randn(512, 64).bfloat16()
+    tg.launch_gtile(x, wt, torch.empty(1, 64, dtype=torch.bfloat16), 100)
+    assert (calls[0][1]["BLOCK_M"], calls[0][1]["BLOCK_N"], calls[0][1]["num_warps"]) == (32, 64, 4)
+    monkeypatch.setattr(tg, "gtile_gemv_kernel", real)
+    y = torch.empty(1, 64, dtype=torch.bfloat16)
+    tg.launch_gtile(x, wt, y, 100)
+    assert _rel(y, topk_gemv_ref(x, wt, 100)) < 1e-2
+    for bad, msg in (("down=32,64", "BLOCK_M,BLOCK_N,WARPS"), ("head=32,64,2", "unknown site")):
+        monkeypatch.setenv("LAROSA_GTILE_TILES", bad)
+        with pytest.raises(ValueError, match=msg):
+            tg.gtile_config(512, 64)
+
+
 def test_gtile_env_keeps_the_other_modes_on_the_tile_kernel(monkeypatch):
     """LAROSA_KERNEL_IMPL=gtile switches exact Top-K only: threshold and dense modes take "tile"."""
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "gtile")

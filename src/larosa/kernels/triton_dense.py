@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import _interpreted_bf16, _round, _use_pdl, gdc_launch_dependents, gdc_wait
+from .triton_gemv import (_interpreted_bf16, _round, _use_pdl, decode_site, gdc_launch_dependents, gdc_wait,
+                          parse_tiles, site_specs)
 
 # BN outputs per program, BK inputs per step, STAGES steps loaded at once, warps per program. v19 experiment
 # at 2 warps (dense-chain-h200.json, plain GEMVs): (2, 2048, 2) 3200 us per token, (4, 1024, 2) 3277,
@@ -40,7 +41,7 @@ from .triton_gemv import _interpreted_bf16, _round, _use_pdl, gdc_launch_depende
 # (4, 1024, 2, 2) 259.4, (4, 1024, 2, 4) 255.6, (2, 2048, 2, 2) 246.4, cuBLAS 225.2. Gate/up's BN is per
 # matrix (each program reads BN rows of each).
 DENSE_TILES = (8, 512, 2, 4)
-# The sites of a decode step by shape (`dense_site`), each with its tiles. v21 (dense-sites-h200.json, LLaMA2-7B
+# The sites of a decode step by shape (`triton_gemv.decode_site`), each with its tiles. v21 (dense-sites-h200.json, LLaMA2-7B
 # dense, greedy site after site from DENSE_TILES): down 264.7 -> 270.2 tok/s at (16, 512, 2, 8) (one 8-warp program
 # per SM, 181 registers), then o 270.3 -> 273.9 at (16, 512, 2, 8); q/k/v and the head best at DENSE_TILES (the
 # head's five tilings within 0.3 tok/s); gate/up (2, 1024, 2, 2) 264.6 vs 264.1. All together vs DENSE_TILES
@@ -50,25 +51,6 @@ SITE_TILES = {"qkv": DENSE_TILES, "o": (16, 512, 2, 8), "gate_up": (2, 1024, 2, 
               "head": DENSE_TILES}
 
 
-def dense_site(d: int, n_out: int, gate_up: bool = False) -> str:
-    """The decode-step site a GEMV of this shape is, for its tiles: "gate_up" (w_up given), "down" (d > n_out),
-    "o" (square), "head" (n_out >= 4 d: a vocabulary), else "qkv"."""
-    if gate_up:
-        return "gate_up"
-    if n_out < d:
-        return "down"
-    if n_out == d:
-        return "o"
-    return "head" if n_out >= 4 * d else "qkv"
-
-
-def _parse_tiles(spec: str, env: str) -> tuple[int, int, int, int]:
-    t = tuple(int(v) for v in spec.split(","))
-    if len(t) != 4:
-        raise ValueError(f"{env}: tiles must be BN,BK,STAGES,WARPS, got {spec!r}")
-    return t
-
-
 def site_tiles() -> dict[str, tuple[int, int, int, int]]:
     """The tiles of every site: `SITE_TILES`, or as `LAROSA_DENSE_TILES` says (for A/B runs): "BN,BK,STAGES,WARPS"
     for every site (BN halved for gate/up), or "site=BN,BK,STAGES,WARPS;..." for the named sites only."""
@@ -76,20 +58,14 @@ def site_tiles() -> dict[str, tuple[int, int, int, int]]:
     if not env:
         return dict(SITE_TILES)
     if "=" not in env:
-        t = _parse_tiles(env, "LAROSA_DENSE_TILES")
+        t = parse_tiles(env, "LAROSA_DENSE_TILES", "BN,BK,STAGES,WARPS")
         return {s: (max(1, t[0] // 2), *t[1:]) if s == "gate_up" else t for s in DENSE_SITES}
-    out = dict(SITE_TILES)
-    for item in filter(None, (v.strip() for v in env.split(";"))):
-        site, _, spec = item.partition("=")
-        if site.strip() not in DENSE_SITES:
-            raise ValueError(f"LAROSA_DENSE_TILES: unknown site {site!r} (sites: {', '.join(DENSE_SITES)})")
-        out[site.strip()] = _parse_tiles(spec, "LAROSA_DENSE_TILES")
-    return out
+    return {**SITE_TILES, **site_specs(env, "LAROSA_DENSE_TILES", DENSE_SITES, "BN,BK,STAGES,WARPS")}
 
 
 def dense_tiles(d: int, n_out: int, gate_up: bool = False) -> tuple[int, int, int, int]:
-    """The tiles of a GEMV of this shape: its site's (`dense_site`, `site_tiles`)."""
-    return site_tiles()[dense_site(d, n_out, gate_up)]
+    """The tiles of a GEMV of this shape: its site's (`triton_gemv.decode_site`, `site_tiles`)."""
+    return site_tiles()[decode_site(d, n_out, gate_up)]
 
 
 @triton.jit

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -809,6 +810,50 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw)
 
 
+DECODE_SITES = ("qkv", "o", "gate_up", "down", "head")
+
+
+def decode_site(d_in: int, d_out: int, gated: bool = False) -> str:
+    """The decode-step site a GEMV of this shape is, for its tiles: "gate_up" (gated), "down" (d_in > d_out),
+    "o" (square), "head" (d_out >= 4 d_in: a vocabulary), else "qkv"."""
+    if gated:
+        return "gate_up"
+    if d_out < d_in:
+        return "down"
+    if d_out == d_in:
+        return "o"
+    return "head" if d_out >= 4 * d_in else "qkv"
+
+
+def parse_tiles(spec: str, env: str, form: str) -> tuple[int, ...]:
+    """"a,b,..." -> ints, as many as `form` ("BN,BK,STAGES,WARPS") names."""
+    try:
+        t = tuple(int(v) for v in spec.split(","))
+    except ValueError:
+        t = ()
+    if len(t) != len(form.split(",")):
+        raise ValueError(f"{env}: tiles must be {form}, got {spec!r}")
+    return t
+
+
+def site_specs(env_value: str, env: str, sites: Sequence[str], form: str) -> dict[str, tuple[int, ...]]:
+    """"site=a,b,...;site=..." -> {site: tiles} for the named sites (of `sites`)."""
+    out = {}
+    for item in filter(None, (v.strip() for v in env_value.split(";"))):
+        site, _, spec = item.partition("=")
+        if site.strip() not in sites:
+            raise ValueError(f"{env}: unknown site {site.strip()!r} (sites: {', '.join(sites)})")
+        out[site.strip()] = parse_tiles(spec, env, form)
+    return out
+
+
+def gtile_site_tiles() -> dict[str, tuple[int, int, int]]:
+    """Tiles of the gathered-rows kernel by site (`decode_site`) from `LAROSA_GTILE_TILES`
+    ("site=BLOCK_M,BLOCK_N,WARPS;...", for A/B runs); the sites not named keep `gtile_config`'s rule."""
+    env = os.environ.get("LAROSA_GTILE_TILES")
+    return site_specs(env, "LAROSA_GTILE_TILES", DECODE_SITES[:4], "BLOCK_M,BLOCK_N,WARPS") if env else {}
+
+
 GTILE_TALL = 14_000_000  # k * d_out from which 128 x 128 tiles beat 64 x 256 (half the atomics), v15 sweep
 
 
@@ -817,7 +862,11 @@ def gtile_config(d_in: int, d_out: int, gated: bool = False, k: int | None = Non
     H200 sweep (`benchmarks/gtile_ab.py`, `results/gtile-ab-h200.json`, 12 tilings x 8 ops x 5 sparsities):
     gated 64 x 64 (best or within 1.1 us everywhere); ungated 64 x 256, or 128 x 128 where k * d_out >=
     GTILE_TALL (the LLaMA qkv and down projections at low sparsity: the total of atomic adds, d_out * k /
-    BLOCK_M, halves; 23.8 vs 27.4 us on 4096 -> 12288 at k = 2048). Without k: the tiles of k = d_in."""
+    BLOCK_M, halves; 23.8 vs 27.4 us on 4096 -> 12288 at k = 2048). Without k: the tiles of k = d_in.
+    `LAROSA_GTILE_TILES` sets them by site (`gtile_site_tiles`)."""
+    site = gtile_site_tiles().get(decode_site(d_in, d_out, gated))
+    if site is not None:
+        return {"block_m": site[0], "block_n": site[1], "num_warps": site[2]}
     if gated:
         return {"block_m": 64, "block_n": 64, "num_warps": 2}
     if (d_in if k is None else k) * d_out >= GTILE_TALL:
