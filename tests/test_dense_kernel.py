@@ -66,19 +66,19 @@ def test_dense_tiles_by_site(monkeypatch):
     """Each decode-step shape maps to its site, and `LAROSA_DENSE_TILES` sets every site ("BN,BK,STAGES,WARPS",
     gate/up's BN halved: its programs read BN rows of each matrix) or the named ones; bad specs are refused."""
     from larosa.kernels import ops
-    from larosa.kernels.triton_dense import DENSE_SITES, SITE_TILES, dense_tiles, site_tiles
-    from larosa.kernels.triton_gemv import decode_site
+    from larosa.kernels.triton_dense import SITE_TILES, dense_tiles, site_tiles
+    from larosa.kernels.triton_gemv import DECODE_SITES, decode_site
 
     shapes = {(4096, 12288, False): "qkv", (4096, 4096, False): "o", (4096, 11008, True): "gate_up",
               (11008, 4096, False): "down", (4096, 32000, False): "head", (4096, 6144, False): "qkv",
               (14336, 4096, False): "down", (4096, 128256, False): "head", (3584, 4608, False): "qkv"}
     assert {k: decode_site(*k) for k in shapes} == shapes
     monkeypatch.delenv("LAROSA_DENSE_TILES", raising=False)
-    assert site_tiles() == SITE_TILES and set(SITE_TILES) == set(DENSE_SITES)
+    assert site_tiles() == SITE_TILES and set(SITE_TILES) == set(DECODE_SITES)
     assert ops.dense_tiles() == SITE_TILES
     assert dense_tiles(11008, 4096) == SITE_TILES["down"]
     monkeypatch.setenv("LAROSA_DENSE_TILES", "8,256,2,2")
-    assert site_tiles() == {s: (4 if s == "gate_up" else 8, 256, 2, 2) for s in DENSE_SITES}
+    assert site_tiles() == {s: (4 if s == "gate_up" else 8, 256, 2, 2) for s in DECODE_SITES}
     monkeypatch.setenv("LAROSA_DENSE_TILES", "down=16,256,2,4; gate_up=8,128,1,8")
     assert dense_tiles(11008, 4096) == (16, 256, 2, 4) and dense_tiles(4096, 11008, True) == (8, 128, 1, 8)
     assert dense_tiles(4096, 4096) == SITE_TILES["o"]

@@ -287,11 +287,11 @@ def test_gtile_tiles_by_site(monkeypatch):
     and its workspace; the result still equals the reference; bad specs are refused."""
     tg = ops.triton_gemv
     monkeypatch.delenv("LAROSA_GTILE_TILES", raising=False)
-    plain = {s: tg.gtile_config(*shape) for s, shape in (("down", (512, 64)), ("o", (64, 64)), ("gate_up", (64, 96, True)))}
+    plain_o = tg.gtile_config(64, 64)
     monkeypatch.setenv("LAROSA_GTILE_TILES", "down=32,64,4; gate_up=16,32,2")
     assert tg.gtile_config(512, 64) == {"block_m": 32, "block_n": 64, "num_warps": 4}
     assert tg.gtile_config(64, 96, True) == {"block_m": 16, "block_n": 32, "num_warps": 2}
-    assert tg.gtile_config(64, 64) == plain["o"]
+    assert tg.gtile_config(64, 64) == plain_o
     assert tg.counters_needed(1, 512, 64, impl="gtile", k=100) == tg.tile_workspace_needed(1, 64, False, 64)
     calls = []
     real = tg.gtile_gemv_kernel

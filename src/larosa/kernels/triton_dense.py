@@ -29,8 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_gemv import (_interpreted_bf16, _round, _use_pdl, decode_site, gdc_launch_dependents, gdc_wait,
-                          parse_tiles, site_specs)
+from .triton_gemv import (DECODE_SITES, _interpreted_bf16, _round, _use_pdl, decode_site, gdc_launch_dependents,
+                          gdc_wait, parse_tiles, site_specs)
 
 # BN outputs per program, BK inputs per step, STAGES steps loaded at once, warps per program. v19 experiment
 # at 2 warps (dense-chain-h200.json, plain GEMVs): (2, 2048, 2) 3200 us per token, (4, 1024, 2) 3277,
@@ -41,12 +41,12 @@ from .triton_gemv import (_interpreted_bf16, _round, _use_pdl, decode_site, gdc_
 # (4, 1024, 2, 2) 259.4, (4, 1024, 2, 4) 255.6, (2, 2048, 2, 2) 246.4, cuBLAS 225.2. Gate/up's BN is per
 # matrix (each program reads BN rows of each).
 DENSE_TILES = (8, 512, 2, 4)
-# The sites of a decode step by shape (`triton_gemv.decode_site`), each with its tiles. v21 (dense-sites-h200.json, LLaMA2-7B
-# dense, greedy site after site from DENSE_TILES): down 264.7 -> 270.2 tok/s at (16, 512, 2, 8) (one 8-warp program
-# per SM, 181 registers), then o 270.3 -> 273.9 at (16, 512, 2, 8); q/k/v and the head best at DENSE_TILES (the
-# head's five tilings within 0.3 tok/s); gate/up (2, 1024, 2, 2) 264.6 vs 264.1. All together vs DENSE_TILES
-# everywhere: 273.8 vs 264.2 tok/s (LLaMA2-7B), 242.3 vs 233.7 (LLaMA3-8B)
-DENSE_SITES = ("qkv", "o", "gate_up", "down", "head")
+# The sites of a decode step (`triton_gemv.decode_site`, by shape), each with its tiles. v21 (dense-sites-h200.json,
+# LLaMA2-7B dense, greedy site after site from DENSE_TILES): down 264.7 -> 270.2 tok/s at (16, 512, 2, 8) (one
+# 8-warp program per SM, 181 registers), then o 270.3 -> 273.9 at (16, 512, 2, 8); q/k/v and the head best at
+# DENSE_TILES (the head's five tilings within 0.3 tok/s); gate/up (2, 1024, 2, 2) 264.6 vs 264.1. All together vs
+# DENSE_TILES everywhere: 273.8 vs 264.2 tok/s (LLaMA2-7B), 242.3 vs 233.7 (LLaMA3-8B); a second round around
+# these found nothing better (dense-sites2-h200.json)
 SITE_TILES = {"qkv": DENSE_TILES, "o": (16, 512, 2, 8), "gate_up": (2, 1024, 2, 2), "down": (16, 512, 2, 8),
               "head": DENSE_TILES}
 
@@ -59,8 +59,8 @@ def site_tiles() -> dict[str, tuple[int, int, int, int]]:
         return dict(SITE_TILES)
     if "=" not in env:
         t = parse_tiles(env, "LAROSA_DENSE_TILES", "BN,BK,STAGES,WARPS")
-        return {s: (max(1, t[0] // 2), *t[1:]) if s == "gate_up" else t for s in DENSE_SITES}
-    return {**SITE_TILES, **site_specs(env, "LAROSA_DENSE_TILES", DENSE_SITES, "BN,BK,STAGES,WARPS")}
+        return {s: (max(1, t[0] // 2), *t[1:]) if s == "gate_up" else t for s in DECODE_SITES}
+    return {**SITE_TILES, **site_specs(env, "LAROSA_DENSE_TILES", DECODE_SITES, "BN,BK,STAGES,WARPS")}
 
 
 def dense_tiles(d: int, n_out: int, gate_up: bool = False) -> tuple[int, int, int, int]:
