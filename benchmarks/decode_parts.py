@@ -502,11 +502,29 @@ def gtile_site_rows(shape: str, gen_len: int, repeats: int = 2, candidates: dict
                            repeats=repeats)
 
 
+def dense_head_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v21: the head (with the final norm) in `larosa::dense_linear` or on cuBLAS where LaRoSA's adapters are split
+    off the layers (`DecodeEngine(dense_head=)`; v20 measured -11 to -13 tok/s with it at p = 0.5 in two runs,
+    +0.2 in a third), beside un-rotated Top-K (no adapters: its default is the dense head). Prints whether LaRoSA
+    gained at both sparsities (the `densehead` stage then runs its later stages with LAROSA_DENSE_HEAD=1)."""
+    variants = [(f"dense_head={h}", None, {"dense_head": h}) for h in (False, True)]
+    rows = variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
+
+    def mean(p: float, head: bool) -> float:
+        r = [x["tok_s"] for x in rows if x["method"] == "larosa" and x["nominal"] == p and x["dense_head"] == head]
+        return sum(r) / len(r)
+
+    gains = {p: mean(p, True) / mean(p, False) - 1 for p in (0.5, 0.75)}
+    print("dense head gain for LaRoSA: " + ", ".join(f"p = {p}: {100 * g:+.1f} %" for p, g in gains.items()))
+    print(f"dense head for LaRoSA: {'on' if min(gains.values()) > 0.005 else 'off'}", flush=True)
+    return rows
+
+
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
             "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows,
-            "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows}
+            "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows, "dense_head": dense_head_rows}
 
 
 def main() -> None:

@@ -522,6 +522,37 @@ def test_dense_kernel_engine_equals_plain_engine_fp32(monkeypatch, arch):
         assert len(calls) - before == 4 * per_pass  # prefill and three steps
 
 
+def test_dense_head_rule_and_switch(monkeypatch):
+    """The head takes `dense_linear` with dense_kernel unless adapters are split off the layers (v20); `dense_head=`
+    or LAROSA_DENSE_HEAD overrides that either way, and the logits stay the plain engine's (fp32: the op's
+    reference is HF's arithmetic)."""
+    from larosa.kernels import reference as _ref
+
+    calls = _count_calls(monkeypatch, _ref, "dense_linear_ref")
+    monkeypatch.delenv("LAROSA_DENSE_HEAD", raising=False)
+    _, fused = _larosa_tiny(seed=6)
+    w = from_hf(fused)
+    kw = {"max_len": 12, "compile": False, "graphs": False, "dense_kernel": True}
+    assert DecodeEngine(w, **kw).dense_head  # adapters inline on the CPU
+    split = DecodeEngine(w, **kw, overlap_adapters="select")
+    assert split.adapter_mode == "select" and not split.dense_head
+    assert DecodeEngine(w, **kw, overlap_adapters="select", dense_head=True).dense_head
+    assert not DecodeEngine(w, **{**kw, "dense_kernel": False}).dense_head
+    monkeypatch.setenv("LAROSA_DENSE_HEAD", "1")
+    forced = DecodeEngine(w, **kw, overlap_adapters="select")
+    assert forced.dense_head and not DecodeEngine(w, **kw, overlap_adapters="select", dense_head=False).dense_head
+    monkeypatch.setenv("LAROSA_DENSE_HEAD", "0")
+    assert not DecodeEngine(w, **kw).dense_head
+    plain = DecodeEngine(w, max_len=12, compile=False, graphs=False)
+    ids = torch.randint(3, fused.config.vocab_size, (1, 5))
+    before = len(calls)
+    torch.testing.assert_close(forced.prefill(ids), plain.prefill(ids), rtol=0, atol=0)
+    forced.step()
+    plain.step()
+    torch.testing.assert_close(forced.logits, plain.logits, rtol=0, atol=0)
+    assert len(calls) - before == 2  # the head of the prefill and of the step
+
+
 @pytest.mark.parametrize("unit", [False, True])
 def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
     """bf16, batch 1: each decode step runs the dense GEMV kernel (interpreted on the CPU, compiled on a GPU)

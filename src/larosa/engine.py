@@ -675,6 +675,9 @@ class DecodeEngine:
     decode step is a chain of such launches and the attention (then itself a programmatic dependent). None = where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9),
     else off (the plain step: cuBLAS and compiled glue). On the CPU (tests) the op runs the interpreted kernel
     for bf16 under TRITON_INTERPRET=1, else HF's arithmetic.
+    dense_head: the head (with the final norm) in `larosa::dense_linear`. None = `LAROSA_DENSE_HEAD` ("1" / "0",
+    for A/B runs) if set, else with `dense_kernel` where no adapters are split off the layers (v20: LaRoSA lost
+    11-13 tok/s with it in two runs, not understood).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
@@ -683,7 +686,8 @@ class DecodeEngine:
                  fuse_residual: Optional[bool] = None, select_hints: Optional[bool] = None,
                  hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
                  adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None,
-                 attn_combine: str = DEFAULT_ATTN_COMBINE, dense_kernel: Optional[bool] = None):
+                 attn_combine: str = DEFAULT_ATTN_COMBINE, dense_kernel: Optional[bool] = None,
+                 dense_head: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.dense_kernel = (_ops.dense_kernel_default(weights.device) if dense_kernel is None
@@ -714,9 +718,12 @@ class DecodeEngine:
                          for st, lw in zip(weights.statics, weights.layers)]
         self._unit_final_norm = bool((weights.final_norm == 1).all())
         # the head in `dense_linear` too, except after adapters split off the layers: measured there (LaRoSA,
-        # LLaMA2-7B, results/decode-h200-llama2-7b-v20a, chains-h200.json) it cost 11-13 tok/s at p = 0.5 (not
+        # LLaMA2-7B, results/history/decode-v20a-*, chains-h200.json) it cost 11-13 tok/s at p = 0.5 (not
         # understood: the kernel alone takes cuBLAS's 66 us), while un-rotated Top-K and TEAL gained
-        self._dense_head = self.dense_kernel and self.adapter_mode == "inline"
+        if dense_head is None and os.environ.get("LAROSA_DENSE_HEAD"):
+            dense_head = os.environ["LAROSA_DENSE_HEAD"] == "1"
+        self.dense_head = (self.dense_kernel and self.adapter_mode == "inline") if dense_head is None \
+            else bool(dense_head)
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
@@ -804,7 +811,7 @@ class DecodeEngine:
         return F.embedding(ids, self.w.embed), self.cos[pos], self.sin[pos], self.positions[None, :] <= pos[:, None]
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense_head:
+        if self.dense_head:
             y = torch.ops.larosa.dense_linear(x[:, -1:], self.w.head, None, None, None,
                                               None if self._unit_final_norm else self.w.final_norm,
                                               self.w.final_eps, True)
