@@ -28,6 +28,8 @@
 #                                                # then best vs default on both shapes (~1.5 min)
 #   bash benchmarks/h200_session.sh gtilesites   # v21: the gathered GEMV's tiles per site in LaRoSA's step (p = 0.5),
 #                                                # then best vs default at 0.4 / 0.5 / 0.75 (~3 min)
+#   bash benchmarks/h200_session.sh densesites3  # v21: o and down at (16, 512, 2, 4) vs (16, 512, 2, 8); the later
+#                                                # stages run with the best (~1 min)
 #   bash benchmarks/h200_session.sh densehead    # v21: LaRoSA's head in dense_linear vs cuBLAS; the later stages of
 #                                                # the call run with the winner (LAROSA_DENSE_HEAD) (~1 min)
 #   bash benchmarks/h200_session.sh densetests   # the dense kernel's and the engine's dense GPU tests (~1 min)
@@ -74,6 +76,15 @@ python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', 
 rc=0
 # one benchmarks/decode_parts.py part, its JSON and log under $out/NAME.{json,log}
 parts() { python3 benchmarks/decode_parts.py --parts "$1" --out "$out/$2.json" 2>&1 | tee "$out/$2.log" || rc=1; }
+# a further round of the dense per-site sweep (round number, candidates); the later stages run with its best
+dense_round() {
+  python3 benchmarks/decode_parts.py --parts dense_sites --out "$out/dense-sites$1-h200.json" --site-candidates "$2" \
+    2>&1 | tee "$out/dense-sites$1-h200.log" || rc=1
+  local best
+  best=$(sed -n 's/^best per site: //p' "$out/dense-sites$1-h200.log")
+  if [ -n "$best" ] && [ "$best" != "the defaults" ]; then
+    export LAROSA_DENSE_TILES="$best"; echo "LAROSA_DENSE_TILES=$best for the later stages"; fi
+}
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
@@ -204,12 +215,9 @@ for stage in "$@"; do
     densesites)
       parts dense_sites dense-sites-h200 ;;
     densesites2)  # a second round around the first's best (now SITE_TILES)
-      python3 benchmarks/decode_parts.py --parts dense_sites --out "$out/dense-sites2-h200.json" --site-candidates \
-        "down=16,512,2,8/16,1024,2,8/32,256,2,8/8,1024,2,8/16,1024,1,8/32,512,1,8;o=16,512,2,8/16,1024,2,8/32,256,2,8/8,1024,2,8/16,256,2,8;qkv=8,512,2,4/8,1024,2,8/16,256,2,8/8,256,2,4/4,512,2,4;gate_up=2,1024,2,2/4,1024,2,8/2,2048,2,4/4,512,2,4/2,512,2,2" \
-        2>&1 | tee "$out/dense-sites2-h200.log" || rc=1
-      best=$(sed -n 's/^best per site: //p' "$out/dense-sites2-h200.log")
-      if [ -n "$best" ] && [ "$best" != "the defaults" ]; then  # the later stages of this call run with it
-        export LAROSA_DENSE_TILES="$best"; echo "LAROSA_DENSE_TILES=$best for the later stages"; fi ;;
+      dense_round 2 "down=16,512,2,8/16,1024,2,8/32,256,2,8/8,1024,2,8/16,1024,1,8/32,512,1,8;o=16,512,2,8/16,1024,2,8/32,256,2,8/8,1024,2,8/16,256,2,8;qkv=8,512,2,4/8,1024,2,8/16,256,2,8/8,256,2,4/4,512,2,4;gate_up=2,1024,2,2/4,1024,2,8/2,2048,2,4/4,512,2,4/2,512,2,2" ;;
+    densesites3)  # the 4-warp form of the o / down winner (two programs per SM at 250 registers)
+      dense_round 3 "down=16,512,2,8/16,512,2,4;o=16,512,2,8/16,512,2,4" ;;
     chains)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_engine_gpu.py -k "dense_kernel" \
         > "$out/chains-tests.log" 2>&1 || rc=1
