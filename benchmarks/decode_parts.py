@@ -520,11 +520,23 @@ def dense_head_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     return rows
 
 
+def head_cause_rows(shape: str, gen_len: int, repeats: int = 1) -> list[dict]:
+    """v21: what makes the head in `dense_linear` slow for LaRoSA (`dense_head_rows`): the same switch with the
+    adapters in order (one compiled layer, like Top-K's step) and with select hints at all four sites (Top-K's
+    default), LaRoSA p = 0.5."""
+    variants = [(f"dense_head={h} {label}", None, {"dense_head": h, **kw})
+                for label, kw in (("(default)", {}), ("hints at all four", {"hint_sites": (0, 1, 2, 3)}),
+                                  ("adapters in order", {"overlap_adapters": False}))
+                for h in (False, True)]
+    return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
+
+
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
             "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows,
-            "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows, "dense_head": dense_head_rows}
+            "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows, "dense_head": dense_head_rows,
+            "head_cause": head_cause_rows}
 
 
 def main() -> None:

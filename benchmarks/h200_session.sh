@@ -32,6 +32,8 @@
 #                                                # stages run with the best (~1 min)
 #   bash benchmarks/h200_session.sh densehead    # v21: LaRoSA's head in dense_linear vs cuBLAS; the later stages of
 #                                                # the call run with the winner (LAROSA_DENSE_HEAD) (~1 min)
+#   bash benchmarks/h200_session.sh headcause    # v21: LaRoSA's dense head with the adapters in order / hints at
+#                                                # all four sites (~1 min)
 #   bash benchmarks/h200_session.sh densetests   # the dense kernel's and the engine's dense GPU tests (~1 min)
 #   bash benchmarks/h200_session.sh densesites2  # v21: a second round around the first's best; the later stages of
 #                                                # the call run with its best (LAROSA_DENSE_TILES) (~1.5 min)
@@ -208,6 +210,8 @@ for stage in "$@"; do
       parts dense_head dense-head-h200
       if grep -q "^dense head for LaRoSA: on" "$out/dense-head-h200.log"; then
         export LAROSA_DENSE_HEAD=1; echo "LAROSA_DENSE_HEAD=1 for the later stages"; fi ;;
+    headcause)
+      parts head_cause head-cause-h200 ;;
     densetests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
         tests/test_engine_gpu.py -k "dense" > "$out/dense-tests.log" 2>&1 || rc=1
