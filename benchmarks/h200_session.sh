@@ -34,6 +34,8 @@
 #                                                # the call run with the winner (LAROSA_DENSE_HEAD) (~1 min)
 #   bash benchmarks/h200_session.sh headcause    # v21: LaRoSA's dense head with the adapters in order / hints at
 #                                                # all four sites (~1 min)
+#   bash benchmarks/h200_session.sh headhints    # v21: the same with the select hints off, distinct tokens counted
+#                                                # (~1 min)
 #   bash benchmarks/h200_session.sh densetests   # the dense kernel's and the engine's dense GPU tests (~1 min)
 #   bash benchmarks/h200_session.sh densesites2  # v21: a second round around the first's best; the later stages of
 #                                                # the call run with its best (LAROSA_DENSE_TILES) (~1.5 min)
@@ -212,6 +214,8 @@ for stage in "$@"; do
         export LAROSA_DENSE_HEAD=1; echo "LAROSA_DENSE_HEAD=1 for the later stages"; fi ;;
     headcause)
       parts head_cause head-cause-h200 ;;
+    headhints)
+      parts head_hints head-hints-h200 ;;
     densetests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
         tests/test_engine_gpu.py -k "dense" > "$out/dense-tests.log" 2>&1 || rc=1
