@@ -156,8 +156,8 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
            "achieved_GBps": nb["total"] * steps_s / 1e9 if nb["total"] is not None else None,
            "bandwidth_fraction": nb["total"] * steps_s / bw if nb["total"] is not None and bw == bw else None}
     out["p99_over_p50"] = out["p99_ms"] / out["p50_ms"]
-    # greedy decoding of random weights often settles into a few repeated tokens; the Top-K selects' hints hit
-    # more often on repeated inputs, so their speed depends on it (v21: benchmarks/NOTES.md)
+    # how varied the decoded inputs were: the hinted selects search near the previous token's threshold first, so
+    # a run that repeats a few tokens would flatter them (random weights do not: benchmarks/NOTES.md v21)
     out["distinct_tokens"] = int(torch.unique(res.tokens).numel())
     out["p99_over_p50_detrended"] = detrended_spread(steps)
     if dev.type == "cuda":
