@@ -36,6 +36,8 @@
 #                                                # all four sites (~1 min)
 #   bash benchmarks/h200_session.sh headhints    # v21: the same with the select hints off, distinct tokens counted
 #                                                # (~1 min)
+#   bash benchmarks/h200_session.sh headprofile  # v21: kernel profile of LaRoSA and Top-K with / without the dense head
+#                                                # (~1 min)
 #   bash benchmarks/h200_session.sh densetests   # the dense kernel's and the engine's dense GPU tests (~1 min)
 #   bash benchmarks/h200_session.sh densesites2  # v21: a second round around the first's best; the later stages of
 #                                                # the call run with its best (LAROSA_DENSE_TILES) (~1.5 min)
@@ -72,7 +74,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|densetests ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -216,6 +218,9 @@ for stage in "$@"; do
       parts head_cause head-cause-h200 ;;
     headhints)
       parts head_hints head-hints-h200 ;;
+    headprofile)
+      python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --methods larosa,topk --dense-head-ab \
+        --out "$out/profile-dense-head-llama2-7b.json" 2>&1 | tee "$out/profile-dense-head-llama2-7b.log" || rc=1 ;;
     densetests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
         tests/test_engine_gpu.py -k "dense" > "$out/dense-tests.log" 2>&1 || rc=1

@@ -76,6 +76,8 @@ def main() -> None:
                     "four: the select kernels' time per step")
     ap.add_argument("--dense-kernel-ab", action="store_true", help="each method with the dense sites and head in "
                     "`larosa::dense_linear` and with cuBLAS (v20)")
+    ap.add_argument("--dense-head-ab", action="store_true", help="each method with the head in `larosa::dense_linear` "
+                    "and with the engine's rule (v21: LaRoSA loses 0.2 ms per token with it, Top-K gains)")
     ap.add_argument("--in-order", action="store_true", help="with --hints-ab: LaRoSA's adapters in order instead "
                     "of where the engine runs them by default")
     args = ap.parse_args()
@@ -95,9 +97,12 @@ def main() -> None:
         ap.error(f"unknown methods {bad}: choose among dense, larosa, topk")
     if args.dense_kernel_ab:
         methods = [f"{m}{tag}" for m in methods for tag in ("", "+cuBLAS")]
+    if args.dense_head_ab:
+        methods = [f"{m}{tag}" for m in methods for tag in ("", "+dense head")]
     for m in methods:
-        name = m.removesuffix("+cuBLAS")
-        kw = {"dense_kernel": False} if m.endswith("+cuBLAS") else {}
+        name = m.removesuffix("+cuBLAS").removesuffix("+dense head")
+        kw = {"dense_kernel": False} if m.endswith("+cuBLAS") else {"dense_head": True} if m.endswith("+dense head") \
+            else {}
         res[m] = profile(base if name == "dense" else sparse_variant(base, name, args.sparsity), prompt, **kw)
     for m in methods:
         print(f"## {m}: {res[m]['total_us_per_step']:.0f} us of kernels per step")
