@@ -164,8 +164,9 @@ def main() -> None:
         us = token_time_us(chain(ws, gemv, x0, bargs)[0])
         del bargs
         base = base or us
-        row = {"variant": name, "block_form": sorted(form) if block else None, "us_per_token": us, "GBps": nbytes / us / 1e3, "of_copy_bw": nbytes / us * 1e6 / bw,
-               "vs_cublas": base / us, "max_rel_err": err}
+        row = {"variant": name, "block_form": sorted(form) if block else None, "us_per_token": us,
+               "GBps": nbytes / us / 1e3, "of_copy_bw": nbytes / us * 1e6 / bw, "vs_cublas": base / us,
+               "max_rel_err": err}
         rows.append(row)
         print(f"| {name} | {us:.0f} | {row['GBps']:.0f} | {row['of_copy_bw']:.0%} | {row['vs_cublas']:.3f}x |",
               flush=True)

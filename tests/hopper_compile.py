@@ -69,17 +69,18 @@ CASES = [
                              "ROWS_PER_SPLIT": 256, "SPLIT_CHUNK": 4}, 4),
     (tg.sparse_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": True, "BLOCK_K": 16, "BLOCK_N": 64,
                              "ROWS_PER_SPLIT": 512, "PDL": True, "HAS_RES": False}, 4),
-    # v20: the dense decode step's GEMVs at the default tiles (load their first weight tiles before waiting for
-    # x): q/k/v with the norm (weight loaded, and bias; or ones: rms alone), o and down with the residual,
-    # gate/up with the norm; the v19 experiment's 2-warp tiles waiting first (benchmarks/dense_chain.py)
+    # the dense decode step's GEMVs at their sites' default tiles (`triton_dense.SITE_TILES`, v21), loading their
+    # first weight tiles before waiting for x: q/k/v and the head with the norm (weight loaded, and bias; or
+    # ones: rms alone), o and down with the residual, gate/up with the norm; the v19 experiment's 2-warp tiles
+    # waiting first (benchmarks/dense_chain.py)
     (td.dense_gemv_kernel, {"BN": 8, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
                             "HAS_G": True, "HAS_BIAS": True}, 4),
     (td.dense_gemv_kernel, {"BN": 8, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 8, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "HAS_RES": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
-                            "HAS_G": True, "GATE_UP": True}, 4),
-    (td.dense_gemv_kernel, {"BN": 4, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
-                            "GATE_UP": True}, 4),
+    (td.dense_gemv_kernel, {"BN": 16, "BK": 512, "STAGES": 2, "PDL": True, "PREFETCH": True, "HAS_RES": True}, 8),
+    (td.dense_gemv_kernel, {"BN": 2, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+                            "HAS_G": True, "GATE_UP": True}, 2),
+    (td.dense_gemv_kernel, {"BN": 2, "BK": 1024, "STAGES": 2, "PDL": True, "PREFETCH": True, "NORM": True,
+                            "GATE_UP": True}, 2),
     (td.dense_gemv_kernel, {"BN": 2, "BK": 2048, "STAGES": 2, "PDL": True, "PREFETCH": False}, 2),
     (ta.decode_attn_split_kernel, {"G": 4, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False}, 4),
     (ta.decode_attn_combine_kernel, {"G": 4, "GP": 16, "GR": 4, "NSP": 8, "HD": 128}, 4),

@@ -672,8 +672,9 @@ class DecodeEngine:
     dense_kernel: dense sites (every site of a dense model) and the head (where no adapters are split off the
     layers) take `larosa::dense_linear` (v20): the block input's RMSNorm, the bias, SiLU * up and the residual
     add in the GEMV launch, which loads its first weight tiles before waiting for its input (PDL), so a dense
-    decode step is a chain of such launches and the attention (then itself a programmatic dependent). None = where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9),
-    else off (the plain step: cuBLAS and compiled glue). On the CPU (tests) the op runs the interpreted kernel
+    decode step is a chain of such launches and the attention (then itself a programmatic dependent). None =
+    where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9), else off (the plain step:
+    cuBLAS and compiled glue). On the CPU (tests) the op runs the interpreted kernel
     for bf16 under TRITON_INTERPRET=1, else HF's arithmetic.
     dense_head: the head (with the final norm) in `larosa::dense_linear`. None = `LAROSA_DENSE_HEAD` ("1" / "0",
     for A/B runs) if set, else with `dense_kernel` where no adapters are split off the layers (v20: LaRoSA lost

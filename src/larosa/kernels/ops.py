@@ -369,10 +369,10 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, w_up: Optional[torch.Tensor] 
                  norm_w: Optional[torch.Tensor] = None, eps: float = 0.0, rms: bool = False) -> torch.Tensor:
     """A dense projection of the decode step with its block's other work: y = RMSNorm(x) (with norm_w, or
     with `rms` a norm whose weight is all ones) @ w.T (+ bias), or silu(. @ w.T) * (. @ w_up.T) with w_up,
-    + residual. w, w_up (d_out, d_in) output-major
-    (F.linear's layout). Up to `max_kernel_rows()` rows run `triton_dense.dense_gemv` (one launch, fp32 until
-    the one rounding, loading its first weight tiles before it waits for x where PDL is possible); more rows,
-    fp32 and devices where Triton cannot run take `reference.dense_linear_ref` (HF's roundings)."""
+    + residual; w, w_up (d_out, d_in) output-major (F.linear's layout). Up to `max_kernel_rows()` rows run
+    `triton_dense.dense_gemv` (one launch at its site's tiles, fp32 until the one rounding, loading its first
+    weight tiles before it waits for x where PDL is possible); more rows, fp32 and devices where Triton cannot
+    run take `reference.dense_linear_ref` (HF's roundings)."""
     if w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x (..., {x.shape[-1]}) does not match w {tuple(w.shape)} (expected d_out x d_in)")
     x2 = _rows(x)

@@ -46,7 +46,8 @@ DENSE_TILES = (8, 512, 2, 4)
 # 8-warp program per SM, 181 registers), then o 270.3 -> 273.9 at (16, 512, 2, 8); q/k/v and the head best at
 # DENSE_TILES (the head's five tilings within 0.3 tok/s); gate/up (2, 1024, 2, 2) 264.6 vs 264.1. All together vs
 # DENSE_TILES everywhere: 273.8 vs 264.2 tok/s (LLaMA2-7B), 242.3 vs 233.7 (LLaMA3-8B); a second round around
-# these found nothing better (dense-sites2-h200.json)
+# these found nothing better (dense-sites2-h200.json). In the sm_90 compile (kernel-resources-sm90.json) gate/up
+# at (2, 1024, 2, 2) spills 104 B where it loads a norm weight (real HF dense models), none with weights of ones
 SITE_TILES = {"qkv": DENSE_TILES, "o": (16, 512, 2, 8), "gate_up": (2, 1024, 2, 2), "down": (16, 512, 2, 8),
               "head": DENSE_TILES}
 
