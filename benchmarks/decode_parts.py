@@ -485,7 +485,8 @@ def dense_site_rows(shape: str, gen_len: int, repeats: int = 2, candidates: dict
 
 # (BLOCK_M kept rows, BLOCK_N columns, warps) per site; "default" = `gtile_config`'s rule (128 x 128 on q/k/v and
 # down at p = 0.5, 64 x 256 on o, 64 x 64 gated, all 2 warps: 344 / 64 / 96 B of spills in the sm_90 compile). The
-# candidates do not spill (`benchmarks/kernel_resources.py`'s compile): e.g. 128 x 128 at 4 warps 162 registers,
+# candidates do not spill (`benchmarks/kernel_resources.py --v21-candidates`,
+# results/kernel-resources-v21-candidates-sm90.json): e.g. 128 x 128 at 4 warps 162 registers,
 # 64 x 256 at 4 warps 218, gated 64 x 64 at 4 warps 128
 GTILE_CANDIDATES = {
     "down": ("default", "128,128,4", "64,256,4", "64,128,2", "128,64,2", "32,256,2"),

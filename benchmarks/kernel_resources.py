@@ -47,9 +47,29 @@ def resources(cubin: bytes, cuobjdump: str) -> dict:
     return {"registers": int(m[1]), "stack_bytes": int(m[2]), "shared_bytes": int(m[3])}
 
 
+def v21_candidates() -> list:
+    """The tilings the v21 per-site sweeps tried that are not defaults (benchmarks/decode_parts.py
+    `SITE_CANDIDATES`, `GTILE_CANDIDATES`, the third dense round): dense o / down with the residual, gathered
+    ungated (with the residual, as at o and down) and gated."""
+    from larosa.kernels import triton_dense as td
+    from larosa.kernels import triton_gemv as tg
+
+    dense = [(td.dense_gemv_kernel, {"BN": bn, "BK": bk, "STAGES": 2, "PDL": True, "PREFETCH": True,
+                                     "HAS_RES": True}, w) for bn, bk, w in ((16, 512, 4), (16, 1024, 8), (32, 256, 8))]
+    gt = {"HAS_BIAS": False, "PDL": True}
+    ungated = [(tg.gtile_gemv_kernel, {**gt, "GATED": False, "HAS_RES": True, "BLOCK_M": m, "BLOCK_N": n}, w)
+               for m, n, w in ((128, 128, 4), (64, 256, 4), (64, 128, 2), (128, 64, 2), (32, 256, 2), (32, 256, 4),
+                               (256, 128, 4))]
+    gated = [(tg.gtile_gemv_kernel, {**gt, "GATED": True, "BLOCK_M": m, "BLOCK_N": n}, w)
+             for m, n, w in ((64, 64, 4), (32, 128, 2), (32, 128, 4), (64, 32, 2), (32, 64, 2), (128, 64, 2))]
+    return dense + ungated + gated
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--v21-candidates", action="store_true",
+                    help="instead of the engine's launches: the v21 site sweeps' other tilings")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: this compiles the kernels")
@@ -61,7 +81,7 @@ def main() -> None:
     rows = []
     print("| kernel | constexprs | warps | registers | stack B | programs/SM |")
     print("|---|---|---|---|---|---|")
-    for kernel, constexprs, warps in hc.CASES:
+    for kernel, constexprs, warps in (v21_candidates() if args.v21_candidates else hc.CASES):
         r = resources(hc.compile_sm90(kernel, constexprs, warps).asm["cubin"], cuobjdump)
         r.update(kernel=kernel.fn.__name__, constexprs=constexprs, num_warps=warps,
                  programs_per_sm=programs_per_sm(r["registers"], warps))
