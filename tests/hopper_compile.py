@@ -17,6 +17,7 @@ from triton.compiler import ASTSource
 from larosa.kernels import triton_attention as ta
 from larosa.kernels import triton_dense as td
 from larosa.kernels import triton_gemv as tg
+from larosa.kernels import triton_spec as tsp
 
 FLOATS = {"threshold", "eps", "scale"}
 POINTERS = {"sel_ptr": "*i32", "hint_ptr": "*i32", "cnt_ptr": "*i32", "acc_ptr": "*fp32", "part_ptr": "*fp32",
@@ -92,6 +93,14 @@ CASES = [
     # v20: launched as a programmatic dependent
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True}, 4),
+    # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
+    # the default tiles, with the residual; input-major with a side GEMV)
+    (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 6, "ASM": True}, 4),
+    (tsp.select_spec_kernel, {"BLOCK_D": 16384, "PDL": True, "ASM": True}, 8),
+    (tsp.spec_gemv_kernel, {**dict(zip(("BN", "BK", "STAGES", "BM"), tsp.SPEC_TILES[:3] + tsp.SPEC_TILES[4:])),
+                            "HAS_RES": True, "PDL": True, "BLOCKED": True}, tsp.SPEC_TILES[3]),
+    (tsp.spec_gemv_kernel, {"BN": 32, "BK": 128, "STAGES": 2, "BM": 64, "PDL": True, "SIDE": True, "HAS_PREV": True,
+                            **SIDE_GEMV}, 4),
 ]
 
 

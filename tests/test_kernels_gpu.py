@@ -113,3 +113,27 @@ def test_compacting_select_ptx_stores_list_the_same_positions(monkeypatch, d_in,
         y = topk_linear(x[:1], wt, k, impl="gtile")
         exact = torch.where(topk_keep_mask(x[:1], k), x[:1], 0).double() @ wt.double()
         assert _rel(y, exact) < 1e-2
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+@pytest.mark.parametrize("d_in,share", [(4096, 0.6), (11008, 0.4), (14336, 0.1)])
+def test_spec_gemv_in_sequence_on_gpu(d_in, share, blocked):
+    """The speculative GEMV (`impl="spec"`) at real shapes, compiled, its GEMV launched as the select's programmatic
+    dependent (PDL): a site's calls in sequence, each guessing from the threshold the one before left in the hint.
+    Exact at every call (the GEMV's programs read the guess before or after the select stored the new one: either
+    path), and the fix lists short once the hint is warm."""
+    from larosa.kernels import triton_spec
+    d_out, k = 4096, int(share * d_in)
+    wt = torch.randn(d_in, d_out, device="cuda", dtype=torch.bfloat16) * 0.02
+    w_in = triton_spec.spec_layout(wt) if blocked else wt  # blocked at the default tiles' BN
+    res = torch.randn(1, d_out, device="cuda", dtype=torch.bfloat16)
+    hint = torch.zeros(1, dtype=torch.int32, device="cuda")
+    fixes = []
+    for _ in range(6):
+        x = torch.randn(1, d_in, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(1, d_out, device="cuda", dtype=torch.bfloat16)
+        sel = triton_spec.launch_spec(x, w_in, y, k, hint=hint, residual=res)
+        exact = torch.where(topk_keep_mask(x, k), x, 0).double() @ wt.double() + res.double()
+        assert _rel(y, exact) < 1e-2
+        fixes.append(sel[0, 3].item())
+    assert fixes[0] == d_in - k and max(fixes[2:]) < d_in // 10, fixes

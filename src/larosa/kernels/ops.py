@@ -3,6 +3,9 @@
     torch.ops.larosa.topk_linear(x, wt, k, bias, residual=r)
                                                          y = TopK_k(x) @ wt (+ bias) (+ r)
     torch.ops.larosa.topk_gate_up(x, wt_gate, wt_up, k)  h = silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up)
+    torch.ops.larosa.spec_linear(x, wblk, k, r, bias, hint)
+                                                         y = TopK_k(x) @ wt (+ bias) + r, the speculative GEMV
+                                                         on W^T in its blocked layout (`spec_layout`)
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
     torch.ops.larosa.rmsnorm_topk(x, res, g, eps, wt, wt_up, k, bias)
                                                          the block input's RMSNorm with the select folded in
@@ -47,7 +50,7 @@ from . import reference as ref
 try:
     import triton  # noqa: F401
 
-    from . import triton_attention, triton_dense, triton_gemv
+    from . import triton_attention, triton_dense, triton_gemv, triton_spec
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - triton missing or broken
@@ -330,12 +333,52 @@ def _side_rides(impl: Optional[str], d_in: int, k: int) -> bool:
     "inline" / "fused" kernels (no select launch) nor the split-K gather mode (its own compacting select);
     those compute the side GEMV with a plain matmul."""
     ri = triton_gemv.resolve_impl(impl, 0, d_in, k)
-    return ri in ("tile", "gtile") or (ri == "split" and not triton_gemv.GATHER)
+    return ri in ("tile", "gtile", "spec") or (ri == "split" and not triton_gemv.GATHER)
 
 
 @topk_linear_side.register_fake
 def _(x, wt, k, side_x, side_w, prev=None, counters=None, hint=None, impl=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1]), side_x.new_empty(*side_x.shape[:-1], side_w.shape[0])
+
+
+def spec_layout(wt: torch.Tensor) -> torch.Tensor:
+    """W^T (d_in, d_out) in the speculative GEMV's blocked layout (`triton_spec.spec_layout`, at the spec tiles'
+    BN; (1, d_in, d_out) without Triton, which the reference path reads the same way)."""
+    if not HAVE_TRITON:
+        return wt.unsqueeze(0).contiguous()
+    return triton_spec.spec_layout(wt)
+
+
+def _unblock(wblk: torch.Tensor, d_out: int) -> torch.Tensor:
+    return wblk.permute(1, 0, 2).reshape(wblk.shape[1], -1)[:, :d_out]
+
+
+@torch.library.custom_op("larosa::spec_linear", mutates_args=())
+def spec_linear(x: torch.Tensor, wblk: torch.Tensor, k: int, residual: torch.Tensor,
+                bias: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """residual + TopK_k(x) @ W^T (+ bias) with W^T in the speculative GEMV's blocked layout (`spec_layout`),
+    d_out = residual's last dimension. One row at a time with Triton (`triton_spec`): its GEMV streams the rows
+    guessed from `hint` (the row's threshold at the previous call, updated here like the selects' hints) while
+    the select runs. Other rows, dtypes and devices: the PyTorch reference on the unblocked weight."""
+    d_in, d_out = x.shape[-1], residual.shape[-1]
+    if wblk.dim() != 3 or wblk.shape[1] != d_in or wblk.shape[0] * wblk.shape[2] < d_out:
+        raise ValueError(f"wblk {tuple(wblk.shape)} is not a blocked (d_in = {d_in}) x (d_out = {d_out}) weight")
+    if residual.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+    if not 1 <= k:
+        raise ValueError(f"k must be >= 1, got {k}")
+    x2, r2 = _rows(x), residual.reshape(-1, d_out).contiguous()
+    if k >= d_in or not _use_kernel(x2, x2.shape[0]) or d_in >= 1 << 15 or hint is None \
+            or wblk.shape[2] != triton_spec.spec_tiles()[0]:
+        return ref.topk_gemv_ref(x2, _unblock(wblk, d_out), min(k, d_in), bias, r2).view(residual.shape)
+    y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
+    triton_spec.launch_spec(x2, wblk, y, k, hint=hint, bias=bias, residual=r2)
+    return y.view(residual.shape)
+
+
+@spec_linear.register_fake
+def _(x, wblk, k, residual, bias=None, hint=None):
+    return residual.new_empty(residual.shape)
 
 
 @torch.library.custom_op("larosa::threshold_linear", mutates_args=())

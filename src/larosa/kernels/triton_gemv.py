@@ -236,7 +236,7 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 @triton.jit
 def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14, hint_ptr=None,
                    WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, idx_ptr=None,
-                   COMPACT: tl.constexpr = False):
+                   COMPACT: tl.constexpr = False, HINT_HI: tl.constexpr = False):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
 
     t is the largest 15-bit pattern with at least k entries >= t. Plain: fixed bit by bit (15 counts).
@@ -257,7 +257,8 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
     if WINDOW > 0:
-        h = tl.load(hint_ptr)
+        v = tl.load(hint_ptr)
+        h = v & 0x7FFF  # (HINT_HI: the slot's low half; the high half is kept, `triton_spec`)
         w_lo = tl.minimum(tl.maximum(h - (1 << (WINDOW - 1)), 0), 0x7FFF)
         w_hi = tl.minimum(w_lo + (1 << WINDOW), 0x8000)  # 0x8000: no pattern reaches it (count 0)
         # count(>= 0) = d_in >= k always; candidates are >= 1 (the zero padding is never counted)
@@ -269,7 +270,10 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         else:
             if FALLBACK:
                 t = _bisect_packed(lanes, k, 0, 14, 0x8000)
-        tl.store(hint_ptr, t)
+        if HINT_HI:
+            tl.store(hint_ptr, (v & -65536) | t)
+        else:
+            tl.store(hint_ptr, t)
     else:
         t = _bisect_packed(lanes, k, 0, FIRST_BIT, 0x8000)
     # ties on half-width lanes too: entries > t, then the need_eq-th entry == t (lower index first)
@@ -994,6 +998,8 @@ def counters_needed(rows: int, d_in: int, d_out: int, gated: bool = False, mode:
         cfgs = [c(d_in, d_out, gated, *((k,) if n == "gtile" else ())) for n, c in
                 (("tile", tile_config), ("gtile", gtile_config)) if impl in (n, "auto")]
         return max(tile_workspace_needed(rows, d_out, gated, c["block_n"]) for c in cfgs)
+    if impl == "spec":  # column-complete programs: no counters
+        return 0
     return rows * triton.cdiv(d_out, default_config(d_in, d_out)["block_n"])
 
 
@@ -1295,7 +1301,7 @@ def select_compact(x: torch.Tensor, k: int, num_warps: int | None = None) -> tup
     return idx, x.gather(1, idx.long()).float()
 
 
-IMPLS = ("split", "inline", "fused", "tile", "gtile", "auto")
+IMPLS = ("split", "inline", "fused", "tile", "gtile", "spec", "auto")
 IMPL = "auto"  # default for exact Top-K: gtile where k <= GTILE_MAX_KEEP * d_in, else tile (NOTES.md v15)
 # v16 (the list stored by inline PTX), per op with its select (`results/gtile-ab-default-h200.json`): gathered
 # rows win or tie from 40 % sparsity up on every LLaMA2-7B op (v15, with `tl.store`: only from 60 %)
@@ -1327,8 +1333,8 @@ def resolve_impl(impl: str | None, mode: int, d_in: int, k: int | None = None) -
     if impl == "auto" and mode == 1:
         return THRESHOLD_IMPL
     wide = d_in >= 1 << 15
-    if impl == "gtile":
-        return "tile" if wide else impl
+    if impl in ("gtile", "spec"):
+        return "tile" if wide or (impl == "spec" and mode != 0) else impl
     if impl != "auto" or (k is None and mode == 0 and not wide):
         return impl
     return "gtile" if mode == 0 and k is not None and k <= GTILE_MAX_KEEP * d_in and not wide else "tile"
@@ -1371,6 +1377,16 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         unused = [n for n, v in (("gather", gather), ("block_k", block_k), ("rows_per_split", rows_per_split)) if v]
         if unused:
             raise ValueError(f"impl={impl!r} takes none of {', '.join(unused)} (split-K options)")
+    if impl == "spec":
+        from .triton_spec import launch_spec  # (imports this module)
+        unused = [n for n, v in (("wt2", wt2), ("sel", sel), ("gather", gather), ("block_k", block_k),
+                                 ("rows_per_split", rows_per_split), ("block_m", block_m)) if v is not None]
+        if unused or mode != 0 or select_impl != "packed":
+            raise ValueError(f"impl='spec' is exact Top-K (mode=0) with its own select, ungated; it takes none of "
+                             f"{', '.join(unused) or 'these options'}")
+        _check_residual(residual, y, None)
+        launch_spec(x, wt, y, k, hint=hint, bias=bias, residual=residual, side=side, pdl=pdl)
+        return
     if impl == "gtile":
         if mode != 0:
             raise ValueError("impl='gtile' gathers exact Top-K rows (mode=0); use impl='tile' for mode "
