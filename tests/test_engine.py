@@ -589,3 +589,71 @@ def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
     assert attn_pdl == ([False] * n + [True] * n) * 3
     layer = [g + ("rms",), ("residual",), ("w_up",) + g + ("rms",), ("residual",)]
     assert launches == (layer * model.config.num_hidden_layers + [g + ("rms",)]) * 3
+
+
+@pytest.mark.parametrize("overlap", [False, "select"])
+def test_spec_engine_runs_the_speculative_gemv_at_o(monkeypatch, overlap):
+    """spec=True (v22): every layer's Top-K o projection runs the speculative GEMV (`larosa::spec_linear` on a
+    blocked copy of the weight, `triton_spec.launch_spec`), its hint slot is kept (the guess), the model's own
+    weights are left input-major, and the logits follow the engine without it (bf16 kernels, interpreted on the
+    CPU); the 6-row prefill takes the reference on the unblocked weight."""
+    from larosa.kernels import triton_spec
+
+    monkeypatch.delenv("LAROSA_SPEC", raising=False)
+    _, fused = _larosa_tiny(seed=3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": overlap,
+          "fuse_norm_select": True, "fuse_residual": True}
+    assert not DecodeEngine(w, **kw).spec  # off by default
+    monkeypatch.setenv("LAROSA_SPEC", "1")
+    assert DecodeEngine(w, **kw).spec
+    monkeypatch.delenv("LAROSA_SPEC")
+    plain, spec = DecodeEngine(w, **kw), DecodeEngine(w, **kw, spec=True)
+    assert 1 in spec.hint_sites
+    assert DecodeEngine(w, **kw, spec=True, select_hints=False).hint_sites == (1,)
+    bn = triton_spec.spec_tiles()[0]
+    for lw, t in zip(w.layers, spec._tensors):
+        assert lw.wo.dim() == 2 and torch.equal(t[3], triton_spec.spec_layout(lw.wo, bn))
+    launches = []
+    real = triton_spec.launch_spec
+    monkeypatch.setattr(triton_spec, "launch_spec", lambda *a, **k: (launches.append(a[1].dim()), real(*a, **k))[1])
+    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
+    for e in (plain, spec):
+        e.prefill(ids)
+        torch.testing.assert_close(e.logits.float(), plain.logits.float(), atol=0.05, rtol=0.05)
+    assert not launches
+    for _ in range(2):
+        plain.step()
+        spec.step()
+        assert launches == [3] * len(w.layers)
+        launches.clear()
+        cos = torch.nn.functional.cosine_similarity(spec.logits, plain.logits, dim=-1).item()
+        assert cos > 0.999, cos
+        spec.tok.copy_(plain.tok)
+    assert all(h[1].all() for h in spec.hint_buffers)
+
+
+def test_spec_linear_op_paths(monkeypatch):
+    """`larosa::spec_linear`: the kernel (one row, a hint) and the reference (rows > 1, no hint, k = d_in) give
+    residual + TopK_k(x) @ W^T + bias; malformed weights are refused."""
+    from larosa.kernels import reference as ref
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 192).to(torch.bfloat16)
+    wt = (torch.randn(192, 80) * 0.05).to(torch.bfloat16)
+    r = torch.randn(1, 1, 80).to(torch.bfloat16)
+    b = torch.randn(80).to(torch.bfloat16)
+    blk = _ops.spec_layout(wt)
+    for k in (50, 192):
+        want = ref.topk_gemv_ref(x.view(1, -1), wt, k, b, r.view(1, -1)).view(1, 1, 80).float()
+        for hint in (torch.zeros(1, dtype=torch.int32), None):
+            y = torch.ops.larosa.spec_linear(x, blk, k, r, b, hint)
+            assert y.shape == r.shape
+            torch.testing.assert_close(y.float(), want, atol=0.05, rtol=0.02)
+    x3 = torch.randn(3, 192).to(torch.bfloat16)
+    r3 = torch.randn(3, 80).to(torch.bfloat16)
+    torch.testing.assert_close(torch.ops.larosa.spec_linear(x3, blk, 60, r3).float(),
+                               ref.topk_gemv_ref(x3, wt, 60, None, r3).float())
+    with pytest.raises(ValueError, match="blocked"):
+        torch.ops.larosa.spec_linear(x, wt, 50, r)

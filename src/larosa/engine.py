@@ -169,6 +169,8 @@ def _residual_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optio
                      cnt: Optional[torch.Tensor], st: LayerStatic, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """r + the site's projection of x; the add happens in the kernel's epilogue at Top-K sites with
     `st.fused_residual` and at dense sites with `st.dense_kernel`."""
+    if w.dim() == 3:  # the speculative GEMV's blocked weight (`DecodeEngine(spec=True)`)
+        return torch.ops.larosa.spec_linear(x, w, site.k, r, b, hint)
     if st.fused_residual and site.mode == "topk":
         return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r, hint, site.kernel)
     if st.dense_kernel and site.mode == "dense":
@@ -543,7 +545,7 @@ def _all_inputs_kept(st: LayerStatic, w: tuple) -> LayerStatic:
     """The same layer with every sparse site keeping all of its inputs (dense prefill)."""
     wqkv, wo, wgate, wdown = w[1], w[3], w[6], w[8]
     def kept(site: Site, wt: torch.Tensor) -> Site:
-        return site if site.mode == "dense" else Site("topk", wt.shape[0])
+        return site if site.mode == "dense" else Site("topk", wt.shape[-2])  # d_in (a blocked spec weight too)
     return st._replace(attn_in=kept(st.attn_in, wqkv), attn_out=kept(st.attn_out, wo),
                        mlp_in=kept(st.mlp_in, wgate), mlp_out=kept(st.mlp_out, wdown))
 
@@ -606,6 +608,13 @@ ADAPTER_SPLIT = 0.0
 DEFAULT_FUSE_ROPE = True  # v17: RoPE and the cache write in the attention launch (see DecodeEngine)
 DEFAULT_ATTN_COMBINE = "last"  # v18: the attention's last split program combines (one launch fewer per layer;
 # +0.1-0.3 % tok/s sparse, +-0 dense, results/attn-combine-h200.json)
+# v22: the o projection (a stand-alone select) in the speculative GEMV (`triton_spec`): its weights (blocked,
+# `spec_layout`) stream while the select runs, guessed from the site's previous threshold, corrected by the select's
+# fix list. Off: per op it beats the gathered GEMV at o (LLaMA2-7B p = 0.5: 13.86 vs 15.08 us, its select included),
+# but end to end LaRoSA lost 1.5 % at p = 0.5 and 3 % at 0.75 with it (274.1 -> 270.1, 337.9 -> 327.7 tok/s; +0.4 %
+# at 0.25), in two alternations (benchmarks/results/history/spec-v22a/run4-final, NOTES v22). The down projection
+# was not put there: per op it ties at p = 0.5 and loses at 0.75 (26.6 vs 27.1 us, 23.3 vs 17.4 us).
+SPEC_DEFAULT = False
 DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (same run)
 
 
@@ -676,6 +685,10 @@ class DecodeEngine:
     where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9), else off (the plain step:
     cuBLAS and compiled glue). On the CPU (tests) the op runs the interpreted kernel
     for bf16 under TRITON_INTERPRET=1, else HF's arithmetic.
+    spec: the Top-K o projections in the speculative GEMV (v22, `larosa::spec_linear`, `triton_spec`): its
+    programs stream the rows guessed from the site's previous threshold while the select runs, then correct
+    by the select's fix list (exact). The engine keeps a blocked copy of those weights (`spec_layout`) and the
+    o site's select hint. None = `LAROSA_SPEC` ("1" / "0", A/B runs) if set, else `SPEC_DEFAULT`.
     dense_head: the head (with the final norm) in `larosa::dense_linear`. None = `LAROSA_DENSE_HEAD` ("1" / "0",
     for A/B runs) if set, else with `dense_kernel` where no adapters are split off the layers (v20: LaRoSA lost
     11-13 tok/s with it in two runs, not understood).
@@ -688,7 +701,7 @@ class DecodeEngine:
                  hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
                  adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None,
                  attn_combine: str = DEFAULT_ATTN_COMBINE, dense_kernel: Optional[bool] = None,
-                 dense_head: Optional[bool] = None):
+                 dense_head: Optional[bool] = None, spec: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.dense_kernel = (_ops.dense_kernel_default(weights.device) if dense_kernel is None
@@ -703,8 +716,13 @@ class DecodeEngine:
         if self.graphs and not cuda:
             raise LarosaError("CUDA graphs need a CUDA device")
         self.adapter_mode = _adapter_mode(overlap_adapters, any(st.adapter for st in weights.statics), self.graphs)
+        if spec is None:
+            spec = os.environ.get("LAROSA_SPEC", "1" if SPEC_DEFAULT else "0") == "1"
+        self.spec = bool(spec) and _ops.HAVE_TRITON and any(st.attn_out.mode == "topk" for st in weights.statics)
         if hint_sites is None:  # v19: where adapters overlap, hints only at the norm + select sites
             hint_sites = (0, 1, 2, 3) if self.adapter_mode == "inline" else (0, 2)
+        if self.spec:  # the speculative GEMV's guess is its site's hint
+            hint_sites = tuple(hint_sites) + (1,)
         self.hint_sites = tuple(sorted(set(int(i) for i in hint_sites)))
         if not set(self.hint_sites) <= {0, 1, 2, 3}:
             raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
@@ -758,13 +776,17 @@ class DecodeEngine:
         cols = int(round(adapter_split * weights.embed.shape[1] / 8)) * 8  # 16-byte aligned column split
         self._statics = [st._replace(adapter_cols=min(cols, weights.embed.shape[1])) for st in self._statics]
         self.select_hints = True if select_hints is None else bool(select_hints)
+        if self.spec and not self.select_hints:  # hint slots at the speculative site only
+            self.hint_sites = (1,)
+            self._statics = [st._replace(hint_sites=0b10) for st in self._statics]
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
         # and (attn_combine="last") the attention kernel's zeroed counters, a slot per (row, KV head)
-        self._tensors = [lw.tensors() + (torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
-                                         if self.select_hints and lw.counters is not None else None,
-                                         torch.zeros(self.batch * st.kv_heads, dtype=torch.int32, device=self.device)
-                                         if self.attn_combine == "last" else None)
+        self._tensors = [self._layer_tensors(lw, st) + (
+                             torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
+                             if (self.select_hints or self.spec) and lw.counters is not None else None,
+                             torch.zeros(self.batch * st.kv_heads, dtype=torch.int32, device=self.device)
+                             if self.attn_combine == "last" else None)
                          for lw, st in zip(weights.layers, weights.statics)]
         self._side = torch.cuda.Stream(self.device) if self.adapter_mode == "stream" and cuda else None
         # capture the step on a high-priority stream, so the side stream's adapter GEMVs fill gaps only
@@ -783,6 +805,14 @@ class DecodeEngine:
         self.logits = torch.zeros(self.batch, weights.head.shape[0], dtype=self.logits_dtype, device=self.device)
         self._graph = None
         self._graph_key = None
+
+    def _layer_tensors(self, lw: LayerWeights, st: LayerStatic) -> tuple:
+        """A layer's tensors as its functions take them: with `spec`, a Top-K o projection's weight in the
+        speculative GEMV's blocked layout (a copy: the model's weights are left as they are)."""
+        t = lw.tensors()
+        if self.spec and st.attn_out.mode == "topk":
+            t = t[:3] + (_ops.spec_layout(lw.wo),) + t[4:]
+        return t
 
     @property
     def hint_buffers(self) -> list:
