@@ -38,6 +38,9 @@
 #                                                # (~1 min)
 #   bash benchmarks/h200_session.sh headprofile  # v21: kernel profile of LaRoSA and Top-K with / without the dense head
 #                                                # (~1 min)
+#   bash benchmarks/h200_session.sh spec         # v22: the speculative GEMV (o and down): GPU tests, per-op A/B with a
+#                                                # tile sweep, LaRoSA end to end off / on (~6 min)
+#   bash benchmarks/h200_session.sh spece2e      # v22: the end-to-end part alone (~2 min)
 #   bash benchmarks/h200_session.sh densetests   # the dense kernel's and the engine's dense GPU tests (~1 min)
 #   bash benchmarks/h200_session.sh densesites2  # v21: a second round around the first's best; the later stages of
 #                                                # the call run with its best (LAROSA_DENSE_TILES) (~1.5 min)
@@ -74,7 +77,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -90,6 +93,15 @@ dense_round() {
   best=$(sed -n 's/^best per site: //p' "$out/dense-sites$1-h200.log")
   if [ -n "$best" ] && [ "$best" != "the defaults" ]; then
     export LAROSA_DENSE_TILES="$best"; echo "LAROSA_DENSE_TILES=$best for the later stages"; fi
+}
+# LaRoSA decode with the speculative GEMV off and on (alternating: LLaMA2-7B twice, LLaMA3-8B once)
+spec_e2e() {
+  for run in llama2-7b:1 llama2-7b:2 llama3-8b:1; do for on in 0 1; do
+    shape=${run%:*}; rep=${run#*:}
+    LAROSA_SPEC=$on python3 -m larosa bench decode --shape $shape --methods larosa --sparsities 0.25,0.4,0.5,0.75 \
+      --gen-lens 128 --out "$out/$1-$shape-spec$on-$rep" 2>&1 | grep -v "%|" | tee "$out/$1-$shape-spec$on-$rep.log" \
+      || rc=1
+  done; done
 }
 for stage in "$@"; do
   start=$(date +%s)
@@ -221,6 +233,16 @@ for stage in "$@"; do
     headprofile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --methods larosa,topk --dense-head-ab \
         --out "$out/profile-dense-head-llama2-7b.json" 2>&1 | tee "$out/profile-dense-head-llama2-7b.log" || rc=1 ;;
+    spec)  # v22: the speculative GEMV at the o and down sites: GPU tests, per-op A/B with a tile sweep, end to end
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_spec_kernel.py tests/test_kernels_gpu.py \
+        tests/test_engine_gpu.py tests/test_engine.py -k "spec" > "$out/spec-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/spec-tests.log"
+      python3 benchmarks/spec_ab.py --out "$out/spec-ab-h200.json" 2>&1 | tee "$out/spec-ab-h200.log" || rc=1
+      best=$(sed -n 's/^best spec tiles for o: //p' "$out/spec-ab-h200.log")
+      if [ -n "$best" ]; then export LAROSA_SPEC_TILES="$best"; echo "LAROSA_SPEC_TILES=$best for the later stages"; fi
+      spec_e2e spec-e2e ;;
+    spece2e)  # v22: LaRoSA end to end with the speculative GEMV off / on (LAROSA_SPEC), both shapes
+      spec_e2e spec-e2e ;;
     densetests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_dense_kernel.py \
         tests/test_engine_gpu.py -k "dense" > "$out/dense-tests.log" 2>&1 || rc=1
