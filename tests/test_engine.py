@@ -644,7 +644,7 @@ def test_spec_linear_op_paths(monkeypatch):
     wt = (torch.randn(192, 80) * 0.05).to(torch.bfloat16)
     r = torch.randn(1, 1, 80).to(torch.bfloat16)
     b = torch.randn(80).to(torch.bfloat16)
-    blk = _ops.spec_layout(wt)
+    blk = _ops.triton_spec.spec_layout(wt)
     for k in (50, 192):
         want = ref.topk_gemv_ref(x.view(1, -1), wt, k, b, r.view(1, -1)).view(1, 1, 80).float()
         for hint in (torch.zeros(1, dtype=torch.int32), None):

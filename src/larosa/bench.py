@@ -172,7 +172,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["select_hints"] = list(eng.hint_sites) if eng.select_hints else []  # sites whose selects kept hints
     out["dense_kernel"] = eng.dense_kernel  # dense sites and head in `larosa::dense_linear` (v20), at these tiles
     out["dense_head"] = eng.dense_head  # the head (and final norm) in `larosa::dense_linear`
-    out["spec"] = eng.spec  # o and down in the speculative GEMV (v22, `triton_spec`)
+    out["spec"] = eng.spec  # the o projections in the speculative GEMV (v22, `triton_spec`)
     if eng.dense_kernel:
         out["dense_tiles"] = dense_tiles()
     if out["kernel"] == "gtile":  # how the compacting selects stored the kept list

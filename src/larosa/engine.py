@@ -811,7 +811,7 @@ class DecodeEngine:
         speculative GEMV's blocked layout (a copy: the model's weights are left as they are)."""
         t = lw.tensors()
         if self.spec and st.attn_out.mode == "topk":
-            t = t[:3] + (_ops.spec_layout(lw.wo),) + t[4:]
+            t = t[:3] + (_ops.triton_spec.spec_layout(lw.wo),) + t[4:]
         return t
 
     @property

@@ -5,7 +5,7 @@
     torch.ops.larosa.topk_gate_up(x, wt_gate, wt_up, k)  h = silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up)
     torch.ops.larosa.spec_linear(x, wblk, k, r, bias, hint)
                                                          y = TopK_k(x) @ wt (+ bias) + r, the speculative GEMV
-                                                         on W^T in its blocked layout (`spec_layout`)
+                                                         on W^T in its blocked layout (`triton_spec.spec_layout`)
     torch.ops.larosa.threshold_linear(x, wt, t)          y = (x * (|x| > t)) @ wt   (TEAL-style baseline)
     torch.ops.larosa.rmsnorm_topk(x, res, g, eps, wt, wt_up, k, bias)
                                                          the block input's RMSNorm with the select folded in
@@ -341,14 +341,6 @@ def _(x, wt, k, side_x, side_w, prev=None, counters=None, hint=None, impl=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1]), side_x.new_empty(*side_x.shape[:-1], side_w.shape[0])
 
 
-def spec_layout(wt: torch.Tensor) -> torch.Tensor:
-    """W^T (d_in, d_out) in the speculative GEMV's blocked layout (`triton_spec.spec_layout`, at the spec tiles'
-    BN; (1, d_in, d_out) without Triton, which the reference path reads the same way)."""
-    if not HAVE_TRITON:
-        return wt.unsqueeze(0).contiguous()
-    return triton_spec.spec_layout(wt)
-
-
 def _unblock(wblk: torch.Tensor, d_out: int) -> torch.Tensor:
     return wblk.permute(1, 0, 2).reshape(wblk.shape[1], -1)[:, :d_out]
 
@@ -356,7 +348,8 @@ def _unblock(wblk: torch.Tensor, d_out: int) -> torch.Tensor:
 @torch.library.custom_op("larosa::spec_linear", mutates_args=())
 def spec_linear(x: torch.Tensor, wblk: torch.Tensor, k: int, residual: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """residual + TopK_k(x) @ W^T (+ bias) with W^T in the speculative GEMV's blocked layout (`spec_layout`),
+    """residual + TopK_k(x) @ W^T (+ bias) with W^T in the speculative GEMV's blocked layout
+    (`triton_spec.spec_layout`),
     d_out = residual's last dimension. One row at a time with Triton (`triton_spec`): its GEMV streams the rows
     guessed from `hint` (the row's threshold at the previous call, updated here like the selects' hints) while
     the select runs. Other rows, dtypes and devices: the PyTorch reference on the unblocked weight."""
