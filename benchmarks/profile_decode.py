@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from larosa.engine import DEFAULT_ADAPTERS, DecodeEngine  # noqa: E402
 from larosa.shapes import random_base, sparse_variant  # noqa: E402
 
-KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv"), ("dense GEMV (ours)", "dense_gemv"), ("attention", "attention|attn|flash|fmha|sdpa|softmax"),
+KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv|spec_gemv"), ("dense GEMV (ours)", "dense_gemv"), ("attention", "attention|attn|flash|fmha|sdpa|softmax"),
          ("cuBLAS GEMV/GEMM", "gemv|gemm|cublas|sm90_xmma|nvjet|cutlass"), ("fused elementwise (inductor)", "triton_"),
          ("copies/other", "")]
 
