@@ -169,7 +169,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["adapters"] = eng.adapter_mode  # where the residual adapter GEMVs ran ("inline" without adapters)
     out["fuse_rope"] = eng.fuse_rope  # RoPE and the cache write inside the attention launch
     out["attn_combine"] = eng.attn_combine  # who combines the attention's cache splits ("launch" / "last")
-    out["select_hints"] = list(eng.hint_sites) if eng.select_hints else []  # sites whose selects kept hints
+    out["select_hints"] = list(eng.hint_sites)  # sites whose selects kept hints
     out["dense_kernel"] = eng.dense_kernel  # dense sites and head in `larosa::dense_linear` (v20), at these tiles
     out["dense_head"] = eng.dense_head  # the head (and final norm) in `larosa::dense_linear`
     out["spec"] = eng.spec  # the o projections in the speculative GEMV (v22, `triton_spec`)

@@ -719,8 +719,11 @@ class DecodeEngine:
         if spec is None:
             spec = os.environ.get("LAROSA_SPEC", "1" if SPEC_DEFAULT else "0") == "1"
         self.spec = bool(spec) and _ops.HAVE_TRITON and any(st.attn_out.mode == "topk" for st in weights.statics)
+        self.select_hints = True if select_hints is None else bool(select_hints)
         if hint_sites is None:  # v19: where adapters overlap, hints only at the norm + select sites
             hint_sites = (0, 1, 2, 3) if self.adapter_mode == "inline" else (0, 2)
+        if not self.select_hints:
+            hint_sites = ()
         if self.spec:  # the speculative GEMV's guess is its site's hint
             hint_sites = tuple(hint_sites) + (1,)
         self.hint_sites = tuple(sorted(set(int(i) for i in hint_sites)))
@@ -775,16 +778,12 @@ class DecodeEngine:
             raise LarosaError(f"adapter_split must be in [0, 1], got {adapter_split}")
         cols = int(round(adapter_split * weights.embed.shape[1] / 8)) * 8  # 16-byte aligned column split
         self._statics = [st._replace(adapter_cols=min(cols, weights.embed.shape[1])) for st in self._statics]
-        self.select_hints = True if select_hints is None else bool(select_hints)
-        if self.spec and not self.select_hints:  # hint slots at the speculative site only
-            self.hint_sites = (1,)
-            self._statics = [st._replace(hint_sites=0b10) for st in self._statics]
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
         # and (attn_combine="last") the attention kernel's zeroed counters, a slot per (row, KV head)
         self._tensors = [self._layer_tensors(lw, st) + (
                              torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
-                             if (self.select_hints or self.spec) and lw.counters is not None else None,
+                             if self.hint_sites and lw.counters is not None else None,
                              torch.zeros(self.batch * st.kv_heads, dtype=torch.int32, device=self.device)
                              if self.attn_combine == "last" else None)
                          for lw, st in zip(weights.layers, weights.statics)]

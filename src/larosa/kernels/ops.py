@@ -349,8 +349,7 @@ def _unblock(wblk: torch.Tensor, d_out: int) -> torch.Tensor:
 def spec_linear(x: torch.Tensor, wblk: torch.Tensor, k: int, residual: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """residual + TopK_k(x) @ W^T (+ bias) with W^T in the speculative GEMV's blocked layout
-    (`triton_spec.spec_layout`),
-    d_out = residual's last dimension. One row at a time with Triton (`triton_spec`): its GEMV streams the rows
+    (`triton_spec.spec_layout`), d_out = residual's last dimension. One row at a time with Triton (`triton_spec`): its GEMV streams the rows
     guessed from `hint` (the row's threshold at the previous call, updated here like the selects' hints) while
     the select runs. Other rows, dtypes and devices: the PyTorch reference on the unblocked weight."""
     d_in, d_out = x.shape[-1], residual.shape[-1]

@@ -23,6 +23,7 @@ w (n_out, d) output-major (F.linear's layout: each output's weights one contiguo
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,7 +56,11 @@ SITE_TILES = {"qkv": DENSE_TILES, "o": (16, 512, 2, 8), "gate_up": (2, 1024, 2, 
 def site_tiles() -> dict[str, tuple[int, int, int, int]]:
     """The tiles of every site: `SITE_TILES`, or as `LAROSA_DENSE_TILES` says (for A/B runs): "BN,BK,STAGES,WARPS"
     for every site (BN halved for gate/up), or "site=BN,BK,STAGES,WARPS;..." for the named sites only."""
-    env = os.environ.get("LAROSA_DENSE_TILES")
+    return dict(_site_tiles(os.environ.get("LAROSA_DENSE_TILES", "")))
+
+
+@functools.lru_cache(maxsize=64)  # read at every launch outside a CUDA graph: parsed once per value
+def _site_tiles(env: str) -> dict[str, tuple[int, int, int, int]]:
     if not env:
         return dict(SITE_TILES)
     if "=" not in env:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -840,8 +839,9 @@ def parse_tiles(spec: str, env: str, form: str) -> tuple[int, ...]:
     return t
 
 
-def site_specs(env_value: str, env: str, sites: Sequence[str], form: str) -> dict[str, tuple[int, ...]]:
-    """"site=a,b,...;site=..." -> {site: tiles} for the named sites (of `sites`)."""
+@functools.lru_cache(maxsize=64)  # read at every launch outside a CUDA graph: parsed once per value
+def site_specs(env_value: str, env: str, sites: tuple[str, ...], form: str) -> dict[str, tuple[int, ...]]:
+    """"site=a,b,...;site=..." -> {site: tiles} for the named sites (of `sites`). Cached: do not mutate."""
     out = {}
     for item in filter(None, (v.strip() for v in env_value.split(";"))):
         site, _, spec = item.partition("=")

@@ -34,6 +34,7 @@ atomics, no counters, no workspace; bias and the residual are added in the epilo
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,8 +42,8 @@ import triton
 import triton.language as tl
 
 from .triton_gemv import (_interpreted_bf16, _packed_select, _round, _scatter_i32_at,
-                          _side_program, _use_pdl, gdc_launch_dependents, gdc_wait, select_warps, select_window,
-                          side_config, SideGemv, _side_args)
+                          _side_program, _use_pdl, gdc_launch_dependents, gdc_wait, parse_tiles, select_warps,
+                          select_window, side_config, SideGemv, _side_args)
 
 # BN outputs per program, BK inputs per step, STAGES steps loaded at once, warps, BM list entries per step. v22 per-op
 # sweep (benchmarks/spec_ab.py, results/history/spec-v22a/run2-blocked-sweep, LLaMA2-7B o at p = 0.5, blocked
@@ -56,14 +57,15 @@ NO_GUESS = 0x8000  # a hint above every 15-bit pattern: the guess keeps no row
 
 def spec_tiles() -> tuple[int, int, int, int, int]:
     """`SPEC_TILES`, or `LAROSA_SPEC_TILES="BN,BK,STAGES,WARPS,BM"` (A/B runs)."""
-    raw = os.environ.get("LAROSA_SPEC_TILES")
+    return _spec_tiles(os.environ.get("LAROSA_SPEC_TILES", ""))
+
+
+@functools.lru_cache(maxsize=16)  # read at every call outside a CUDA graph: parsed once per value
+def _spec_tiles(raw: str) -> tuple[int, int, int, int, int]:
     if not raw:
         return SPEC_TILES
-    try:
-        t = tuple(int(v) for v in raw.split(","))
-    except ValueError:
-        t = ()
-    if (len(t) != 5 or any(v < 1 or v & (v - 1) for v in (t[0], t[1], t[4])) or not 1 <= t[2] <= 4
+    t = parse_tiles(raw, "LAROSA_SPEC_TILES", "BN,BK,STAGES,WARPS,BM")
+    if (any(v < 1 or v & (v - 1) for v in (t[0], t[1], t[4])) or not 1 <= t[2] <= 4
             or t[3] not in (1, 2, 4, 8)):
         raise ValueError(f"LAROSA_SPEC_TILES={raw!r}: BN,BK,STAGES,WARPS,BM with BN, BK, BM powers of two, "
                          "STAGES 1-4, WARPS 1, 2, 4 or 8")
