@@ -73,11 +73,17 @@
 #   bash benchmarks/h200_session.sh adapterprefix # the MLP half with the adapter in order / overlapped / as
 #                                                # always-kept rows of the down GEMV (~1 min)
 #
+#   bash benchmarks/h200_session.sh prefetch     # v23: the selects' L2 prefetch: GPU tests, per-op budgets, LaRoSA end
+#                                                # to end by budget (~7 min)
+#   bash benchmarks/h200_session.sh prefetche2e  # v23: the end-to-end part alone (~3 min)
+#   bash benchmarks/h200_session.sh prefetchx    # v23: per op beside hot weights; LLaMA2-7B end to end by budget and
+#                                                # pieces per row (~5 min)
+#
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -101,6 +107,15 @@ spec_e2e() {
     LAROSA_SPEC=$on python3 -m larosa bench decode --shape $shape --methods larosa --sparsities 0.25,0.4,0.5,0.75 \
       --gen-lens 128 --out "$out/$1-$shape-spec$on-$rep" 2>&1 | grep -v "%|" | tee "$out/$1-$shape-spec$on-$rep.log" \
       || rc=1
+  done; done
+}
+# LaRoSA decode by L2 prefetch budget (LAROSA_PREFETCH_MB, alternating: LLaMA2-7B twice, LLaMA3-8B once)
+prefetch_e2e() {
+  for run in llama2-7b:1 llama2-7b:2 llama3-8b:1; do for mb in ${PF_BUDGETS:-0 8 24}; do
+    shape=${run%:*}; rep=${run#*:}
+    LAROSA_PREFETCH_MB=$mb python3 -m larosa bench decode --shape $shape --methods larosa \
+      --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/$1-$shape-mb$mb-$rep" 2>&1 | grep -v "%|" \
+      | tee "$out/$1-$shape-mb$mb-$rep.log" || rc=1
   done; done
 }
 for stage in "$@"; do
@@ -241,6 +256,23 @@ for stage in "$@"; do
       best=$(sed -n 's/^best spec tiles for o: //p' "$out/spec-ab-h200.log")
       if [ -n "$best" ]; then export LAROSA_SPEC_TILES="$best"; echo "LAROSA_SPEC_TILES=$best for the later stages"; fi
       spec_e2e spec-e2e ;;
+    prefetch)  # v23: the selects' L2 prefetch: GPU tests, per-op A/B by budget, LaRoSA end to end by budget
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_prefetch.py tests/test_engine_gpu.py \
+        tests/test_engine.py -k "prefetch" > "$out/prefetch-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/prefetch-tests.log"
+      python3 benchmarks/prefetch_ab.py --out "$out/prefetch-ab-h200.json" 2>&1 | tee "$out/prefetch-ab-h200.log" || rc=1
+      prefetch_e2e prefetch-e2e ;;
+    prefetche2e)
+      prefetch_e2e prefetch-e2e ;;
+    prefetchx)  # v23: per op with hot weights beside; LaRoSA LLaMA2-7B by budget and pieces per row (alternating)
+      python3 benchmarks/prefetch_ab.py --sites qkv,o,gate_up --budgets 0,8 --out "$out/prefetch-hot-h200.json" \
+        2>&1 | tee "$out/prefetch-hot-h200.log" || rc=1
+      for rep in 1 2; do for cfg in 0:8 4:8 8:8 12:8 8:1 8:32; do
+        mb=${cfg%:*}; ch=${cfg#*:}
+        LAROSA_PREFETCH_MB=$mb LAROSA_PREFETCH_CHUNKS=$ch python3 -m larosa bench decode --shape llama2-7b \
+          --methods larosa --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/prefetchx-mb$mb-ch$ch-$rep" 2>&1 \
+          | grep -v "%|" | tee "$out/prefetchx-mb$mb-ch$ch-$rep.log" || rc=1
+      done; done ;;
     spece2e)  # v22: LaRoSA end to end with the speculative GEMV off / on (LAROSA_SPEC), both shapes
       spec_e2e spec-e2e ;;
     densetests)

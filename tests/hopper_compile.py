@@ -21,7 +21,7 @@ from larosa.kernels import triton_spec as tsp
 
 FLOATS = {"threshold", "eps", "scale"}
 POINTERS = {"sel_ptr": "*i32", "hint_ptr": "*i32", "cnt_ptr": "*i32", "acc_ptr": "*fp32", "part_ptr": "*fp32",
-            "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32"}  # the rest: bf16 tensors
+            "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", "pf_rec_ptr": "*i32"}  # the rest: bf16 tensors
 
 SIDE_GEMV = dict(zip(("A_BN", "A_BK", "A_STAGES"), tg.SIDE_TILES_GEMV))  # the side tiles of a GEMV launch
 
@@ -45,6 +45,13 @@ CASES = [
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 3}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": True}, 4),
+    # v23: the L2 prefetch of the GEMV's likely rows riding in the selects (bulk prefetch by inline PTX; 3 also
+    # records the guess, as the GPU tests do)
+    (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 6, "PF": 1}, 4),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WINDOW": 6, "PF": 3, "PF_ROWS": 32}, 8),
+    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 6, "PF": 1,
+                                "PF_TWO": True}, 4),
+    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 6, "PF": 3}, 4),
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
                             "HAS_RES": True}, 2),
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 128, "BLOCK_N": 128, "PDL": True}, 2),

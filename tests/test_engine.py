@@ -296,6 +296,7 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     hinted search off (LAROSA_SELECT_WINDOW=0), bit for bit (split-K GEMV: it sums in a fixed order)."""
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "split")
     monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "8")  # the 6-row prefill runs the kernels too: hints unused
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")  # the v19 default sites (the prefetch adds o's on a GPU)
     _, fused = _larosa_tiny(seed=5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
@@ -395,6 +396,37 @@ def test_hint_sites_limit_the_hinted_selects(sites):
         assert all(bool(h[i].all()) == (i in sites) for i in range(4))
     with pytest.raises(LarosaError, match="hint_sites"):
         DecodeEngine(w, **kw, hint_sites=(4,))
+
+
+def test_prefetch_budget_adds_the_o_hint(monkeypatch):
+    """v23: with an L2 prefetch budget (LAROSA_PREFETCH_MB) on a GPU that can prefetch (compute capability 9+),
+    the o select keeps a hint too (the prefetch guesses from it), and the engine records the budget; elsewhere
+    (the CPU) and without select hints there is no prefetch and no extra hint; the steps' logits are those of
+    the engine without it; a malformed budget is refused everywhere."""
+    _, fused = _larosa_tiny(seed=5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": True}
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")
+    plain = DecodeEngine(w, **kw)
+    assert plain.prefetch_mb == 0 and plain.hint_sites == (0, 2)
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "16")
+    pf = DecodeEngine(w, **kw)
+    can = dev == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert (pf.prefetch_mb, pf.hint_sites) == ((16, (0, 1, 2)) if can else (0, (0, 2)))
+    off = DecodeEngine(w, **kw, select_hints=False)
+    assert off.prefetch_mb == 0 and off.hint_sites == ()
+    for e in (plain, pf):
+        e.prefill(ids)
+    for _ in range(3):
+        for e in (plain, pf):
+            e.step()
+        torch.testing.assert_close(pf.logits.float(), plain.logits.float(), atol=0.05, rtol=0.05)
+    assert all(bool(h[1].all()) == can for h in pf.hint_buffers)
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "lots")
+    with pytest.raises(ValueError, match="LAROSA_PREFETCH_MB"):
+        DecodeEngine(w, **kw)
 
 
 def _count_calls(monkeypatch, owner, name: str) -> list:

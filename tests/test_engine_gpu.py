@@ -225,3 +225,24 @@ def test_spec_graph_step_follows_the_plain_step(method):
     worst = _worst_against(spec, fast, slow, prompt, ref, 0.95)
     assert worst > 0.9, worst
     assert all(h[1].all() for h in spec.hint_buffers)
+
+
+@pytest.mark.parametrize("method", ["larosa", "topk"])
+def test_prefetch_graph_step_follows_the_plain_step(monkeypatch, method):
+    """v23: the selects' L2 prefetch on (LAROSA_PREFETCH_MB, compiled bulk prefetches in the captured step): the
+    teacher-forced logits follow the engine without it and the plain eager engine (the prefetch changes no
+    result; the fp32 atomic sums' order may), and the o hints the prefetch guesses from move."""
+    base = random_base(SMALL, torch.bfloat16, "cuda", seed=6)
+    w = sparse_variant(base, method, 0.5)
+    prompt = torch.randint(0, SMALL.vocab, (1, 16), device="cuda")
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")
+    fast = DecodeEngine(w, max_len=64)
+    slow = DecodeEngine(w, max_len=64, compile=False, graphs=False)
+    ref = slow.generate(prompt, 16).tokens
+    fast.generate(prompt, 2)  # captured now: the launches read the budget when they are captured
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "8")
+    pf = DecodeEngine(w, max_len=64)
+    assert pf.prefetch_mb == 8 and 1 in pf.hint_sites and pf.graphs
+    worst = _worst_against(pf, fast, slow, prompt, ref, 0.95)
+    assert worst > 0.9, worst
+    assert all(h[1].all() for h in pf.hint_buffers)

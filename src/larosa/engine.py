@@ -665,13 +665,16 @@ class DecodeEngine:
     H200, `benchmarks/results/fusions-h200.json`), off on the CPU (where they only change the rounding).
     select_hints: each Top-K select keeps its row's threshold in an engine-owned slot and, at the next token,
     searches a small window around it first (`triton_gemv.select`; exact either way). None = on.
-    hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down).
+    hint_sites: with select_hints, the sites whose selects keep hints (0 q/k/v, 1 o, 2 gate/up, 3 down); the
+    hinted selects of one-row launches also prefetch their GEMV's likely rows into L2 (v23, `prefetch_mb`).
     None = all four where no adapter overlaps (un-rotated Top-K: +3.5 % tok/s at p = 0.5 on the H200,
     `benchmarks/results/select-window-h200.json`), else (v19) the norm + select sites only, q/k/v and gate/up:
     with the adapter programs in the GEMV launches LaRoSA gains 1.4 / 1.5 / 2.0 % at p = 0.4 / 0.5 / 0.75 over
     no hints, while hints at all four sites gain nothing (+0.1 / -0.1 / -1.8 %,
     `benchmarks/results/hint-sites-h200.json`; the stand-alone o and down selects run slower with hints
-    beside the adapter's streaming, `profile-asm32-llama2-7b-p0.5.*`).
+    beside the adapter's streaming, `profile-asm32-llama2-7b-p0.5.*`), and the o site too where the selects
+    prefetch (`prefetch_mb` > 0: the budget `LAROSA_PREFETCH_MB` on a GPU of compute capability 9+, else 0;
+    `triton_prefetch`).
     kernel: the Top-K GEMV kernel of every site (`triton_gemv.IMPLS`); None = `topk_kernel(weights)`.
     fuse_rope: the decode step's RoPE and K/V cache write happen in the attention launch
     (`larosa::rope_decode_attention`; layers without q/k norms). None = `DEFAULT_FUSE_ROPE` with CUDA,
@@ -720,8 +723,11 @@ class DecodeEngine:
             spec = os.environ.get("LAROSA_SPEC", "1" if SPEC_DEFAULT else "0") == "1"
         self.spec = bool(spec) and _ops.HAVE_TRITON and any(st.attn_out.mode == "topk" for st in weights.statics)
         self.select_hints = True if select_hints is None else bool(select_hints)
+        self.prefetch_mb = _ops.prefetch_mb(weights.device) if self.select_hints else 0.0
         if hint_sites is None:  # v19: where adapters overlap, hints only at the norm + select sites
             hint_sites = (0, 1, 2, 3) if self.adapter_mode == "inline" else (0, 2)
+            if self.prefetch_mb > 0:  # v23: and at the o site, whose select's L2 prefetch guesses from its hint
+                hint_sites = hint_sites + (1,)
         if not self.select_hints:
             hint_sites = ()
         if self.spec:  # the speculative GEMV's guess is its site's hint

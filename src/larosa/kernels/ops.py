@@ -50,7 +50,7 @@ from . import reference as ref
 try:
     import triton  # noqa: F401
 
-    from . import triton_attention, triton_dense, triton_gemv, triton_spec
+    from . import triton_attention, triton_dense, triton_gemv, triton_prefetch, triton_spec
 
     HAVE_TRITON = True
 except Exception:  # pragma: no cover - triton missing or broken
@@ -75,6 +75,17 @@ def compact_store() -> Optional[str]:
     """How the compacting selects store the kept list (`triton_gemv.compact_store`); None without Triton.
     Benchmark rows record it."""
     return triton_gemv.compact_store() if HAVE_TRITON else None
+
+
+def prefetch_mb(device: torch.device) -> float:
+    """The L2 prefetch budget of the hinted selects on `device`, MiB per launch (`triton_prefetch.prefetch_mb`,
+    checked wherever it is set); 0 where no prefetch runs: without Triton, under the interpreter, off CUDA or
+    below compute capability 9 (no bulk prefetch)."""
+    mb = triton_prefetch.prefetch_mb() if HAVE_TRITON else 0.0
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" \
+            or torch.cuda.get_device_capability(device)[0] < 9:
+        return 0.0
+    return mb
 
 
 def dense_tiles() -> Optional[dict]:
@@ -289,7 +300,8 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
         triton_gemv.check_side(side, x2.shape[0], x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint, side=None if in_gemv else side,
-                                            compact=ri == "gtile")
+                                            compact=ri == "gtile",
+                                            prefetch=triton_prefetch.plan(x2, wt, wt_up, kk, hint))
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
                        counters=cnt, sel=sel, pdl=pdl, impl=impl, side=side if in_gemv else None)

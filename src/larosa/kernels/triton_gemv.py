@@ -38,6 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_prefetch import Prefetch, prefetch_program
+from .triton_prefetch import kernel_args as prefetch_kwargs
+from .triton_prefetch import plan as plan_prefetch
+
 try:  # programmatic dependent launch (Hopper+): the GEMV's programs start while the select finishes
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     HAVE_GDC = True
@@ -145,7 +149,11 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                          a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                          SIDE: tl.constexpr = False, A_BN: tl.constexpr = 32, A_BK: tl.constexpr = 128,
                          A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False,
-                         ROUND_BF16: tl.constexpr = False, WAIT: tl.constexpr = False):
+                         ROUND_BF16: tl.constexpr = False, WAIT: tl.constexpr = False,
+                         pf_start=1, pf_w1_ptr=None, pf_w2_ptr=None, pf_rec_ptr=None, pf_row_bytes=0, pf_chunk=0,
+                         pf_limit=0,
+                         PF: tl.constexpr = 0, PF_ROWS: tl.constexpr = 16, PF_CHUNKS: tl.constexpr = 8,
+                         PF_TWO: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
@@ -158,10 +166,17 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     COMPACT (v15, for `gtile_gemv_kernel`): sel rows are 2 + k wide, (t, cutoff) then the k kept positions,
     ascending (4, compiled default since v19: stored by inline PTX from 32-bit offsets, `_scatter_i32_at`; 3:
     the same from 64-bit pointers, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
-    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`)."""
+    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`).
+    PF (v23): programs pf_start.. prefetch the GEMV's likely rows into L2 meanwhile (`triton_prefetch`)."""
     if WAIT:
         gdc_wait()
-    if SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
+    if PF and tl.program_id(0) >= pf_start:
+        if PDL:
+            gdc_launch_dependents()
+        prefetch_program(tl.program_id(0) - pf_start, x_ptr, x_ptr, x_ptr, 0.0, d_in, hint_ptr, pf_w1_ptr, pf_w2_ptr,
+                         pf_rec_ptr, pf_row_bytes, pf_chunk, pf_limit, False, False, BLOCK_D, PF, PF_ROWS, PF_CHUNKS,
+                         PF_TWO)
+    elif SIDE and tl.program_id(0) >= n_rows:  # SIDE is a constexpr: without it no branch is compiled
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
@@ -358,16 +373,26 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
                           a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                           SIDE: tl.constexpr = False, A_BN: tl.constexpr = 32, A_BK: tl.constexpr = 128,
                           A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False,
-                          WAIT: tl.constexpr = False):
+                          WAIT: tl.constexpr = False,
+                          pf_start=1, pf_w1_ptr=None, pf_w2_ptr=None, pf_rec_ptr=None, pf_row_bytes=0, pf_chunk=0,
+                         pf_limit=0,
+                          PF: tl.constexpr = 0, PF_ROWS: tl.constexpr = 16, PF_CHUNKS: tl.constexpr = 8,
+                          PF_TWO: tl.constexpr = False):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
     and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h.
-    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`). WAIT: as
-    in select_packed_kernel."""
+    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`). WAIT and PF
+    (the prefetch computes the norm itself): as in select_packed_kernel."""
     if WAIT:
         gdc_wait()
-    if SIDE and tl.program_id(0) >= n_rows:  # as in select_packed_kernel
+    if PF and tl.program_id(0) >= pf_start:
+        if PDL:
+            gdc_launch_dependents()
+        prefetch_program(tl.program_id(0) - pf_start, x_ptr, res_ptr, w_ptr, eps, d_in, hint_ptr, pf_w1_ptr, pf_w2_ptr,
+                         pf_rec_ptr, pf_row_bytes, pf_chunk, pf_limit, True, HAS_RES, BLOCK_D, PF, PF_ROWS, PF_CHUNKS,
+                         PF_TWO)
+    elif SIDE and tl.program_id(0) >= n_rows:  # as in select_packed_kernel
         _side_program(tl.program_id(0) - n_rows, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb,
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
@@ -802,7 +827,9 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         sel_pdl = _check_presel(x, sel, mode) and _use_pdl(x, pdl)
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
-        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=sel_side) if mode == 0 else x
+        sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=sel_side,
+                     prefetch=plan_prefetch(x, wt, wt2, k, hint) if select_impl == "packed" else None) \
+            if mode == 0 else x
     grid = (n0, m0 + triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_in, d_out,
@@ -896,7 +923,8 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     n0 = triton.cdiv(d_out, block_n)
     sel_side, m0, side_kw = _route_side(side, "gtile", sel is not None, rows, n0, x)
     if sel is None:
-        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=sel_side)
+        sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=sel_side,
+                     prefetch=plan_prefetch(x, wt, wt2, k, hint))
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
@@ -930,11 +958,11 @@ def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
 
 def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
                    pdl: bool = False, num_warps: int | None = None, hint: torch.Tensor | None = None,
-                   compact: bool = False, side: SideGemv | None = None):
+                   compact: bool = False, side: SideGemv | None = None, prefetch: Prefetch | None = None):
     """(xs, h, sel): xs = x + res (None without res), h = w * RMSNorm(xs) (HF arithmetic) and the (rows, 2)
     int32 (t, cutoff) of h's exact Top-k, from one kernel (`rmsnorm_select_kernel`). `pdl`: the next
     launch is a programmatic dependent that waits before reading h and sel (`launch(..., sel=sel)`);
-    `hint`, `compact` and `side`: as in `select`."""
+    `hint`, `compact`, `side` and `prefetch`: as in `select`."""
     rows, d_in = x.shape
     if w.shape != (d_in,):
         raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
@@ -949,13 +977,14 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
     hint, window = _hint_args(hint, x)
     warps = num_warps or select_warps(block_d)
     extra, side_kw = _side_kwargs(side, rows, x)
-    rmsnorm_select_kernel[(rows + extra,)](
+    n_pf, pf_kw = prefetch_kwargs(prefetch if hint is not None else None, x, warps, rows + extra)
+    rmsnorm_select_kernel[(rows + extra + n_pf,)](
         x, res if res is not None else x, w, xs if xs is not None else h, h, sel,
         hint if hint is not None else sel, d_in, k, float(eps),
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
         HAS_RES=res is not None, BLOCK_D=block_d, num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
         ROUND_BF16=_interpreted_bf16(x), **({"PDL": True} if pdl and _pdl_possible(x) else {}),
-        **_wait_kw(x), **side_kw)
+        **_wait_kw(x), **side_kw, **pf_kw)
     return xs, h, sel
 
 
@@ -1214,16 +1243,18 @@ def _compact_k(k: int, d_in: int) -> int:
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
            pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False,
-           side: SideGemv | None = None) -> torch.Tensor:
+           side: SideGemv | None = None, prefetch: Prefetch | None = None) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
     launch is a programmatic dependent. `hint` (int32, a slot per row, any values): each row's threshold
     from the previous call, to search near first; updated in place. It changes the time, never the result
     (packed select only, both). `compact` (packed select only): (rows, 2 + k), each row's k kept positions
     (ascending) after its (t, cutoff), for `impl="gtile"`. `side` (packed select only): a dense GEMV computed
-    by extra programs of the same launch (`SideGemv`)."""
+    by extra programs of the same launch (`SideGemv`). `prefetch` (packed select with a hint, one row): extra
+    programs of the launch prefetch the GEMV's likely weight rows into L2 (`triton_prefetch`; the result is
+    the same)."""
     rows, d_in = x.shape
-    if (compact or side is not None) and impl != "packed":
-        raise ValueError(f"compact=True and side= need the packed select, not {impl!r}")
+    if (compact or side is not None or prefetch is not None) and impl != "packed":
+        raise ValueError(f"compact=True, side= and prefetch= need the packed select, not {impl!r}")
     _check_compact(compact, d_in)
     k = _compact_k(k, d_in) if compact else k
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
@@ -1238,10 +1269,11 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     extra, side_kw = _side_kwargs(side, rows, x)
     if side is not None:
         side_kw["ROUND_BF16"] = _interpreted_bf16(side.x)
-    kernel[(rows + extra,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
-                            num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
-                            **({"PDL": True} if pdl else {}), **_wait_kw(x),
-                            **side_kw)
+    n_pf, pf_kw = prefetch_kwargs(prefetch if hint is not None else None, x, warps, rows + extra)
+    kernel[(rows + extra + n_pf,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
+                                   num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
+                                   **({"PDL": True} if pdl else {}), **_wait_kw(x),
+                                   **side_kw, **pf_kw)
     return sel
 
 
