@@ -26,11 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-# default budget per select launch, MiB of weight rows (0: off). H200, LaRoSA at the 0.8 / 1.2 split, LLaMA2-7B shape,
-# p = 0.4 / 0.5 / 0.75, two alternations in one run (benchmarks/results/prefetch-h200/prefetchx-*): 0 MiB 254.0 /
-# 274.6 / 337.8 tok/s, 4 MiB 258.2 / 279.4 / 344.6, 8 MiB 259.2 / 280.0 / 344.8, 12 MiB 258.9 / 279.0 / 340.3;
-# 24 MiB no gain (prefetch-e2e-*). 8 MiB with one piece per row: 226.7 / 247.2 / 315.8 (-11 %), with 32: 257.5 /
-# 276.3 / 337.1.
+# default budget per select launch, MiB of weight rows (0: off). H200, LaRoSA at the 0.8 / 1.2 split, LLaMA2-7B
+# shape, p = 0.4 / 0.5 / 0.75, two alternations in one run (benchmarks/results/history/prefetch-v23/run2-hot-pieces/
+# prefetchx-*): 0 MiB 254.0 / 274.6 / 337.8 tok/s, 4 MiB 258.2 / 279.4 / 344.6, 8 MiB 259.2 / 280.0 / 344.8,
+# 12 MiB 258.9 / 279.0 / 340.3; 24 MiB no gain (run1-budgets/prefetch-e2e-*). 8 MiB with one piece per row:
+# 226.7 / 247.2 / 315.8 (-11 %), with 32: 257.5 / 276.3 / 337.1.
 PREFETCH_MB = 8.0
 PF_CHUNKS = 8  # pieces per weight row, one bulk prefetch each (a thread per piece); LAROSA_PREFETCH_CHUNKS
 
