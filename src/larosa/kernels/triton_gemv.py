@@ -375,7 +375,7 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
                           A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False,
                           WAIT: tl.constexpr = False,
                           pf_start=1, pf_w1_ptr=None, pf_w2_ptr=None, pf_rec_ptr=None, pf_row_bytes=0, pf_chunk=0,
-                         pf_limit=0,
+                          pf_limit=0,
                           PF: tl.constexpr = 0, PF_ROWS: tl.constexpr = 16, PF_CHUNKS: tl.constexpr = 8,
                           PF_TWO: tl.constexpr = False):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
