@@ -78,12 +78,14 @@
 #   bash benchmarks/h200_session.sh prefetche2e  # v23: the end-to-end part alone (~3 min)
 #   bash benchmarks/h200_session.sh prefetchx    # v23: per op beside hot weights; LLaMA2-7B end to end by budget and
 #                                                # pieces per row (~5 min)
+#   bash benchmarks/h200_session.sh attnprograms # not run yet: attention tests, then LaRoSA at 2048 tokens by the
+#                                                # split attention's program target (LAROSA_ATTN_PROGRAMS) (~6 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|attnprograms ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -272,6 +274,15 @@ for stage in "$@"; do
         LAROSA_PREFETCH_MB=$mb LAROSA_PREFETCH_CHUNKS=$ch python3 -m larosa bench decode --shape llama2-7b \
           --methods larosa --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/prefetchx-mb$mb-ch$ch-$rep" 2>&1 \
           | grep -v "%|" | tee "$out/prefetchx-mb$mb-ch$ch-$rep.log" || rc=1
+      done; done ;;
+    attnprograms)  # not run yet: the split-cache attention's program target at 2048 generated tokens (p99/p50)
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_attention_kernel.py \
+        > "$out/attn-programs-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/attn-programs-tests.log"
+      for rep in 1 2; do for n in 256 512 1024 4096; do
+        LAROSA_ATTN_PROGRAMS=$n python3 -m larosa bench decode --shape llama2-7b --methods larosa --sparsities 0.5 \
+          --gen-lens 2048 --out "$out/attn-programs-$n-$rep" 2>&1 | grep -v "%|" | tee "$out/attn-programs-$n-$rep.log" \
+          || rc=1
       done; done ;;
     spece2e)  # v22: LaRoSA end to end with the speculative GEMV off / on (LAROSA_SPEC), both shapes
       spec_e2e spec-e2e ;;

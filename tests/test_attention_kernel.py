@@ -62,10 +62,41 @@ def test_decode_attention_op_dispatch(monkeypatch):
         torch.ops.larosa.decode_attention(q, kc[:, :1], vc[:, :1], p, 0.125)
 
 
-def test_split_plan_covers_the_cache():
-    for b, kvh, L in [(1, 32, 320), (1, 8, 2048), (4, 8, 64), (1, 1, 5000)]:
-        n, chunk = ops.triton_attention.plan(b, kvh, L)
-        assert n * chunk >= L > (n - 1) * chunk and chunk % ops.triton_attention.BLOCK_L == 0
+def test_split_plan_covers_the_cache(monkeypatch):
+    """Every plan covers the cache in chunks of whole blocks; LAROSA_ATTN_PROGRAMS (checked) sets how many
+    programs it aims at: more programs, more and shorter splits (never shorter than a block)."""
+    for programs in (None, 64, 1024, 65536):
+        for b, kvh, L in [(1, 32, 320), (1, 8, 2048), (4, 8, 64), (1, 1, 5000), (1, 32, 2176)]:
+            n, chunk = ops.triton_attention.plan(b, kvh, L, programs)
+            assert n * chunk >= L > (n - 1) * chunk and chunk % ops.triton_attention.BLOCK_L == 0
+    assert ops.triton_attention.plan(1, 32, 2176) == ops.triton_attention.plan(1, 32, 2176, 256) == (7, 320)
+    assert ops.triton_attention.plan(1, 32, 2176, 1024) == (17, 128)
+    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", "4096")
+    assert ops.triton_attention.plan(1, 32, 2176) == (34, 64)
+    for bad in ("0", "x", "100000"):
+        monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", bad)
+        with pytest.raises(ValueError, match="LAROSA_ATTN_PROGRAMS"):
+            ops.triton_attention.plan(1, 32, 2176)
+
+
+@pytest.mark.parametrize("programs", ["1", "64", "4096"])
+def test_decode_attention_any_split_count(monkeypatch, programs):
+    """One split per KV head up to a block per split: the same attention (the combine takes every split)."""
+    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", programs)
+    q, kc, vc = _case(1, 2, 4, 64, 700, torch.bfloat16, seed=3)
+    p = torch.tensor([650], device=DEV)
+    want = decode_attention_ref(q.double(), kc.double(), vc.double(), p, 0.125)
+    torch.testing.assert_close(ops.triton_attention.decode_attention(q, kc, vc, p, 0.125).double(), want,
+                               atol=2e-2, rtol=2e-2)
+    qkv, kc2, vc2, cos, sin = _rope_case(1, 2, 4, 64, 700, torch.bfloat16)
+    cnt = torch.zeros(2, dtype=torch.int32, device=DEV)
+    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", "256")
+    k_ref, v_ref = kc2.clone(), vc2.clone()
+    ref = ops.triton_attention.rope_decode_attention(qkv, k_ref, v_ref, p, cos, sin, 0.125)
+    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", programs)
+    got = torch.ops.larosa.rope_decode_attention(qkv, kc2, vc2, p, cos, sin, 0.125, cnt)
+    torch.testing.assert_close(got.double(), ref.double(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kc2, k_ref) and torch.equal(vc2, v_ref) and not cnt.any()
 
 
 

@@ -452,6 +452,12 @@ def attention_impl() -> str:
     return impl
 
 
+def attention_programs() -> Optional[int]:
+    """Programs the split-cache attention launch aims at (`triton_attention.target_programs`); None without
+    Triton. Benchmark rows record it."""
+    return triton_attention.target_programs() if HAVE_TRITON else None
+
+
 @torch.library.custom_op("larosa::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float) -> torch.Tensor:

@@ -144,10 +144,22 @@ def decode_attn_combine_kernel(m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G: tl.const
     _combine_bh(tl.program_id(0).to(tl.int64), m_ptr, l_ptr, o_ptr, out_ptr, nsplit, G, GP, GR, NSP, HD, "")
 
 
-def plan(batch: int, kv_heads: int, cache_len: int) -> tuple[int, int]:
-    """(splits, positions per split): about TARGET_PROGRAMS programs, chunks a multiple of BLOCK_L."""
+def target_programs() -> int:
+    """Programs the split launch aims at (`LAROSA_ATTN_PROGRAMS`, default `TARGET_PROGRAMS`; 1-65536). The
+    splits cover the whole cache, so at position pos only (pos + 1) / chunk of them per KV head have work: more
+    programs give a long context more of them (for sweeps, `h200_session.sh attnprograms`)."""
+    raw = os.environ.get("LAROSA_ATTN_PROGRAMS", str(TARGET_PROGRAMS))
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= 65536:
+        raise ValueError(f"LAROSA_ATTN_PROGRAMS={raw!r}: use an integer from 1 to 65536")
+    return int(raw)
+
+
+def plan(batch: int, kv_heads: int, cache_len: int, programs: int | None = None) -> tuple[int, int]:
+    """(splits, positions per split): about `programs` (default `target_programs()`) programs, chunks a
+    multiple of BLOCK_L."""
     blocks = triton.cdiv(cache_len, BLOCK_L)
-    want = max(1, min(blocks, TARGET_PROGRAMS // max(1, batch * kv_heads)))
+    programs = target_programs() if programs is None else programs
+    want = max(1, min(blocks, programs // max(1, batch * kv_heads)))
     chunk = triton.cdiv(blocks, want) * BLOCK_L
     return triton.cdiv(cache_len, chunk), chunk
 
