@@ -100,6 +100,9 @@ CASES = [
     # v20: launched as a programmatic dependent
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True}, 4),
+    # a long cache in block-sized splits (LAROSA_ATTN_PROGRAMS=4096 at 2176 positions: 34 splits)
+    (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
+                                   "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 64, "PDL": True}, 4),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 6, "ASM": True}, 4),
