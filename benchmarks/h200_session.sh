@@ -78,6 +78,8 @@
 #   bash benchmarks/h200_session.sh prefetche2e  # v23: the end-to-end part alone (~3 min)
 #   bash benchmarks/h200_session.sh prefetchx    # v23: per op beside hot weights; LLaMA2-7B end to end by budget and
 #                                                # pieces per row (~5 min)
+#   bash benchmarks/h200_session.sh gatherx      # not run yet: the kept list carrying x (LAROSA_GATHER_X): GPU tests,
+#                                                # then LaRoSA and Top-K end to end off / on (~4 min)
 #   bash benchmarks/h200_session.sh attnprograms # not run yet: attention tests, then LaRoSA at 2048 tokens by the
 #                                                # split attention's program target (LAROSA_ATTN_PROGRAMS) (~6 min)
 #
@@ -85,7 +87,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|attnprograms ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -274,6 +276,16 @@ for stage in "$@"; do
         LAROSA_PREFETCH_MB=$mb LAROSA_PREFETCH_CHUNKS=$ch python3 -m larosa bench decode --shape llama2-7b \
           --methods larosa --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/prefetchx-mb$mb-ch$ch-$rep" 2>&1 \
           | grep -v "%|" | tee "$out/prefetchx-mb$mb-ch$ch-$rep.log" || rc=1
+      done; done ;;
+    gatherx)  # not run yet: the kept list carrying x (LAROSA_GATHER_X): GPU tests, then LaRoSA end to end off / on
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_gather_x.py tests/test_kernels_gpu.py \
+        -k "gather or compact" > "$out/gather-x-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/gather-x-tests.log"
+      for run in llama2-7b:1 llama2-7b:2 llama3-8b:1; do for on in 0 1; do
+        shape=${run%:*}; rep=${run#*:}
+        LAROSA_GATHER_X=$on python3 -m larosa bench decode --shape $shape --methods larosa,topk \
+          --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/gather-x-$shape-$on-$rep" 2>&1 | grep -v "%|" \
+          | tee "$out/gather-x-$shape-$on-$rep.log" || rc=1
       done; done ;;
     attnprograms)  # not run yet: the split-cache attention's program target at 2048 generated tokens (p99/p50)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_attention_kernel.py \

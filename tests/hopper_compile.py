@@ -45,6 +45,14 @@ CASES = [
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 3}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": True}, 4),
+    # v23 (opt-in, LAROSA_GATHER_X): the kept list carries x, the gathered GEMV reads it from there
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "PACK_X": True}, 8),
+    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 6,
+                                "PACK_X": True, "PF": 1}, 4),
+    (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True,
+                            "PACK_X": True}, 2),
+    (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
+                            "HAS_RES": True, "PACK_X": True}, 2),
     # v23: the L2 prefetch of the GEMV's likely rows riding in the selects (bulk prefetch by inline PTX; 3 also
     # records the guess, as the GPU tests do)
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 6, "PF": 1}, 4),

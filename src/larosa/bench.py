@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .engine import DecodeEngine, ModelWeights
 from .errors import LarosaError
-from .kernels.ops import attention_impl, attention_programs, compact_store, dense_tiles, side_placement
+from .kernels.ops import attention_impl, attention_programs, compact_store, dense_tiles, gather_x, side_placement
 from .record import run_record, write_json
 from .report import markdown_table
 from .sparsity import SparsityPlan
@@ -177,8 +177,9 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["spec"] = eng.spec  # the o projections in the speculative GEMV (v22, `triton_spec`)
     if eng.dense_kernel:
         out["dense_tiles"] = dense_tiles()
-    if out["kernel"] == "gtile":  # how the compacting selects stored the kept list
+    if out["kernel"] == "gtile":  # how the compacting selects stored the kept list (and whether x rode in it)
         out["compact_store"] = compact_store()
+        out["gather_x"] = gather_x()
     if eng.adapter_mode == "select":  # which launches carried the adapter programs, at which tiles
         out["adapter_side"] = side_placement(out["kernel"])
     del eng

@@ -77,6 +77,11 @@ def compact_store() -> Optional[str]:
     return triton_gemv.compact_store() if HAVE_TRITON else None
 
 
+def gather_x() -> Optional[bool]:
+    """Whether the gathered-rows path's kept lists carry x (`triton_gemv.gather_x`); None without Triton."""
+    return triton_gemv.gather_x() if HAVE_TRITON else None
+
+
 def prefetch_mb(device: torch.device) -> float:
     """The L2 prefetch budget of the hinted selects on `device`, MiB per launch (`triton_prefetch.prefetch_mb`,
     checked wherever it is set); 0 where no prefetch runs: without Triton, under the interpreter, off CUDA or
@@ -300,7 +305,7 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
         triton_gemv.check_side(side, x2.shape[0], x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint, side=None if in_gemv else side,
-                                            compact=ri == "gtile",
+                                            compact=ri == "gtile", pack_x=ri == "gtile" and triton_gemv.gather_x(),
                                             prefetch=triton_prefetch.plan(x2, wt, wt_up, kk, hint))
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,

@@ -153,7 +153,7 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                          pf_start=1, pf_w1_ptr=None, pf_w2_ptr=None, pf_rec_ptr=None, pf_row_bytes=0, pf_chunk=0,
                          pf_limit=0,
                          PF: tl.constexpr = 0, PF_ROWS: tl.constexpr = 16, PF_CHUNKS: tl.constexpr = 8,
-                         PF_TWO: tl.constexpr = False):
+                         PF_TWO: tl.constexpr = False, PACK_X: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
@@ -167,7 +167,8 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     ascending (4, compiled default since v19: stored by inline PTX from 32-bit offsets, `_scatter_i32_at`; 3:
     the same from 64-bit pointers, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`).
-    PF (v23): programs pf_start.. prefetch the GEMV's likely rows into L2 meanwhile (`triton_prefetch`)."""
+    PF (v23): programs pf_start.. prefetch the GEMV's likely rows into L2 meanwhile (`triton_prefetch`).
+    PACK_X (with COMPACT): each list entry is (x's 16 bits << 16) | position (`_packed_select`)."""
     if WAIT:
         gdc_wait()
     if PF and tl.program_id(0) >= pf_start:
@@ -181,16 +182,17 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
         _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
-                    COMPACT)
+                    COMPACT, PACK_X)
 
 
 @triton.jit
 def _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
-                FIRST_BIT: tl.constexpr, WINDOW: tl.constexpr, FALLBACK: tl.constexpr, COMPACT: tl.constexpr):
+                FIRST_BIT: tl.constexpr, WINDOW: tl.constexpr, FALLBACK: tl.constexpr, COMPACT: tl.constexpr,
+                PACK_X: tl.constexpr = False):
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     sel_row = sel_ptr + row * (2 + k if COMPACT else 2)
     t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK,
-                               sel_row + 2, COMPACT)
+                               sel_row + 2, COMPACT, PACK_X=PACK_X)
     tl.store(sel_row, t)
     tl.store(sel_row + 1, cutoff)
 
@@ -250,7 +252,7 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 @triton.jit
 def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14, hint_ptr=None,
                    WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, idx_ptr=None,
-                   COMPACT: tl.constexpr = False, HINT_HI: tl.constexpr = False):
+                   COMPACT: tl.constexpr = False, HINT_HI: tl.constexpr = False, PACK_X: tl.constexpr = False):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
 
     t is the largest 15-bit pattern with at least k entries >= t. Plain: fixed bit by bit (15 counts).
@@ -266,7 +268,9 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     one 32-bit sum (each < 2^15).
 
     COMPACT: also store the k kept positions, ascending, to idx_ptr[0:k] (the tie prefix sum then counts
-    the entries above t too, in its high half)."""
+    the entries above t too, in its high half). PACK_X (v23, `gather_x`): each entry also carries the kept
+    value, (x's 16 bits << 16) | position (positions < 2^15), so the gathered GEMV reads x with its position
+    instead of gathering it from x afterwards (one dependent load fewer)."""
     raw = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # padding is 0: never >= a candidate (>= 1)
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
@@ -309,15 +313,21 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         p_lo, m_lo = idx_ptr + gt0 + tl.minimum(eq0, need_eq), (g_lo > 0) | ((e_lo > 0) & (eq0 < need_eq))
         p_hi = idx_ptr + gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq)
         m_hi = (g_hi > 0) | ((e_hi > 0) & (eq0 + e_lo < need_eq))
+        val_lo = 2 * lane
+        val_hi = 2 * lane + 1
+        if PACK_X:
+            xb_lo, xb_hi = tl.split(tl.reshape(x.to(tl.int16, bitcast=True).to(tl.int32), (BLOCK_D // 2, 2)))
+            val_lo = (xb_lo << 16) | val_lo
+            val_hi = (xb_hi << 16) | val_hi
         if COMPACT == 1:
-            tl.store(p_lo, 2 * lane, mask=m_lo)
-            tl.store(p_hi, 2 * lane + 1, mask=m_hi)
+            tl.store(p_lo, val_lo, mask=m_lo)
+            tl.store(p_hi, val_hi, mask=m_hi)
         if COMPACT == 3:  # v16-v18's default: the same stores without a layout conversion
-            _scatter_i32(p_lo, 2 * lane, m_lo)
-            _scatter_i32(p_hi, 2 * lane + 1, m_hi)
+            _scatter_i32(p_lo, val_lo, m_lo)
+            _scatter_i32(p_hi, val_hi, m_hi)
         if COMPACT == 4:  # the compiled default (v19): 32-bit offsets, the address formed in the store's own PTX
-            _scatter_i32_at(idx_ptr, gt0 + tl.minimum(eq0, need_eq), 2 * lane, m_lo)
-            _scatter_i32_at(idx_ptr, gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), 2 * lane + 1, m_hi)
+            _scatter_i32_at(idx_ptr, gt0 + tl.minimum(eq0, need_eq), val_lo, m_lo)
+            _scatter_i32_at(idx_ptr, gt0 + g_lo + tl.minimum(eq0 + e_lo, need_eq), val_hi, m_hi)
     else:
         cs = tl.cumsum(e_lo + e_hi, 0)  # equal entries up to and including this lane's pair
         cut = tl.where((e_lo > 0) & (cs - e_hi == need_eq), 2 * lane + 1,
@@ -377,13 +387,13 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
                           pf_start=1, pf_w1_ptr=None, pf_w2_ptr=None, pf_rec_ptr=None, pf_row_bytes=0, pf_chunk=0,
                           pf_limit=0,
                           PF: tl.constexpr = 0, PF_ROWS: tl.constexpr = 16, PF_CHUNKS: tl.constexpr = 8,
-                          PF_TWO: tl.constexpr = False):
+                          PF_TWO: tl.constexpr = False, PACK_X: tl.constexpr = False):
     """The select folded into its producer: xs = x + res (stored; x itself without res), h = w * RMSNorm(xs)
     with HF's arithmetic (normalise in fp32, round to the 16-bit dtype, then scale and round), stored, and
     (t, cutoff) of h's exact Top-k (`_packed_select`). One program per row; the GEMV that follows reads h
     and (t, cutoff), as a programmatic dependent (PDL) when possible: it then waits before loading h.
-    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`). WAIT and PF
-    (the prefetch computes the norm itself): as in select_packed_kernel."""
+    SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`). WAIT, PF
+    (the prefetch computes the norm itself) and PACK_X (h's bits in the list): as in select_packed_kernel."""
     if WAIT:
         gdc_wait()
     if PF and tl.program_id(0) >= pf_start:
@@ -397,13 +407,14 @@ def rmsnorm_select_kernel(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_pt
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
         _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps, stride_x,
-                            stride_r, stride_xs, stride_h, HAS_RES, BLOCK_D, PDL, ROUND_BF16, WINDOW, COMPACT)
+                            stride_r, stride_xs, stride_h, HAS_RES, BLOCK_D, PDL, ROUND_BF16, WINDOW, COMPACT, PACK_X)
 
 
 @triton.jit
 def _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr, d_in, k, eps,
                         stride_x, stride_r, stride_xs, stride_h, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
-                        PDL: tl.constexpr, ROUND_BF16: tl.constexpr, WINDOW: tl.constexpr, COMPACT: tl.constexpr):
+                        PDL: tl.constexpr, ROUND_BF16: tl.constexpr, WINDOW: tl.constexpr, COMPACT: tl.constexpr,
+                        PACK_X: tl.constexpr = False):
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + offs, mask=valid, other=0.0)
@@ -416,7 +427,8 @@ def _rmsnorm_select_row(x_ptr, res_ptr, w_ptr, xs_ptr, h_ptr, sel_ptr, hint_ptr,
     h = _round(w.to(tl.float32) * hn.to(tl.float32), x_ptr.dtype.element_ty, ROUND_BF16)  # padding: w = 0, h = 0
     tl.store(h_ptr + row * stride_h + offs, h, mask=valid)
     sel_row = sel_ptr + row * (2 + k if COMPACT else 2)  # COMPACT: as in select_packed_kernel
-    t, cutoff = _packed_select(h, valid, k, BLOCK_D, 14, hint_ptr + row, WINDOW, True, sel_row + 2, COMPACT)
+    t, cutoff = _packed_select(h, valid, k, BLOCK_D, 14, hint_ptr + row, WINDOW, True, sel_row + 2, COMPACT,
+                               PACK_X=PACK_X)
     tl.store(sel_row, t)
     tl.store(sel_row + 1, cutoff)
 
@@ -669,11 +681,13 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       m0=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
                       a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                       SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
-                      A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
+                      A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
+                      PACK_X: tl.constexpr = False):
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
-    the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE and PDL as there."""
+    the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE and PDL as there.
+    PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:
@@ -682,19 +696,23 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
                          stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
-                         m0 if SIDE else 0)
+                         m0 if SIDE else 0, PACK_X)
 
 
 @triton.jit
 def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
                      res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0):
+                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr):
     pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)  # j: places in the kept list
     jmask = j < k
     if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
         gdc_wait()
     idx = tl.load(sel_ptr + row * (2 + k) + 2 + j, mask=jmask, other=0)
-    xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
+    if PACK_X:  # (x's 16 bits << 16) | position
+        xf = (idx >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        idx = idx & 0xFFFF
+    else:
+        xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
 
@@ -909,9 +927,11 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
                  pdl: bool | None = None, block_m: int | None = None, block_n: int | None = None,
                  num_warps: int | None = None, select_num_warps: int | None = None,
                  sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 hint: torch.Tensor | None = None, side: SideGemv | None = None) -> None:
+                 hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None) -> None:
     """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
-    kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows."""
+    kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows.
+    `pack_x` (None = `gather_x()`): the list carries x with each position; a given `sel` must then come from a
+    select with `pack_x=True` too."""
     _check_residual(residual, y, wt2)
     rows, d_in = x.shape
     d_out = wt.shape[1]
@@ -922,9 +942,10 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     sel_pdl = _use_pdl(x, pdl)
     n0 = triton.cdiv(d_out, block_n)
     sel_side, m0, side_kw = _route_side(side, "gtile", sel is not None, rows, n0, x)
+    pack_x = gather_x() if pack_x is None else bool(pack_x)  # (compacting selects take rows < 2^15 wide)
     if sel is None:
         sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=sel_side,
-                     prefetch=plan_prefetch(x, wt, wt2, k, hint))
+                     prefetch=plan_prefetch(x, wt, wt2, k, hint), pack_x=pack_x)
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
@@ -935,7 +956,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
         residual.stride(0) if residual is not None else 0, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=1,
-        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw)
+        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}))
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
@@ -958,11 +979,12 @@ def _check_presel(x: torch.Tensor, sel: torch.Tensor, mode: int) -> bool:
 
 def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float, k: int,
                    pdl: bool = False, num_warps: int | None = None, hint: torch.Tensor | None = None,
-                   compact: bool = False, side: SideGemv | None = None, prefetch: Prefetch | None = None):
+                   compact: bool = False, side: SideGemv | None = None, prefetch: Prefetch | None = None,
+                   pack_x: bool = False):
     """(xs, h, sel): xs = x + res (None without res), h = w * RMSNorm(xs) (HF arithmetic) and the (rows, 2)
     int32 (t, cutoff) of h's exact Top-k, from one kernel (`rmsnorm_select_kernel`). `pdl`: the next
     launch is a programmatic dependent that waits before reading h and sel (`launch(..., sel=sel)`);
-    `hint`, `compact`, `side` and `prefetch`: as in `select`."""
+    `hint`, `compact`, `side`, `prefetch` and `pack_x`: as in `select`."""
     rows, d_in = x.shape
     if w.shape != (d_in,):
         raise ValueError(f"norm weight {tuple(w.shape)} does not match rows of width {d_in}")
@@ -984,7 +1006,7 @@ def rmsnorm_select(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, e
         x.stride(0), res.stride(0) if res is not None else 0, xs.stride(0) if xs is not None else 0, h.stride(0),
         HAS_RES=res is not None, BLOCK_D=block_d, num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
         ROUND_BF16=_interpreted_bf16(x), **({"PDL": True} if pdl and _pdl_possible(x) else {}),
-        **_wait_kw(x), **side_kw, **pf_kw)
+        **_wait_kw(x), **side_kw, **pf_kw, **_pack_kw(pack_x, compact))
     return xs, h, sel
 
 
@@ -1215,6 +1237,25 @@ def compact_store() -> str:
     return store
 
 
+GATHER_X = False  # v23, not measured yet (`h200_session.sh gatherx`)
+
+
+def gather_x() -> bool:
+    """Whether the compacting selects of the gathered-rows path store x with each kept position, so that the GEMV
+    reads both in one load (`LAROSA_GATHER_X` "1" / "0", default `GATHER_X`; `_packed_select`'s PACK_X)."""
+    raw = os.environ.get("LAROSA_GATHER_X", "1" if GATHER_X else "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"LAROSA_GATHER_X={raw!r}: use 1 or 0")
+    return raw == "1"
+
+
+def _pack_kw(pack_x: bool, compact: bool) -> dict:
+    """The PACK_X constexpr of a select launch: only with a kept list."""
+    if pack_x and not compact:
+        raise ValueError("pack_x= packs x into the kept list: it needs compact=True")
+    return {"PACK_X": True} if pack_x else {}
+
+
 def _compact_mode(compact: bool) -> int:
     """The COMPACT constexpr of a select launch: 0 (no list), 4 (the list stored by predicated inline PTX from
     32-bit offsets, `_scatter_i32_at`: the default on compiled kernels since v19, `LAROSA_COMPACT_STORE=asm32`),
@@ -1243,7 +1284,7 @@ def _compact_k(k: int, d_in: int) -> int:
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
            pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False,
-           side: SideGemv | None = None, prefetch: Prefetch | None = None) -> torch.Tensor:
+           side: SideGemv | None = None, prefetch: Prefetch | None = None, pack_x: bool = False) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
     launch is a programmatic dependent. `hint` (int32, a slot per row, any values): each row's threshold
     from the previous call, to search near first; updated in place. It changes the time, never the result
@@ -1251,7 +1292,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     (ascending) after its (t, cutoff), for `impl="gtile"`. `side` (packed select only): a dense GEMV computed
     by extra programs of the same launch (`SideGemv`). `prefetch` (packed select with a hint, one row): extra
     programs of the launch prefetch the GEMV's likely weight rows into L2 (`triton_prefetch`; the result is
-    the same)."""
+    the same). `pack_x` (with `compact`): each list entry is (x's 16 bits << 16) | position (`gather_x`)."""
     rows, d_in = x.shape
     if (compact or side is not None or prefetch is not None) and impl != "packed":
         raise ValueError(f"compact=True, side= and prefetch= need the packed select, not {impl!r}")
@@ -1273,7 +1314,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     kernel[(rows + extra + n_pf,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
                                    num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
                                    **({"PDL": True} if pdl else {}), **_wait_kw(x),
-                                   **side_kw, **pf_kw)
+                                   **side_kw, **pf_kw, **_pack_kw(pack_x, compact))
     return sel
 
 
