@@ -86,11 +86,10 @@ def prefetch_mb(device: torch.device) -> float:
     """The L2 prefetch budget of the hinted selects on `device`, MiB per launch (`triton_prefetch.prefetch_mb`,
     checked wherever it is set); 0 where no prefetch runs: without Triton, under the interpreter, off CUDA or
     below compute capability 9 (no bulk prefetch)."""
-    mb = triton_prefetch.prefetch_mb() if HAVE_TRITON else 0.0
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" \
-            or torch.cuda.get_device_capability(device)[0] < 9:
+    if not HAVE_TRITON:
         return 0.0
-    return mb
+    mb = triton_prefetch.prefetch_mb()  # checked first: a malformed budget is refused on every device
+    return mb if triton_prefetch.can_prefetch(device) else 0.0
 
 
 def dense_tiles() -> Optional[dict]:
@@ -366,9 +365,10 @@ def _unblock(wblk: torch.Tensor, d_out: int) -> torch.Tensor:
 def spec_linear(x: torch.Tensor, wblk: torch.Tensor, k: int, residual: torch.Tensor,
                 bias: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
     """residual + TopK_k(x) @ W^T (+ bias) with W^T in the speculative GEMV's blocked layout
-    (`triton_spec.spec_layout`), d_out = residual's last dimension. One row at a time with Triton (`triton_spec`): its GEMV streams the rows
-    guessed from `hint` (the row's threshold at the previous call, updated here like the selects' hints) while
-    the select runs. Other rows, dtypes and devices: the PyTorch reference on the unblocked weight."""
+    (`triton_spec.spec_layout`), d_out = residual's last dimension. One row at a time with Triton (`triton_spec`):
+    its GEMV streams the rows guessed from `hint` (the row's threshold at the previous call, updated here like the
+    selects' hints) while the select runs. Other rows, dtypes and devices: the PyTorch reference on the unblocked
+    weight."""
     d_in, d_out = x.shape[-1], residual.shape[-1]
     if wblk.dim() != 3 or wblk.shape[1] != d_in or wblk.shape[0] * wblk.shape[2] < d_out:
         raise ValueError(f"wblk {tuple(wblk.shape)} is not a blocked (d_in = {d_in}) x (d_out = {d_out}) weight")

@@ -118,6 +118,13 @@ def prefetch_chunks() -> int:
     return int(raw)
 
 
+def can_prefetch(device: torch.device) -> bool:
+    """Whether compiled kernels on `device` can issue the bulk L2 prefetch: CUDA, compute capability 9+, and not
+    the interpreter (which runs no PTX)."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _aligned(w: torch.Tensor | None) -> bool:
     return w is None or (w.is_contiguous() and w.data_ptr() % 16 == 0 and w.shape[1] * w.element_size() % 16 == 0)
 
@@ -129,9 +136,9 @@ def plan(x: torch.Tensor, wt: torch.Tensor, wt2: torch.Tensor | None, k: int,
     16-byte aligned weight rows. The row limit spends the budget on the lowest rows, assuming k / d_in of
     them are kept."""
     budget = prefetch_mb()
-    if budget <= 0 or hint is None or x.shape[0] != 1 or not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+    if budget <= 0 or hint is None or x.shape[0] != 1 or not can_prefetch(x.device):
         return None
-    if torch.cuda.get_device_capability(x.device)[0] < 9 or not (_aligned(wt) and _aligned(wt2)):
+    if not (_aligned(wt) and _aligned(wt2)):
         return None
     d_in = x.shape[1]
     per_row = wt.shape[1] * wt.element_size() * (2 if wt2 is not None else 1)
