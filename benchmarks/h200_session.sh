@@ -291,7 +291,7 @@ for stage in "$@"; do
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_attention_kernel.py \
         > "$out/attn-programs-tests.log" 2>&1 || rc=1
       tail -n 1 "$out/attn-programs-tests.log"
-      for rep in 1 2; do for n in 256 512 1024 4096; do
+      for rep in 1 2; do for n in ${ATTN_NS:-256 512 1024 4096}; do
         LAROSA_ATTN_PROGRAMS=$n python3 -m larosa bench decode --shape llama2-7b --methods larosa --sparsities 0.5 \
           --gen-lens 2048 --out "$out/attn-programs-$n-$rep" 2>&1 | grep -v "%|" | tee "$out/attn-programs-$n-$rep.log" \
           || rc=1
