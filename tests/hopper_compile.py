@@ -45,7 +45,7 @@ CASES = [
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 3}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True}, 4),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": True}, 4),
-    # v23 (opt-in, LAROSA_GATHER_X): the kept list carries x, the gathered GEMV reads it from there
+    # v23 (default since v24, LAROSA_GATHER_X): the kept list carries x, the gathered GEMV reads it from there
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "PACK_X": True}, 8),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 6,
                                 "PACK_X": True, "PF": 1}, 4),

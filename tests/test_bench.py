@@ -69,7 +69,7 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     assert all(r["fuse_rope"] is False and r["attn_combine"] == "launch" for r in rows)  # the CPU defaults
     # in order on the CPU (no graphs): LaRoSA's selects keep hints at all four sites; its list store is recorded
     assert lar["select_hints"] == [0, 1, 2, 3] and lar["compact_store"] == "asm32" and "compact_store" not in dense
-    assert lar["gather_x"] is False and "gather_x" not in dense  # the list carries positions only by default
+    assert lar["gather_x"] is True and "gather_x" not in dense  # the list carries x with each position (v24 default)
     # no L2 prefetch off the GPU; the split attention's program target (the default) on every row
     assert all(r["prefetch_mb"] == 0 and r["attn_programs"] == 256 for r in rows)
     # bytes per token counted independently: every weight entry once (fp32), one embedding row, the head,

@@ -1237,7 +1237,7 @@ def compact_store() -> str:
     return store
 
 
-GATHER_X = False  # v23, not measured yet (`h200_session.sh gatherx`)
+GATHER_X = True  # v23: +1.1-1.6 % end to end (H200, `results/history/gather-x-v24`)
 
 
 def gather_x() -> bool:
