@@ -82,12 +82,14 @@
 #                                                # then LaRoSA and Top-K end to end off / on (~4 min)
 #   bash benchmarks/h200_session.sh attnprograms # not run yet: attention tests, then LaRoSA at 2048 tokens by the
 #                                                # split attention's program target (LAROSA_ATTN_PROGRAMS) (~6 min)
+#   bash benchmarks/h200_session.sh hintdown     # v24: LaRoSA with the down select hinted (and prefetching) or not,
+#                                                # LAROSA_HINT_SITES 0,1,2 / 0,1,2,3 (~3 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -295,6 +297,13 @@ for stage in "$@"; do
         LAROSA_ATTN_PROGRAMS=$n python3 -m larosa bench decode --shape llama2-7b --methods larosa --sparsities 0.5 \
           --gen-lens 2048 --out "$out/attn-programs-$n-$rep" 2>&1 | grep -v "%|" | tee "$out/attn-programs-$n-$rep.log" \
           || rc=1
+      done; done ;;
+    hintdown)  # v24: the down select hinted too (its L2 prefetch then runs): LaRoSA with hint sites 0,1,2 / 0,1,2,3
+      for run in llama2-7b:1 llama2-7b:2 llama3-8b:1; do for sites in 0,1,2 0,1,2,3; do
+        shape=${run%:*}; rep=${run#*:}
+        LAROSA_HINT_SITES=$sites python3 -m larosa bench decode --shape $shape --methods larosa \
+          --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/hint-down-$shape-${sites//,/}-$rep" 2>&1 \
+          | grep -v "%|" | tee "$out/hint-down-$shape-${sites//,/}-$rep.log" || rc=1
       done; done ;;
     spece2e)  # v22: LaRoSA end to end with the speculative GEMV off / on (LAROSA_SPEC), both shapes
       spec_e2e spec-e2e ;;

@@ -398,6 +398,29 @@ def test_hint_sites_limit_the_hinted_selects(sites):
         DecodeEngine(w, **kw, hint_sites=(4,))
 
 
+def test_hint_sites_from_the_environment(monkeypatch):
+    """LAROSA_HINT_SITES (A/B runs) stands in for hint_sites=None: a list of sites, or none; an explicit
+    hint_sites wins over it; malformed values are refused."""
+    _, fused = _larosa_tiny(seed=5)
+    w = from_hf(fused).to(dtype=torch.bfloat16)
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": True}
+    assert DecodeEngine(w, **kw).hint_sites == (0, 2)  # the default with overlapped adapters (CPU: no prefetch)
+    monkeypatch.setenv("LAROSA_HINT_SITES", "3,0,1")
+    assert DecodeEngine(w, **kw).hint_sites == (0, 1, 3)
+    assert DecodeEngine(w, **kw, hint_sites=(2,)).hint_sites == (2,)
+    assert DecodeEngine(w, **kw, select_hints=False).hint_sites == ()
+    monkeypatch.setenv("LAROSA_HINT_SITES", "none")
+    eng = DecodeEngine(w, **kw)
+    assert eng.hint_sites == () and all(st.hint_sites == 0 for st in eng._statics)
+    for bad in ("4", "0,x", "", "1,,2"):
+        monkeypatch.setenv("LAROSA_HINT_SITES", bad)
+        if bad:
+            with pytest.raises(LarosaError, match="LAROSA_HINT_SITES"):
+                DecodeEngine(w, **kw)
+        else:  # empty: unset
+            assert DecodeEngine(w, **kw).hint_sites == (0, 2)
+
+
 def test_prefetch_budget_adds_the_o_hint(monkeypatch):
     """v23: with an L2 prefetch budget (LAROSA_PREFETCH_MB) on a GPU that can prefetch (compute capability 9+),
     the o select keeps a hint too (the prefetch guesses from it), and the engine records the budget; elsewhere

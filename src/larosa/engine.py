@@ -585,6 +585,20 @@ def kept_share(weights: "ModelWeights") -> Optional[float]:
     return kept / total if total else None
 
 
+def _parse_sites(raw: str, name: str) -> tuple[int, ...]:
+    """Sites from a comma-separated list of 0 (q/k/v) .. 3 (down), or "none"; anything else is refused."""
+    if raw.strip() == "none":
+        return ()
+    try:
+        sites = tuple(int(t) for t in raw.split(","))
+    except ValueError:
+        sites = (-1,)
+    if not sites or not set(sites) <= {0, 1, 2, 3}:
+        raise LarosaError(f"{name}={raw!r}: use sites among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), e.g. 0,1,2, "
+                          "or none")
+    return sites
+
+
 def topk_kernel(weights: "ModelWeights") -> Optional[str]:
     """The engine's default Top-K kernel: "gtile" (gathered rows) for a model keeping at most
     GTILE_MODEL_MAX_KEEP of its Top-K weight bytes, else "tile" (masked rows); None (the ops' own default,
@@ -674,7 +688,7 @@ class DecodeEngine:
     `benchmarks/results/hint-sites-h200.json`; the stand-alone o and down selects run slower with hints
     beside the adapter's streaming, `profile-asm32-llama2-7b-p0.5.*`), and the o site too where the selects
     prefetch (`prefetch_mb` > 0: the budget `LAROSA_PREFETCH_MB` on a GPU of compute capability 9+, else 0;
-    `triton_prefetch`).
+    `triton_prefetch`). `LAROSA_HINT_SITES` ("0,1,2,3", "none"; for A/B runs) stands in for None where set.
     kernel: the Top-K GEMV kernel of every site (`triton_gemv.IMPLS`); None = `topk_kernel(weights)`.
     fuse_rope: the decode step's RoPE and K/V cache write happen in the attention launch
     (`larosa::rope_decode_attention`; layers without q/k norms). None = `DEFAULT_FUSE_ROPE` with CUDA,
@@ -724,6 +738,8 @@ class DecodeEngine:
         self.spec = bool(spec) and _ops.HAVE_TRITON and any(st.attn_out.mode == "topk" for st in weights.statics)
         self.select_hints = True if select_hints is None else bool(select_hints)
         self.prefetch_mb = _ops.prefetch_mb(weights.device) if self.select_hints else 0.0
+        if hint_sites is None and os.environ.get("LAROSA_HINT_SITES"):  # A/B runs: "0,1,2,3", "none"
+            hint_sites = _parse_sites(os.environ["LAROSA_HINT_SITES"], "LAROSA_HINT_SITES")
         if hint_sites is None:  # v19: where adapters overlap, hints only at the norm + select sites
             hint_sites = (0, 1, 2, 3) if self.adapter_mode == "inline" else (0, 2)
             if self.prefetch_mb > 0:  # v23: and at the o site, whose select's L2 prefetch guesses from its hint
