@@ -100,6 +100,36 @@ def test_decode_attention_any_split_count(monkeypatch, programs):
 
 
 
+@pytest.mark.parametrize("pos", [0, 63, 64, 300, 511, 699])
+def test_balanced_splits_divide_the_filled_positions(monkeypatch, pos):
+    """LAROSA_ATTN_BALANCED=1 (v24): the splits divide positions 0..pos at run time instead of the cache. Same
+    attention as the reference, the cache written at pos by exactly one program (RoPE form), positions past pos
+    never read, the combine's counters left zeroed; a malformed value is refused."""
+    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", "16")  # 8 splits of 128 positions over a 700-position cache
+    monkeypatch.setenv("LAROSA_ATTN_BALANCED", "1")
+    assert ops.triton_attention.balanced() and ops.attention_balanced()
+    q, kc, vc = _case(1, 2, 4, 64, 700, torch.bfloat16, seed=4)
+    kc[:, :, pos + 1:] = float("nan")
+    vc[:, :, pos + 1:] = float("nan")
+    p = torch.tensor([pos], device=DEV)
+    want = decode_attention_ref(q.double(), kc[:, :, :pos + 1].double(), vc[:, :, :pos + 1].double(), p, 0.125)
+    torch.testing.assert_close(ops.triton_attention.decode_attention(q, kc, vc, p, 0.125).double(), want,
+                               atol=2e-2, rtol=2e-2)
+    qkv, kc2, vc2, cos, sin = _rope_case(1, 2, 4, 64, 700, torch.bfloat16, seed=5)
+    monkeypatch.setenv("LAROSA_ATTN_BALANCED", "0")
+    k_ref, v_ref = kc2.clone(), vc2.clone()
+    ref = ops.triton_attention.rope_decode_attention(qkv, k_ref, v_ref, p, cos, sin, 0.125)
+    monkeypatch.setenv("LAROSA_ATTN_BALANCED", "1")
+    cnt = torch.zeros(2, dtype=torch.int32, device=DEV)
+    got = ops.triton_attention.rope_decode_attention(qkv, kc2, vc2, p, cos, sin, 0.125, counters=cnt)
+    torch.testing.assert_close(got.double(), ref.double(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kc2, k_ref) and torch.equal(vc2, v_ref) and not cnt.any()
+    assert not torch.equal(kc2[:, :, pos], _rope_case(1, 2, 4, 64, 700, torch.bfloat16, seed=5)[1][:, :, pos])
+    monkeypatch.setenv("LAROSA_ATTN_BALANCED", "yes")
+    with pytest.raises(ValueError, match="LAROSA_ATTN_BALANCED"):
+        ops.triton_attention.decode_attention(q, kc, vc, p, 0.125)
+
+
 def _rope_case(b, kvh, g, hd, L, dtype, seed=1):
     gen = torch.Generator().manual_seed(seed)
     qkv = torch.randn(b, (kvh * g + 2 * kvh) * hd, generator=gen).to(DEV, dtype)

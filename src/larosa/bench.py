@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from .engine import DecodeEngine, ModelWeights
 from .errors import LarosaError
-from .kernels.ops import attention_impl, attention_programs, compact_store, dense_tiles, gather_x, side_placement
+from .kernels.ops import (attention_balanced, attention_impl, attention_programs, compact_store, dense_tiles, gather_x,
+                          side_placement)
 from .record import run_record, write_json
 from .report import markdown_table
 from .sparsity import SparsityPlan
@@ -170,6 +171,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["fuse_rope"] = eng.fuse_rope  # RoPE and the cache write inside the attention launch
     out["attn_combine"] = eng.attn_combine  # who combines the attention's cache splits ("launch" / "last")
     out["attn_programs"] = attention_programs()  # programs the split-cache attention aims at (its splits)
+    out["attn_balanced"] = attention_balanced()  # v24: its splits divide the filled positions, not the cache
     out["select_hints"] = list(eng.hint_sites)  # sites whose selects kept hints
     out["dense_kernel"] = eng.dense_kernel  # dense sites and head in `larosa::dense_linear` (v20), at these tiles
     out["dense_head"] = eng.dense_head  # the head (and final norm) in `larosa::dense_linear`

@@ -463,6 +463,12 @@ def attention_programs() -> Optional[int]:
     return triton_attention.target_programs() if HAVE_TRITON else None
 
 
+def attention_balanced() -> Optional[bool]:
+    """Whether the split-cache attention divides the filled positions among its splits at run time
+    (`triton_attention.balanced`); None without Triton. Benchmark rows record it."""
+    return triton_attention.balanced() if HAVE_TRITON else None
+
+
 @torch.library.custom_op("larosa::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ from .triton_gemv import _use_pdl, gdc_launch_dependents, gdc_wait
 
 BLOCK_L = 64
 TARGET_PROGRAMS = 256  # about two programs per SM on an H100/H200
+BALANCED = False  # v24: splits sized by the filled length at run time (`balanced`); not measured yet
 
 
 @triton.jit
@@ -30,7 +31,7 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
                              DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
                              stride_qkv=0, kv_off=0, v_off=0, KVH: tl.constexpr = 1,
                              COMBINE: tl.constexpr = False, cnt_ptr=None, out_ptr=None, GR: tl.constexpr = 1,
-                             NSP: tl.constexpr = 1, PDL: tl.constexpr = False):
+                             NSP: tl.constexpr = 1, PDL: tl.constexpr = False, BALANCED: tl.constexpr = False):
     """One (batch, KV head) x one chunk of cache positions. With ROPE (`rope_decode_attention`) q_ptr is
     the q/k/v projection's output (B, 1, q + 2 kv features): the program applies the rotary embedding
     (HF's rotate-half, cos/sin rows of the position) to its G query heads and to the new key, takes the
@@ -40,7 +41,9 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
     each (batch, KV head) to finish (a counter in the caller's zeroed buffer, left zeroed) combines the
     splits, so no combine launch follows. PDL (v20): launched as a programmatic dependent, the program lets its
     own dependents launch (the next projection's programs load their weights meanwhile, `triton_dense`), then
-    waits for the kernel before it, before any load."""
+    waits for the kernel before it, before any load. BALANCED (v24, `balanced`): the splits divide the filled
+    positions 0..pos (whole blocks each) instead of the whole cache, so every split has work at every position
+    past the first few blocks; `chunk` is then only the plan's upper bound."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -49,6 +52,8 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
     nsplit = tl.num_programs(1)
     pos = tl.load(pos_ptr).to(tl.int32)
     n_valid = pos + 1
+    if BALANCED:
+        chunk = tl.cdiv(tl.cdiv(n_valid, nsplit), BLOCK) * BLOCK
     start = sp * chunk
     end = tl.minimum(tl.minimum(start + chunk, n_valid), L)  # never past the cache
     rg = tl.arange(0, GP)
@@ -154,6 +159,15 @@ def target_programs() -> int:
     return int(raw)
 
 
+def balanced() -> bool:
+    """Whether the splits divide the filled positions at run time instead of the whole cache
+    (`LAROSA_ATTN_BALANCED` "1" / "0", default `BALANCED`; `decode_attn_split_kernel`'s BALANCED)."""
+    raw = os.environ.get("LAROSA_ATTN_BALANCED", "1" if BALANCED else "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"LAROSA_ATTN_BALANCED={raw!r}: use 1 or 0")
+    return raw == "1"
+
+
 def plan(batch: int, kv_heads: int, cache_len: int, programs: int | None = None) -> tuple[int, int]:
     """(splits, positions per split): about `programs` (default `target_programs()`) programs, chunks a
     multiple of BLOCK_L."""
@@ -187,7 +201,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     gp = max(16, triton.next_power_of_2(g))  # tl.dot needs 16 rows
     m, den, o = _workspace(b, kvh, nsplit, gp, hd, q.device)
     decode_attn_split_kernel[(b * kvh, nsplit)](q, k_cache, v_cache, pos, m, den, o, L, chunk, scale,
-                                                G=g, GP=gp, HD=hd, BLOCK=BLOCK_L, DOT_F32=_dot_f32(), num_warps=4)
+                                                G=g, GP=gp, HD=hd, BLOCK=BLOCK_L, DOT_F32=_dot_f32(),
+                                                BALANCED=balanced(), num_warps=4)
     return _combine(m, den, o, torch.empty_like(q), b, kvh, g, gp, hd, nsplit)
 
 
@@ -215,6 +230,6 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                 kv_off=kvh * g * hd, v_off=kvh * (g + 1) * hd, KVH=kvh,
                                                 COMBINE=combine, cnt_ptr=counters, out_ptr=out,
                                                 GR=triton.next_power_of_2(g), NSP=triton.next_power_of_2(nsplit),
-                                                num_warps=4, **({"PDL": True, "launch_pdl": True}
+                                                BALANCED=balanced(), num_warps=4, **({"PDL": True, "launch_pdl": True}
                                                                 if pdl and _use_pdl(qkv, None) else {}))
     return out if combine else _combine(m, den, o, out, b, kvh, g, gp, hd, nsplit)
