@@ -111,7 +111,7 @@ CASES = [
     # a long cache in block-sized splits (LAROSA_ATTN_PROGRAMS=4096 at 2176 positions: 34 splits)
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 64, "PDL": True}, 4),
-    # v24 (LAROSA_ATTN_BALANCED): the splits divide the filled positions at run time
+    # v24 (default, LAROSA_ATTN_BALANCED): the splits divide the filled positions at run time
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True, "BALANCED": True}, 4),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
