@@ -103,9 +103,10 @@ def test_decode_attention_any_split_count(monkeypatch, programs):
 @pytest.mark.parametrize("pos", [0, 63, 64, 300, 511, 699])
 def test_balanced_splits_divide_the_filled_positions(monkeypatch, pos):
     """LAROSA_ATTN_BALANCED=1 (v24): the splits divide positions 0..pos at run time instead of the cache. Same
-    attention as the reference, the cache written at pos by exactly one program (RoPE form), positions past pos
-    never read, the combine's counters left zeroed; a malformed value is refused."""
-    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", "16")  # 8 splits of 128 positions over a 700-position cache
+    attention as the reference, the new key and value written at pos as with the cache-wide splits (RoPE form),
+    positions past pos never read, the combine's counters left zeroed; a malformed value is refused."""
+    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", "16")  # 6 splits of at most 128 positions over a 700-position cache
+    assert ops.triton_attention.plan(1, 2, 700) == (6, 128)
     monkeypatch.setenv("LAROSA_ATTN_BALANCED", "1")
     assert ops.triton_attention.balanced() and ops.attention_balanced()
     q, kc, vc = _case(1, 2, 4, 64, 700, torch.bfloat16, seed=4)

@@ -1237,7 +1237,7 @@ def compact_store() -> str:
     return store
 
 
-GATHER_X = True  # v23: +1.1-1.6 % end to end (H200, `results/history/gather-x-v24`)
+GATHER_X = True  # default since v24: +1.1-1.6 % end to end (H200, `results/history/gather-x-v24`)
 
 
 def gather_x() -> bool:
