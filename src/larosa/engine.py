@@ -592,8 +592,8 @@ def _parse_sites(raw: str, name: str) -> tuple[int, ...]:
     try:
         sites = tuple(int(t) for t in raw.split(","))
     except ValueError:
-        sites = (-1,)
-    if not sites or not set(sites) <= {0, 1, 2, 3}:
+        sites = None
+    if sites is None or not set(sites) <= {0, 1, 2, 3}:
         raise LarosaError(f"{name}={raw!r}: use sites among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), e.g. 0,1,2, "
                           "or none")
     return sites
