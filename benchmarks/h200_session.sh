@@ -88,12 +88,14 @@
 #                                                # by the cache or by the filled length (LAROSA_ATTN_BALANCED) (~3 min)
 #   bash benchmarks/h200_session.sh earlyaddend  # v25: compiled tests, then LaRoSA and Top-K with the finishers' bias and
 #                                                # residual loaded beside the sums or after them (LAROSA_EARLY_ADDEND) (~4 min)
+#   bash benchmarks/h200_session.sh windowe2e    # v25: LaRoSA (the engine's own hint sites) with select windows WINDOWS
+#                                                # (default "5 6"), alternating, LLaMA2-7B twice (~1.5 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|earlyaddend ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|earlyaddend|windowe2e ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -308,6 +310,12 @@ for stage in "$@"; do
         LAROSA_HINT_SITES=$sites python3 -m larosa bench decode --shape $shape --methods larosa \
           --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/hint-down-$shape-${sites//,/}-$rep" 2>&1 \
           | grep -v "%|" | tee "$out/hint-down-$shape-${sites//,/}-$rep.log" || rc=1
+      done; done ;;
+    windowe2e)  # v25: the hinted selects' window (LAROSA_SELECT_WINDOW) at the engine's own hint sites
+      for rep in 1 2; do for win in ${WINDOWS:-5 6}; do
+        LAROSA_SELECT_WINDOW=$win python3 -m larosa bench decode --shape llama2-7b --methods larosa \
+          --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/window-llama2-7b-w$win-$rep" 2>&1 \
+          | grep -v "%|" | tee "$out/window-llama2-7b-w$win-$rep.log" || rc=1
       done; done ;;
     earlyaddend)  # v25: the finishers' bias / residual beside their sums (LAROSA_EARLY_ADDEND), alternating
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_early_addend.py \
