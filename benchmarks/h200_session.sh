@@ -86,8 +86,6 @@
 #                                                # LAROSA_HINT_SITES 0,1,2 / 0,1,2,3 (~3 min)
 #   bash benchmarks/h200_session.sh attnbalanced # v24: dense and LaRoSA at 2048 tokens, the attention's splits sized
 #                                                # by the cache or by the filled length (LAROSA_ATTN_BALANCED) (~3 min)
-#   bash benchmarks/h200_session.sh earlyaddend  # v25: compiled tests, then LaRoSA and Top-K with the finishers' bias and
-#                                                # residual loaded beside the sums or after them (LAROSA_EARLY_ADDEND) (~4 min)
 #   bash benchmarks/h200_session.sh windowe2e    # v25: LaRoSA (the engine's own hint sites) with select windows WINDOWS
 #                                                # (default "5 6"), alternating, LLaMA2-7B twice (~1.5 min)
 #
@@ -95,7 +93,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|earlyaddend|windowe2e ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -316,16 +314,6 @@ for stage in "$@"; do
         LAROSA_SELECT_WINDOW=$win python3 -m larosa bench decode --shape llama2-7b --methods larosa \
           --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/window-llama2-7b-w$win-$rep" 2>&1 \
           | grep -v "%|" | tee "$out/window-llama2-7b-w$win-$rep.log" || rc=1
-      done; done ;;
-    earlyaddend)  # v25: the finishers' bias / residual beside their sums (LAROSA_EARLY_ADDEND), alternating
-      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_early_addend.py \
-        > "$out/early-addend-tests.log" 2>&1 || rc=1
-      tail -n 1 "$out/early-addend-tests.log"
-      for run in llama2-7b:1 llama2-7b:2 llama3-8b:1; do for on in 0 1; do
-        shape=${run%:*}; rep=${run#*:}
-        LAROSA_EARLY_ADDEND=$on python3 -m larosa bench decode --shape $shape --methods larosa,topk \
-          --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/early-addend-$shape-$on-$rep" 2>&1 \
-          | grep -v "%|" | tee "$out/early-addend-$shape-$on-$rep.log" || rc=1
       done; done ;;
     attnbalanced)  # v24: the split attention's splits sized by the filled length (LAROSA_ATTN_BALANCED) at 2048 tokens
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_attention_kernel.py \

@@ -53,11 +53,6 @@ CASES = [
                             "PACK_X": True}, 2),
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
                             "HAS_RES": True, "PACK_X": True}, 2),
-    # v25 (default, LAROSA_EARLY_ADDEND): the finishers load bias and residual beside the sums
-    (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": True, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
-                            "HAS_RES": True, "PACK_X": True, "EARLY": True}, 2),
-    (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
-                           "HAS_RES": True, "EARLY": True}, 2),
     # v23: the L2 prefetch of the GEMV's likely rows riding in the selects (bulk prefetch by inline PTX; 3 also
     # records the guess, as the GPU tests do)
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 6, "PF": 1}, 4),

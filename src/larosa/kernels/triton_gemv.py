@@ -626,8 +626,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      m0=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
                      a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                      SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
-                     A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
-                     EARLY: tl.constexpr = False):
+                     A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
@@ -636,7 +635,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     SIDE (v18): the first m0 slices along grid axis 1 are the programs of a dense side GEMV (`_side_slice`),
     which start at once, while the GEMV's programs wait for their select (PDL). With PDL every program also
     lets the kernel after it launch at once (v20: a select launched as this one's dependent waits for it,
-    `WAIT`). EARLY (v25): the finisher loads the bias and residual with the sums (`_finish_block`)."""
+    `WAIT`)."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:  # SIDE is a constexpr: without it no branch is compiled
@@ -645,14 +644,14 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     else:
         _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
                         stride_x, stride_y, res_ptr, stride_r, MODE, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, X_LATE,
-                        HAS_RES, m0 if SIDE else 0, EARLY)
+                        HAS_RES, m0 if SIDE else 0)
 
 
 @triton.jit
 def _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
                     stride_x, stride_y, res_ptr, stride_r, MODE: tl.constexpr, GATED: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-                    X_LATE: tl.constexpr, HAS_RES: tl.constexpr, m0, EARLY: tl.constexpr = False):
+                    X_LATE: tl.constexpr, HAS_RES: tl.constexpr, m0):
     pid_n, row, rn, cmask, rm = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)
     valid = rm < d_in
     if PDL:
@@ -670,7 +669,7 @@ def _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr,
     keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
     xf = tl.where(keep, xv.to(tl.float32), 0.0)
     _tile_add_finish(rm, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn,
-                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, EARLY)
+                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
 
 
 @triton.jit
@@ -683,13 +682,12 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                       SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                       A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
-                      PACK_X: tl.constexpr = False, EARLY: tl.constexpr = False):
+                      PACK_X: tl.constexpr = False):
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
     the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE and PDL as there.
-    PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read. EARLY as in
-    `tile_gemv_kernel`."""
+    PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:
@@ -698,14 +696,13 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
                          stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
-                         m0 if SIDE else 0, PACK_X, EARLY)
+                         m0 if SIDE else 0, PACK_X)
 
 
 @triton.jit
 def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
                      res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr,
-                     EARLY: tl.constexpr = False):
+                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr):
     pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)  # j: places in the kept list
     jmask = j < k
     if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
@@ -717,7 +714,7 @@ def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     else:
         xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
-                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, EARLY)
+                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
 
 
 @triton.jit
@@ -748,7 +745,7 @@ def _tile_program(d_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, m0):
 @triton.jit
 def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_RES: tl.constexpr, m0, EARLY: tl.constexpr = False):
+                     HAS_RES: tl.constexpr, m0):
     """A tile program's body after it knows its input rows: load W^T[rows_in, rn] where kept (xf is 0
     elsewhere), add the fp32 partial sums into acc with atomics, and let the last program of the column
     block (counter; the block has num_programs(1) - m0 of them) finish it (`_finish_block`)."""
@@ -765,49 +762,29 @@ def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_
     if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - m0 - 1:
         tl.atomic_xchg(cnt_addr, 0)
         _finish_block(acc_row, bias_ptr, y_ptr + row * stride_y, rn, cmask, d_out, GATED, HAS_BIAS,
-                      res_ptr + row * stride_r, HAS_RES, EARLY)
+                      res_ptr + row * stride_r, HAS_RES)
 
 
 @triton.jit
 def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  res_row, HAS_RES: tl.constexpr, EARLY: tl.constexpr = False):
+                  res_row, HAS_RES: tl.constexpr):
     """y[rn] from the fp32 sums (silu(gate) * up when GATED, + bias, + residual), and the sums zeroed again.
 
     The barrier keeps every thread's read of the sums before any thread's zeroing store: the compiler may
     lay the loaded and the stored vectors out over different threads, and without it the compiled kernel
     (triton 3.6, H200) read zeros in the last, partially masked column group when a bias load sat in
     between (tests/test_kernels.py::test_bias_and_leading_shape, d_out = 37). An atomic exchange instead
-    was as correct but made the fused gate+up op 4-6 us slower.
-
-    EARLY (v25): the bias and residual are loaded beside the sums, before the barrier, so the finisher waits for
-    one L2 round trip instead of two (the barrier orders loads issued before it; later ones wait behind it). The
-    adds stay in the same order, so the result is the same."""
+    was as correct but made the fused gate+up op 4-6 us slower."""
     zero = tl.zeros(rn.shape, dtype=tl.float32)
     tot = tl.load(acc_row + rn, mask=cmask, other=0.0, cache_modifier=".cg")
     up = zero
     if GATED:
         up = tl.load(acc_row + d_out + rn, mask=cmask, other=0.0, cache_modifier=".cg")
-    if EARLY:
-        b = zero
-        r = zero
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + rn, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r = tl.load(res_row + rn, mask=cmask, other=0.0).to(tl.float32)
     tl.debug_barrier()
     tl.store(acc_row + rn, zero, mask=cmask)
     if GATED:
         tl.store(acc_row + d_out + rn, zero, mask=cmask)
-    if EARLY:
-        if GATED:
-            tot = tot * tl.sigmoid(tot) * up
-        if HAS_BIAS:
-            tot += b
-        if HAS_RES:
-            tot += r
-        tl.store(y_row + rn, tot.to(y_row.dtype.element_ty), mask=cmask)
-    else:
-        _epilogue_store(tot, up, bias_ptr, y_row, rn, cmask, GATED, HAS_BIAS, res_row, HAS_RES)
+    _epilogue_store(tot, up, bias_ptr, y_row, rn, cmask, GATED, HAS_BIAS, res_row, HAS_RES)
 
 
 def tile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
@@ -878,8 +855,7 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
-        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw,
-        **_early_kw(bias, residual))
+        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw)
 
 
 DECODE_SITES = ("qkv", "o", "gate_up", "down", "head")
@@ -980,8 +956,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
         residual.stride(0) if residual is not None else 0, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=1,
-        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}),
-        **_early_kw(bias, residual))
+        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}))
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
@@ -1263,7 +1238,6 @@ def compact_store() -> str:
 
 
 GATHER_X = True  # default since v24: +1.1-1.6 % end to end (H200, `results/history/gather-x-v24`)
-EARLY_ADDEND = True  # v25: the tile / gathered finishers load bias and residual beside the sums (`_finish_block`)
 
 
 def gather_x() -> bool:
@@ -1273,20 +1247,6 @@ def gather_x() -> bool:
     if raw not in ("0", "1"):
         raise ValueError(f"LAROSA_GATHER_X={raw!r}: use 1 or 0")
     return raw == "1"
-
-
-def early_addend() -> bool:
-    """Whether the tile and gathered GEMVs' finishers load the bias and residual beside their sums
-    (`LAROSA_EARLY_ADDEND` "1" / "0", default `EARLY_ADDEND`; `_finish_block`'s EARLY)."""
-    raw = os.environ.get("LAROSA_EARLY_ADDEND", "1" if EARLY_ADDEND else "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"LAROSA_EARLY_ADDEND={raw!r}: use 1 or 0")
-    return raw == "1"
-
-
-def _early_kw(bias, residual) -> dict:
-    """The EARLY constexpr of a tile / gathered GEMV launch: only where the finisher adds a bias or residual."""
-    return {"EARLY": True} if (bias is not None or residual is not None) and early_addend() else {}
 
 
 def _pack_kw(pack_x: bool, compact: bool) -> dict:
