@@ -87,7 +87,7 @@
 #   bash benchmarks/h200_session.sh attnbalanced # v24: dense and LaRoSA at 2048 tokens, the attention's splits sized
 #                                                # by the cache or by the filled length (LAROSA_ATTN_BALANCED) (~3 min)
 #   bash benchmarks/h200_session.sh windowe2e    # v25: LaRoSA (the engine's own hint sites) with select windows WINDOWS
-#                                                # (default "5 6"), alternating, LLaMA2-7B twice (~1.5 min)
+#                                                # (default "4 5"), alternating, LLaMA2-7B twice (~1.5 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
@@ -310,7 +310,7 @@ for stage in "$@"; do
           | grep -v "%|" | tee "$out/hint-down-$shape-${sites//,/}-$rep.log" || rc=1
       done; done ;;
     windowe2e)  # v25: the hinted selects' window (LAROSA_SELECT_WINDOW) at the engine's own hint sites
-      for rep in 1 2; do for win in ${WINDOWS:-5 6}; do
+      for rep in 1 2; do for win in ${WINDOWS:-4 5}; do
         LAROSA_SELECT_WINDOW=$win python3 -m larosa bench decode --shape llama2-7b --methods larosa \
           --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/window-llama2-7b-w$win-$rep" 2>&1 \
           | grep -v "%|" | tee "$out/window-llama2-7b-w$win-$rep.log" || rc=1

@@ -2,8 +2,8 @@
 
     python benchmarks/threshold_drift.py --out benchmarks/results/threshold-drift-cpu.json
 
-The hinted select (`triton_gemv.select(..., hint=)`) searches a window of 2^6 bf16 patterns around the
-previous token's threshold first; this measures how often the threshold leaves such a window. A random-
+The hinted select (`triton_gemv.select(..., hint=)`) searches a window of 2^HINT_WINDOW bf16 patterns (2^6 until
+v24, 2^5 since) around the previous token's threshold first; this measures how often the threshold leaves such a window. A random-
 weight model at the LLaMA2-7B width (fewer layers, small vocabulary), bf16 on the CPU, one prefill of
 random tokens, LaRoSA (adapters) and un-rotated Top-K at nominal p = 0.5: per (layer, site), the bit
 pattern of the k-th largest |x| at every position, and its change between consecutive positions.
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from larosa.engine import DecodeEngine  # noqa: E402
+from larosa.kernels.triton_gemv import HINT_WINDOW  # noqa: E402
 from larosa.shapes import Shape, random_base, sparse_variant  # noqa: E402
 
 SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -95,7 +96,7 @@ def main() -> None:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     base = random_base(shape, torch.bfloat16, dev if a.decode else "cpu", 0)
     prompt = torch.randint(0, shape.vocab, (1, a.tokens), device=base.device)
-    half = 32  # the window of HINT_WINDOW = 6: t in [h - 32, h + 32)
+    half = 1 << (HINT_WINDOW - 1)  # the hinted select's window: t in [h - half, h + half)
     if a.decode:
         kw = {"compile": False, "graphs": False, "overlap_adapters": False} if a.eager else {}
         rows = (decode_drift("topk", base, prompt, a.sparsity, half, a.decode, **kw)

@@ -1080,7 +1080,9 @@ SELECT_IMPLS = ("hist", "bisect", "bisect2", "packed")
 SELECT_IMPL = "packed"  # default select (v10: 13-25 % faster than "bisect" on the H200, benchmarks/NOTES.md)
 
 
-HINT_WINDOW = 6  # v13: windowed select around the previous token's threshold (2^6 patterns, 8 counts)
+# v13: windowed select around the previous token's threshold; v25: 2^5 patterns (2 + 5 counts), +0.2-0.4 % end to
+# end over v13's 2^6 for LaRoSA at p = 0.4 / 0.5 / 0.75 (H200, two alternations, `results/history/window-v25`)
+HINT_WINDOW = 5
 
 
 def select_window() -> int:
