@@ -98,6 +98,11 @@ out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)" >> "$out/gpu.txt"
+# the results so far, packed as one tarball beside $out (run at the end, and when the call is stopped early)
+pack() {
+  (cd "$(dirname "$out")" && tar czf results.tgz "$(basename "$out")" && rm -rf "$(basename "$out")")
+  echo "packed $(dirname "$out")/results.tgz"
+}
 rc=0
 # one benchmarks/decode_parts.py part, its JSON and log under $out/NAME.{json,log}
 parts() { python3 benchmarks/decode_parts.py --parts "$1" --out "$out/$2.json" 2>&1 | tee "$out/$2.log" || rc=1; }
@@ -128,6 +133,7 @@ prefetch_e2e() {
       | tee "$out/$1-$shape-mb$mb-$rep.log" || rc=1
   done; done
 }
+run_stages() {
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
@@ -389,6 +395,17 @@ for stage in "$@"; do
   esac
   echo "stage $stage: $(( $(date +%s) - start )) s" | tee -a "$out/stages.txt"
 done
-(cd "$(dirname "$out")" && tar czf results.tgz "$(basename "$out")" && rm -rf "$(basename "$out")")
-echo "packed $(dirname "$out")/results.tgz"
+exit $rc
+}
+# The stages run as a background job in a process group of their own, and this shell waits for it: a TERM (the
+# `timeout` around a device call) then interrupts the wait at once, stops the stage that is running and still packs
+# what the finished stages wrote (v25: a call cut by its timeout before the end used to return no tarball).
+set -m
+run_stages "$@" &
+job=$!
+trap 'echo "stopped: packing what the stages wrote so far" >&2; kill -TERM -- -"$job" 2>/dev/null; wait "$job"; \
+  echo "stopped early" >> "$out/stages.txt"; pack; exit 124' TERM INT
+wait "$job"
+rc=$?
+pack
 exit $rc
