@@ -3,9 +3,9 @@
     python benchmarks/threshold_drift.py --out benchmarks/results/threshold-drift-cpu.json
 
 The hinted select (`triton_gemv.select(..., hint=)`) searches a window of 2^HINT_WINDOW bf16 patterns (2^6 until
-v24, 2^5 since) around the previous token's threshold first; this measures how often the threshold leaves such a window. A random-
-weight model at the LLaMA2-7B width (fewer layers, small vocabulary), bf16 on the CPU, one prefill of
-random tokens, LaRoSA (adapters) and un-rotated Top-K at nominal p = 0.5: per (layer, site), the bit
+v24, 2^5 since) around the previous token's threshold first; this measures how often the threshold leaves
+such a window. A random-weight model at the LLaMA2-7B width (fewer layers, small vocabulary), bf16 on the CPU, one
+prefill of random tokens, LaRoSA (adapters) and un-rotated Top-K at nominal p = 0.5: per (layer, site), the bit
 pattern of the k-th largest |x| at every position, and its change between consecutive positions.
 """
 
