@@ -86,6 +86,9 @@
 #                                                # LAROSA_HINT_SITES 0,1,2 / 0,1,2,3 (~3 min)
 #   bash benchmarks/h200_session.sh attnbalanced # v24: dense and LaRoSA at 2048 tokens, the attention's splits sized
 #                                                # by the cache or by the filled length (LAROSA_ATTN_BALANCED) (~3 min)
+#   bash benchmarks/h200_session.sh gatherxwidth # v25, not run yet: LaRoSA and Top-K with x in every kept list or only in
+#                                                # the 4096-wide ones (LAROSA_GATHER_X=1 / 8192: the down select spills
+#                                                # 304 B with x, 24 B without) (~4 min)
 #   bash benchmarks/h200_session.sh windowe2e    # v25: LaRoSA (the engine's own hint sites) with select windows WINDOWS
 #                                                # (default "4 5"), alternating, LLaMA2-7B twice (~1.5 min)
 #
@@ -93,7 +96,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -314,6 +317,13 @@ for stage in "$@"; do
         LAROSA_HINT_SITES=$sites python3 -m larosa bench decode --shape $shape --methods larosa \
           --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/hint-down-$shape-${sites//,/}-$rep" 2>&1 \
           | grep -v "%|" | tee "$out/hint-down-$shape-${sites//,/}-$rep.log" || rc=1
+      done; done ;;
+    gatherxwidth)  # v25: x in every kept list, or only in rows up to 8192 wide (not the down select), alternating
+      for run in llama2-7b:1 llama2-7b:2 llama3-8b:1; do for gx in 1 8192; do
+        shape=${run%:*}; rep=${run#*:}
+        LAROSA_GATHER_X=$gx python3 -m larosa bench decode --shape $shape --methods larosa,topk \
+          --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/gather-x-width-$shape-$gx-$rep" 2>&1 \
+          | grep -v "%|" | tee "$out/gather-x-width-$shape-$gx-$rep.log" || rc=1
       done; done ;;
     windowe2e)  # v25: the hinted selects' window (LAROSA_SELECT_WINDOW) at the engine's own hint sites
       for rep in 1 2; do for win in ${WINDOWS:-4 5}; do

@@ -66,3 +66,34 @@ def test_gathered_gemv_reads_x_from_the_list(monkeypatch, gated):
     monkeypatch.setenv("LAROSA_GATHER_X", "yes")
     with pytest.raises(ValueError, match="LAROSA_GATHER_X"):
         triton_gemv.launch_gtile(x, wt, y, k)
+
+
+def test_gather_x_by_row_width(monkeypatch):
+    """LAROSA_GATHER_X=N (v25, A/B runs): only rows up to N wide carry x in their kept list; both kinds of row
+    still give the Top-K product (the stand-alone select and the norm + select paths, whose select and GEMV must
+    agree on the list's form)."""
+    torch.manual_seed(2)
+    monkeypatch.setenv("LAROSA_GATHER_X", "256")
+    assert triton_gemv.gather_x_setting() == 256 and ops.gather_x() == 256
+    assert triton_gemv.gather_x(256) and not triton_gemv.gather_x(257)
+    packed, real = [], triton_gemv.select
+    monkeypatch.setattr(triton_gemv, "select", lambda *a, **kw: (packed.append(kw["pack_x"]), real(*a, **kw))[1])
+    real_norm = triton_gemv.rmsnorm_select
+    monkeypatch.setattr(triton_gemv, "rmsnorm_select",
+                        lambda *a, **kw: (packed.append(kw["pack_x"]), real_norm(*a, **kw))[1])
+    d_out = 96
+    for d_in, k in ((200, 70), (384, 150)):
+        x = torch.randn(1, d_in).to(DEV, torch.bfloat16)
+        wt = (torch.randn(d_in, d_out) * 0.05).to(DEV, torch.bfloat16)
+        y = torch.empty(1, d_out, device=DEV, dtype=torch.bfloat16)
+        triton_gemv.launch_gtile(x, wt, y, k)
+        assert _rel(y, topk_gemv_ref(x, wt, k)) < 1e-2
+        res = torch.randn(1, d_in).to(DEV, torch.bfloat16)
+        norm_w = (torch.rand(d_in) + 0.5).to(DEV, torch.bfloat16)
+        _, got = ops.rmsnorm_topk(x, res, norm_w, 1e-5, wt, wt, k, impl="gtile")
+        assert _rel(got, rmsnorm_topk_ref(x, res, norm_w, 1e-5, wt, wt, k)[1]) < 1e-2
+    assert packed == [True, True, False, False]
+    for bad in ("yes", "-5", "1.5"):
+        monkeypatch.setenv("LAROSA_GATHER_X", bad)
+        with pytest.raises(ValueError, match="LAROSA_GATHER_X"):
+            triton_gemv.gather_x(100)

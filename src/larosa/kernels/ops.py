@@ -41,7 +41,7 @@ Triton cannot run use the PyTorch reference. Every path computes the same functi
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -77,9 +77,10 @@ def compact_store() -> Optional[str]:
     return triton_gemv.compact_store() if HAVE_TRITON else None
 
 
-def gather_x() -> Optional[bool]:
-    """Whether the gathered-rows path's kept lists carry x (`triton_gemv.gather_x`); None without Triton."""
-    return triton_gemv.gather_x() if HAVE_TRITON else None
+def gather_x() -> Optional[Union[bool, int]]:
+    """Whether the gathered-rows path's kept lists carry x, or up to which row width (`triton_gemv.gather_x_setting`);
+    None without Triton."""
+    return triton_gemv.gather_x_setting() if HAVE_TRITON else None
 
 
 def prefetch_mb(device: torch.device) -> float:
@@ -304,7 +305,8 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
         triton_gemv.check_side(side, x2.shape[0], x2)
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint, side=None if in_gemv else side,
-                                            compact=ri == "gtile", pack_x=ri == "gtile" and triton_gemv.gather_x(),
+                                            compact=ri == "gtile",
+                                            pack_x=ri == "gtile" and triton_gemv.gather_x(x2.shape[1]),
                                             prefetch=triton_prefetch.plan(x2, wt, wt_up, kk, hint))
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,

@@ -930,7 +930,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
                  hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None) -> None:
     """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
     kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows.
-    `pack_x` (None = `gather_x()`): the list carries x with each position; a given `sel` must then come from a
+    `pack_x` (None = `gather_x(d_in)`): the list carries x with each position; a given `sel` must then come from a
     select with `pack_x=True` too."""
     _check_residual(residual, y, wt2)
     rows, d_in = x.shape
@@ -942,7 +942,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     sel_pdl = _use_pdl(x, pdl)
     n0 = triton.cdiv(d_out, block_n)
     sel_side, m0, side_kw = _route_side(side, "gtile", sel is not None, rows, n0, x)
-    pack_x = gather_x() if pack_x is None else bool(pack_x)  # (compacting selects take rows < 2^15 wide)
+    pack_x = gather_x(d_in) if pack_x is None else bool(pack_x)  # (compacting selects take rows < 2^15 wide)
     if sel is None:
         sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=sel_side,
                      prefetch=plan_prefetch(x, wt, wt2, k, hint), pack_x=pack_x)
@@ -1242,13 +1242,24 @@ def compact_store() -> str:
 GATHER_X = True  # default since v24: +1.1-1.6 % end to end (H200, `results/history/gather-x-v24`)
 
 
-def gather_x() -> bool:
-    """Whether the compacting selects of the gathered-rows path store x with each kept position, so that the GEMV
-    reads both in one load (`LAROSA_GATHER_X` "1" / "0", default `GATHER_X`; `_packed_select`'s PACK_X)."""
+def gather_x_setting() -> bool | int:
+    """`LAROSA_GATHER_X`: "1" (True: every row's kept list carries x), "0" (False: none), or a width N (v25, for A/B
+    runs: only rows up to N wide, e.g. 8192 leaves out the 11008-14336-wide down selects, whose compacting select
+    spills 304 B of registers with x in its list and 24 B without, `results/kernel-resources-sm90.json`).
+    Default `GATHER_X`."""
     raw = os.environ.get("LAROSA_GATHER_X", "1" if GATHER_X else "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"LAROSA_GATHER_X={raw!r}: use 1 or 0")
-    return raw == "1"
+    if raw in ("0", "1"):
+        return raw == "1"
+    if not raw.isdigit():
+        raise ValueError(f"LAROSA_GATHER_X={raw!r}: use 1, 0, or a row width (only rows up to it carry x)")
+    return int(raw)
+
+
+def gather_x(d_in: int) -> bool:
+    """Whether the compacting select of a d_in-wide row stores x with each kept position, so that the gathered GEMV
+    reads both in one load (`gather_x_setting`; `_packed_select`'s PACK_X)."""
+    setting = gather_x_setting()
+    return setting if isinstance(setting, bool) else d_in <= setting
 
 
 def _pack_kw(pack_x: bool, compact: bool) -> dict:
