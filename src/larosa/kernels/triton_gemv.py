@@ -1245,7 +1245,7 @@ GATHER_X = True  # default since v24: +1.1-1.6 % end to end (H200, `results/hist
 def gather_x_setting() -> bool | int:
     """`LAROSA_GATHER_X`: "1" (True: every row's kept list carries x), "0" (False: none), or a width N (v25, for A/B
     runs: only rows up to N wide, e.g. 8192 leaves out the 11008-14336-wide down selects, whose compacting select
-    spills 304 B of registers with x in its list and 24 B without, `results/kernel-resources-sm90.json`).
+    spills 304 B of stack with x in its list and 24 B without, `results/kernel-resources-sm90.json`).
     Default `GATHER_X`."""
     raw = os.environ.get("LAROSA_GATHER_X", "1" if GATHER_X else "0")
     if raw in ("0", "1"):
