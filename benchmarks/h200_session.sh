@@ -89,6 +89,8 @@
 #   bash benchmarks/h200_session.sh gatherxwidth # v25, not run yet: LaRoSA and Top-K with x in every kept list or only in
 #                                                # the 4096-wide ones (LAROSA_GATHER_X=1 / 8192: the down select spills
 #                                                # 304 B with x, 24 B without) (~4 min)
+#   bash benchmarks/h200_session.sh gtilelowab   # v26: LaRoSA and Top-K at p = 0.25, masked rows (LAROSA_KERNEL_IMPL=tile)
+#                                                # vs the engine's choice (gathered since v26), alternating, both shapes (~2 min)
 #   bash benchmarks/h200_session.sh windowe2e    # v25: LaRoSA (the engine's own hint sites) with select windows WINDOWS
 #                                                # (default "4 5"), alternating, LLaMA2-7B twice (~1.5 min)
 #
@@ -96,7 +98,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -325,6 +327,11 @@ for stage in "$@"; do
           --sparsities 0.4,0.5,0.75 --gen-lens 128 --out "$out/gather-x-width-$shape-$gx-$rep" 2>&1 \
           | grep -v "%|" | tee "$out/gather-x-width-$shape-$gx-$rep.log" || rc=1
       done; done ;;
+    gtilelowab)  # v26: p = 0.25 with masked rows or the engine's own choice (gathered since v26), alternating
+      for rep in 1 2; do for impl in tile auto; do for shape in llama2-7b llama3-8b; do
+        LAROSA_KERNEL_IMPL=$impl python3 -m larosa bench decode --shape $shape --methods larosa,topk --sparsities 0.25 \
+          --gen-lens 128 --out "$out/low-$shape-$impl-$rep" 2>&1 | grep -v "%|" | tee "$out/low-$shape-$impl-$rep.log" || rc=1
+      done; done; done ;;
     windowe2e)  # v25: the hinted selects' window (LAROSA_SELECT_WINDOW) at the engine's own hint sites
       for rep in 1 2; do for win in ${WINDOWS:-4 5}; do
         LAROSA_SELECT_WINDOW=$win python3 -m larosa bench decode --shape llama2-7b --methods larosa \

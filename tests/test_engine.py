@@ -204,10 +204,10 @@ def test_overlapped_adapter_step_matches_plain_step(mode):
         DecodeEngine(w, max_len=16, adapter_split=1.5)
 
 
-def _larosa_tiny(seed=7, level="layer"):
+def _larosa_tiny(seed=7, level="layer", p=0.5):
     model = tiny_model("llama", seed=seed)
     rot = calibrate(model, torch.randint(0, model.config.vocab_size, (4, 24)), progress=False)
-    return model, apply(copy.deepcopy(model), LarosaConfig("fused", level, SparsityPlan.from_nominal(0.5)), rot)
+    return model, apply(copy.deepcopy(model), LarosaConfig("fused", level, SparsityPlan.from_nominal(p)), rot)
 
 
 FUSIONS = [{"fuse_norm_select": True}, {"fuse_residual": True}, {"fuse_norm_select": True, "fuse_residual": True}]
@@ -377,6 +377,20 @@ def test_kernel_choice_by_kept_share_reaches_every_topk_launch(monkeypatch):
         logits[kernel] = e.logits.float()
     cos = torch.nn.functional.cosine_similarity(logits["tile"], logits["gtile"], dim=-1).item()
     assert cos > 0.999, cos
+
+
+@pytest.mark.parametrize("p,kernel", [(0.25, "gtile"), (0.75, "gtile"), (0.1, "tile")])
+def test_default_kernel_by_sparsity(p, kernel, monkeypatch):
+    """The measured choice (v26): gathered rows from nominal p = 0.25 up (kept share ~0.77 <= 0.8), the masked
+    kernel below the measured range (p = 0.1 keeps ~0.9 of the Top-K weight bytes)."""
+    from larosa import engine as eng_mod
+
+    monkeypatch.delenv("LAROSA_KERNEL_IMPL", raising=False)
+    _, fused = _larosa_tiny(seed=3, p=p)
+    w = from_hf(fused).to(dtype=torch.bfloat16)
+    share = eng_mod.kept_share(w)
+    assert (share <= eng_mod.GTILE_MODEL_MAX_KEEP) == (kernel == "gtile")
+    assert eng_mod.topk_kernel(w) == kernel
 
 
 @pytest.mark.parametrize("sites", [(0, 1), (3,)])
