@@ -123,6 +123,30 @@ def test_bench_decode_argument_errors():
         bench_decode(shape="gpt5", progress=False, device="cpu")
     with pytest.raises(LarosaError, match="unknown method"):
         bench_decode(shape="tiny", methods=("cats",), progress=False, device="cpu")
+    # refused before any model is built
+    for kw, msg in (({"dtype": "int8"}, "unknown dtype"), ({"gen_lens": (1,)}, "generation lengths"),
+                    ({"gen_lens": ()}, "generation lengths"), ({"prompt_len": 0}, "prompt length"),
+                    ({"batch": 0}, "batch"), ({"sparsities": (0.5, 1.0)}, r"\[0, 1\)")):
+        with pytest.raises(LarosaError, match=msg):
+            bench_decode(shape="tiny", progress=False, device="cpu", **kw)
+
+
+def test_bench_decode_batch2_roofline_per_token_and_plot(tmp_path, monkeypatch):
+    """At batch 2 one step reads the weights once and yields two tokens: the dense roofline in tok/s is twice
+    bandwidth / bytes per step. The byte-model limit is not claimed there (the rows' kept sets differ) and the
+    plot skips it. Dense rows never name a Top-K kernel, even with LAROSA_KERNEL_IMPL set."""
+    monkeypatch.setenv("LAROSA_KERNEL_IMPL", "tile")
+    monkeypatch.setattr("larosa.bench.copy_bandwidth", lambda dev: 1e11)  # the CPU's is not measured (NaN)
+    res = bench_decode(shape="tiny", methods=("dense", "larosa"), sparsities=(0.5,), prompt_len=4, gen_lens=(4,),
+                       batch=2, dtype="float32", device="cpu", out=tmp_path, progress=False)
+    dense, lar = res["record"]["rows"]
+    setup = res["setup"]
+    assert setup["dense_roofline_tok_s"] == pytest.approx(2 * 1e11 / dense["bytes_per_token"]["total"])
+    assert dense["achieved_GBps"] == pytest.approx(dense["bytes_per_token"]["total"] * dense["tok_s"] / 2 / 1e9)
+    assert dense["bytes_per_token"]["kv"] == 2 * dense["kv_positions_read"] * 4 * 2 * SHAPES["tiny"].layers * \
+        SHAPES["tiny"].kv_heads * SHAPES["tiny"].head_dim
+    assert lar["byte_model_limit"] is None and (tmp_path / "decode.png").stat().st_size > 0
+    assert dense["kernel"] is None and lar["kernel"] == "tile"
 
 
 def test_kv_positions_read_follows_the_attention_impl(monkeypatch):

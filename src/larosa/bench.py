@@ -16,6 +16,7 @@ import os
 import statistics
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 from tqdm.auto import tqdm
@@ -105,7 +106,7 @@ def kv_positions_read(prompt_len: int, gen_len: int, max_len: int) -> int:
     return round(prompt_len + gen_len / 2)
 
 
-FUSIONS = {"norm": "fuse_norm_select", "residual": "fuse_residual"}
+FUSIONS = MappingProxyType({"norm": "fuse_norm_select", "residual": "fuse_residual"})  # CLI name -> engine keyword
 
 
 def fusion_kwargs(fuse) -> dict:
@@ -188,6 +189,22 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     return out
 
 
+BENCH_DTYPES = MappingProxyType({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32})
+
+
+def _check_bench_args(sparsities, prompt_len: int, gen_lens, batch: int, dtype: str) -> None:
+    """Refuse bad benchmark arguments before any model is built (a bad one would fail minutes in)."""
+    if dtype not in BENCH_DTYPES:
+        raise LarosaError(f"unknown dtype {dtype!r}; choose from {', '.join(BENCH_DTYPES)}")
+    if prompt_len < 1 or batch < 1:
+        raise LarosaError(f"prompt length and batch must be >= 1, got {prompt_len} and {batch}")
+    if not gen_lens or any(g < 2 for g in gen_lens):
+        raise LarosaError(f"generation lengths must be >= 2 (the first token comes from the prefill, the rest "
+                          f"are the timed steps), got {list(gen_lens)}")
+    bad = [s for s in sparsities if not 0 <= s < 1]
+    if bad:
+        raise LarosaError(f"sparsities must lie in [0, 1), got {bad}")
+
 def bench_decode(shape: str | None = None, model: str | None = None, methods=("dense", "larosa", "teal"),
                  sparsities=(0.25, 0.4, 0.5, 0.75), prompt_len: int = 128, gen_lens=(128,), batch: int = 1,
                  dtype: str = "bfloat16", device: str = "auto", out: str | Path | None = None, seed: int = 0,
@@ -199,6 +216,7 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
 
     if (shape is None) == (model is None):
         raise LarosaError("give exactly one of --shape or --model")
+    _check_bench_args(sparsities, prompt_len, gen_lens, batch, dtype)
     if isinstance(fuse, str):
         fuse = parse_fuse(fuse)
     engine_kw = fusion_kwargs(fuse)
@@ -207,7 +225,7 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
             raise LarosaError(f"unknown method {m!r}; choose from {', '.join(BENCH_METHODS)}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
-    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    dt = BENCH_DTYPES[dtype]
     bw = copy_bandwidth(dev)
     gen = torch.Generator().manual_seed(seed)
     if shape is not None:
@@ -234,6 +252,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
             else:
                 w = variant(m, s, None)
             r = _measure(w, prompt, gen_len, bw, **engine_kw)
+            if m == "dense":
+                r["kernel"] = None  # no Top-K GEMV ran, whatever LAROSA_KERNEL_IMPL says
             r.update({"method": m, "nominal": s, "param_weighted": param_weighted(w) if m != "teal" else pw,
                       "gen_len": gen_len, "prompt_len": prompt_len, "batch": batch})
             if m == "dense":
@@ -269,7 +289,8 @@ def bench_decode(shape: str | None = None, model: str | None = None, methods=("d
              "kernel_impl": _kernel_impl(),
              "fuse": raw[0]["fuse"]}
     dense_bytes = dense_by_len[gen_lens[0]]["bytes_per_token"]["total"]
-    setup["dense_roofline_tok_s"] = bw / dense_bytes if bw == bw else None
+    # bytes_per_token is what one decode step reads (weights once, KV per row): a step yields `batch` tokens
+    setup["dense_roofline_tok_s"] = bw / dense_bytes * batch if bw == bw else None
     table = markdown_table(rows)
     record = run_record("bench-decode", setup, rows=raw)
     if out is not None:
@@ -347,7 +368,7 @@ def plot(raw: list[dict], path: Path, setup: dict):
         if pts:
             ax.plot(*zip(*pts), "o-", label=m)
     lim = sorted((r["param_weighted"], dense["tok_s"] * r["byte_model_limit"]) for r in raw
-                 if r["method"] == "larosa" and r["gen_len"] == gen)
+                 if r["method"] == "larosa" and r["gen_len"] == gen and r["byte_model_limit"])
     if lim:
         ax.plot(*zip(*lim), "x:", color="C0", alpha=0.6, label="larosa byte-model limit")
     ax.set_xlabel("parameter-weighted sparsity")
