@@ -142,6 +142,39 @@ def test_engine_refuses_what_it_cannot_run():
         eng.generate(torch.ones(1, 6, dtype=torch.long), 4)
     with pytest.raises(LarosaError, match="CUDA graphs"):
         DecodeEngine(from_hf(model), max_len=8, graphs=True)
+    ids = torch.ones(1, 3, dtype=torch.long)
+    for kw, msg in (({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+                    ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"chunk": 0}, "chunk")):
+        with pytest.raises(LarosaError, match=msg):
+            eng.generate(ids, 2, **kw)
+    for bad, msg in ((torch.ones(3, dtype=torch.long), "batch, T"), (torch.ones(1, 0, dtype=torch.long), "T >= 1"),
+                     (torch.ones(1, 3), "integer token ids")):
+        with pytest.raises(LarosaError, match=msg):
+            eng.generate(bad, 2)
+    # step() by hand: the prompt fills positions 0..5, each step writes out[:, pos + 1]; the cache holds 8
+    eng.prefill(torch.ones(1, 6, dtype=torch.long))
+    with pytest.raises(LarosaError, match="top_k"):
+        eng.step(top_k=-3)
+    eng.step()  # decodes position 6, writes out[:, 7]
+    with pytest.raises(LarosaError, match="cache is full"):
+        eng.step()
+    assert int(eng.pos) == 7  # the refused steps changed nothing
+
+
+def test_env_flags_are_checked(monkeypatch):
+    model = tiny_model("llama", seed=0)
+    monkeypatch.setenv("LAROSA_SPEC", "yes")
+    with pytest.raises(LarosaError, match="LAROSA_SPEC"):
+        DecodeEngine(from_hf(model), max_len=8)
+    monkeypatch.delenv("LAROSA_SPEC")
+    monkeypatch.setenv("LAROSA_DENSE_HEAD", "true")
+    with pytest.raises(LarosaError, match="LAROSA_DENSE_HEAD"):
+        DecodeEngine(from_hf(model), max_len=8)
+    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "two")
+    with pytest.raises(ValueError, match="LAROSA_KERNEL_MAX_ROWS"):
+        _ops.max_kernel_rows()
+    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "3")
+    assert _ops.max_kernel_rows() == 3
 
 
 def test_model_weights_nbytes_counts_every_tensor_once_per_holder():

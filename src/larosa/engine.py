@@ -17,8 +17,9 @@ On CUDA the per-layer function is compiled with `torch.compile` (one graph reuse
 the same static signature) and the whole decode step (embedding, layers, head, sampling, cache write,
 position update) is captured in one CUDA graph: generating n tokens is n graph replays, no host sync
 per token. The decode position's attention is `larosa::decode_attention` (reads only the filled cache
-positions), and each residual adapter GEMV runs in extra programs of its layer's down-projection select
-launch, on the SMs the select leaves idle (`mlp_block_side`; or on a side stream, or in order:
+positions), and each residual adapter GEMV runs in extra programs of a launch of its layer's MLP half (the
+gate/up or down GEMV launch with the tile and gathered kernels, `triton_gemv.side_in`, else the select
+launch), on the SMs that launch leaves idle (`mlp_block_side`; or on a side stream, or in order:
 `DecodeEngine(overlap_adapters=...)`). On the CPU everything runs eagerly (tests); the custom ops fall
 back to their PyTorch references there, so the CPU path is the plain-PyTorch reference of the GPU path.
 """
@@ -26,7 +27,6 @@ back to their PyTorch references there, so the CPU path is the plain-PyTorch ref
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass, field, replace
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -39,8 +39,6 @@ from .arch import decoder_layers, get_submodule, layer_body, spec_for
 from .errors import LarosaError
 from .kernels import ops as _ops  # noqa: F401  (registers torch.ops.larosa.*)
 from .kernels.reference import rmsnorm_ref, rotate_half
-
-MODES = ("dense", "topk", "threshold")
 
 
 class Site(NamedTuple):
@@ -658,6 +656,20 @@ class GenerationResult:
     step_ms: list[float]  # per decode step (CUDA events on the GPU, wall clock on the CPU)
 
 
+
+def _env_flag(name: str, default: bool) -> bool:
+    """An A/B switch from the environment: unset = `default`, "1" = on, "0" = off, anything else an error."""
+    raw = os.environ.get(name, "").strip()
+    if raw not in ("", "0", "1"):
+        raise LarosaError(f"{name}={raw!r}: use 1 (on) or 0 (off)")
+    return default if raw == "" else raw == "1"
+
+def _check_sampling(temperature: float, top_k: int) -> None:
+    if not temperature >= 0:  # also NaN
+        raise LarosaError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise LarosaError(f"top_k must be an int >= 0 (0 = no cut), got {top_k!r}")
+
 class DecodeEngine:
     """Static-cache decoder for `ModelWeights`: `prefill`, then `step` one token at a time.
 
@@ -737,7 +749,7 @@ class DecodeEngine:
             raise LarosaError("CUDA graphs need a CUDA device")
         self.adapter_mode = _adapter_mode(overlap_adapters, any(st.adapter for st in weights.statics), self.graphs)
         if spec is None:
-            spec = os.environ.get("LAROSA_SPEC", "1" if SPEC_DEFAULT else "0") == "1"
+            spec = _env_flag("LAROSA_SPEC", SPEC_DEFAULT)
         self.spec = bool(spec) and _ops.HAVE_TRITON and any(st.attn_out.mode == "topk" for st in weights.statics)
         self.select_hints = True if select_hints is None else bool(select_hints)
         self.prefetch_mb = _ops.prefetch_mb(weights.device) if self.select_hints else 0.0
@@ -768,7 +780,7 @@ class DecodeEngine:
         # LLaMA2-7B, results/history/decode-v20a-*, chains-h200.json) it cost 11-13 tok/s at p = 0.5 (not
         # understood: the kernel alone takes cuBLAS's 66 us), while un-rotated Top-K and TEAL gained
         if dense_head is None and os.environ.get("LAROSA_DENSE_HEAD"):
-            dense_head = os.environ["LAROSA_DENSE_HEAD"] == "1"
+            dense_head = _env_flag("LAROSA_DENSE_HEAD", False)
         self.dense_head = (self.dense_kernel and self.adapter_mode == "inline") if dense_head is None \
             else bool(dense_head)
         self.device = weights.device
@@ -824,6 +836,7 @@ class DecodeEngine:
         # decode-step state (static buffers, so a captured graph can read and update them)
         self.tok = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._next_pos = 0
         self.out = torch.zeros(self.batch, self.max_len, dtype=torch.long, device=self.device)
         self.logits_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self.logits = torch.zeros(self.batch, weights.head.shape[0], dtype=self.logits_dtype, device=self.device)
@@ -921,6 +934,7 @@ class DecodeEngine:
         logits = self._forward(ids, self.positions[: ids.shape[1]], decoder_layer,
                                dense=bool(self.w.meta.get("dense_prefill")), probe=probe)
         self.pos.fill_(ids.shape[1])
+        self._next_pos = ids.shape[1]  # host copy of `pos`: bounds-checks `step` without a device sync
         self.out[:, : ids.shape[1]] = ids
         return logits
 
@@ -972,6 +986,12 @@ class DecodeEngine:
 
     @torch.no_grad()
     def step(self, temperature: float = 0.0, top_k: int = 0) -> None:
+        """Decode one token (the one in `tok`, at `pos`); writes the next token into `out` and advances `pos`.
+        The step writes `out[:, pos + 1]`, so it refuses to run once that would pass `max_len`."""
+        if self._next_pos + 1 >= self.max_len:
+            raise LarosaError(f"the KV cache is full: position {self._next_pos} + 1 would pass max_len={self.max_len}")
+        _check_sampling(temperature, top_k)
+        self._next_pos += 1
         if self.graphs:
             self._capture(temperature, top_k)
             self._graph.replay()
@@ -993,6 +1013,13 @@ class DecodeEngine:
 
         if max_new_tokens < 1:
             raise LarosaError("max_new_tokens must be >= 1")
+        if ids.dim() != 2 or ids.shape[1] < 1:
+            raise LarosaError(f"ids must be (batch, T) with T >= 1, got shape {tuple(ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise LarosaError(f"ids must be integer token ids, got {ids.dtype}")
+        _check_sampling(temperature, top_k)
+        if chunk < 1:
+            raise LarosaError(f"chunk must be >= 1, got {chunk}")
         t = ids.shape[1]
         if t + max_new_tokens > self.max_len:
             raise LarosaError(f"prompt ({t}) + new tokens ({max_new_tokens}) exceed max_len={self.max_len}")
@@ -1038,12 +1065,3 @@ class DecodeEngine:
             torch.cuda.synchronize()
             step_ms = [a.elapsed_time(b) for a, b in events]
         return GenerationResult(self.out[:, t:t + n].cpu().clone(), prefill_s, step_ms)
-
-
-def engine_for(model: nn.Module, max_len: int, batch: int = 1, **kw) -> DecodeEngine:
-    """An engine over an HF model's weights (shared storage where the layout already matches)."""
-    return DecodeEngine(from_hf(model), max_len, batch, **kw)
-
-
-def roofline_tok_s(bytes_per_token: float, bandwidth: float) -> float:
-    return bandwidth / bytes_per_token if bytes_per_token else math.inf

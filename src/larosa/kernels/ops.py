@@ -50,11 +50,11 @@ from . import reference as ref
 try:
     import triton  # noqa: F401
 
-    from . import triton_attention, triton_dense, triton_gemv, triton_prefetch, triton_spec
-
     HAVE_TRITON = True
-except Exception:  # pragma: no cover - triton missing or broken
+except Exception:  # pragma: no cover - triton missing or broken (a broken install can raise more than ImportError)
     HAVE_TRITON = False
+if HAVE_TRITON:  # our own kernel modules: an error in them must surface, not turn the kernels off
+    from . import triton_attention, triton_dense, triton_gemv, triton_prefetch, triton_spec
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 KERNEL_IMPLS = triton_gemv.IMPLS if HAVE_TRITON else ()  # without Triton no kernel runs: `impl` is not checked
@@ -100,7 +100,12 @@ def dense_tiles() -> Optional[dict]:
 
 
 def max_kernel_rows() -> int:
-    return int(os.environ.get("LAROSA_KERNEL_MAX_ROWS", _DEFAULT_MAX_ROWS))
+    """Rows up to which the Top-K GEMV kernels run (more rows: exact selection + one dense matmul);
+    `LAROSA_KERNEL_MAX_ROWS` (an integer >= 0) overrides the measured default."""
+    raw = os.environ.get("LAROSA_KERNEL_MAX_ROWS", str(_DEFAULT_MAX_ROWS))
+    if not raw.strip().isdigit():
+        raise ValueError(f"LAROSA_KERNEL_MAX_ROWS={raw!r}: use an integer >= 0")
+    return int(raw)
 
 
 def _use_kernel(x: torch.Tensor, rows: int) -> bool:
