@@ -13,6 +13,8 @@
 #   bash benchmarks/h200_session.sh profile      # per-kernel CUDA time of a step, LLaMA2-7B, p = 0.5 (~1 min)
 #   bash benchmarks/h200_session.sh profile3     # the same profile for dense, LaRoSA and un-rotated Top-K at p = 0.5
 #                                                # and 0.75 (Top-K has no adapters: the difference is theirs) (~1.5 min)
+#   bash benchmarks/h200_session.sh profile4     # v27: the same at p = 0.5 with TEAL too (its thresholds at LaRoSA's
+#                                                # parameter-weighted sparsity, as in the tables) (~1.5 min)
 #   bash benchmarks/h200_session.sh selectsteps  # select time vs bisection steps (~1 min)
 #   bash benchmarks/h200_session.sh window       # hinted select window on/off A/B, end to end (~1 min)
 #   bash benchmarks/h200_session.sh hinttests    # compiled hinted-select kernel tests + engine GPU tests (~2 min)
@@ -98,7 +100,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -160,6 +162,9 @@ for stage in "$@"; do
         python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity $sp --methods dense,larosa,topk \
           --out "$out/profile3-llama2-7b-p$sp.json" 2>&1 | tee "$out/profile3-llama2-7b-p$sp.log" || rc=1
       done ;;
+    profile4)
+      python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --methods dense,larosa,topk,teal \
+        --out "$out/profile4-llama2-7b-p0.5.json" 2>&1 | tee "$out/profile4-llama2-7b-p0.5.log" || rc=1 ;;
     selectsteps)
       python3 benchmarks/select_bench.py --steps 15,12,8,4,0 --out "$out/select-steps-h200.json" \
         2>&1 | tee "$out/select-steps-h200.log" || rc=1 ;;

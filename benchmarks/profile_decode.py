@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from larosa.engine import DEFAULT_ADAPTERS, DecodeEngine  # noqa: E402
-from larosa.shapes import random_base, sparse_variant  # noqa: E402
+from larosa.bench import _plan_pw  # noqa: E402
+from larosa.shapes import random_base, sparse_variant, teal_thresholds  # noqa: E402
 
 KINDS = [("select", "select"), ("sparse GEMV", "sparse_gemv|tile_gemv|spec_gemv"), ("dense GEMV (ours)", "dense_gemv"), ("attention", "attention|attn|flash|fmha|sdpa|softmax"),
          ("cuBLAS GEMV/GEMM", "gemv|gemm|cublas|sm90_xmma|nvjet|cutlass"), ("fused elementwise (inductor)", "triton_"),
@@ -70,7 +71,8 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--out", default="benchmarks/results/profile-decode.json")
     ap.add_argument("--methods", default="dense,larosa", help="comma list of dense, larosa, topk (un-rotated Top-K, "
-                    "no adapters: the difference to larosa is what the adapters cost)")
+                    "no adapters: the difference to larosa is what the adapters cost), teal (thresholds at LaRoSA's "
+                    "parameter-weighted sparsity, as in `larosa bench decode`)")
     ap.add_argument("--hints-ab", action="store_true", help="instead: LaRoSA with the select hints at no site, at "
                     "the norm + select sites (q/k/v, gate/up) and at all four, and un-rotated Top-K at none and all "
                     "four: the select kernels' time per step")
@@ -92,9 +94,9 @@ def main() -> None:
                    "'stream' = on a side stream), their time counted in full; kernels that overlap (PDL) "
                    "are each counted in full"}
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = sorted(set(methods) - {"dense", "larosa", "topk"})
+    bad = sorted(set(methods) - {"dense", "larosa", "topk", "teal"})
     if bad:
-        ap.error(f"unknown methods {bad}: choose among dense, larosa, topk")
+        ap.error(f"unknown methods {bad}: choose among dense, larosa, topk, teal")
     if args.dense_kernel_ab:
         methods = [f"{m}{tag}" for m in methods for tag in ("", "+cuBLAS")]
     if args.dense_head_ab:
@@ -103,7 +105,14 @@ def main() -> None:
         name = m.removesuffix("+cuBLAS").removesuffix("+dense head")
         kw = {"dense_kernel": False} if m.endswith("+cuBLAS") else {"dense_head": True} if m.endswith("+dense head") \
             else {}
-        res[m] = profile(base if name == "dense" else sparse_variant(base, name, args.sparsity), prompt, **kw)
+        if name == "teal":  # the same parameter-weighted sparsity as LaRoSA's plan at nominal p (bench decode)
+            pw = _plan_pw(base, args.sparsity, (0.8, 1.2))
+            w = sparse_variant(base, "teal", pw, (0.8, 1.2), thresholds=teal_thresholds(base, pw, prompt))
+            res["teal_param_weighted"] = pw
+        else:
+            w = base if name == "dense" else sparse_variant(base, name, args.sparsity)
+        res[m] = profile(w, prompt, **kw)
+        del w
     for m in methods:
         print(f"## {m}: {res[m]['total_us_per_step']:.0f} us of kernels per step")
         for k, v in sorted(res[m]["us_per_step_by_kind"].items(), key=lambda kv: -kv[1]):
