@@ -535,12 +535,22 @@ def head_cause_rows(shape: str, gen_len: int, repeats: int = 1, hints_off: bool 
     return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
 
 
+def head_pdl_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v27: is the head in `dense_linear` slow for LaRoSA (-9 % at p = 0.5 with hints, `head_hints`) because of
+    programmatic dependent launch? The same switch with PDL on (default) and off everywhere (`LAROSA_KERNEL_PDL=0`:
+    no kernel launches early), LaRoSA p = 0.5, alternating."""
+    variants = [(f"dense_head={h} pdl={'off' if env else 'on'}", env, {"dense_head": h})
+                for env in (None, {"LAROSA_KERNEL_PDL": "0"}) for h in (False, True)]
+    return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
+
+
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
             "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows,
             "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows, "dense_head": dense_head_rows,
-            "head_cause": head_cause_rows, "head_hints": functools.partial(head_cause_rows, hints_off=True)}
+            "head_cause": head_cause_rows, "head_hints": functools.partial(head_cause_rows, hints_off=True),
+            "head_pdl": head_pdl_rows}
 
 
 def main() -> None:

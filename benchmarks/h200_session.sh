@@ -38,6 +38,8 @@
 #                                                # all four sites (~1 min)
 #   bash benchmarks/h200_session.sh headhints    # v21: the same with the select hints off, distinct tokens counted
 #                                                # (~1 min)
+#   bash benchmarks/h200_session.sh headpdl      # v27: LaRoSA's head in dense_linear or cuBLAS, with PDL on / off
+#                                                # everywhere (LAROSA_KERNEL_PDL=0), alternating twice (~1.5 min)
 #   bash benchmarks/h200_session.sh headprofile  # v21: kernel profile of LaRoSA and Top-K with / without the dense head
 #                                                # (~1 min)
 #   bash benchmarks/h200_session.sh spec         # v22: the speculative GEMV (o and down): GPU tests, per-op A/B with a
@@ -100,7 +102,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|headpdl|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -271,6 +273,8 @@ for stage in "$@"; do
       parts head_cause head-cause-h200 ;;
     headhints)
       parts head_hints head-hints-h200 ;;
+    headpdl)
+      parts head_pdl head-pdl-h200 ;;
     headprofile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --methods larosa,topk --dense-head-ab \
         --out "$out/profile-dense-head-llama2-7b.json" 2>&1 | tee "$out/profile-dense-head-llama2-7b.log" || rc=1 ;;
