@@ -961,9 +961,9 @@ class DecodeEngine:
         self.out.index_copy_(1, self.pos + 1, nxt)
         self.pos.add_(1)
 
-    def _capture(self, temperature: float, top_k: int) -> None:
+    def _capture(self, temperature: float, top_k: int, debug_path: Optional[str] = None) -> None:
         key = (temperature, top_k)
-        if self._graph is not None and self._graph_key == key:
+        if self._graph is not None and self._graph_key == key and debug_path is None:
             return
         saved = (self.tok.clone(), self.pos.clone(), self.out.clone(), [c.clone() for c in self.k_cache],
                  [c.clone() for c in self.v_cache])
@@ -975,14 +975,28 @@ class DecodeEngine:
                 self._step_body(temperature, top_k)
         torch.cuda.current_stream().wait_stream(s)
         g = torch.cuda.CUDAGraph()
+        if debug_path is not None:
+            g.enable_debug_mode()
         with torch.cuda.graph(g, stream=s):
             self._step_body(temperature, top_k)
+        if debug_path is not None:
+            g.debug_dump(debug_path)
         self._graph, self._graph_key = g, key
         self.tok.copy_(saved[0])
         self.pos.copy_(saved[1])
         self.out.copy_(saved[2])
         for c, v in zip(self.k_cache + self.v_cache, saved[3] + saved[4]):
             c.copy_(v)
+
+    @torch.no_grad()
+    def dump_graph(self, path: str, temperature: float = 0.0, top_k: int = 0) -> str:
+        """Capture the decode step again and write its CUDA graph as Graphviz dot (CUDA's own debug dump:
+        kernel nodes with their launch parameters, and the edges between them) to `path`."""
+        if not self.graphs:
+            raise LarosaError("dump_graph needs the CUDA-graph engine (graphs=True on a CUDA device)")
+        _check_sampling(temperature, top_k)
+        self._capture(temperature, top_k, debug_path=str(path))
+        return str(path)
 
     @torch.no_grad()
     def step(self, temperature: float = 0.0, top_k: int = 0) -> None:
