@@ -35,7 +35,7 @@ def summarize(dot: str) -> dict:
         if m:
             edges += 1
             attrs[m.group(3).strip().rstrip(";") or "(plain)"] += 1
-    kernels = collections.Counter(re.findall(r"\\<(?:void )?([A-Za-z_][\w:]*?)(?:<|\()", dot))
+    kernels = collections.Counter(re.findall(r"\b([A-Za-z_]\w*_kernel\w*|nvjet\w*|splitKreduce\w*)", dot))
     low = dot.lower()
     return {"edges": edges, "edge_attributes": attrs.most_common(12),
             "mentions": {w: low.count(w) for w in ("programmatic", "launch_completion", "port", "pdl")},

@@ -173,8 +173,11 @@ def test_compare_runs_the_variant_methods(tmp_path, monkeypatch):
     for m in methods.split(","):
         cell = json.loads((out / "cells" / f"{m}-0.300.json").read_text())
         assert cell["ppl"] > 0 and cell["held_out"]["sequences"] == 2
-        # every variant lands on the target parameter-weighted sparsity (TEAL: on calibration data)
-        tol = 0.02 if m != "teal-greedy" else 0.2
+        # every variant lands on the target parameter-weighted sparsity. TEAL's thresholds are fitted on
+        # calibration data, so on the eval window it only lands near it: here 0.3028 (off by 0.0028, and
+        # deterministic); other tiny configs/targets gave |off| <= 0.012. 0.03 leaves ~10x margin here but
+        # still catches a plan or threshold that misses the target (the old 0.2 accepted 0.1 .. 0.5).
+        tol = 0.02 if m != "teal-greedy" else 0.03
         assert abs(cell["realised_pw"]["mean"] - 0.3) < tol, (m, cell["realised_pw"])
     searched = json.loads((out / "cells" / "larosa-searched-0.300.json").read_text())
     assert len(searched["search"]["table"]) >= 11 and "a=" in searched["knob"]

@@ -12,6 +12,7 @@ from larosa.kernels.reference import rmsnorm_ref
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
 
 if HAVE_TRITON:
+    from larosa.kernels import ops as _ops
     from larosa.kernels import triton_gemv, triton_prefetch
     from larosa.kernels.triton_prefetch import Prefetch
 
@@ -139,15 +140,35 @@ def test_budget_and_plan(monkeypatch):
     hint = torch.zeros(1, dtype=torch.int32)
     assert triton_prefetch.plan(x, wt, None, 2048, None) is None
     assert triton_prefetch.plan(torch.randn(2, 4096).to(torch.bfloat16), wt, None, 2048, hint) is None
-    pf = triton_prefetch.plan(x, wt, None, 2048, hint)
+    real = triton_prefetch.can_prefetch(x.device)
     if not CUDA or torch.cuda.get_device_capability()[0] < 9:
-        assert pf is None  # the interpreter and pre-Hopper GPUs run no bulk prefetch
-        return
+        assert not real  # the interpreter and pre-Hopper GPUs run no bulk prefetch
+    assert (triton_prefetch.plan(x, wt, None, 2048, hint) is not None) == real
+    assert _ops.prefetch_mb(x.device) == (1.0 if real else 0.0)
+    # The budget arithmetic below needs a device that can prefetch: stand one in (on the CPU too), so the row
+    # limit is checked everywhere, not only on Hopper.
+    monkeypatch.setattr(triton_prefetch, "can_prefetch", lambda device: True)
+    assert _ops.prefetch_mb(x.device) == 1.0
+    assert triton_prefetch.plan(x, wt, None, 2048, None) is None  # still needs a hint slot ...
+    assert triton_prefetch.plan(torch.randn(2, 4096).to(torch.bfloat16), wt, None, 2048, hint) is None  # ... one row
+    assert triton_prefetch.plan(x, wt[:, 1:], None, 2048, hint) is None  # ... and 16-byte aligned rows
+    assert triton_prefetch.plan(x, wt, wt[:, :-1], 2048, hint) is None
     # 1 MiB over 8 KiB rows, half of them kept: the first 256 rows
-    assert pf.limit == 256 and pf.w1 is wt and pf.w2 is None and pf.mode == 1
-    assert triton_prefetch.plan(x, wt, wt, 2048, hint).limit == 128
+    pf = triton_prefetch.plan(x, wt, None, 2048, hint)
+    assert pf is not None and pf.limit == 256 and pf.w1 is wt and pf.w2 is None and pf.mode == 1
+    assert pf.record is None
+    pf2 = triton_prefetch.plan(x, wt, wt, 2048, hint)  # gate and up: twice the bytes per row
+    assert pf2.limit == 128 and pf2.w1 is wt and pf2.w2 is wt
+    assert triton_prefetch.plan(x, wt, None, 1024, hint).limit == 512  # a quarter kept: twice the rows
+    assert triton_prefetch.plan(x, wt, None, 10**6, hint).limit == 128  # k clamped to d_in: all kept
+    narrow = torch.empty(4096, 2048, dtype=torch.bfloat16)
+    assert triton_prefetch.plan(x, narrow, None, 2048, hint).limit == 512  # half the bytes per row
     monkeypatch.setenv("LAROSA_PREFETCH_MB", "1000")
-    assert triton_prefetch.plan(x, wt, None, 2048, hint).limit == 4096
+    assert triton_prefetch.plan(x, wt, None, 2048, hint).limit == 4096  # capped at d_in
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "0.001")
+    assert triton_prefetch.plan(x, wt, None, 2048, hint) is None  # budget below one row: no launch
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")
+    assert triton_prefetch.plan(x, wt, None, 2048, hint) is None and _ops.prefetch_mb(x.device) == 0.0
 
 
 @pytest.mark.parametrize("impl", ["gtile", "tile"])
