@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from larosa.kernels import HAVE_TRITON, ops
-from larosa.kernels.reference import decode_attention_ref
+from larosa.kernels.reference import decode_attention_ref, rope_decode_attention_ref
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -45,6 +45,8 @@ def test_decode_attention_op_dispatch(monkeypatch):
     monkeypatch.setattr(ops.triton_attention, "decode_attention", lambda *a: (calls.append(1), real(*a))[1])
     y = torch.ops.larosa.decode_attention(q, kc, vc, p, 0.125)
     assert calls == [1]
+    exact = decode_attention_ref(q.double(), kc.double(), vc.double(), p, 0.125)  # fp64, same 16-bit inputs
+    torch.testing.assert_close(y.double(), exact, atol=2e-2, rtol=2e-2)
     monkeypatch.setenv("LAROSA_ATTENTION", "sdpa")
     torch.testing.assert_close(torch.ops.larosa.decode_attention(q, kc, vc, p, 0.125), y, atol=2e-2, rtol=2e-2)
     assert calls == [1]
@@ -52,7 +54,12 @@ def test_decode_attention_op_dispatch(monkeypatch):
     q32, k32, v32 = (t.float() for t in (q, kc, vc))
     y32 = torch.ops.larosa.decode_attention(q32, k32, v32, p, 0.125)
     assert y32.is_contiguous()  # as the fake implementation promises the compiler
-    torch.ops.larosa.decode_attention(q[..., :48], kc[..., :48], vc[..., :48], p, 0.125)
+    assert y32.shape == q.shape and y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), exact, atol=1e-5, rtol=1e-5)  # fp32 inputs exact in fp64
+    y48 = torch.ops.larosa.decode_attention(q[..., :48], kc[..., :48], vc[..., :48], p, 0.125)
+    assert y48.shape == q[..., :48].shape and y48.dtype == torch.bfloat16
+    want48 = decode_attention_ref(q[..., :48].double(), kc[..., :48].double(), vc[..., :48].double(), p, 0.125)
+    torch.testing.assert_close(y48.double(), want48, atol=2e-2, rtol=2e-2)
     assert calls == [1]
     monkeypatch.setenv("LAROSA_ATTENTION", "flash")
     for args in ((q, kc, vc), (q32, k32, v32)):  # refused on the kernel path and on the reference path
@@ -191,9 +198,17 @@ def test_rope_decode_attention_op(monkeypatch):
     torch.testing.assert_close(k2, k1, atol=2e-2, rtol=1e-2)
     assert not torch.equal(k2[:, :, 40], kc[:, :, 40])  # written
     monkeypatch.delenv("LAROSA_ATTENTION")
-    y32 = torch.ops.larosa.rope_decode_attention(qkv.float(), kc.float(), vc.float(), p, cos.float(), sin.float(),
-                                                 0.125)
-    assert calls == [1] and y32.is_contiguous() and y32.dtype == torch.float32
+    k32, v32 = kc.float(), vc.float()
+    y32 = torch.ops.larosa.rope_decode_attention(qkv.float(), k32, v32, p, cos.float(), sin.float(), 0.125)
+    assert calls == [1] and y32.is_contiguous() and y32.dtype == torch.float32 and y32.shape == y.shape
+    # the fp32 reference path: the reference op's output and caches, fp64 attention on them, and the kernel's y
+    k32r, v32r = kc.float(), vc.float()
+    want32 = rope_decode_attention_ref(qkv.float(), k32r, v32r, p, cos.float(), sin.float(), 0.125)
+    assert torch.equal(k32, k32r) and torch.equal(v32, v32r) and not torch.equal(k32[:, :, 40], kc[:, :, 40].float())
+    torch.testing.assert_close(y32, want32)
+    exact = decode_attention_ref(_rotated_q(qkv, 2, 2, 64, cos, sin), k32.double(), v32.double(), p, 0.125)
+    torch.testing.assert_close(y32.double(), exact, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y32, y.float(), atol=2e-2, rtol=2e-2)
     with pytest.raises(ValueError, match="features"):
         torch.ops.larosa.rope_decode_attention(qkv[:, :100], kc, vc, p, cos, sin, 0.125)
     with pytest.raises(ValueError, match="cos/sin"):

@@ -47,22 +47,29 @@ def test_gathered_gemv_reads_x_from_the_list(monkeypatch, gated):
     wt = (torch.randn(d_in, d_out) * 0.05).to(DEV, torch.bfloat16)
     wt2 = (torch.randn(d_in, d_out) * 0.05).to(DEV, torch.bfloat16) if gated else None
     y = torch.empty(1, d_out, device=DEV, dtype=torch.bfloat16)
+    y_plain = torch.empty(1, d_out, device=DEV, dtype=torch.bfloat16)
     triton_gemv.launch_gtile(x, wt, y, k, wt2=wt2, pack_x=True)
+    triton_gemv.launch_gtile(x, wt, y_plain, k, wt2=wt2, pack_x=False)
     if gated:
         ref = topk_gate_up_ref(x, wt, wt2, k)
     else:
         ref = topk_gemv_ref(x, wt, k)
-    assert _rel(y, ref) < 1e-2
+    assert _rel(y, ref) < 1e-2 and _rel(y_plain, ref) < 1e-2
+    assert torch.equal(y, y_plain)  # the same kept x values, whichever way the GEMV reads them
     res = torch.randn(1, d_in).to(DEV, torch.bfloat16)
     norm_w = (torch.rand(d_in) + 0.5).to(DEV, torch.bfloat16)
-    monkeypatch.setenv("LAROSA_GATHER_X", "0")
-    _, want = ops.rmsnorm_topk(x, res, norm_w, 1e-5, wt, wt2, k, impl="gtile")
-    monkeypatch.setenv("LAROSA_GATHER_X", "1")
+    xs_ref, y_ref = rmsnorm_topk_ref(x, res, norm_w, 1e-5, wt, wt2, k)
     packed, real = [], triton_gemv.rmsnorm_select
     monkeypatch.setattr(triton_gemv, "rmsnorm_select", lambda *a, **kw: (packed.append(kw["pack_x"]), real(*a, **kw))[1])
-    _, got = ops.rmsnorm_topk(x, res, norm_w, 1e-5, wt, wt2, k, impl="gtile")
-    assert packed == [True] and _rel(got, want) < 1e-2
-    assert _rel(got, rmsnorm_topk_ref(x, res, norm_w, 1e-5, wt, wt2, k)[1]) < 1e-2
+    monkeypatch.setenv("LAROSA_GATHER_X", "0")
+    xs_want, want = ops.rmsnorm_topk(x, res, norm_w, 1e-5, wt, wt2, k, impl="gtile")
+    assert packed == [False] and _rel(want, y_ref) < 1e-2
+    monkeypatch.setenv("LAROSA_GATHER_X", "1")
+    xs_got, got = ops.rmsnorm_topk(x, res, norm_w, 1e-5, wt, wt2, k, impl="gtile")
+    assert packed == [False, True] and _rel(got, y_ref) < 1e-2
+    assert torch.equal(got, want)
+    # the residual sum xs = x + res comes back either way (one bf16 rounding, as the reference's)
+    assert torch.equal(xs_got, xs_ref) and torch.equal(xs_want, xs_ref)
     monkeypatch.setenv("LAROSA_GATHER_X", "yes")
     with pytest.raises(ValueError, match="LAROSA_GATHER_X"):
         triton_gemv.launch_gtile(x, wt, y, k)

@@ -157,8 +157,13 @@ def test_spec_gemv_blocked_layout(d_out, bn):
     x = torch.randn(1, d_in).to(torch.bfloat16)
     wt = (torch.randn(d_in, d_out) * 0.05).to(torch.bfloat16)
     blk = triton_spec.spec_layout(wt, bn)
-    assert blk.shape == (-(-d_out // bn), d_in, bn) and torch.equal(blk[0, :, :bn], wt[:, :bn])
+    nb = -(-d_out // bn)
+    assert blk.shape == (nb, d_in, bn) and blk.is_contiguous()
+    # slab j holds columns [j * BN, (j + 1) * BN) of W^T, the last one zero-padded past d_out
+    cols = blk.permute(1, 0, 2).reshape(d_in, nb * bn)
+    assert torch.equal(cols[:, :d_out], wt) and not cols[:, d_out:].any()
     exact = torch.where(topk_keep_mask(x, k), x, 0).double() @ wt.double()
+    want = topk_gemv_ref(x, wt, k)
     tiles = (bn, 64, 2, 4, 32)
     for stale in (False, True):
         hint = torch.full((1,), 100, dtype=torch.int32)
@@ -166,7 +171,11 @@ def test_spec_gemv_blocked_layout(d_out, bn):
         if stale:
             hint.fill_((99 << 16) | 100)
         y = torch.empty(1, d_out, dtype=torch.bfloat16)
-        triton_spec.launch_spec(x, blk, y, k, hint=hint, tiles=tiles, sel=sel)
-        assert _rel(y, exact) < 1e-2
+        triton_spec.launch_spec(x, blk, y, k, hint=hint.clone(), tiles=tiles, sel=sel)
+        y_im = torch.empty(1, d_out, dtype=torch.bfloat16)
+        triton_spec.launch_spec(x, wt, y_im, k, hint=hint.clone(), tiles=tiles, sel=sel)  # input-major layout
+        assert _rel(y, exact) < 1e-2 and _rel(y_im, exact) < 1e-2
+        assert torch.equal(y, y_im), stale  # the same sums, only the weights' addresses differ
+        assert (y.float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2.0 ** -7
     with pytest.raises(ValueError, match="blocked"):
         triton_spec.launch_spec(x, blk, y, k, tiles=(bn * 2, 64, 2, 4, 32))

@@ -974,13 +974,17 @@ class DecodeEngine:
             for _ in range(2):  # compile + warm up outside the graph
                 self._step_body(temperature, top_k)
         torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
+        # a debug dump needs the cudaGraph_t, which torch destroys at instantiation unless asked to keep it
+        g = torch.cuda.CUDAGraph(keep_graph=True) if debug_path is not None else torch.cuda.CUDAGraph()
         if debug_path is not None:
             g.enable_debug_mode()
         with torch.cuda.graph(g, stream=s):
             self._step_body(temperature, top_k)
         if debug_path is not None:
+            g.instantiate()
             g.debug_dump(debug_path)
+            if not os.path.exists(debug_path):
+                raise LarosaError(f"the CUDA graph debug dump wrote nothing to {debug_path}")
         self._graph, self._graph_key = g, key
         self.tok.copy_(saved[0])
         self.pos.copy_(saved[1])
