@@ -728,15 +728,41 @@ def test_hinted_ops_compute_the_same_and_refuse_bad_hints(monkeypatch):
     x, r = torch.randn(2, 300).bfloat16(), torch.randn(2, 300).bfloat16()
     wt, wu = torch.randn(300, 70).bfloat16(), torch.randn(300, 70).bfloat16()
     g = torch.rand(300).bfloat16() + 0.5
-    for hint0 in (torch.zeros(2, dtype=torch.int32), torch.full((4,), 0x3F00, dtype=torch.int32)):
+    # without a hint: the products of the reference, and the thresholds each op's select should leave
+    lin, gu = topk_linear(x, wt, 120), topk_gate_up(x, wt, wu, 120)
+    assert _rel(lin, topk_gemv_ref(x, wt, 120)) < 1e-2 and _rel(gu, topk_gate_up_ref(x, wt, wu, 120)) < 1e-2
+    norm = {}
+    for wup in (None, wu):
+        norm[wup] = torch.ops.larosa.rmsnorm_topk(x, r, g, 1e-5, wt, wup, 120)
+        ref = rmsnorm_topk_ref(x, r, g, 1e-5, wt, wup, 120)
+        assert torch.equal(norm[wup][0], ref[0]) and _rel(norm[wup][1], ref[1]) < 1e-2
+    t_x = tg.select(x, 120)[:, 0]  # x's rows (topk_linear, topk_gate_up)
+    _, h, sel = tg.rmsnorm_select(x, r, g, 1e-5, 120)  # the normalised rows (rmsnorm_topk)
+    t_h = sel[:, 0]
+    assert torch.equal(t_h, tg.select(h, 120)[:, 0]) and not torch.equal(t_h, t_x)
+
+    def hints(t):
+        """Far from t (the full search), near it (the window), and with slots past the rows (left alone)."""
+        i32 = torch.int32
+        return (torch.zeros(2, dtype=i32), torch.full((4,), 0x3F00, dtype=i32), (t + 1).to(i32),
+                torch.cat([t - 2, torch.tensor([5, 6])]).to(i32))
+
+    def updated(hint, hint0, t):
+        assert torch.equal(hint[:2], t) and torch.equal(hint[2:], hint0[2:]), (hint0, hint, t)
+
+    for hint0 in hints(t_x):
         hint = hint0.clone()
-        assert torch.equal(topk_linear(x, wt, 120, None, None, None, hint), topk_linear(x, wt, 120))
-        assert (hint[:2] != hint0[:2]).any() and torch.equal(hint[:2], tg.select(x, 120)[:, 0])
-        assert torch.equal(topk_gate_up(x, wt, wu, 120, None, hint0.clone()), topk_gate_up(x, wt, wu, 120))
+        assert torch.equal(topk_linear(x, wt, 120, None, None, None, hint), lin)
+        updated(hint, hint0, t_x)
+        hint = hint0.clone()
+        assert torch.equal(topk_gate_up(x, wt, wu, 120, None, hint), gu)
+        updated(hint, hint0, t_x)
+    for hint0 in hints(t_h):
         for wup in (None, wu):
-            a = torch.ops.larosa.rmsnorm_topk(x, r, g, 1e-5, wt, wup, 120, None, None, hint0.clone())
-            b = torch.ops.larosa.rmsnorm_topk(x, r, g, 1e-5, wt, wup, 120)
-            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            hint = hint0.clone()
+            a = torch.ops.larosa.rmsnorm_topk(x, r, g, 1e-5, wt, wup, 120, None, None, hint)
+            assert torch.equal(a[0], norm[wup][0]) and torch.equal(a[1], norm[wup][1])
+            updated(hint, hint0, t_h)
     with pytest.raises(ValueError, match="hint"):
         tg.select(x, 120, hint=torch.zeros(2, dtype=torch.int64))
     short = torch.full((1,), 9, dtype=torch.int32)  # fewer slots than rows (an engine's, in a prefill): unused
