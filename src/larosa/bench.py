@@ -205,6 +205,7 @@ def _check_bench_args(sparsities, prompt_len: int, gen_lens, batch: int, dtype: 
     if bad:
         raise LarosaError(f"sparsities must lie in [0, 1), got {bad}")
 
+
 def bench_decode(shape: str | None = None, model: str | None = None, methods=("dense", "larosa", "teal"),
                  sparsities=(0.25, 0.4, 0.5, 0.75), prompt_len: int = 128, gen_lens=(128,), batch: int = 1,
                  dtype: str = "bfloat16", device: str = "auto", out: str | Path | None = None, seed: int = 0,

@@ -656,7 +656,6 @@ class GenerationResult:
     step_ms: list[float]  # per decode step (CUDA events on the GPU, wall clock on the CPU)
 
 
-
 def _env_flag(name: str, default: bool) -> bool:
     """An A/B switch from the environment: unset = `default`, "1" = on, "0" = off, anything else an error."""
     raw = os.environ.get(name, "").strip()
@@ -664,11 +663,13 @@ def _env_flag(name: str, default: bool) -> bool:
         raise LarosaError(f"{name}={raw!r}: use 1 (on) or 0 (off)")
     return default if raw == "" else raw == "1"
 
+
 def _check_sampling(temperature: float, top_k: int) -> None:
     if not temperature >= 0:  # also NaN
         raise LarosaError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise LarosaError(f"top_k must be an int >= 0 (0 = no cut), got {top_k!r}")
+
 
 class DecodeEngine:
     """Static-cache decoder for `ModelWeights`: `prefill`, then `step` one token at a time.
@@ -1009,6 +1010,10 @@ class DecodeEngine:
         if self._next_pos + 1 >= self.max_len:
             raise LarosaError(f"the KV cache is full: position {self._next_pos} + 1 would pass max_len={self.max_len}")
         _check_sampling(temperature, top_k)
+        self._advance(temperature, top_k)
+
+    def _advance(self, temperature: float, top_k: int) -> None:
+        """`step` without its checks: `generate` checked the bounds and the sampling arguments once."""
         self._next_pos += 1
         if self.graphs:
             self._capture(temperature, top_k)
@@ -1067,7 +1072,7 @@ class DecodeEngine:
                 e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 e0.record()
             w0 = time.perf_counter()
-            self.step(temperature, top_k)
+            self._advance(temperature, top_k)
             if timing and cuda:
                 e1.record()
                 events.append((e0, e1))
