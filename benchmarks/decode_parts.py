@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gemv import env_set, graph_time_us  # noqa: E402
 
-from larosa.bench import _measure, copy_bandwidth  # noqa: E402
+from larosa.bench import _measure, _plan_pw, copy_bandwidth  # noqa: E402
 from larosa.kernels import ops  # noqa: E402
-from larosa.shapes import get_shape, random_base, sparse_variant  # noqa: E402
+from larosa.shapes import get_shape, random_base, sparse_variant, teal_thresholds  # noqa: E402
 
 ATTN_SHAPES = {"llama2-7b": (32, 1, 128), "llama3-8b": (8, 4, 128)}  # KV heads, query heads per KV head, hd
 
@@ -265,7 +265,11 @@ def variant_ab_rows(shape: str, gen_len: int, var: str | None, variants, repeats
     bw, base, prompt = setup or _engine_setup(shape)
     rows = []
     for method, p in methods:
-        w = base if method == "dense" else sparse_variant(base, method, p)
+        if method == "teal":  # at LaRoSA's parameter-weighted sparsity for nominal p, as `larosa bench decode` runs it
+            pw = _plan_pw(base, p, (0.8, 1.2))
+            w = sparse_variant(base, "teal", pw, thresholds=teal_thresholds(base, pw, prompt))
+        else:
+            w = base if method == "dense" else sparse_variant(base, method, p)
         for rep in range(repeats):
             for label, val, kw in variants:
                 envs = {var: val} if var else dict(val or {})
@@ -544,13 +548,31 @@ def head_pdl_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
 
 
+def head_default_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v28: the head on cuBLAS, in `dense_linear` as a programmatic dependent (PDL), or in `dense_linear` without
+    PDL (`LAROSA_DENSE_PDL=0`), for each method. The v28 graph timeline found LaRoSA's o and down GEMVs 5-6 us
+    slower in every layer when the head is a programmatic dependent, and un-rotated Top-K's step 2 % faster with
+    the cuBLAS head than with its default (the PDL head)."""
+    variants = [("head=cublas", None, {"dense_head": False}), ("head=dense pdl", None, {"dense_head": True}),
+                ("head=dense nopdl", {"LAROSA_DENSE_PDL": "0"}, {"dense_head": True})]
+    rows = variant_ab_rows(shape, gen_len, None, variants, repeats,
+                           (("dense", 0.0), ("larosa", 0.5), ("topk", 0.5), ("teal", 0.5)))
+    for method in ("dense", "larosa", "topk", "teal"):
+        means = {}
+        for label, _, _ in variants:
+            r = [x["tok_s"] for x in rows if x["method"] == method and x["variant"] == label]
+            means[label] = sum(r) / len(r)
+        print(f"{method:6s} " + "  ".join(f"{k}: {v:.1f}" for k, v in means.items()) + " tok/s (mean)", flush=True)
+    return rows
+
+
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
             "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows,
             "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows, "dense_head": dense_head_rows,
             "head_cause": head_cause_rows, "head_hints": functools.partial(head_cause_rows, hints_off=True),
-            "head_pdl": head_pdl_rows}
+            "head_pdl": head_pdl_rows, "head_default": head_default_rows}
 
 
 def main() -> None:

@@ -41,7 +41,12 @@
 #   bash benchmarks/h200_session.sh headpdl      # v27: LaRoSA's head in dense_linear or cuBLAS, with PDL on / off
 #                                                # everywhere (LAROSA_KERNEL_PDL=0), alternating twice (~1.5 min)
 #   bash benchmarks/h200_session.sh graphdump    # v27: LaRoSA's captured step as dot, cuBLAS vs dense_linear head:
-#                                                # nodes, edges and edge kinds (benchmarks/graph_dump.py) (~1 min)
+#                                                # nodes, edges and (v28, driver API) edge kinds (graph_dump.py) (~1 min)
+#   bash benchmarks/h200_session.sh timeline     # v28: per-kernel start / end inside the graph replay (CUPTI via
+#                                                # torch.profiler): the step's critical path for LaRoSA (cuBLAS /
+#                                                # dense head, PDL off), Top-K, dense (graph_timeline.py) (~2 min)
+#   bash benchmarks/h200_session.sh headdefault  # v28: each method (dense, LaRoSA, Top-K, TEAL at p = 0.5) with the head on
+#                                                # cuBLAS / dense_linear with PDL / without, alternating twice (~6 min)
 #   bash benchmarks/h200_session.sh headprofile  # v21: kernel profile of LaRoSA and Top-K with / without the dense head
 #                                                # (~1 min)
 #   bash benchmarks/h200_session.sh spec         # v22: the speculative GEMV (o and down): GPU tests, per-op A/B with a
@@ -104,7 +109,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|headpdl|graphdump|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|headpdl|headdefault|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -277,9 +282,15 @@ for stage in "$@"; do
       parts head_hints head-hints-h200 ;;
     headpdl)
       parts head_pdl head-pdl-h200 ;;
+    headdefault)
+      parts head_default head-default-h200 ;;
     graphdump)
       python3 benchmarks/graph_dump.py --out "$out/graph-dump" 2>&1 | tee "$out/graph-dump.log" || rc=1
       gzip -q "$out"/graph-dump/*.dot ;;
+    timeline)
+      python3 benchmarks/graph_timeline.py --out "$out/timeline-llama2-7b.json" --traces "$out/timeline-traces" \
+        ${TIMELINE_VARIANTS:+--variants "$TIMELINE_VARIANTS"} 2>&1 \
+        | tee "$out/timeline-llama2-7b.log" || rc=1 ;;
     headprofile)
       python3 benchmarks/profile_decode.py --shape llama2-7b --sparsity 0.5 --methods larosa,topk --dense-head-ab \
         --out "$out/profile-dense-head-llama2-7b.json" 2>&1 | tee "$out/profile-dense-head-llama2-7b.log" || rc=1 ;;

@@ -62,6 +62,25 @@ def test_dense_gemv_refuses_bad_input():
         dense_gemv(x, w, residual=torch.ones(1, 9, device=DEV))
 
 
+def test_dense_pdl_switch(monkeypatch):
+    """`LAROSA_DENSE_PDL` (v28 diagnostic): 0 and noprefetch compute the same product as the default; other
+    values are refused."""
+    from larosa.kernels.triton_dense import dense_gemv
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 96, generator=gen).to(DEV)
+    w = torch.randn(8, 96, generator=gen).to(DEV)
+    monkeypatch.delenv("LAROSA_DENSE_PDL", raising=False)
+    want = dense_gemv(x, w, tiles=(4, 32, 2))
+    assert _rel(want, x.double() @ w.double().T) < 1e-5
+    for mode in ("0", "noprefetch", "1"):
+        monkeypatch.setenv("LAROSA_DENSE_PDL", mode)
+        assert torch.equal(dense_gemv(x, w, tiles=(4, 32, 2)), want)
+    monkeypatch.setenv("LAROSA_DENSE_PDL", "off")
+    with pytest.raises(ValueError, match="LAROSA_DENSE_PDL"):
+        dense_gemv(x, w)
+
+
 def test_dense_tiles_by_site(monkeypatch):
     """Each decode-step shape maps to its site, and `LAROSA_DENSE_TILES` sets every site ("BN,BK,STAGES,WARPS",
     gate/up's BN halved: its programs read BN rows of each matrix) or the named ones; bad specs are refused."""

@@ -142,6 +142,7 @@ def test_engine_refuses_what_it_cannot_run():
         eng.generate(torch.ones(1, 6, dtype=torch.long), 4)
     with pytest.raises(LarosaError, match="CUDA graphs"):
         DecodeEngine(from_hf(model), max_len=8, graphs=True)
+    assert eng.captured_graph is None  # no graphs on the CPU
     with pytest.raises(LarosaError, match="dump_graph needs"):
         eng.dump_graph("step.dot")
     ids = torch.ones(1, 3, dtype=torch.long)

@@ -1003,6 +1003,12 @@ class DecodeEngine:
         self._capture(temperature, top_k, debug_path=str(path))
         return str(path)
 
+    @property
+    def captured_graph(self) -> Optional["torch.cuda.CUDAGraph"]:
+        """The step's captured torch CUDAGraph (None before the first step or without graphs). After
+        `dump_graph` it keeps its cudaGraph_t, so `raw_cuda_graph()` can be read through the driver API."""
+        return self._graph
+
     @torch.no_grad()
     def step(self, temperature: float = 0.0, top_k: int = 0) -> None:
         """Decode one token (the one in `tok`, at `pos`); writes the next token into `out` and advances `pos`.

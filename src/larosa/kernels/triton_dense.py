@@ -184,7 +184,8 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     (. @ w_up.T); bias (n_out,) (not with w_up); residual (rows, n_out): added last. All in fp32, one
     rounding.
     `pdl`: launch as a programmatic dependent of the kernel before (default where the GPU supports it, never
-    under the interpreter); `prefetch`: load the first weight tiles before waiting for x (only with PDL).
+    under the interpreter, off with `LAROSA_DENSE_PDL=0`); `prefetch`: load the first weight tiles before waiting
+    for x (only with PDL; off with `LAROSA_DENSE_PDL=noprefetch`).
     `tiles`: (BN, BK, STAGES[, WARPS]), BN and BK powers of two, STAGES 1 or 2, WARPS 1-8 (default 4); None =
     the tiles of the shape's site (`dense_tiles`; BN rows of each matrix with w_up)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
@@ -214,7 +215,11 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
         out = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     elif out.shape != (rows, n_out) or out.stride(1) != 1 or out.device != x.device:
         raise ValueError(f"out must be ({rows}, {n_out}) with unit stride on {x.device}, got {tuple(out.shape)}")
-    use_pdl = _use_pdl(x, pdl)
+    mode = os.environ.get("LAROSA_DENSE_PDL", "1")  # v28 diagnostic: "0" no PDL, "noprefetch" PDL, no prefetch
+    if mode not in ("1", "0", "noprefetch"):
+        raise ValueError(f"LAROSA_DENSE_PDL must be 1, 0 or noprefetch, got {mode!r}")
+    use_pdl = _use_pdl(x, pdl if pdl is not None or mode != "0" else False)
+    prefetch = prefetch and mode != "noprefetch"
     dense_gemv_kernel[(triton.cdiv(n_out, bn), rows)](
         x, w, out, d, n_out, x.stride(0), w.stride(0), out.stride(0), BN=bn, BK=bk, STAGES=stages,
         ROUND_BF16=_interpreted_bf16(out), w2_ptr=w_up, b_ptr=bias, r_ptr=residual,
