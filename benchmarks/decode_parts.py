@@ -566,13 +566,28 @@ def head_default_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     return rows
 
 
+def head_rule_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
+    """v28: the engine's head rule (in `dense_linear`, launched in order beside Top-K sites) against the head on
+    cuBLAS (LaRoSA's default before v28), for LaRoSA at p = 0.4 / 0.5 / 0.75 and un-rotated Top-K at 0.5."""
+    variants = [("head=cublas", None, {"dense_head": False}), ("head=default", None, {})]
+    rows = variant_ab_rows(shape, gen_len, None, variants, repeats,
+                           (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
+    for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
+        mean = {label: sum(r) / len(r) for label, _, _ in variants
+                for r in [[x["tok_s"] for x in rows if (x["method"], x["nominal"], x["variant"]) == (method, p, label)]]}
+        print(f"{shape} {method:6s} p={p:.2f} " + "  ".join(f"{k}: {v:.1f}" for k, v in mean.items())
+              + f" tok/s (mean; default/cublas {mean['head=default'] / mean['head=cublas']:.4f})", flush=True)
+    return rows
+
+
 AB_PARTS = {"hints_overlap": hints_overlap_rows, "hint_sites": hint_sites_rows, "adapter_modes": adapter_mode_rows,
             "compact_store": compact_store_rows, "rope_fusion": rope_fusion_rows, "attn_combine": attn_combine_rows,
             "side_in": side_in_rows, "side_tiles_gemv": side_tiles_gemv_rows, "compact_store32": compact_store32_rows,
             "dense_kernel": dense_kernel_rows, "sparse_chain": sparse_chain_rows,
             "dense_sites": dense_site_rows, "gtile_sites": gtile_site_rows, "dense_head": dense_head_rows,
             "head_cause": head_cause_rows, "head_hints": functools.partial(head_cause_rows, hints_off=True),
-            "head_pdl": head_pdl_rows, "head_default": head_default_rows}
+            "head_pdl": head_pdl_rows, "head_default": head_default_rows,
+            "head_rule": head_rule_rows}
 
 
 def main() -> None:

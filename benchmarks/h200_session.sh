@@ -47,6 +47,8 @@
 #                                                # dense head, PDL off), Top-K, dense (graph_timeline.py) (~2 min)
 #   bash benchmarks/h200_session.sh headdefault  # v28: each method (dense, LaRoSA, Top-K, TEAL at p = 0.5) with the head on
 #                                                # cuBLAS / dense_linear with PDL / without, alternating twice (~6 min)
+#   bash benchmarks/h200_session.sh headrule     # v28: the head rule (dense_linear, in order beside Top-K) vs the cuBLAS
+#                                                # head, LaRoSA p = 0.4 / 0.5 / 0.75 and Top-K, both shapes (~2 min)
 #   bash benchmarks/h200_session.sh headprofile  # v21: kernel profile of LaRoSA and Top-K with / without the dense head
 #                                                # (~1 min)
 #   bash benchmarks/h200_session.sh spec         # v22: the speculative GEMV (o and down): GPU tests, per-op A/B with a
@@ -109,7 +111,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|headpdl|headdefault|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -284,6 +286,11 @@ for stage in "$@"; do
       parts head_pdl head-pdl-h200 ;;
     headdefault)
       parts head_default head-default-h200 ;;
+    headrule)
+      for shape in llama2-7b llama3-8b; do
+        python3 benchmarks/decode_parts.py --parts head_rule --shape $shape --out "$out/head-rule-h200-$shape.json" \
+          2>&1 | tee "$out/head-rule-h200-$shape.log" || rc=1
+      done ;;
     graphdump)
       python3 benchmarks/graph_dump.py --out "$out/graph-dump" 2>&1 | tee "$out/graph-dump.log" || rc=1
       gzip -q "$out"/graph-dump/*.dot ;;

@@ -72,6 +72,8 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     assert lar["gather_x"] is True and "gather_x" not in dense  # the list carries x with each position (v24 default)
     # no L2 prefetch off the GPU; the split attention's program target (the default) on every row
     assert all(r["prefetch_mb"] == 0 and r["attn_programs"] == 256 and r["attn_balanced"] is True for r in rows)
+    # no dense_linear head off the GPU (no PDL there), so no programmatic head either
+    assert all(r["dense_head"] is False and r["head_pdl"] is False for r in rows)
     # bytes per token counted independently: every weight entry once (fp32), one embedding row, the head,
     # unit norms; LaRoSA reads k of d_in rows per projection plus its adapters
     sh = SHAPES["tiny"]

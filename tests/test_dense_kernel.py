@@ -181,6 +181,9 @@ def test_dense_linear_op_matches_hf_arithmetic(parts):
                                                   eps=1e-5))
     assert got.shape == want.shape == (1, 1, n)
     assert _rel(got, want) < 1e-2
+    in_order = torch.ops.larosa.dense_linear(xb[:1], wb, one.get("w_up"), one.get("bias"), one.get("residual"),
+                                             one.get("norm_w"), one.get("eps", 0.0), one.get("rms", False), False)
+    assert torch.equal(in_order, got)  # pdl=False (the engine's head beside Top-K sites) changes only the launch
     for xx, ww, kk in ((xb, wb, bf), (x.to(DEV), w.to(DEV), {k: v.to(DEV) if torch.is_tensor(v) else v
                                                                for k, v in kw.items()})):
         got = torch.ops.larosa.dense_linear(xx, ww, kk.get("w_up"), kk.get("bias"), kk.get("residual"),

@@ -176,6 +176,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["select_hints"] = list(eng.hint_sites)  # sites whose selects kept hints
     out["dense_kernel"] = eng.dense_kernel  # dense sites and head in `larosa::dense_linear` (v20), at these tiles
     out["dense_head"] = eng.dense_head  # the head (and final norm) in `larosa::dense_linear`
+    out["head_pdl"] = eng.dense_head and eng.head_pdl  # v28: that head launched as a programmatic dependent
     out["prefetch_mb"] = eng.prefetch_mb  # v23: L2 prefetch budget of the hinted selects (`triton_prefetch`)
     out["spec"] = eng.spec  # the o projections in the speculative GEMV (v22, `triton_spec`)
     if eng.dense_kernel:

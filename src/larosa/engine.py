@@ -723,8 +723,13 @@ class DecodeEngine:
     by the select's fix list (exact). The engine keeps a blocked copy of those weights (`spec_layout`) and the
     o site's select hint. None = `LAROSA_SPEC` ("1" / "0", A/B runs) if set, else `SPEC_DEFAULT`.
     dense_head: the head (with the final norm) in `larosa::dense_linear`. None = `LAROSA_DENSE_HEAD` ("1" / "0",
-    for A/B runs) if set, else with `dense_kernel` where no adapters are split off the layers (v20: LaRoSA lost
-    11-13 tok/s with it in two runs, not understood).
+    for A/B runs) if set, else with `dense_kernel`.
+    head_pdl: the head in `dense_linear` launched as a programmatic dependent. None = only where no site is Top-K
+    (v28, `benchmarks/results/head-default-h200.json`, LLaMA2-7B p = 0.5, tok/s for the head on cuBLAS / in
+    `dense_linear` with PDL / without: dense 272.5 / 274.3 / 262.3, TEAL 252.2 / 261.7 / 253.4, LaRoSA 284.6 /
+    257.4 / 285.7, un-rotated Top-K 295.3 / 289.2 / 296.5). With the gathered Top-K GEMVs in the step, a head
+    launched as a programmatic dependent makes the o and down GEMVs of every layer 5-6 us slower inside the graph
+    replay (`benchmarks/results/timeline-llama2-7b.*`; why is not understood, the graph's edges are the same).
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
@@ -734,7 +739,7 @@ class DecodeEngine:
                  hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
                  adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None,
                  attn_combine: str = DEFAULT_ATTN_COMBINE, dense_kernel: Optional[bool] = None,
-                 dense_head: Optional[bool] = None, spec: Optional[bool] = None):
+                 dense_head: Optional[bool] = None, spec: Optional[bool] = None, head_pdl: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.dense_kernel = (_ops.dense_kernel_default(weights.device) if dense_kernel is None
@@ -777,13 +782,13 @@ class DecodeEngine:
                                      **{n: getattr(st, n)._replace(kernel=self.kernel) for n in SITES})
                          for st, lw in zip(weights.statics, weights.layers)]
         self._unit_final_norm = bool((weights.final_norm == 1).all())
-        # the head in `dense_linear` too, except after adapters split off the layers: measured there (LaRoSA,
-        # LLaMA2-7B, results/history/decode-v20a-*, chains-h200.json) it cost 11-13 tok/s at p = 0.5 (not
-        # understood: the kernel alone takes cuBLAS's 66 us), while un-rotated Top-K and TEAL gained
+        # the head in `dense_linear` too; with Top-K sites launched in order (v28: as a programmatic dependent it
+        # slows the gathered GEMVs, the cost v20-v27 saw as "the dense head" with LaRoSA's split-off adapters)
         if dense_head is None and os.environ.get("LAROSA_DENSE_HEAD"):
             dense_head = _env_flag("LAROSA_DENSE_HEAD", False)
-        self.dense_head = (self.dense_kernel and self.adapter_mode == "inline") if dense_head is None \
-            else bool(dense_head)
+        self.dense_head = self.dense_kernel if dense_head is None else bool(dense_head)
+        has_topk = any(getattr(st, n).mode == "topk" for st in weights.statics for n in SITES)
+        self.head_pdl = (not has_topk) if head_pdl is None else bool(head_pdl)
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
@@ -883,7 +888,7 @@ class DecodeEngine:
         if self.dense_head:
             y = torch.ops.larosa.dense_linear(x[:, -1:], self.w.head, None, None, None,
                                               None if self._unit_final_norm else self.w.final_norm,
-                                              self.w.final_eps, True)
+                                              self.w.final_eps, True, self.head_pdl)
         else:
             y = F.linear(_rms(x[:, -1:], self.w.final_norm, self.w.final_eps), self.w.head)
         return y[:, 0].to(self.logits_dtype)

@@ -425,13 +425,15 @@ def dense_kernel_default(device: torch.device) -> bool:
 @torch.library.custom_op("larosa::dense_linear", mutates_args=())
 def dense_linear(x: torch.Tensor, w: torch.Tensor, w_up: Optional[torch.Tensor] = None,
                  bias: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                 norm_w: Optional[torch.Tensor] = None, eps: float = 0.0, rms: bool = False) -> torch.Tensor:
+                 norm_w: Optional[torch.Tensor] = None, eps: float = 0.0, rms: bool = False,
+                 pdl: bool = True) -> torch.Tensor:
     """A dense projection of the decode step with its block's other work: y = RMSNorm(x) (with norm_w, or
     with `rms` a norm whose weight is all ones) @ w.T (+ bias), or silu(. @ w.T) * (. @ w_up.T) with w_up,
     + residual; w, w_up (d_out, d_in) output-major (F.linear's layout). Up to `max_kernel_rows()` rows run
     `triton_dense.dense_gemv` (one launch at its site's tiles, fp32 until the one rounding, loading its first
     weight tiles before it waits for x where PDL is possible); more rows, fp32 and devices where Triton cannot
-    run take `reference.dense_linear_ref` (HF's roundings)."""
+    run take `reference.dense_linear_ref` (HF's roundings). `pdl=False`: launched in order, never as a programmatic
+    dependent (the decode engine's head where the step has gathered Top-K GEMVs, v28)."""
     if w.dim() != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x (..., {x.shape[-1]}) does not match w {tuple(w.shape)} (expected d_out x d_in)")
     x2 = _rows(x)
@@ -439,12 +441,13 @@ def dense_linear(x: torch.Tensor, w: torch.Tensor, w_up: Optional[torch.Tensor] 
         return ref.dense_linear_ref(x, w, w_up, bias, residual, norm_w, eps, rms)
     r2 = None if residual is None else _rows(residual)
     y = triton_dense.dense_gemv(x2, w.contiguous(), w_up=None if w_up is None else w_up.contiguous(), bias=bias,
-                                residual=r2, norm_w=norm_w, eps=eps, rms=rms or norm_w is not None)
+                                residual=r2, norm_w=norm_w, eps=eps, rms=rms or norm_w is not None,
+                                pdl=None if pdl else False)
     return y.view(*x.shape[:-1], w.shape[0])
 
 
 @dense_linear.register_fake
-def _(x, w, w_up=None, bias=None, residual=None, norm_w=None, eps=0.0, rms=False):
+def _(x, w, w_up=None, bias=None, residual=None, norm_w=None, eps=0.0, rms=False, pdl=True):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
