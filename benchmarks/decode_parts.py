@@ -509,12 +509,18 @@ def gtile_site_rows(shape: str, gen_len: int, repeats: int = 2, candidates: dict
                            repeats=repeats)
 
 
+def _head_kw(dense: bool) -> dict:
+    """The head as v20-v27 switched it: in `dense_linear` as a programmatic dependent (since v28 the engine launches
+    it in order beside Top-K sites unless asked), or on cuBLAS."""
+    return {"dense_head": True, "head_pdl": True} if dense else {"dense_head": False}
+
+
 def dense_head_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v21: the head (with the final norm) in `larosa::dense_linear` or on cuBLAS where LaRoSA's adapters are split
     off the layers (`DecodeEngine(dense_head=)`; v20 measured -11 to -13 tok/s with it at p = 0.5 in two runs,
     +0.2 in a third), beside un-rotated Top-K (no adapters: its default is the dense head). Prints whether LaRoSA
     gained at both sparsities (the `densehead` stage then runs its later stages with LAROSA_DENSE_HEAD=1)."""
-    variants = [(f"dense_head={h}", None, {"dense_head": h}) for h in (False, True)]
+    variants = [(f"dense_head={h}", None, _head_kw(h)) for h in (False, True)]
     rows = variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
 
     def mean(p: float, head: bool) -> float:
@@ -535,7 +541,7 @@ def head_cause_rows(shape: str, gen_len: int, repeats: int = 1, hints_off: bool 
     cases = ((("(default)", {}), ("hints off", {"select_hints": False})) if hints_off else
              (("(default)", {}), ("hints at all four", {"hint_sites": (0, 1, 2, 3)}),
               ("adapters in order", {"overlap_adapters": False})))
-    variants = [(f"dense_head={h} {label}", None, {"dense_head": h, **kw}) for label, kw in cases for h in (False, True)]
+    variants = [(f"dense_head={h} {label}", None, {**_head_kw(h), **kw}) for label, kw in cases for h in (False, True)]
     return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
 
 
@@ -543,7 +549,7 @@ def head_pdl_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v27: is the head in `dense_linear` slow for LaRoSA (-9 % at p = 0.5 with hints, `head_hints`) because of
     programmatic dependent launch? The same switch with PDL on (default) and off everywhere (`LAROSA_KERNEL_PDL=0`:
     no kernel launches early), LaRoSA p = 0.5, alternating."""
-    variants = [(f"dense_head={h} pdl={'off' if env else 'on'}", env, {"dense_head": h})
+    variants = [(f"dense_head={h} pdl={'off' if env else 'on'}", env, _head_kw(h))
                 for env in (None, {"LAROSA_KERNEL_PDL": "0"}) for h in (False, True)]
     return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
 
@@ -553,8 +559,8 @@ def head_default_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     PDL (`LAROSA_DENSE_PDL=0`), for each method. The v28 graph timeline found LaRoSA's o and down GEMVs 5-6 us
     slower in every layer when the head is a programmatic dependent, and un-rotated Top-K's step 2 % faster with
     the cuBLAS head than with its default (the PDL head)."""
-    variants = [("head=cublas", None, {"dense_head": False}), ("head=dense pdl", None, {"dense_head": True}),
-                ("head=dense nopdl", {"LAROSA_DENSE_PDL": "0"}, {"dense_head": True})]
+    variants = [("head=cublas", None, {"dense_head": False}), ("head=dense pdl", None, _head_kw(True)),
+                ("head=dense nopdl", None, {"dense_head": True, "head_pdl": False})]
     rows = variant_ab_rows(shape, gen_len, None, variants, repeats,
                            (("dense", 0.0), ("larosa", 0.5), ("topk", 0.5), ("teal", 0.5)))
     for method in ("dense", "larosa", "topk", "teal"):

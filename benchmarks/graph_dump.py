@@ -128,7 +128,9 @@ def main() -> None:
     prompt = torch.randint(0, 1000, (1, 128), device="cuda")
     res = {"shape": args.shape, "method": args.method, "sparsity": args.sparsity, "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "variants": {}}
-    for label, kw in (("cublas-head", {"dense_head": False}), ("dense-head", {"dense_head": True})):
+    # "dense-head": the head in `dense_linear` as a programmatic dependent (v27's question; since v28 the engine
+    # launches it in order beside Top-K sites unless asked)
+    for label, kw in (("cublas-head", {"dense_head": False}), ("dense-head", {"dense_head": True, "head_pdl": True})):
         eng = DecodeEngine(w, max_len=256, **kw)
         eng.generate(prompt, 4)  # compile, capture, warm up
         path = eng.dump_graph(str(args.out / f"{label}.dot"))
