@@ -61,6 +61,11 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-pdl-head-noprefetch": ("larosa", {"LAROSA_DENSE_PDL": "noprefetch"}, {"dense_head": True, "head_pdl": True}),
     "larosa-norm-then-pdl-head": ("larosa", {}, {}, NormThenDenseHead),
     "larosa-pdl-off": ("larosa", {"LAROSA_KERNEL_PDL": "0"}, {}),
+    # v28's next steps (NOTES): what the step adds to the gate/up GEMV and the down select
+    "larosa-prefetch-off": ("larosa", {"LAROSA_PREFETCH_MB": "0"}, {}),
+    "larosa-hints-off": ("larosa", {}, {"select_hints": False}),
+    "larosa-adapter-split-0.5": ("larosa", {}, {"adapter_split": 0.5}),
+    "larosa-adapter-split-1": ("larosa", {}, {"adapter_split": 1.0}),
     "topk": ("topk", {}, {}),
     "topk-cublas-head": ("topk", {}, {"dense_head": False}),
     "topk-pdl-head": ("topk", {}, {"head_pdl": True}),

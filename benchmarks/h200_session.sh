@@ -45,6 +45,8 @@
 #   bash benchmarks/h200_session.sh timeline     # v28: per-kernel start / end inside the graph replay (CUPTI via
 #                                                # torch.profiler): the step's critical path for LaRoSA (cuBLAS /
 #                                                # dense head, PDL off), Top-K, dense (graph_timeline.py) (~2 min)
+#   TIMELINE_VARIANTS=larosa,larosa-prefetch-off,larosa-hints-off,larosa-adapter-split-0.5,larosa-adapter-split-1 \
+#     bash benchmarks/h200_session.sh timeline   # v28's next steps: the gate/up GEMV and the down select (~1 min)
 #   bash benchmarks/h200_session.sh headdefault  # v28: each method (dense, LaRoSA, Top-K, TEAL at p = 0.5) with the head on
 #                                                # cuBLAS / dense_linear with PDL / without, alternating twice (~6 min)
 #   bash benchmarks/h200_session.sh headrule     # v28: the head rule (dense_linear, in order beside Top-K) vs the cuBLAS
