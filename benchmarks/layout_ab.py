@@ -18,12 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemv import graph_time_us  # noqa: E402
 
 
 @triton.jit
@@ -67,23 +71,7 @@ def interleaved(wt: torch.Tensor, wt2: torch.Tensor, bn: int) -> torch.Tensor:
 
 def time_us(fn, iters: int = 100, reps: int = 7) -> float:
     """Median over reps of the mean time per call of `iters` calls captured in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1000 / iters)
-    return statistics.median(out)
+    return graph_time_us([fn] * iters, reps=reps)
 
 
 SHAPES = {  # name: (d_in, d_out, gated, kept rows at LaRoSA p = 0.5 with the 0.8 / 1.2 split)
