@@ -555,8 +555,10 @@ def head_pdl_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
 
 
 def head_default_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
-    """v28: the head on cuBLAS, in `dense_linear` as a programmatic dependent (PDL), or in `dense_linear` without
-    PDL (`LAROSA_DENSE_PDL=0`), for each method. The v28 graph timeline found LaRoSA's o and down GEMVs 5-6 us
+    """v28: the head on cuBLAS, in `dense_linear` as a programmatic dependent (PDL), or in `dense_linear` launched in
+    order (`head_pdl=False`), for each method. (The committed v28 run, `results/head-default-h200.*`, made the third
+    variant with `LAROSA_DENSE_PDL=0`, which for the dense model turns PDL off in every dense GEMV, not the head
+    alone; for the sparse methods only the head is a dense GEMV, so there it is the same variant.) The v28 graph timeline found LaRoSA's o and down GEMVs 5-6 us
     slower in every layer when the head is a programmatic dependent, and un-rotated Top-K's step 2 % faster with
     the cuBLAS head than with its default (the PDL head)."""
     variants = [("head=cublas", None, {"dense_head": False}), ("head=dense pdl", None, _head_kw(True)),

@@ -129,10 +129,13 @@ def summarize(steps: list[list[dict]]) -> dict:
     per_name = {}
     for name in sorted({p["name"] for p in positions}):
         occ = [p for p in positions if p["name"] == name]
-        roles = len(occ) // layers if len(occ) % layers == 0 else 1
+        roles = max(1, len(occ) // layers)  # a kernel's occurrences per layer (dense: 4 GEMVs, then the head)
+        body = occ[:roles * layers] if len(occ) >= layers else occ
         per_name[name[:60]] = {"n": len(occ), "exposed_sum": round(sum(p["exposed"] for p in occ), 1),
-                               "by_role": [{k: round(med([p[k] for p in occ[j::roles]]), 2)
-                                            for k in ("dur", "exposed", "gap", "overlap")} for j in range(roles)]}
+                               "by_role": [{k: round(med([p[k] for p in body[j::roles]]), 2)
+                                            for k in ("dur", "exposed", "gap", "overlap")} for j in range(roles)],
+                               "after_the_layers": [{k: p[k] for k in ("dur", "exposed", "gap", "overlap")}
+                                                    for p in occ[len(body):]]}
     spans = [sum(r["gap"] + r["exposed"] for r in p) for p in paths]
     return {"kernels_per_step": n, "span_us_median": round(med(spans), 1),
             "span_us_min_max": [round(min(spans), 1), round(max(spans), 1)],
@@ -235,6 +238,10 @@ def main() -> None:
                  ("topk", "topk-pdl-head")):
         if a in v and b in v:
             res[f"diff {a} -> {b}"] = d = diff(v[a], v[b])
+            if not d:
+                print(f"{a} -> {b}: the kernel sequences differ ({v[a]['kernels_per_step']} vs "
+                      f"{v[b]['kernels_per_step']} kernels), compare per_name instead")
+                continue
             print(f"largest changes {a} -> {b} (exposed + gap, us):")
             for r in d[:15]:
                 print(f"    #{r['i']:4d} {r['name_a'][:40]:40s} {r['exposed_a']:7.2f} -> {r['exposed_b']:7.2f} "

@@ -43,8 +43,8 @@
 #   bash benchmarks/h200_session.sh graphdump    # v27: LaRoSA's captured step as dot, cuBLAS vs dense_linear head:
 #                                                # nodes, edges and (v28, driver API) edge kinds (graph_dump.py) (~1 min)
 #   bash benchmarks/h200_session.sh timeline     # v28: per-kernel start / end inside the graph replay (CUPTI via
-#                                                # torch.profiler): the step's critical path for LaRoSA (cuBLAS /
-#                                                # dense head, PDL off), Top-K, dense (graph_timeline.py) (~2 min)
+#                                                # torch.profiler): the step's critical path for every variant in
+#                                                # graph_timeline.py (17, ~10 s each; TIMELINE_VARIANTS picks some)
 #   TIMELINE_VARIANTS=larosa,larosa-prefetch-off,larosa-hints-off,larosa-adapter-split-0.5,larosa-adapter-split-1 \
 #     bash benchmarks/h200_session.sh timeline   # v28's next steps: the gate/up GEMV and the down select (~1 min)
 #   bash benchmarks/h200_session.sh headdefault  # v28: each method (dense, LaRoSA, Top-K, TEAL at p = 0.5) with the head on

@@ -63,19 +63,26 @@ def test_dense_gemv_refuses_bad_input():
 
 
 def test_dense_pdl_switch(monkeypatch):
-    """`LAROSA_DENSE_PDL` (v28 diagnostic): 0 and noprefetch compute the same product as the default; other
-    values are refused."""
+    """`LAROSA_DENSE_PDL` (v28 diagnostic) and `pdl=`: what the launch asks `_use_pdl` for (PDL itself never runs
+    under the interpreter: it only changes the launch), and the same product either way; bad values refused."""
+    from larosa.kernels import triton_dense
     from larosa.kernels.triton_dense import dense_gemv
 
+    asked = []
+    real = triton_dense._use_pdl
+    monkeypatch.setattr(triton_dense, "_use_pdl", lambda x, p: (asked.append(p), real(x, p))[1])
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(1, 96, generator=gen).to(DEV)
     w = torch.randn(8, 96, generator=gen).to(DEV)
     monkeypatch.delenv("LAROSA_DENSE_PDL", raising=False)
     want = dense_gemv(x, w, tiles=(4, 32, 2))
     assert _rel(want, x.double() @ w.double().T) < 1e-5
-    for mode in ("0", "noprefetch", "1"):
+    for mode, pdl, expect in (("1", None, None), ("0", None, False), ("noprefetch", None, None), ("0", True, True),
+                              ("1", False, False)):
         monkeypatch.setenv("LAROSA_DENSE_PDL", mode)
-        assert torch.equal(dense_gemv(x, w, tiles=(4, 32, 2)), want)
+        asked.clear()
+        assert torch.equal(dense_gemv(x, w, tiles=(4, 32, 2), pdl=pdl), want)
+        assert asked == [expect], (mode, pdl)
     monkeypatch.setenv("LAROSA_DENSE_PDL", "off")
     with pytest.raises(ValueError, match="LAROSA_DENSE_PDL"):
         dense_gemv(x, w)
@@ -184,6 +191,7 @@ def test_dense_linear_op_matches_hf_arithmetic(parts):
     in_order = torch.ops.larosa.dense_linear(xb[:1], wb, one.get("w_up"), one.get("bias"), one.get("residual"),
                                              one.get("norm_w"), one.get("eps", 0.0), one.get("rms", False), False)
     assert torch.equal(in_order, got)  # pdl=False (the engine's head beside Top-K sites) changes only the launch
+    # (that the op hands pdl=False to the kernel: tests/test_engine.py::test_dense_kernel_engine_runs_the_kernel_bf16)
     for xx, ww, kk in ((xb, wb, bf), (x.to(DEV), w.to(DEV), {k: v.to(DEV) if torch.is_tensor(v) else v
                                                                for k, v in kw.items()})):
         got = torch.ops.larosa.dense_linear(xx, ww, kk.get("w_up"), kk.get("bias"), kk.get("residual"),

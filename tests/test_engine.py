@@ -670,12 +670,12 @@ def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
     are not loaded: the kernel scales by the rms alone."""
     from larosa.kernels import triton_dense
 
-    launches = []
+    launches, pdl = [], []
     real = triton_dense.dense_gemv
     monkeypatch.setattr(triton_dense, "dense_gemv",
                         lambda *a, **k: (launches.append(tuple(n for n in ("w_up", "bias", "residual", "norm_w")
                                                                    if k.get(n) is not None) + ("rms",) * k["rms"]),
-                                         real(*a, **k))[1])
+                                         pdl.append(k.get("pdl")), real(*a, **k))[2])
     attn_pdl = []
     real_attn = _ops.triton_attention.rope_decode_attention
     monkeypatch.setattr(_ops.triton_attention, "rope_decode_attention",
@@ -690,6 +690,9 @@ def test_dense_kernel_engine_runs_the_kernel_bf16(monkeypatch, unit):
         e.prefill(ids)
     g = () if unit else ("norm_w",)
     assert launches == [g + ("rms",)]  # the prompt's rows take the reference, its last position's head the kernel
+    assert pdl == [None]  # a dense model's head: a programmatic dependent where possible (v28 rule)
+    DecodeEngine(w, dense_kernel=True, head_pdl=False, **kw).prefill(ids)
+    assert pdl == [None, False]  # asked to launch in order, it tells the kernel so
     launches.clear()
     _follow(plain, dk, 3)
     # the attention asks to launch as a programmatic dependent in the dense-kernel step only (its o projection

@@ -50,6 +50,19 @@ def test_steps_grouped_by_replay_and_summarised(corr):
     assert gt.diff(r, r)[0]["delta"] == 0.0
 
 
+def test_roles_per_layer_leave_the_kernels_after_the_layers_out():
+    """Dense: 4 GEMVs per layer, then the head (the same kernel): roles from the layers' occurrences only."""
+    def layer(t0):
+        return [("dense_gemv_kernel", t0, 2.0), ("decode_attn_split_kernel", t0 + 2, 1.0)] + [
+            ("dense_gemv_kernel", t0 + 3 + 4 * i, 1.0 + i) for i in range(3)]
+
+    step = layer(0.0) + layer(20.0) + [("dense_gemv_kernel", 40.0, 9.0)]
+    r = gt.summarize(gt._steps_from_trace(_trace([step]), 1))
+    g = r["per_name"]["dense_gemv_kernel"]
+    assert g["n"] == 9 and [x["dur"] for x in g["by_role"]] == [2.0, 1.0, 2.0, 3.0]
+    assert [x["dur"] for x in g["after_the_layers"]] == [9.0]
+
+
 def test_a_trace_that_does_not_split_into_steps_is_refused():
     with pytest.raises(RuntimeError, match="cannot split"):
         gt._steps_from_trace(_trace([STEP, STEP[:2]], corr=False), 2)

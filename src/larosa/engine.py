@@ -711,8 +711,7 @@ class DecodeEngine:
     off on the CPU (same function there; the op's reference rounds RoPE once, in fp32).
     attn_combine: with fuse_rope, "last" (`DEFAULT_ATTN_COMBINE`, v18: the last split program of each KV head
     combines the cache splits, one launch fewer per layer) or "launch" (a second launch combines them).
-    dense_kernel: dense sites (every site of a dense model) and the head (where no adapters are split off the
-    layers) take `larosa::dense_linear` (v20): the block input's RMSNorm, the bias, SiLU * up and the residual
+    dense_kernel: dense sites (every site of a dense model) and the head take `larosa::dense_linear` (v20): the block input's RMSNorm, the bias, SiLU * up and the residual
     add in the GEMV launch, which loads its first weight tiles before waiting for its input (PDL), so a dense
     decode step is a chain of such launches and the attention (then itself a programmatic dependent). None =
     where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9), else off (the plain step:
@@ -726,9 +725,10 @@ class DecodeEngine:
     for A/B runs) if set, else with `dense_kernel`.
     head_pdl: the head in `dense_linear` launched as a programmatic dependent. None = only where no site is Top-K
     (v28, `benchmarks/results/head-default-h200.json`, LLaMA2-7B p = 0.5, tok/s for the head on cuBLAS / in
-    `dense_linear` with PDL / without: dense 272.5 / 274.3 / 262.3, TEAL 252.2 / 261.7 / 253.4, LaRoSA 284.6 /
-    257.4 / 285.7, un-rotated Top-K 295.3 / 289.2 / 296.5). With the gathered Top-K GEMVs in the step, a head
-    launched as a programmatic dependent makes the o and down GEMVs of every layer 5-6 us slower inside the graph
+    `dense_linear` with PDL / without (`LAROSA_DENSE_PDL=0`: for the dense model that is every dense GEMV, not the
+    head alone): dense 272.5 / 274.3 / 262.3, TEAL 252.2 / 261.7 / 253.4, LaRoSA 284.6 / 257.4 / 285.7, un-rotated
+    Top-K 295.3 / 289.2 / 296.5). With the gathered Top-K GEMVs in the step, a head
+    launched as a programmatic dependent makes the o and down GEMVs of every layer 5-6.5 us slower inside the graph
     replay (`benchmarks/results/timeline-llama2-7b.*`; why is not understood, the graph's edges are the same).
     """
 
