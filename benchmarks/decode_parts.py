@@ -265,7 +265,7 @@ def variant_ab_rows(shape: str, gen_len: int, var: str | None, variants, repeats
     bw, base, prompt = setup or _engine_setup(shape)
     rows = []
     for method, p in methods:
-        if method == "teal":  # at LaRoSA's parameter-weighted sparsity for nominal p, as `larosa bench decode` runs it
+        if method == "teal":  # LaRoSA's parameter-weighted sparsity for nominal p, as `larosa bench decode` runs it
             pw = _plan_pw(base, p, (0.8, 1.2))
             w = sparse_variant(base, "teal", pw, thresholds=teal_thresholds(base, pw, prompt))
         else:
@@ -522,12 +522,8 @@ def dense_head_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     gained at both sparsities (the `densehead` stage then runs its later stages with LAROSA_DENSE_HEAD=1)."""
     variants = [(f"dense_head={h}", None, _head_kw(h)) for h in (False, True)]
     rows = variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
-
-    def mean(p: float, head: bool) -> float:
-        r = [x["tok_s"] for x in rows if x["method"] == "larosa" and x["nominal"] == p and x["dense_head"] == head]
-        return sum(r) / len(r)
-
-    gains = {p: mean(p, True) / mean(p, False) - 1 for p in (0.5, 0.75)}
+    gains = {p: _mean_tok_s(rows, method="larosa", nominal=p, dense_head=True)
+             / _mean_tok_s(rows, method="larosa", nominal=p, dense_head=False) - 1 for p in (0.5, 0.75)}
     print("dense head gain for LaRoSA: " + ", ".join(f"p = {p}: {100 * g:+.1f} %" for p, g in gains.items()))
     print(f"dense head for LaRoSA: {'on' if min(gains.values()) > 0.005 else 'off'}", flush=True)
     return rows
@@ -541,7 +537,8 @@ def head_cause_rows(shape: str, gen_len: int, repeats: int = 1, hints_off: bool 
     cases = ((("(default)", {}), ("hints off", {"select_hints": False})) if hints_off else
              (("(default)", {}), ("hints at all four", {"hint_sites": (0, 1, 2, 3)}),
               ("adapters in order", {"overlap_adapters": False})))
-    variants = [(f"dense_head={h} {label}", None, {**_head_kw(h), **kw}) for label, kw in cases for h in (False, True)]
+    variants = [(f"dense_head={h} {label}", None, {**_head_kw(h), **kw})
+                for label, kw in cases for h in (False, True)]
     return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
 
 
@@ -554,22 +551,26 @@ def head_pdl_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     return variant_ab_rows(shape, gen_len, None, variants, repeats, (("larosa", 0.5),))
 
 
+def _mean_tok_s(rows: list[dict], **match) -> float:
+    """Mean tok/s of the rows whose fields equal `match`."""
+    r = [x["tok_s"] for x in rows if all(x.get(k) == v for k, v in match.items())]
+    return sum(r) / len(r)
+
+
 def head_default_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     """v28: the head on cuBLAS, in `dense_linear` as a programmatic dependent (PDL), or in `dense_linear` launched in
     order (`head_pdl=False`), for each method. (The committed v28 run, `results/head-default-h200.*`, made the third
     variant with `LAROSA_DENSE_PDL=0`, which for the dense model turns PDL off in every dense GEMV, not the head
-    alone; for the sparse methods only the head is a dense GEMV, so there it is the same variant.) The v28 graph timeline found LaRoSA's o and down GEMVs 5-6 us
-    slower in every layer when the head is a programmatic dependent, and un-rotated Top-K's step 2 % faster with
-    the cuBLAS head than with its default (the PDL head)."""
+    alone; for the sparse methods only the head is a dense GEMV, so there it is the same variant.) The v28 graph
+    timeline found LaRoSA's o and down GEMVs 5-6.5 us slower in every layer when the head is a programmatic
+    dependent, and un-rotated Top-K's step 2 % faster with the cuBLAS head than with its default then (the PDL
+    head)."""
     variants = [("head=cublas", None, {"dense_head": False}), ("head=dense pdl", None, _head_kw(True)),
                 ("head=dense nopdl", None, {"dense_head": True, "head_pdl": False})]
     rows = variant_ab_rows(shape, gen_len, None, variants, repeats,
                            (("dense", 0.0), ("larosa", 0.5), ("topk", 0.5), ("teal", 0.5)))
     for method in ("dense", "larosa", "topk", "teal"):
-        means = {}
-        for label, _, _ in variants:
-            r = [x["tok_s"] for x in rows if x["method"] == method and x["variant"] == label]
-            means[label] = sum(r) / len(r)
+        means = {label: _mean_tok_s(rows, method=method, variant=label) for label, _, _ in variants}
         print(f"{method:6s} " + "  ".join(f"{k}: {v:.1f}" for k, v in means.items()) + " tok/s (mean)", flush=True)
     return rows
 
@@ -581,8 +582,7 @@ def head_rule_rows(shape: str, gen_len: int, repeats: int = 2) -> list[dict]:
     rows = variant_ab_rows(shape, gen_len, None, variants, repeats,
                            (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)))
     for method, p in (("larosa", 0.4), ("larosa", 0.5), ("larosa", 0.75), ("topk", 0.5)):
-        mean = {label: sum(r) / len(r) for label, _, _ in variants
-                for r in [[x["tok_s"] for x in rows if (x["method"], x["nominal"], x["variant"]) == (method, p, label)]]}
+        mean = {label: _mean_tok_s(rows, method=method, nominal=p, variant=label) for label, _, _ in variants}
         print(f"{shape} {method:6s} p={p:.2f} " + "  ".join(f"{k}: {v:.1f}" for k, v in mean.items())
               + f" tok/s (mean; default/cublas {mean['head=default'] / mean['head=cublas']:.4f})", flush=True)
     return rows

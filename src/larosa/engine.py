@@ -711,12 +711,12 @@ class DecodeEngine:
     off on the CPU (same function there; the op's reference rounds RoPE once, in fp32).
     attn_combine: with fuse_rope, "last" (`DEFAULT_ATTN_COMBINE`, v18: the last split program of each KV head
     combines the cache splits, one launch fewer per layer) or "launch" (a second launch combines them).
-    dense_kernel: dense sites (every site of a dense model) and the head take `larosa::dense_linear` (v20): the block input's RMSNorm, the bias, SiLU * up and the residual
-    add in the GEMV launch, which loads its first weight tiles before waiting for its input (PDL), so a dense
-    decode step is a chain of such launches and the attention (then itself a programmatic dependent). None =
-    where PDL is possible (`ops.dense_kernel_default`: CUDA, compute capability >= 9), else off (the plain step:
-    cuBLAS and compiled glue). On the CPU (tests) the op runs the interpreted kernel
-    for bf16 under TRITON_INTERPRET=1, else HF's arithmetic.
+    dense_kernel: dense sites (every site of a dense model) and the head take `larosa::dense_linear` (v20): the
+    block input's RMSNorm, the bias, SiLU * up and the residual add in the GEMV launch, which loads its first
+    weight tiles before waiting for its input (PDL), so a dense decode step is a chain of such launches and the
+    attention (then itself a programmatic dependent). None = where PDL is possible (`ops.dense_kernel_default`:
+    CUDA, compute capability >= 9), else off (the plain step: cuBLAS and compiled glue). On the CPU (tests) the op
+    runs the interpreted kernel for bf16 under TRITON_INTERPRET=1, else HF's arithmetic.
     spec: the Top-K o projections in the speculative GEMV (v22, `larosa::spec_linear`, `triton_spec`): its
     programs stream the rows guessed from the site's previous threshold while the select runs, then correct
     by the select's fix list (exact). The engine keeps a blocked copy of those weights (`spec_layout`) and the
@@ -787,8 +787,7 @@ class DecodeEngine:
         if dense_head is None and os.environ.get("LAROSA_DENSE_HEAD"):
             dense_head = _env_flag("LAROSA_DENSE_HEAD", False)
         self.dense_head = self.dense_kernel if dense_head is None else bool(dense_head)
-        has_topk = any(getattr(st, n).mode == "topk" for st in weights.statics for n in SITES)
-        self.head_pdl = (not has_topk) if head_pdl is None else bool(head_pdl)
+        self.head_pdl = (kept_share(weights) is None) if head_pdl is None else bool(head_pdl)  # no Top-K site
         self.device = weights.device
         self.dtype = weights.dtype
         self.compile = cuda if compile is None else compile
