@@ -113,7 +113,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|gtileloop|gtileloope2e|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -124,6 +124,10 @@ pack() {
   echo "packed $(dirname "$out")/results.tgz"
 }
 rc=0
+# v29: the row loop's candidates per site (BLOCK_M,BLOCK_N,WARPS,ITERS; none spills in the sm_90 compile)
+LOOP_CANDIDATES="gate_up=default/8,256,2,4/16,128,2,4/8,512,4,4/16,256,4,4/8,256,2,8;\
+qkv=default/16,512,4,4/8,512,4,8/16,256,4,4/32,128,4,4;down=default/16,512,4,4/16,256,4,8/8,512,4,8/32,128,4,4;\
+o=default/16,256,4,4/8,512,4,4/16,512,4,2/8,256,2,4"
 # one benchmarks/decode_parts.py part, its JSON and log under $out/NAME.{json,log}
 parts() { python3 benchmarks/decode_parts.py --parts "$1" --out "$out/$2.json" 2>&1 | tee "$out/$2.log" || rc=1; }
 # a further round of the dense per-site sweep (round number, candidates); the later stages run with its best
@@ -276,6 +280,14 @@ for stage in "$@"; do
       parts dense_kernel dense-tiles-h200 ;;
     gtilesites)
       parts gtile_sites gtile-sites-h200 ;;
+    gtileloop)  # v29: the gathered GEMV's row loop: compiled tests, then per op (weights cold) by tiling
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels.py -k "row_loop or gtile_tiles" \
+        > "$out/gtile-loop-tests.log" 2>&1 || rc=1
+      tail -n 2 "$out/gtile-loop-tests.log"
+      python3 benchmarks/gtile_loop.py --out "$out/gtile-loop-h200.json" 2>&1 | tee "$out/gtile-loop-h200.log" || rc=1 ;;
+    gtileloope2e)  # v29: the row loop's tilings per site in LaRoSA's step (greedy), then best vs default at 0.4-0.75
+      python3 benchmarks/decode_parts.py --parts gtile_sites --out "$out/gtile-loop-sites-h200.json" \
+        --site-candidates "${GTILE_LOOP_CANDIDATES:-$LOOP_CANDIDATES}" 2>&1 | tee "$out/gtile-loop-sites-h200.log" || rc=1 ;;
     densehead)  # v21: LaRoSA's head in dense_linear or cuBLAS; the later stages of the call run with the winner
       parts dense_head dense-head-h200
       if grep -q "^dense head for LaRoSA: on" "$out/dense-head-h200.log"; then

@@ -1050,3 +1050,43 @@ def test_compact_store_switch(monkeypatch):
     monkeypatch.setenv("LAROSA_COMPACT_STORE", "shared")
     with pytest.raises(ValueError, match="LAROSA_COMPACT_STORE"):
         tg.select(x, 40, compact=True)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("iters,pipe", [(2, 0), (3, 0), (3, 2), (5, 3)])
+def test_gtile_row_loop_matches_reference(gated, iters, pipe):
+    """The gathered kernel's row loop (v29, ITERS chunks of BLOCK_M kept rows per program; PIPE 0 = the next
+    chunk's loads before this chunk's products, >= 2 = Triton's pipeliner): the same Top-K product as one tile per
+    program, against the fp64 reference, with a last program whose chunks run past k (partly and wholly masked),
+    a bias or a residual, and the list with and without x packed in."""
+    tg = ops.triton_gemv
+    torch.manual_seed(iters * 10 + pipe)
+    d_in, d_out, k = 300, 72, 101  # 101 = 16 * 6 + 5: chunks of 16 leave a ragged and an empty tail
+    x = torch.randn(1, d_in).bfloat16()
+    wt = (torch.randn(d_in, d_out) * 0.05).bfloat16()
+    wt2 = (torch.randn(d_in, d_out) * 0.05).bfloat16() if gated else None
+    bias = None if gated else torch.randn(d_out).bfloat16()
+    res = None if gated else torch.randn(1, d_out).bfloat16()
+    xk = torch.where(topk_keep_mask(x, k), x, 0).double()
+    want = xk @ wt.double()
+    if gated:
+        want = torch.nn.functional.silu(want) * (xk @ wt2.double())
+    else:
+        want = want + bias.double() + res.double()
+    for pack_x in (False, True):
+        y = torch.empty(1, d_out, dtype=torch.bfloat16)
+        one = torch.empty(1, d_out, dtype=torch.bfloat16)
+        tg.launch_gtile(x, wt, y, k, wt2=wt2, bias=bias, residual=res, block_m=16, block_n=32, iters=iters, pipe=pipe,
+                        pack_x=pack_x)
+        tg.launch_gtile(x, wt, one, k, wt2=wt2, bias=bias, residual=res, block_m=16, block_n=32, pack_x=pack_x)
+        assert _rel(y, want) < 1e-2
+        assert _rel(y, one) < 5e-3  # the same kept rows, summed in another order
+    counters = torch.zeros(tg.tile_workspace_needed(1, d_out, gated, 32), dtype=torch.int32)
+    tg.launch_gtile(x, wt, y, k, wt2=wt2, bias=bias, residual=res, block_m=16, block_n=32, iters=iters, pipe=pipe,
+                    counters=counters)
+    assert not counters.any()  # the counters and sums are left zeroed for the next call
+    for bad in ({"iters": 0}, {"iters": 2, "pipe": 1}):
+        with pytest.raises(ValueError, match="iters must be"):
+            tg.launch_gtile(x, wt, y, k, wt2=wt2, **bad)
+    with pytest.raises(ValueError, match="gathered kernel"):
+        tg.launch(x, wt, y, k, wt2=wt2, impl="tile", iters=2)
