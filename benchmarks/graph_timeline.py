@@ -66,6 +66,11 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-hints-off": ("larosa", {}, {"select_hints": False}),
     "larosa-adapter-split-0.5": ("larosa", {}, {"adapter_split": 0.5}),
     "larosa-adapter-split-1": ("larosa", {}, {"adapter_split": 1.0}),
+    # v29: the down select hinted too (its window, and the L2 prefetch it then runs), and the prefetch budget
+    "larosa-hint-down": ("larosa", {"LAROSA_HINT_SITES": "0,1,2,3"}, {}),
+    "larosa-prefetch-4": ("larosa", {"LAROSA_PREFETCH_MB": "4"}, {}),
+    "larosa-prefetch-16": ("larosa", {"LAROSA_PREFETCH_MB": "16"}, {}),
+    "larosa-prefetch-32": ("larosa", {"LAROSA_PREFETCH_MB": "32"}, {}),
     "topk": ("topk", {}, {}),
     "topk-cublas-head": ("topk", {}, {"dense_head": False}),
     "topk-pdl-head": ("topk", {}, {"head_pdl": True}),

@@ -1,14 +1,14 @@
 """The gathered GEMV with a row loop (v29, `ITERS` chunks of `BLOCK_M` kept rows per program) against one tile per
 program, per op, weights cold (H200).
 
-The v28 graph timeline put LaRoSA's gathered gate/up GEMV at ~2.3 TB/s of kept bytes inside the step (31 us for
-72 MB at p = 0.5) and q/k/v at ~3.2 TB/s, against ~4.1 TB/s for the dense GEMVs. One tile per program reads
-BLOCK_N * 2 bytes of each kept row (128 B gated, 256-512 B ungated): short pieces, each in another DRAM page. A
-program that loops over chunks of kept rows can take wider tiles (1-2 KiB pieces) for the same registers, and adds
-its sums with one atomic per column instead of one per chunk.
+One tile per program reads BLOCK_N * 2 bytes of each kept row (128 B gated, 256-512 B ungated): short pieces, each
+in another DRAM page. A program that loops over chunks of kept rows can take wider tiles (1-2 KiB pieces) for the
+same registers, and adds its sums with one atomic per column instead of one per chunk. (v29's first run of this
+came from a misreading of the v28 timeline, gate/up at ~2.3 TB/s in the step with 40 % kept; it keeps 60 %: 3.5
+TB/s. The row loop lost at every site either way.)
 
-Each op at LaRoSA's p = 0.5 keep counts on the LLaMA2-7B shape (0.8 / 1.2 split: q/k/v and o keep 60 % of 4096,
-gate/up 40 % of 4096, down 40 % of 11008), the product kernel (`launch_gtile`, the list from one compacting select,
+Each op at LaRoSA's p = 0.5 keep counts on the LLaMA2-7B shape (0.8 / 1.2 split: q/k/v and gate/up keep 60 % of 4096,
+o 40 % of 4096, down 40 % of 11008), the product kernel (`launch_gtile`, the list from one compacting select,
 x in the list, counters and finisher, no PDL) in a CUDA graph that cycles over weight copies (> 4x L2), median
 per call; TB/s of kept bytes; every variant's output checked against the default tiles' (rel < 1e-2).
 
@@ -30,10 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemv import copy_bandwidth, graph_time_us, n_copies  # noqa: E402
 from larosa.kernels import triton_gemv  # noqa: E402
+from larosa.sparsity import SparsityPlan  # noqa: E402
 
-SITES = {  # name: (d_in, d_out, gated, kept rows at LaRoSA p = 0.5 with the 0.8 / 1.2 split)
-    "qkv": (4096, 12288, False, 2458), "o": (4096, 4096, False, 2458),
-    "gate_up": (4096, 11008, True, 1638), "down": (11008, 4096, False, 4403),
+# v29: the keep counts from the plan itself (LaRoSA's 0.8 / 1.2 split at p = 0.5: q/k/v and gate/up keep 60 %, o and
+# down 40 %). v28's `layout_ab.py` had o's and gate/up's counts swapped (o 2458, gate/up 1638 kept rows).
+_PLAN = SparsityPlan.from_nominal(0.5)
+SITES = {  # name: (d_in, d_out, gated, kept rows)
+    "qkv": (4096, 12288, False, _PLAN.k("attn_in", 4096)), "o": (4096, 4096, False, _PLAN.k("attn_out", 4096)),
+    "gate_up": (4096, 11008, True, _PLAN.k("mlp_in", 4096)), "down": (11008, 4096, False, _PLAN.k("mlp_out", 11008)),
 }
 # (BLOCK_M, BLOCK_N, warps, ITERS, PIPE): none spills in the sm_90 compile (local Triton; `kernel_resources.py`)
 UNGATED = [(bm, bn, w, it, 0) for bm, bn, w in ((8, 256, 2), (16, 256, 4), (8, 512, 4), (16, 512, 4), (16, 128, 2),

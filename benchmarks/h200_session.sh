@@ -113,7 +113,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|gtileloop|gtileloope2e|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|gtileloop|gtileloope2e|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -285,6 +285,9 @@ for stage in "$@"; do
         > "$out/gtile-loop-tests.log" 2>&1 || rc=1
       tail -n 2 "$out/gtile-loop-tests.log"
       python3 benchmarks/gtile_loop.py --out "$out/gtile-loop-h200.json" 2>&1 | tee "$out/gtile-loop-h200.log" || rc=1 ;;
+    layoutcold)  # v29: layout_ab.py with the weights cold (copies cycled), and the gate/up GEMV after its norm + select
+      python3 benchmarks/layout_ab.py --cold --out "$out/layout-ab-cold-h200.json" 2>&1 \
+        | tee "$out/layout-ab-cold-h200.log" || rc=1 ;;
     gtileloope2e)  # v29: the row loop's tilings per site in LaRoSA's step (greedy), then best vs default at 0.4-0.75
       python3 benchmarks/decode_parts.py --parts gtile_sites --out "$out/gtile-loop-sites-h200.json" \
         --site-candidates "${GTILE_LOOP_CANDIDATES:-$LOOP_CANDIDATES}" 2>&1 | tee "$out/gtile-loop-sites-h200.log" || rc=1 ;;
