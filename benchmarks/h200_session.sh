@@ -47,6 +47,8 @@
 #                                                # graph_timeline.py (17, ~10 s each; TIMELINE_VARIANTS picks some)
 #   TIMELINE_VARIANTS=larosa,larosa-prefetch-off,larosa-hints-off,larosa-adapter-split-0.5,larosa-adapter-split-1 \
 #     bash benchmarks/h200_session.sh timeline   # v28's next steps: the gate/up GEMV and the down select (~1 min)
+#   bash benchmarks/h200_session.sh layoutcold   # v29: the gathered tile by weight layout with the weights cold, and the
+#                                                # gate/up GEMV after its norm + select (layout_ab.py --cold) (~1 min)
 #   bash benchmarks/h200_session.sh headdefault  # v28: each method (dense, LaRoSA, Top-K, TEAL at p = 0.5) with the head on
 #                                                # cuBLAS / dense_linear with PDL / without, alternating twice (~6 min)
 #   bash benchmarks/h200_session.sh headrule     # v28: the head rule (dense_linear, in order beside Top-K) vs the cuBLAS
@@ -113,7 +115,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|gtileloop|gtileloope2e|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -124,10 +126,6 @@ pack() {
   echo "packed $(dirname "$out")/results.tgz"
 }
 rc=0
-# v29: the row loop's candidates per site (BLOCK_M,BLOCK_N,WARPS,ITERS; none spills in the sm_90 compile)
-LOOP_CANDIDATES="gate_up=default/8,256,2,4/16,128,2,4/8,512,4,4/16,256,4,4/8,256,2,8;\
-qkv=default/16,512,4,4/8,512,4,8/16,256,4,4/32,128,4,4;down=default/16,512,4,4/16,256,4,8/8,512,4,8/32,128,4,4;\
-o=default/16,256,4,4/8,512,4,4/16,512,4,2/8,256,2,4"
 # one benchmarks/decode_parts.py part, its JSON and log under $out/NAME.{json,log}
 parts() { python3 benchmarks/decode_parts.py --parts "$1" --out "$out/$2.json" 2>&1 | tee "$out/$2.log" || rc=1; }
 # a further round of the dense per-site sweep (round number, candidates); the later stages run with its best
@@ -280,17 +278,9 @@ for stage in "$@"; do
       parts dense_kernel dense-tiles-h200 ;;
     gtilesites)
       parts gtile_sites gtile-sites-h200 ;;
-    gtileloop)  # v29: the gathered GEMV's row loop: compiled tests, then per op (weights cold) by tiling
-      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels.py -k "row_loop or gtile_tiles" \
-        > "$out/gtile-loop-tests.log" 2>&1 || rc=1
-      tail -n 2 "$out/gtile-loop-tests.log"
-      python3 benchmarks/gtile_loop.py --out "$out/gtile-loop-h200.json" 2>&1 | tee "$out/gtile-loop-h200.log" || rc=1 ;;
     layoutcold)  # v29: layout_ab.py with the weights cold (copies cycled), and the gate/up GEMV after its norm + select
       python3 benchmarks/layout_ab.py --cold --out "$out/layout-ab-cold-h200.json" 2>&1 \
         | tee "$out/layout-ab-cold-h200.log" || rc=1 ;;
-    gtileloope2e)  # v29: the row loop's tilings per site in LaRoSA's step (greedy), then best vs default at 0.4-0.75
-      python3 benchmarks/decode_parts.py --parts gtile_sites --out "$out/gtile-loop-sites-h200.json" \
-        --site-candidates "${GTILE_LOOP_CANDIDATES:-$LOOP_CANDIDATES}" 2>&1 | tee "$out/gtile-loop-sites-h200.log" || rc=1 ;;
     densehead)  # v21: LaRoSA's head in dense_linear or cuBLAS; the later stages of the call run with the winner
       parts dense_head dense-head-h200
       if grep -q "^dense head for LaRoSA: on" "$out/dense-head-h200.log"; then

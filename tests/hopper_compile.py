@@ -114,14 +114,6 @@ CASES = [
     # v24 (default, LAROSA_ATTN_BALANCED): the splits divide the filled positions at run time
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True, "BALANCED": True}, 4),
-    # v29: the gathered GEMV's row loop (ITERS chunks per program; PIPE 0: the next chunk's loads first, 3: the
-    # pipeliner), gated, and ungated with the residual and the adapter's side programs (as at the down site)
-    (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 8, "BLOCK_N": 256, "PDL": True,
-                            "PACK_X": True, "ITERS": 4}, 2),
-    (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 8, "BLOCK_N": 256, "PDL": True,
-                            "PACK_X": True, "ITERS": 4, "PIPE": 3}, 2),
-    (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 16, "BLOCK_N": 512, "PDL": True,
-                            "HAS_RES": True, "PACK_X": True, "ITERS": 4, "SIDE": True, "HAS_PREV": True, **SIDE_GEMV}, 4),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 5, "ASM": True}, 4),

@@ -682,101 +682,21 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                       SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                       A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
-                      PACK_X: tl.constexpr = False, ITERS: tl.constexpr = 1, PIPE: tl.constexpr = 0):
+                      PACK_X: tl.constexpr = False):
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
     the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE and PDL as there.
-    PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read.
-    ITERS > 1 (v29, `_gtile_loop_body`): a program walks ITERS chunks of BLOCK_M kept rows, so its tiles can be
-    wider (longer contiguous pieces of each row) for the same registers, with one atomic add per column."""
+    PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:
         _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
                     stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
-    elif ITERS > 1:
-        _gtile_loop_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
-                         stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
-                         m0 if SIDE else 0, PACK_X, ITERS, PIPE)
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
                          stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
                          m0 if SIDE else 0, PACK_X)
-
-
-@triton.jit
-def _gtile_entries(lst, x_row, j, jmask, PACK_X: tl.constexpr):
-    """Kept positions j of the list (masked by jmask) and their x in fp32."""
-    idx = tl.load(lst + j, mask=jmask, other=0)
-    if PACK_X:  # (x's 16 bits << 16) | position
-        xf = (idx >> 16).to(tl.int16).to(x_row.dtype.element_ty, bitcast=True).to(tl.float32)
-        idx = idx & 0xFFFF
-    else:
-        xf = tl.load(x_row + idx, mask=jmask, other=0.0).to(tl.float32)
-    return idx, xf
-
-
-@triton.jit
-def _gtile_rows(idx, jmask, wt_ptr, wt2_ptr, rn, cmask, d_out, GATED: tl.constexpr):
-    """W^T[idx, rn] (and the up matrix's, GATED; else the first again, unused) where kept, 0 elsewhere."""
-    wmask = jmask[:, None] & cmask[None, :]
-    w_off = idx.to(tl.int64)[:, None] * d_out + rn[None, :]
-    w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
-    w2 = w
-    if GATED:
-        w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
-    return w, w2
-
-
-@triton.jit
-def _gtile_loop_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
-                     res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr,
-                     ITERS: tl.constexpr, PIPE: tl.constexpr):
-    """v29: program (n, m) takes kept positions m * BLOCK_M * ITERS ... in ITERS chunks of BLOCK_M, adding each
-    chunk's rows into [BLOCK_M, BLOCK_N] fp32 tiles; one atomic add per column at the end, then the counter and
-    finisher as in `_tile_add_finish`. PIPE 0: the next chunk's loads are issued before this chunk's products (in
-    registers, two chunks in flight); PIPE >= 2: a plain loop that Triton's pipeliner stages PIPE deep."""
-    pid_n = tl.program_id(0)
-    row = tl.program_id(2).to(tl.int64)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = rn < d_out
-    j = (tl.program_id(1) - m0) * (BLOCK_M * ITERS) + tl.arange(0, BLOCK_M)
-    if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
-        gdc_wait()
-    lst = sel_ptr + row * (2 + k) + 2
-    x_row = x_ptr + row * stride_x
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if PIPE >= 2:
-        for it in tl.range(0, ITERS, num_stages=PIPE):
-            jj = j + it * BLOCK_M
-            idx, xf = _gtile_entries(lst, x_row, jj, jj < k, PACK_X)
-            w, w2 = _gtile_rows(idx, jj < k, wt_ptr, wt2_ptr, rn, cmask, d_out, GATED)
-            acc += w.to(tl.float32) * xf[:, None]
-            if GATED:
-                acc2 += w2.to(tl.float32) * xf[:, None]
-    else:
-        idx, xf = _gtile_entries(lst, x_row, j, j < k, PACK_X)
-        w, w2 = _gtile_rows(idx, j < k, wt_ptr, wt2_ptr, rn, cmask, d_out, GATED)
-        for it in range(1, ITERS):
-            jj = j + it * BLOCK_M
-            idx_n, xf_n = _gtile_entries(lst, x_row, jj, jj < k, PACK_X)
-            w_n, w2_n = _gtile_rows(idx_n, jj < k, wt_ptr, wt2_ptr, rn, cmask, d_out, GATED)
-            acc += w.to(tl.float32) * xf[:, None]
-            if GATED:
-                acc2 += w2.to(tl.float32) * xf[:, None]
-            w, w2, xf = w_n, w2_n, xf_n
-        acc += w.to(tl.float32) * xf[:, None]
-        if GATED:
-            acc2 += w2.to(tl.float32) * xf[:, None]
-    acc_row = acc_ptr + row * (2 if GATED else 1) * d_out
-    tl.atomic_add(acc_row + rn, tl.sum(acc, 0), mask=cmask, sem="relaxed")
-    if GATED:
-        tl.atomic_add(acc_row + d_out + rn, tl.sum(acc2, 0), mask=cmask, sem="relaxed")
-    _count_finish(acc_row, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out, stride_y, stride_r,
-                  GATED, HAS_BIAS, HAS_RES, m0)
 
 
 @triton.jit
@@ -787,7 +707,12 @@ def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     jmask = j < k
     if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
         gdc_wait()
-    idx, xf = _gtile_entries(sel_ptr + row * (2 + k) + 2, x_ptr + row * stride_x, j, jmask, PACK_X)
+    idx = tl.load(sel_ptr + row * (2 + k) + 2 + j, mask=jmask, other=0)
+    if PACK_X:  # (x's 16 bits << 16) | position
+        xf = (idx >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+        idx = idx & 0xFFFF
+    else:
+        xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
 
@@ -832,14 +757,6 @@ def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_
     if GATED:
         w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
         tl.atomic_add(acc_row + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
-    _count_finish(acc_row, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out, stride_y, stride_r,
-                  GATED, HAS_BIAS, HAS_RES, m0)
-
-
-@triton.jit
-def _count_finish(acc_row, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out, stride_y, stride_r,
-                  GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, m0):
-    """After a program's atomic adds: count it in its column block; the last one finishes the block."""
     tl.debug_barrier()
     cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
     if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - m0 - 1:
@@ -957,13 +874,12 @@ def decode_site(d_in: int, d_out: int, gated: bool = False) -> str:
 
 
 def parse_tiles(spec: str, env: str, form: str) -> tuple[int, ...]:
-    """"a,b,..." -> ints, as many as `form` ("BN,BK,STAGES,WARPS") names; names in [...] may be left out."""
+    """"a,b,..." -> ints, as many as `form` ("BN,BK,STAGES,WARPS") names."""
     try:
         t = tuple(int(v) for v in spec.split(","))
     except ValueError:
         t = ()
-    names = form.replace("[", "").replace("]", "").split(",")
-    if not len(form.split("[")[0].rstrip(",").split(",")) <= len(t) <= len(names):
+    if len(t) != len(form.split(",")):
         raise ValueError(f"{env}: tiles must be {form}, got {spec!r}")
     return t
 
@@ -980,13 +896,11 @@ def site_specs(env_value: str, env: str, sites: tuple[str, ...], form: str) -> d
     return out
 
 
-def gtile_site_tiles() -> dict[str, tuple[int, ...]]:
+def gtile_site_tiles() -> dict[str, tuple[int, int, int]]:
     """Tiles of the gathered-rows kernel by site (`decode_site`) from `LAROSA_GTILE_TILES`
-    ("site=BLOCK_M,BLOCK_N,WARPS[,ITERS[,PIPE]];...", for A/B runs); the sites not named keep `gtile_config`'s
-    rule."""
+    ("site=BLOCK_M,BLOCK_N,WARPS;...", for A/B runs); the sites not named keep `gtile_config`'s rule."""
     env = os.environ.get("LAROSA_GTILE_TILES")
-    return site_specs(env, "LAROSA_GTILE_TILES", DECODE_SITES[:4], "BLOCK_M,BLOCK_N,WARPS[,ITERS[,PIPE]]") \
-        if env else {}
+    return site_specs(env, "LAROSA_GTILE_TILES", DECODE_SITES[:4], "BLOCK_M,BLOCK_N,WARPS") if env else {}
 
 
 GTILE_TALL = 14_000_000  # k * d_out from which 128 x 128 tiles beat 64 x 256 (half the atomics), v15 sweep
@@ -1001,8 +915,7 @@ def gtile_config(d_in: int, d_out: int, gated: bool = False, k: int | None = Non
     `LAROSA_GTILE_TILES` sets them by site (`gtile_site_tiles`)."""
     site = gtile_site_tiles().get(decode_site(d_in, d_out, gated))
     if site is not None:
-        return {"block_m": site[0], "block_n": site[1], "num_warps": site[2],
-                **({"iters": site[3], "pipe": site[4] if len(site) > 4 else 0} if len(site) > 3 else {})}
+        return {"block_m": site[0], "block_n": site[1], "num_warps": site[2]}
     if gated:
         return {"block_m": 64, "block_n": 64, "num_warps": 2}
     if (d_in if k is None else k) * d_out >= GTILE_TALL:
@@ -1014,13 +927,11 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
                  pdl: bool | None = None, block_m: int | None = None, block_n: int | None = None,
                  num_warps: int | None = None, select_num_warps: int | None = None,
                  sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None,
-                 iters: int | None = None, pipe: int | None = None) -> None:
+                 hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None) -> None:
     """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
     kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows.
     `pack_x` (None = `gather_x(d_in)`): the list carries x with each position; a given `sel` must then come from a
-    select with `pack_x=True` too. `iters` / `pipe` (None: the config's): chunks of block_m kept rows per program
-    and how their loads are pipelined (`_gtile_loop_body`, v29)."""
+    select with `pack_x=True` too."""
     _check_residual(residual, y, wt2)
     rows, d_in = x.shape
     d_out = wt.shape[1]
@@ -1038,20 +949,14 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
-    iters = cfg.get("iters", 1) if iters is None else iters
-    pipe = cfg.get("pipe", 0) if pipe is None else pipe
-    if iters < 1 or pipe < 0 or pipe == 1:
-        raise ValueError(f"iters must be >= 1 and pipe 0 or >= 2, got iters={iters}, pipe={pipe}")
-    grid = (n0, m0 + triton.cdiv(k, block_m * iters), rows)
-    loop_kw = {"ITERS": iters, "PIPE": pipe} if iters > 1 else {}
+    grid = (n0, m0 + triton.cdiv(k, block_m), rows)
     gtile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_out, k,
         x.stride(0), y.stride(0), residual if residual is not None else y,
         residual.stride(0) if residual is not None else 0, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=1,
-        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}),
-        **loop_kw)
+        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}))
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
@@ -1529,7 +1434,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            num_stages: int | None = None, pdl: bool | None = None,
            block_m: int | None = None, sel: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, hint: torch.Tensor | None = None,
-           side: SideGemv | None = None, iters: int | None = None, pipe: int | None = None) -> None:
+           side: SideGemv | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
     `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
@@ -1554,8 +1459,6 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
                          "tile / gtile), or with LAROSA_SIDE_IN=gemv in the tile / gtile GEMV launch")
     if impl not in IMPLS:
         raise ValueError(f"unknown kernel implementation {impl!r}; choose from {', '.join(IMPLS)}")
-    if impl != "gtile" and (iters, pipe) != (None, None):
-        raise ValueError(f"iters= and pipe= are the gathered kernel's (impl='gtile'), not impl={impl!r}'s")
     if impl in ("tile", "gtile"):  # they check the residual themselves
         unused = [n for n, v in (("gather", gather), ("block_k", block_k), ("rows_per_split", rows_per_split)) if v]
         if unused:
@@ -1578,7 +1481,7 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
             raise ValueError(f"impl='gtile' compacts in the packed select, not {select_impl!r}")
         return launch_gtile(x, wt, y, k, wt2=wt2, bias=bias, counters=counters, pdl=pdl, block_m=block_m,
                             block_n=block_n, num_warps=num_warps, select_num_warps=select_num_warps, sel=sel,
-                            residual=residual, hint=hint, side=side, iters=iters, pipe=pipe)
+                            residual=residual, hint=hint, side=side)
     if impl == "tile":
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
