@@ -1,0 +1,140 @@
+"""How well the previous token's threshold guesses the next token's Top-K set, on a real model (CPU).
+
+The selects are a quarter of LaRoSA's decode step on the H200 and sit on its critical path (benchmarks/NOTES.md v28,
+v29). The design that would take them off it (NOTES "Next steps"): the kernel that writes a site's input also lists
+the positions at or above a guess threshold (the site's exact threshold at the previous token, lowered by a margin),
+the GEMV streams those rows at once, and the exact select, run beside it, yields a fix list: rows the guess missed
+(to add) and rows it took that the exact Top-K does not keep (to subtract). The design pays off only if the fix
+list is short. Random weights (threshold_drift.py) say little about that; this measures it on a trained model.
+
+A real model (default the embedded smollm2-135m, fp32), LaRoSA fused (layerwise rotations) and un-rotated Top-K at
+nominal p (0.8 / 1.2 split), WikiText-2 test text through the engine's prefill (teacher forcing: consecutive tokens,
+as decoding that text would see them). Per (layer, site) and token t >= 1, with T_t the site's exact k-th largest |x|
+and the guess G_t = {i : |x_t,i| >= (1 - margin) T_(t-1)} against the exact set E_t (k entries):
+missed = |E_t - G_t| / k, extra = |G_t - E_t| / k, fix = missed + extra. Prints per site the mean and the 90th
+percentile over tokens and layers, for several margins, and writes JSON. `--random 4096,11008,4` instead: the random-
+weight model at that width (hidden, intermediate, layers) that the GPU speed runs use (`larosa.shapes`), fed random
+tokens, for comparison.
+
+    .venv/bin/python benchmarks/guess_miss.py --out benchmarks/results/guess-miss-smollm2-135m.json \
+        | tee benchmarks/results/guess-miss-smollm2-135m.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from larosa.api import cached_rotations  # noqa: E402
+from larosa.data import load_wikitext, tokenize_source  # noqa: E402
+from larosa.engine import DecodeEngine, from_hf  # noqa: E402
+from larosa.models import load_model  # noqa: E402
+from larosa.shapes import Shape, random_base, sparse_variant  # noqa: E402
+from larosa.sparsity import SparsityPlan  # noqa: E402
+from larosa.transform import LarosaConfig, apply  # noqa: E402
+
+SITES = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
+def site_inputs(weights, ids: torch.Tensor) -> dict:
+    """{(layer, site): (T, d) fp32 inputs before sparsification} from one prefill of ids (1, T)."""
+    eng = DecodeEngine(weights, max_len=ids.shape[1] + 1, compile=False, graphs=False)
+    seen = {}
+
+    def probe(layer: int, site: int, x: torch.Tensor) -> None:
+        seen[(layer, site)] = x.reshape(-1, x.shape[-1]).float().clone()
+
+    eng.prefill(ids, probe=probe)
+    return seen
+
+
+def guess_stats(x: torch.Tensor, k: int, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(missed, extra) per token t >= 1 as fractions of k (see the module docstring)."""
+    a = x.abs()
+    top = a.topk(k, dim=-1)
+    exact = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, top.indices, True)
+    kth = top.values[:, -1]
+    guess = a[1:] >= (1 - margin) * kth[:-1, None]
+    missed = (exact[1:] & ~guess).sum(-1).float() / k
+    extra = (guess & ~exact[1:]).sum(-1).float() / k
+    return missed, extra
+
+
+def summarize(rows: list[dict], p: float, method: str, margin: float, site: str) -> dict:
+    sel = [r for r in rows if (r["p"], r["method"], r["margin"], r["site"]) == (p, method, margin, site)]
+    m = torch.cat([r["missed"] for r in sel])
+    e = torch.cat([r["extra"] for r in sel])
+    f = m + e
+    q = lambda t: round(float(t.quantile(0.9)), 4)  # noqa: E731
+    return {"p": p, "method": method, "site": site, "margin": margin, "tokens": int(m.numel()),
+            "missed_mean": round(float(m.mean()), 4), "missed_p90": q(m), "extra_mean": round(float(e.mean()), 4),
+            "extra_p90": q(e), "fix_mean": round(float(f.mean()), 4), "fix_p90": q(f),
+            "no_miss_share": round(float((m == 0).float().mean()), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--sparsities", default="0.25,0.5,0.75", help="nominal p, comma list")
+    ap.add_argument("--tokens", type=int, default=512, help="WikiText-2 test tokens (one window)")
+    ap.add_argument("--margins", default="0,0.05,0.1,0.2")
+    ap.add_argument("--methods", default="larosa,topk")
+    ap.add_argument("--random", default=None, help="hidden,intermediate,layers: random weights at that width instead")
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    t0 = time.time()
+    if a.random:
+        hidden, inter, layers = (int(v) for v in a.random.split(","))
+        base = random_base(Shape(hidden, inter, layers, 32, 32, 1000), torch.float32, "cpu", 0)
+        ids = torch.randint(0, 1000, (1, a.tokens), generator=torch.Generator().manual_seed(0))
+        a.model = f"random weights {hidden}/{inter}, {layers} layers, random tokens"
+    else:
+        lm = load_model(a.model, device="cpu", dtype="float32")
+        ids = tokenize_source(lm.tokenizer, load_wikitext("test"))[: a.tokens][None]
+    margins = [float(m) for m in a.margins.split(",")]
+    sparsities = [float(p) for p in a.sparsities.split(",")]
+    methods = a.methods.split(",")
+    rot = cached_rotations(lm, 4, 512, 0) if "larosa" in methods and not a.random else None
+    rows = []
+    for p in sparsities:
+        for method in methods:
+            if a.random:  # LaRoSA there: random orthogonal adapters, as in the speed runs
+                w = sparse_variant(base, method, p)
+            else:
+                cfg = LarosaConfig("fused" if method == "larosa" else "topk", "layer", SparsityPlan.from_nominal(p))
+                w = from_hf(apply(copy.deepcopy(lm.model), cfg, rot if method == "larosa" else None))
+            for (layer, site), x in sorted(site_inputs(w, ids).items()):
+                k = getattr(w.statics[layer], SITES[site]).k
+                for margin in margins:
+                    missed, extra = guess_stats(x, k, margin)
+                    rows.append({"p": p, "method": method, "layer": layer, "site": SITES[site], "margin": margin,
+                                 "missed": missed, "extra": extra})
+    table = [summarize(rows, p, meth, m, s) for p in sparsities for meth in methods for s in SITES for m in margins]
+    print(f"{a.model} | fp32 CPU | 0.8 / 1.2 split | {ids.shape[1]} {'random' if a.random else 'WikiText-2 test'} tokens | guess = (1 - margin) x the "
+          f"previous token's threshold | fractions of k, mean / p90 over tokens and layers")
+    print("| p | method | site | margin | missed | extra | fix list (missed + extra) | tokens with no miss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['p']} | {r['method']} | {r['site']} | {r['margin']:.2f} | {r['missed_mean']:.3f} / {r['missed_p90']:.3f} | "
+              f"{r['extra_mean']:.3f} / {r['extra_p90']:.3f} | {r['fix_mean']:.3f} / {r['fix_p90']:.3f} | "
+              f"{r['no_miss_share']:.2f} |")
+    per_layer = [{k: (round(float(v.mean()), 4) if torch.is_tensor(v) else v) for k, v in r.items()} for r in rows]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "dtype": "float32", "device": "cpu", "sparsities": sparsities,
+                                 "split": [0.8, 1.2], "tokens": int(ids.shape[1]),
+                                 "data": "random tokens" if a.random else "WikiText-2 raw test",
+                                 "summary": table, "per_layer_means": per_layer,
+                                 "seconds": round(time.time() - t0, 1)}, indent=1) + "\n")
+    print(f"wrote {a.out} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

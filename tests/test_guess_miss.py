@@ -1,0 +1,25 @@
+"""benchmarks/guess_miss.py's arithmetic: the previous token's threshold as a guess of the next token's Top-K set."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from guess_miss import guess_stats  # noqa: E402
+
+
+def test_guess_stats_counts_missed_and_extra_rows():
+    # token 0: |x| = 8, 7, 6, 5 -> k = 2 keeps {0, 1}, threshold 7. token 1 keeps {2, 3} (9, 8); the guess
+    # |x| >= 7 takes {2, 3} only: nothing missed, nothing extra. token 2 keeps {0, 1} (4, 3.5); the guess
+    # |x| >= 8 (token 1's threshold) takes nothing: both missed. token 3 keeps {2, 3} (9, 8); the guess
+    # |x| >= 3.5 takes {0, 2, 3} (4, 9, 8): one extra.
+    x = torch.tensor([[8.0, -7.0, 6.0, 5.0], [1.0, 2.0, -9.0, 8.0], [4.0, -3.5, 1.0, 0.5], [4.0, 1.0, 9.0, -8.0]])
+    missed, extra = guess_stats(x, 2, 0.0)
+    assert missed.tolist() == [0.0, 1.0, 0.0]
+    assert extra.tolist() == [0.0, 0.0, 0.5]
+    # a margin lowers the guess: token 2's guess becomes |x| >= 4 (8 * 0.5): {0} kept, one of two missed
+    missed, extra = guess_stats(x, 2, 0.5)
+    assert missed.tolist() == [0.0, 0.5, 0.0]
+    assert extra.tolist() == [0.0, 0.0, 0.5]
