@@ -23,3 +23,13 @@ def test_guess_stats_counts_missed_and_extra_rows():
     missed, extra = guess_stats(x, 2, 0.5)
     assert missed.tolist() == [0.0, 0.5, 0.0]
     assert extra.tolist() == [0.0, 0.0, 0.5]
+
+
+def test_window_hits_follow_the_bf16_pattern_distance():
+    from guess_miss import window_hits
+
+    # k = 1: T_t = the row's max |x|. A window of 2^1 patterns is [h - 1, h + 1): 1.0 -> 1.0078125 is one bf16
+    # pattern up (out), 1.0078125 -> 2.0 is 127 up (out), 2.0 -> 1.9921875 is one down (in); 2^8 holds all three
+    x = torch.tensor([[1.0], [1.0078125], [2.0], [1.9921875]])
+    assert window_hits(x, 1, window=1).tolist() == [False, False, True]
+    assert window_hits(x, 1, window=8).tolist() == [True, True, True]
