@@ -52,7 +52,7 @@ class NormThenDenseHead(DecodeEngine):
 
 class HintMissEngine(DecodeEngine):
     """Every select hint pushed 32 binades above the last threshold before each step, so every hinted select misses
-    its window and falls back (v29: on SmolLM2-135M the next threshold is in the 2^5-pattern window for only 24-43 %
+    its window and falls back (v29: on SmolLM2-135M the next threshold is in a 2^5-pattern window for only 24-43 %
     of tokens, against 80-100 % on random weights, `guess_miss.py`). The push is one small kernel before each graph
     replay; it falls into the step's first position of the timeline."""
 
@@ -78,6 +78,15 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-prefetch-off": ("larosa", {"LAROSA_PREFETCH_MB": "0"}, {}),
     "larosa-hints-off": ("larosa", {}, {"select_hints": False}),
     "larosa-hint-miss": ("larosa", {}, {}, HintMissEngine),
+    # v29: hint windows (SmolLM2's thresholds stay within 2^7 / 2^8 patterns for 73-84 / 90-98 % of tokens at p = 0.5,
+    # within 2^5 for 27-35 %), each when the window holds the threshold (random weights) and when it never does. The
+    # v29 run of these had 2^5 as the default ("larosa" then); since, 2^7 is (`triton_gemv.HINT_WINDOW`)
+    "larosa-window-5": ("larosa", {"LAROSA_SELECT_WINDOW": "5"}, {}),
+    "larosa-window-5-miss": ("larosa", {"LAROSA_SELECT_WINDOW": "5"}, {}, HintMissEngine),
+    "larosa-window-7": ("larosa", {"LAROSA_SELECT_WINDOW": "7"}, {}),
+    "larosa-window-7-miss": ("larosa", {"LAROSA_SELECT_WINDOW": "7"}, {}, HintMissEngine),
+    "larosa-window-8": ("larosa", {"LAROSA_SELECT_WINDOW": "8"}, {}),
+    "larosa-window-8-miss": ("larosa", {"LAROSA_SELECT_WINDOW": "8"}, {}, HintMissEngine),
     "larosa-adapter-split-0.5": ("larosa", {}, {"adapter_split": 0.5}),
     "larosa-adapter-split-1": ("larosa", {}, {"adapter_split": 1.0}),
     # v29: the down select hinted too (its window, and the L2 prefetch it then runs), and the prefetch budget

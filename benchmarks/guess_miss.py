@@ -91,7 +91,9 @@ def summarize(rows: list[dict], p: float, method: str, margin: float, site: str)
             "missed_mean": round(float(m.mean()), 4), "missed_p90": q(m), "extra_mean": round(float(e.mean()), 4),
             "extra_p90": q(e), "fix_mean": round(float(f.mean()), 4), "fix_p90": q(f),
             "no_miss_share": round(float((m == 0).float().mean()), 4),
-            "window_hit_share": round(float(torch.cat([r["window_hit"] for r in sel]).mean()), 4)}
+            "window_hit_share": round(float(torch.cat([r["window_hit"] for r in sel]).mean()), 4),
+            "window_hit_share_by_log2": {w: round(sum(r["windows"][w] for r in sel) / len(sel), 4)
+                                         for w in sel[0]["windows"]}}
 
 
 def main() -> None:
@@ -101,6 +103,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=512, help="WikiText-2 test tokens (one window)")
     ap.add_argument("--margins", default="0,0.05,0.1,0.2")
     ap.add_argument("--methods", default="larosa,topk")
+    ap.add_argument("--windows", default="4,5,6,7,8", help="log2 window widths whose hit share the JSON records")
     ap.add_argument("--random", default=None, help="hidden,intermediate,layers: random weights at that width instead")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
@@ -115,6 +118,7 @@ def main() -> None:
         ids = tokenize_source(lm.tokenizer, load_wikitext("test"))[: a.tokens][None]
     margins = [float(m) for m in a.margins.split(",")]
     sparsities = [float(p) for p in a.sparsities.split(",")]
+    windows = [int(w) for w in a.windows.split(",")]
     methods = a.methods.split(",")
     rot = cached_rotations(lm, 4, 512, 0) if "larosa" in methods and not a.random else None
     rows = []
@@ -128,10 +132,11 @@ def main() -> None:
             for (layer, site), x in sorted(site_inputs(w, ids).items()):
                 k = getattr(w.statics[layer], SITES[site]).k
                 hits = window_hits(x, k).float()
+                wider = {w: float(window_hits(x, k, w).float().mean()) for w in windows}
                 for margin in margins:
                     missed, extra = guess_stats(x, k, margin)
                     rows.append({"p": p, "method": method, "layer": layer, "site": SITES[site], "margin": margin,
-                                 "missed": missed, "extra": extra, "window_hit": hits})
+                                 "missed": missed, "extra": extra, "window_hit": hits, "windows": wider})
     table = [summarize(rows, p, meth, m, s) for p in sparsities for meth in methods for s in SITES for m in margins]
     print(f"{a.model} | fp32 CPU | 0.8 / 1.2 split | {ids.shape[1]} {'random' if a.random else 'WikiText-2 test'} tokens | guess = (1 - margin) x the "
           f"previous token's threshold | fractions of k, mean / p90 over tokens and layers")
@@ -142,6 +147,11 @@ def main() -> None:
         print(f"| {r['p']} | {r['method']} | {r['site']} | {r['margin']:.2f} | {r['missed_mean']:.3f} / {r['missed_p90']:.3f} | "
               f"{r['extra_mean']:.3f} / {r['extra_p90']:.3f} | {r['fix_mean']:.3f} / {r['fix_p90']:.3f} | "
               f"{r['no_miss_share']:.2f} | {r['window_hit_share']:.2f} |")
+    print(f"hint window hit share by width (log2 patterns {', '.join(map(str, windows))}), margin {margins[0]} rows:")
+    for r in table:
+        if r["margin"] == margins[0]:
+            print(f"  p = {r['p']} {r['method']:6s} {r['site']:8s} " + " / ".join(
+                f"{v:.2f}" for v in r["window_hit_share_by_log2"].values()))
     per_layer = [{k: (round(float(v.mean()), 4) if torch.is_tensor(v) else v) for k, v in r.items()} for r in rows]
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"model": a.model, "dtype": "float32", "device": "cpu", "sparsities": sparsities,

@@ -28,18 +28,18 @@ SIDE_GEMV = dict(zip(("A_BN", "A_BK", "A_STAGES"), tg.SIDE_TILES_GEMV))  # the s
 # (kernel, constexprs, num_warps): the variants the engine launches on the H200, and the hinted select's
 CASES = [
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True}, 4),
-    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 5}, 8),
-    (tg.select_packed_kernel, {"BLOCK_D": 4096, "WINDOW": 5, "FALLBACK": False}, 4),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 7}, 8),
+    (tg.select_packed_kernel, {"BLOCK_D": 4096, "WINDOW": 7, "FALLBACK": False}, 4),
     (tg.select_packed_kernel, {"BLOCK_D": 4096, "FIRST_BIT": 7}, 4),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": True}, 8),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "COMPACT": 2}, 8),  # timing only (select_bench.py --compact)
     # the kept list stored by inline PTX (COMPACT=3, the compiled default of v16-v18; True = 1 = tl.store)
-    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 3, "WINDOW": 5}, 8),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 3, "WINDOW": 7}, 8),
     # v19 default: the list stored from 32-bit offsets (LAROSA_COMPACT_STORE=asm32)
-    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WINDOW": 5}, 8),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WINDOW": 7}, 8),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4}, 4),
     # v20: the selects launched as programmatic dependents of the GEMV before (WAIT)
-    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 5,
+    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 7,
                                 "WAIT": True}, 4),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WAIT": True}, 8),
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 3}, 4),
@@ -47,7 +47,7 @@ CASES = [
     (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": True}, 4),
     # v23 (default since v24, LAROSA_GATHER_X): the kept list carries x, the gathered GEMV reads it from there
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "PACK_X": True}, 8),
-    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 5,
+    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 7,
                                 "PACK_X": True, "PF": 1}, 4),
     (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True,
                             "PACK_X": True}, 2),
@@ -55,20 +55,20 @@ CASES = [
                             "HAS_RES": True, "PACK_X": True}, 2),
     # v23: the L2 prefetch of the GEMV's likely rows riding in the selects (bulk prefetch by inline PTX; 3 also
     # records the guess, as the GPU tests do)
-    (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 5, "PF": 1}, 4),
-    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WINDOW": 5, "PF": 3, "PF_ROWS": 32}, 8),
-    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 5, "PF": 1,
+    (tg.select_packed_kernel, {"BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 7, "PF": 1}, 4),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "WINDOW": 7, "PF": 3, "PF_ROWS": 32}, 8),
+    (tg.rmsnorm_select_kernel, {"HAS_RES": True, "BLOCK_D": 4096, "PDL": True, "COMPACT": 4, "WINDOW": 7, "PF": 1,
                                 "PF_TWO": True}, 4),
-    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 5, "PF": 3}, 4),
+    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "PF": 3}, 4),
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
                             "HAS_RES": True}, 2),
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 128, "BLOCK_N": 128, "PDL": True}, 2),
     (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True}, 2),
-    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 5}, 4),
+    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 7}, 4),
     # v16: the adapter GEMV's programs in the MLP half's selects
-    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 5, "SIDE": True}, 4),
-    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 5, "SIDE": True, "HAS_PREV": True}, 8),
-    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 5, "COMPACT": True, "SIDE": True,
+    (tg.rmsnorm_select_kernel, {"HAS_RES": False, "BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "SIDE": True}, 4),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 7, "SIDE": True, "HAS_PREV": True}, 8),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "WINDOW": 7, "COMPACT": True, "SIDE": True,
                                "HAS_PREV": True}, 8),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256,
                            "PDL": True, "HAS_RES": True}, 2),
@@ -116,7 +116,7 @@ CASES = [
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True, "BALANCED": True}, 4),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
-    (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 5, "ASM": True}, 4),
+    (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),
     (tsp.select_spec_kernel, {"BLOCK_D": 16384, "PDL": True, "ASM": True}, 8),
     (tsp.spec_gemv_kernel, {**dict(zip(("BN", "BK", "STAGES", "BM"), tsp.SPEC_TILES[:3] + tsp.SPEC_TILES[4:])),
                             "HAS_RES": True, "PDL": True, "BLOCKED": True}, tsp.SPEC_TILES[3]),
