@@ -710,8 +710,8 @@ def test_hinted_select_is_exact_for_any_hint(monkeypatch, dtype, d, k):
     t = want[:, 0]
     for w in (1, 5, 7, 14):
         monkeypatch.setenv("LAROSA_SELECT_WINDOW", str(w))
-        for h in (t, t + 1, t - 1, t + 40, t - 40, torch.zeros_like(t), torch.full_like(t, 0x7FFF),
-                  torch.full_like(t, -5), torch.full_like(t, 1 << 20)):
+        for h in (t, t + 1, t - 1, t + 40, t - 40, t + 100, t - 100,  # +-100: outside the default 2^7 window too
+                  torch.zeros_like(t), torch.full_like(t, 0x7FFF), torch.full_like(t, -5), torch.full_like(t, 1 << 20)):
             hint = h.to(torch.int32).contiguous()
             assert torch.equal(tg.select(x, k, hint=hint), want), (w, h)
             assert torch.equal(hint, t)
