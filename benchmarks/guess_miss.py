@@ -138,13 +138,15 @@ def main() -> None:
                     rows.append({"p": p, "method": method, "layer": layer, "site": SITES[site], "margin": margin,
                                  "missed": missed, "extra": extra, "window_hit": hits, "windows": wider})
     table = [summarize(rows, p, meth, m, s) for p in sparsities for meth in methods for s in SITES for m in margins]
-    print(f"{a.model} | fp32 CPU | 0.8 / 1.2 split | {ids.shape[1]} {'random' if a.random else 'WikiText-2 test'} tokens | guess = (1 - margin) x the "
+    text = "random" if a.random else "WikiText-2 test"
+    print(f"{a.model} | fp32 CPU | 0.8 / 1.2 split | {ids.shape[1]} {text} tokens | guess = (1 - margin) x the "
           f"previous token's threshold | fractions of k, mean / p90 over tokens and layers")
     print("| p | method | site | margin | missed | extra | fix list (missed + extra) | tokens with no miss | "
           f"threshold in the hint window (2^{HINT_WINDOW}) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['p']} | {r['method']} | {r['site']} | {r['margin']:.2f} | {r['missed_mean']:.3f} / {r['missed_p90']:.3f} | "
+        print(f"| {r['p']} | {r['method']} | {r['site']} | {r['margin']:.2f} | "
+              f"{r['missed_mean']:.3f} / {r['missed_p90']:.3f} | "
               f"{r['extra_mean']:.3f} / {r['extra_p90']:.3f} | {r['fix_mean']:.3f} / {r['fix_p90']:.3f} | "
               f"{r['no_miss_share']:.2f} | {r['window_hit_share']:.2f} |")
     print(f"hint window hit share by width (log2 patterns {', '.join(map(str, windows))}), margin {margins[0]} rows:")
