@@ -78,7 +78,7 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-prefetch-off": ("larosa", {"LAROSA_PREFETCH_MB": "0"}, {}),
     "larosa-hints-off": ("larosa", {}, {"select_hints": False}),
     "larosa-hint-miss": ("larosa", {}, {}, HintMissEngine),
-    # v29: hint windows (SmolLM2's thresholds stay within 2^7 / 2^8 patterns for 73-84 / 90-98 % of tokens at p = 0.5,
+    # v29: hint windows (SmolLM2's thresholds stay within 2^7 / 2^8 patterns for 73-83 / 90-98 % of tokens at p = 0.5,
     # within 2^5 for 27-35 %), each when the window holds the threshold (random weights) and when it never does. The
     # v29 run of these had 2^5 as the default ("larosa" then); since, 2^7 is (`triton_gemv.HINT_WINDOW`)
     "larosa-window-5": ("larosa", {"LAROSA_SELECT_WINDOW": "5"}, {}),

@@ -59,23 +59,26 @@ def site_inputs(weights, ids: torch.Tensor) -> dict:
     return seen
 
 
-def window_hits(x: torch.Tensor, k: int, window: int = HINT_WINDOW) -> torch.Tensor:
+def exact_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask of each token's exact Top-k |x| entries, each token's k-th largest |x|, T_t)."""
+    top = x.abs().topk(k, dim=-1)
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, top.indices, True), top.values[:, -1]
+
+
+def window_hits(x: torch.Tensor, k: int, window: int = HINT_WINDOW, top=None) -> torch.Tensor:
     """Per token t >= 1: whether the bf16 pattern of T_t lies in [h - 2^(window-1), h + 2^(window-1)), h the pattern
-    of T_(t-1) (the hinted select's first search window)."""
-    kth = x.abs().topk(k, dim=-1).values[:, -1].to(torch.bfloat16)
+    of T_(t-1) (the hinted select's first search window). `top`: `exact_topk(x, k)` if already made."""
+    kth = (top or exact_topk(x, k))[1].to(torch.bfloat16)
     pat = kth.view(torch.int16).to(torch.int32) & 0x7FFF
     d = pat[1:] - pat[:-1]
     half = 1 << (window - 1)
     return (d >= -half) & (d < half)
 
 
-def guess_stats(x: torch.Tensor, k: int, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(missed, extra) per token t >= 1 as fractions of k (see the module docstring)."""
-    a = x.abs()
-    top = a.topk(k, dim=-1)
-    exact = torch.zeros_like(a, dtype=torch.bool).scatter_(-1, top.indices, True)
-    kth = top.values[:, -1]
-    guess = a[1:] >= (1 - margin) * kth[:-1, None]
+def guess_stats(x: torch.Tensor, k: int, margin: float, top=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(missed, extra) per token t >= 1 as fractions of k (see the module docstring). `top`: as in `window_hits`."""
+    exact, kth = top or exact_topk(x, k)
+    guess = x[1:].abs() >= (1 - margin) * kth[:-1, None]
     missed = (exact[1:] & ~guess).sum(-1).float() / k
     extra = (guess & ~exact[1:]).sum(-1).float() / k
     return missed, extra
@@ -131,10 +134,11 @@ def main() -> None:
                 w = from_hf(apply(copy.deepcopy(lm.model), cfg, rot if method == "larosa" else None))
             for (layer, site), x in sorted(site_inputs(w, ids).items()):
                 k = getattr(w.statics[layer], SITES[site]).k
-                hits = window_hits(x, k).float()
-                wider = {w: float(window_hits(x, k, w).float().mean()) for w in windows}
+                top = exact_topk(x, k)  # once per site: every margin and window below reads it
+                hits = window_hits(x, k, top=top).float()
+                wider = {wd: float(window_hits(x, k, wd, top).float().mean()) for wd in windows}
                 for margin in margins:
-                    missed, extra = guess_stats(x, k, margin)
+                    missed, extra = guess_stats(x, k, margin, top)
                     rows.append({"p": p, "method": method, "layer": layer, "site": SITES[site], "margin": margin,
                                  "missed": missed, "extra": extra, "window_hit": hits, "windows": wider})
     table = [summarize(rows, p, meth, m, s) for p in sparsities for meth in methods for s in SITES for m in margins]

@@ -142,9 +142,7 @@ def main() -> None:
         want = xs @ wt.float()
         want2 = xs @ wt2.float() if gated else None
         # the dense GEMV over the whole matrix (cuBLAS, output-major as F.linear takes it)
-        w_om = torch.cat((wt, wt2), 1).t().contiguous() if gated else wt.t().contiguous()
-        w_oms = [w_om] + [torch.cat((a, b), 1).t().contiguous() if gated else a.t().contiguous()
-                          for a, b in zip(wts[1:], wt2s[1:])]
+        w_oms = [torch.cat((a, b), 1).t().contiguous() if gated else a.t().contiguous() for a, b in zip(wts, wt2s)]
         dense_us = time_us(lambda i: torch.nn.functional.linear(x[None], w_oms[i]), copies=nc)
         kept_bytes = k * d_out * 2 * (2 if gated else 1)
         full_bytes = d_in * d_out * 2 * (2 if gated else 1)
@@ -152,7 +150,7 @@ def main() -> None:
               f"({full_bytes / dense_us / 1e6:.2f} TB/s); kept bytes {kept_bytes / 1e6:.1f} MB")
         res["rows"].append({"site": name, "d_in": d_in, "d_out": d_out, "gated": gated, "k": k, "layout": "cuBLAS dense",
                             "us": round(dense_us, 2), "tb_s": round(full_bytes / dense_us / 1e6, 3)})
-        del w_om, w_oms
+        del w_oms
         # the product's gathered GEMV (`launch_gtile`: the list from a compacting select made once, counters, the
         # finisher, x in the list) at its default tiles and at each tiling below, input-major, no PDL
         from larosa.kernels import triton_gemv

@@ -103,8 +103,8 @@ def main() -> None:
         methods = [f"{m}{tag}" for m in methods for tag in ("", "+dense head")]
     for m in methods:
         name = m.removesuffix("+cuBLAS").removesuffix("+dense head")
-        kw = {"dense_kernel": False} if m.endswith("+cuBLAS") else {"dense_head": True, "head_pdl": True} if m.endswith("+dense head") \
-            else {}
+        kw = ({"dense_kernel": False} if m.endswith("+cuBLAS")
+              else {"dense_head": True, "head_pdl": True} if m.endswith("+dense head") else {})
         if name == "teal":  # the same parameter-weighted sparsity as LaRoSA's plan at nominal p (bench decode)
             pw = _plan_pw(base, args.sparsity, (0.8, 1.2))
             w = sparse_variant(base, "teal", pw, (0.8, 1.2), thresholds=teal_thresholds(base, pw, prompt))

@@ -1083,7 +1083,7 @@ SELECT_IMPL = "packed"  # default select (v10: 13-25 % faster than "bisect" on t
 # v13: windowed select around the previous token's threshold; v25: 2^5 patterns (2 + 5 counts), +0.2-0.4 % end to
 # end over v13's 2^6 for LaRoSA at p = 0.4 / 0.5 / 0.75 (H200, two alternations, `results/history/window-v25`), on
 # random weights, whose thresholds stay in a 2^5 window for 80-100 % of tokens. v29: on a trained model (SmolLM2-135M,
-# `benchmarks/guess_miss.py`) they stay in it for 27-35 % of tokens at p = 0.5, in 2^7 for 73-84 %. Timed in the
+# `benchmarks/guess_miss.py`) they stay in it for 27-35 % of tokens at p = 0.5, in 2^7 for 73-83 %. Timed in the
 # step (`graph_timeline.py`, LaRoSA LLaMA2-7B p = 0.5, each width always hit / never hit): 2^5 3561 / 3749 us, 2^7
 # 3583 / 3748, 2^8 3604 / 3751, no hints 3691. At SmolLM2's hit shares that is ~3689 us for 2^5 and ~3618 for 2^7
 # (-1.9 %); on random weights 2^7 costs +0.6 %. The default serves trained models: 2^7.
