@@ -94,6 +94,11 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-prefetch-4": ("larosa", {"LAROSA_PREFETCH_MB": "4"}, {}),
     "larosa-prefetch-16": ("larosa", {"LAROSA_PREFETCH_MB": "16"}, {}),
     "larosa-prefetch-32": ("larosa", {"LAROSA_PREFETCH_MB": "32"}, {}),
+    # v30: the down select from the gate/up output's histogram (default on), its bins' width (2^4 patterns by default)
+    "larosa-no-hist": ("larosa", {}, {"down_hist": False}),
+    "larosa-hist-3": ("larosa", {"LAROSA_HIST_BITS": "3"}, {}),
+    "larosa-hist-5": ("larosa", {"LAROSA_HIST_BITS": "5"}, {}),
+    "topk-no-hist": ("topk", {}, {"down_hist": False}),
     "topk": ("topk", {}, {}),
     "topk-cublas-head": ("topk", {}, {"dense_head": False}),
     "topk-pdl-head": ("topk", {}, {"head_pdl": True}),

@@ -110,12 +110,15 @@
 #                                                # vs the engine's choice (gathered since v26), alternating, both shapes (~2 min)
 #   bash benchmarks/h200_session.sh windowe2e    # v25: LaRoSA (the engine's own hint sites) with select windows WINDOWS
 #                                                # (default "4 5"), alternating, LLaMA2-7B twice (~1.5 min)
+#   bash benchmarks/h200_session.sh downhist     # v30: the down select from the gate/up output's histogram: GPU tests,
+#                                                # timeline variants, LaRoSA and Top-K end to end off / on (~6 min)
+#   bash benchmarks/h200_session.sh downhiste2e  # v30: the end-to-end part alone (~3.5 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab|downhist|downhiste2e ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -153,6 +156,15 @@ prefetch_e2e() {
     LAROSA_PREFETCH_MB=$mb python3 -m larosa bench decode --shape $shape --methods larosa \
       --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/$1-$shape-mb$mb-$rep" 2>&1 | grep -v "%|" \
       | tee "$out/$1-$shape-mb$mb-$rep.log" || rc=1
+  done; done
+}
+# LaRoSA and Top-K decode with the down histogram off and on (alternating: LLaMA2-7B twice, LLaMA3-8B once)
+hist_e2e() {
+  for run in llama2-7b:1 llama2-7b:2 llama3-8b:1; do for on in 0 1; do
+    shape=${run%:*}; rep=${run#*:}
+    LAROSA_DOWN_HIST=$on python3 -m larosa bench decode --shape $shape --methods larosa,topk \
+      --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/$1-$shape-hist$on-$rep" 2>&1 | grep -v "%|" \
+      | tee "$out/$1-$shape-hist$on-$rep.log" || rc=1
   done; done
 }
 run_stages() {
@@ -324,6 +336,16 @@ for stage in "$@"; do
       prefetch_e2e prefetch-e2e ;;
     prefetche2e)
       prefetch_e2e prefetch-e2e ;;
+    downhist)  # v30: the down select from the gate/up output's histogram
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_hist_select.py tests/test_engine.py \
+        -k "hist" > "$out/hist-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/hist-tests.log"
+      python3 benchmarks/graph_timeline.py --out "$out/timeline-hist-llama2-7b.json" --traces "$out/timeline-traces" \
+        --variants "${TIMELINE_VARIANTS:-larosa,larosa-no-hist,larosa-hist-3,larosa-hist-5,topk,topk-no-hist}" 2>&1 \
+        | tee "$out/timeline-hist-llama2-7b.log" || rc=1
+      hist_e2e hist-e2e ;;
+    downhiste2e)
+      hist_e2e hist-e2e ;;
     prefetchx)  # v23: per op with hot weights beside; LaRoSA LLaMA2-7B by budget and pieces per row (alternating)
       python3 benchmarks/prefetch_ab.py --sites qkv,o,gate_up --budgets 0,8 --out "$out/prefetch-hot-h200.json" \
         2>&1 | tee "$out/prefetch-hot-h200.log" || rc=1

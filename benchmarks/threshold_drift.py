@@ -59,7 +59,7 @@ def decode_drift(method: str, base, prompt: torch.Tensor, p: float, half_window:
     snaps: list[torch.Tensor] = []
 
     def snapshot(_new) -> bool:
-        snaps.append(torch.stack([t[-1][:, 0] for t in eng._tensors]).cpu())  # (layers, 4 sites)
+        snaps.append(torch.stack([h[:, 0] for h in eng.hint_buffers]).cpu())  # (layers, 4 sites)
         return False
 
     eng.generate(prompt, steps, on_tokens=snapshot, chunk=1)

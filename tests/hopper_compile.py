@@ -21,7 +21,8 @@ from larosa.kernels import triton_spec as tsp
 
 FLOATS = {"threshold", "eps", "scale"}
 POINTERS = {"sel_ptr": "*i32", "hint_ptr": "*i32", "cnt_ptr": "*i32", "acc_ptr": "*fp32", "part_ptr": "*fp32",
-            "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", "pf_rec_ptr": "*i32"}  # the rest: bf16 tensors
+            "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", "pf_rec_ptr": "*i32",
+            "hist_ptr": "*i32"}  # the rest: bf16 tensors
 
 SIDE_GEMV = dict(zip(("A_BN", "A_BK", "A_STAGES"), tg.SIDE_TILES_GEMV))  # the side tiles of a GEMV launch
 
@@ -114,6 +115,13 @@ CASES = [
     # v24 (default, LAROSA_ATTN_BALANCED): the splits divide the filled positions at run time
     (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
                                    "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True, "BALANCED": True}, 4),
+    # v30: the gate/up GEMV counting its output into the down select's histogram, and that select
+    (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True,
+                            "SIDE": True, **SIDE_GEMV, "HIST": 4}, 2),
+    (tg.tile_gemv_kernel, {"MODE": 0, "GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64,
+                           "PDL": True, "X_LATE": True, "HIST": 4}, 2),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "HIST": 4}, 8),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "HIST": 4, "PACK_X": True}, 8),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),

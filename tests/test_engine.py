@@ -371,6 +371,56 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     assert all(h[[0, 2]].all() and not h[[1, 3]].any() for h in overlapped.hint_buffers)  # only its sites
 
 
+@pytest.mark.parametrize("overlap", [False, "select"])
+def test_down_histograms_change_nothing_and_are_used_up(monkeypatch, overlap):
+    """v30, bf16 kernels, batch 1: with down_hist every layer's down select starts from the histogram its gate/up
+    GEMV counted (a select launched with `hist`), which it leaves zeroed for the next step, and picks what the
+    select without it picks (the same (t, cutoff) on the same input); the logits match the engine without it
+    (the gathered GEMV's atomics sum in a varying order, so to rounding). LAROSA_DOWN_HIST switches the default."""
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")
+    _, fused = _larosa_tiny(seed=5)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    ids = torch.randint(3, fused.config.vocab_size, (1, 6))
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": overlap, "fuse_norm_select": True,
+          "fuse_residual": True}
+    on, off = DecodeEngine(w, **kw, down_hist=True), DecodeEngine(w, **kw, down_hist=False)
+    assert all(st.down_hist for st in on._statics) and not any(st.down_hist for st in off._statics)
+    assert all(h is not None and h.shape == (_ops.triton_gemv.hist_bins(),) for h in on.hist_buffers)
+    assert all(h is None for h in off.hist_buffers)
+    monkeypatch.setenv("LAROSA_DOWN_HIST", "0")
+    assert not DecodeEngine(w, **kw).down_hist and DecodeEngine(w, **kw, down_hist=True).down_hist
+    monkeypatch.setenv("LAROSA_DOWN_HIST", "yes")
+    with pytest.raises(LarosaError, match="LAROSA_DOWN_HIST"):
+        DecodeEngine(w, **kw)
+    monkeypatch.delenv("LAROSA_DOWN_HIST")
+    real = _ops.triton_gemv.select
+    hist_sels = []
+
+    def spy(x, k, *a, **kws):
+        if kws.get("hist") is None:
+            return real(x, k, *a, **kws)
+        counted = kws["hist"].clone()
+        assert counted.sum().item() == x.numel()  # the gate/up output, every entry counted once
+        sel = real(x, k, *a, **kws)
+        assert torch.equal(sel, real(x, k, *a, **{**kws, "hist": None}))
+        hist_sels.append(sel)
+        return sel
+
+    monkeypatch.setattr(_ops.triton_gemv, "select", spy)
+    for e in (off, on):
+        e.prefill(ids)  # 6 rows: the reference path, the histograms untouched
+    assert not any(h.any() for h in on.hist_buffers)
+    for _ in range(3):
+        off.step()
+        on.step()
+        assert not any(h.any() for h in on.hist_buffers)
+        cos = torch.nn.functional.cosine_similarity(on.logits, off.logits, dim=-1).item()
+        assert cos > 0.999, cos
+        on.tok.copy_(off.tok)
+    assert len(hist_sels) == 3 * len(w.layers)  # every layer's down select, every step
+
+
 def test_kernel_choice_by_kept_share_reaches_every_topk_launch(monkeypatch):
     """kernel=None: one Top-K kernel for the whole model, "gtile" where it keeps at most
     GTILE_MODEL_MAX_KEEP of its Top-K weight bytes, else "tile"; None (the ops' default) for a dense model
@@ -431,12 +481,14 @@ def test_default_kernel_by_sparsity(p, kernel, monkeypatch):
 
 @pytest.mark.parametrize("sites", [(0, 1), (3,)])
 def test_hint_sites_limit_the_hinted_selects(sites):
-    """hint_sites: only those sites' selects keep hints (the others' slots stay zero), same logits."""
+    """hint_sites: only those sites' selects keep hints (the others' slots stay zero), same logits. (The down
+    histograms, which take the down select's hint's place, are off here.)"""
     _, fused = _larosa_tiny(seed=5)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
-    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": True, "select_hints": True}
+    kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": True, "select_hints": True,
+          "down_hist": False}
     eng = DecodeEngine(w, **kw, hint_sites=sites)
     assert eng.hint_sites == sites and all(st.hint_sites == sum(1 << i for i in sites) for st in eng._statics)
     eng.prefill(ids)

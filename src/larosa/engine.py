@@ -80,6 +80,9 @@ class LayerStatic(NamedTuple):
     # dense sites: `larosa::dense_linear` (the block's norm, bias, SiLU * up and residual in the GEMV launch, its
     # first weight tiles loaded before it waits for its input); set by the engine
     dense_kernel: bool = False
+    # v30: the gate/up GEMV counts its output into the layer's histogram, where the down select starts; set by the
+    # engine (`DecodeEngine(down_hist=)`)
+    down_hist: bool = False
     # both block-input norm weights are all ones (folded into the projections, as LaRoSA's fused form and the
     # random-weight shapes have them): `dense_linear` then scales by the rms alone, without loading them
     unit_norms: bool = False
@@ -164,34 +167,38 @@ def _hint(hints: Optional[torch.Tensor], site: int, st: LayerStatic) -> Optional
 
 
 def _residual_linear(r: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
-                     cnt: Optional[torch.Tensor], st: LayerStatic, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     cnt: Optional[torch.Tensor], st: LayerStatic, hint: Optional[torch.Tensor] = None,
+                     hist: Optional[torch.Tensor] = None) -> torch.Tensor:
     """r + the site's projection of x; the add happens in the kernel's epilogue at Top-K sites with
     `st.fused_residual` and at dense sites with `st.dense_kernel`."""
     if w.dim() == 3:  # the speculative GEMV's blocked weight (`DecodeEngine(spec=True)`)
         return torch.ops.larosa.spec_linear(x, w, site.k, r, b, hint)
     if st.fused_residual and site.mode == "topk":
-        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r, hint, site.kernel)
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, r, hint, site.kernel, hist)
     if st.dense_kernel and site.mode == "dense":
         return torch.ops.larosa.dense_linear(x, w, None, b, r)
-    return r + _linear(x, w, b, site, cnt, hint)
+    return r + _linear(x, w, b, site, cnt, hint, hist)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], site: Site,
-            cnt: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+            cnt: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
+            hist: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x's projection at a site; `hint`, `hist`: the Top-K select's (speed only, `larosa::topk_linear`)."""
     if site.mode == "dense":
         return F.linear(x, w, b)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, None, hint, site.kernel)
+        return torch.ops.larosa.topk_linear(x, w, site.k, b, cnt, None, hint, site.kernel, hist)
     y = torch.ops.larosa.threshold_linear(x, w, 0.0, cnt)  # inputs already thresholded: skip the zeros
     return y if b is None else y + b
 
 
 def _gate_up(h: torch.Tensor, wg: torch.Tensor, wu: torch.Tensor, site: Site,
-             cnt: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None) -> torch.Tensor:
+             cnt: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
+             hist: Optional[torch.Tensor] = None) -> torch.Tensor:
     if site.mode == "dense":
         return F.silu(F.linear(h, wg)) * F.linear(h, wu)
     if site.mode == "topk":
-        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k, cnt, hint, site.kernel)
+        return torch.ops.larosa.topk_gate_up(h, wg, wu, site.k, cnt, hint, site.kernel, hist)
     return (F.silu(torch.ops.larosa.threshold_linear(h, wg, 0.0, cnt))
             * torch.ops.larosa.threshold_linear(h, wu, 0.0, cnt))
 
@@ -220,7 +227,7 @@ def attn_block(x: torch.Tensor, res: Optional[torch.Tensor], pos: torch.Tensor, 
     `res` (or None) is added to x first: the previous layer's adapted residual x_mid R_l when the adapter
     GEMV was split off the layer (on a side stream or in the select launches, see `DecodeEngine`)."""
     (attn_norm, wqkv, bqkv, wo, bo, _mlp_norm, _wgate, _wup, _wdown, q_norm, k_norm, _rotate_mlp, _adapter,
-     thr, s_ao, _s_mo, cnt, hints, attn_cnt) = w
+     thr, s_ao, _s_mo, cnt, hints, attn_cnt, _hist) = w
     b, t, _ = x.shape
     if st.fused_norm and st.attn_in.mode == "topk" and probe is None:
         xs, qkv = torch.ops.larosa.rmsnorm_topk(x, res, attn_norm, st.eps, wqkv, None, st.attn_in.k, bqkv, cnt,
@@ -262,10 +269,11 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
     down(...), already in the next layer's basis (R_l folded into the down projection, `fold_adapter`),
     and the caller adds x @ R_l."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, _adapter,
-     thr, _s_ao, s_mo, cnt, hints, _attn_cnt) = w
+     thr, _s_ao, s_mo, cnt, hints, _attn_cnt, hist) = w
+    hist = hist if st.down_hist and probe is None else None
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp and probe is None:
         act = torch.ops.larosa.rmsnorm_topk(x, None, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, None, cnt,
-                                            _hint(hints, 2, st), st.mlp_in.kernel)[1]
+                                            _hint(hints, 2, st), st.mlp_in.kernel, hist)[1]
     elif st.dense_kernel and st.mlp_in.mode == "dense" and not st.rotate_mlp and probe is None:
         act = torch.ops.larosa.dense_linear(x, wgate, wup, None, None, None if st.unit_norms else mlp_norm, st.eps,
                                             True)
@@ -274,11 +282,11 @@ def mlp_block(x: torch.Tensor, w: tuple, st: LayerStatic,
         if st.rotate_mlp:
             h = h @ rotate_mlp
         h = _site_input(h, None, probe, thr, 2, st.mlp_in)
-        act = _gate_up(h, wgate, wup, st.mlp_in, cnt, _hint(hints, 2, st))
+        act = _gate_up(h, wgate, wup, st.mlp_in, cnt, _hint(hints, 2, st), hist)
     act = _site_input(act, s_mo, probe, thr, 3, st.mlp_out)
     if st.adapter:
-        return _linear(act, wdown, None, st.mlp_out, cnt, _hint(hints, 3, st))
-    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st, _hint(hints, 3, st))
+        return _linear(act, wdown, None, st.mlp_out, cnt, _hint(hints, 3, st), hist)
+    return _residual_linear(x, act, wdown, None, st.mlp_out, cnt, st, _hint(hints, 3, st), hist)
 
 
 def decoder_layer(x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
@@ -302,21 +310,23 @@ def mlp_block_side(x: torch.Tensor, w: tuple, st: LayerStatic) -> tuple[torch.Te
     (down'(m), x_mid R_l), as `mlp_block` and the adapter GEMV would. Sites that are not Top-K (or a gate/up
     input that is not norm + select fused) take the plain path."""
     (_attn_norm, _wqkv, _bqkv, _wo, _bo, mlp_norm, wgate, wup, wdown, _q_norm, _k_norm, rotate_mlp, adapter,
-     thr, _s_ao, s_mo, cnt, hints, _attn_cnt) = w
+     thr, _s_ao, s_mo, cnt, hints, _attn_cnt, hist) = w
     if st.mlp_out.mode != "topk":
         return mlp_block(x, w, st), F.linear(x, adapter)
     prev = None
     if st.fused_norm and st.mlp_in.mode == "topk" and not st.rotate_mlp:
         act, prev = torch.ops.larosa.rmsnorm_topk_side(x, mlp_norm, st.eps, wgate, wup, st.mlp_in.k, adapter,
-                                                       st.adapter_cols, cnt, _hint(hints, 2, st), st.mlp_in.kernel)
+                                                       st.adapter_cols, cnt, _hint(hints, 2, st), st.mlp_in.kernel,
+                                                       hist)
     else:
         h = _rms(x, mlp_norm, st.eps)
         if st.rotate_mlp:
             h = h @ rotate_mlp
-        act = _gate_up(_site_input(h, None, None, thr, 2, st.mlp_in), wgate, wup, st.mlp_in, cnt, _hint(hints, 2, st))
+        act = _gate_up(_site_input(h, None, None, thr, 2, st.mlp_in), wgate, wup, st.mlp_in, cnt, _hint(hints, 2, st),
+                       hist)
     act = _site_input(act, s_mo, None, thr, 3, st.mlp_out)
     return torch.ops.larosa.topk_linear_side(act, wdown, st.mlp_out.k, x, adapter, prev, cnt, _hint(hints, 3, st),
-                                             st.mlp_out.kernel)
+                                             st.mlp_out.kernel, hist)
 
 
 def fold_adapter(wdown: torch.Tensor, adapter: torch.Tensor, site: Site) -> torch.Tensor:
@@ -630,6 +640,9 @@ DEFAULT_ATTN_COMBINE = "last"  # v18: the attention's last split program combine
 # at 0.25), in two alternations (benchmarks/results/history/spec-v22a/run4-final, NOTES v22). The down projection
 # was not put there: per op it ties at p = 0.5 and loses at 0.75 (26.6 vs 27.1 us, 23.3 vs 17.4 us).
 SPEC_DEFAULT = False
+# v30: the gate/up GEMV's finishers count its output into a histogram (2^11 bins of |x|'s bf16 pattern), and the
+# down select searches only the boundary bin (`triton_gemv.HIST_BITS`): 6 counts instead of 15. Exact either way.
+DOWN_HIST_DEFAULT = True
 DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (same run)
 
 
@@ -654,6 +667,14 @@ class GenerationResult:
     tokens: torch.Tensor  # (B, n_new) generated ids
     prefill_s: float
     step_ms: list[float]  # per decode step (CUDA events on the GPU, wall clock on the CPU)
+
+
+def _hist_layer(st: LayerStatic, lw: LayerWeights) -> bool:
+    """Whether a layer's down select can start from the gate/up output's histogram (`DecodeEngine(down_hist=)`):
+    both MLP sites Top-K on the kernels' path (the layer has counters), and the down input is the gate/up output
+    itself (no weighted-selection scale)."""
+    return (st.mlp_in.mode == "topk" and st.mlp_out.mode == "topk" and lw.scale_mlp_out is None
+            and lw.counters is not None)
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -730,6 +751,11 @@ class DecodeEngine:
     Top-K 295.3 / 289.2 / 296.5). With the gathered Top-K GEMVs in the step, a head
     launched as a programmatic dependent makes the o and down GEMVs of every layer 5-6.5 us slower inside the graph
     replay (`benchmarks/results/timeline-llama2-7b.*`; why is not understood, the graph's edges are the same).
+    down_hist (v30): where both MLP sites are Top-K (and no weighted selection scales the down input), the gate/up
+    GEMV counts its output into an engine-owned histogram per layer and the down select starts from its boundary
+    bin (`larosa::topk_gate_up(hist_out=)`, `topk_linear(hist=)`; exact with any counts, so speed only), in place of
+    a down hint (`hint_sites` 3). None =
+    `LAROSA_DOWN_HIST` ("1" / "0", A/B runs) if set, else `DOWN_HIST_DEFAULT`; off without Triton.
     """
 
     def __init__(self, weights: ModelWeights, max_len: int, batch: int = 1, compile: Optional[bool] = None,
@@ -739,7 +765,8 @@ class DecodeEngine:
                  hint_sites: Optional[Sequence[int]] = None, kernel: Optional[str] = None,
                  adapter_split: float = ADAPTER_SPLIT, fuse_rope: Optional[bool] = None,
                  attn_combine: str = DEFAULT_ATTN_COMBINE, dense_kernel: Optional[bool] = None,
-                 dense_head: Optional[bool] = None, spec: Optional[bool] = None, head_pdl: Optional[bool] = None):
+                 dense_head: Optional[bool] = None, spec: Optional[bool] = None, head_pdl: Optional[bool] = None,
+                 down_hist: Optional[bool] = None):
         self.w = weights
         cuda = weights.device.type == "cuda"
         self.dense_kernel = (_ops.dense_kernel_default(weights.device) if dense_kernel is None
@@ -772,6 +799,9 @@ class DecodeEngine:
         self.hint_sites = tuple(sorted(set(int(i) for i in hint_sites)))
         if not set(self.hint_sites) <= {0, 1, 2, 3}:
             raise LarosaError(f"hint_sites must be among 0 (q/k/v), 1 (o), 2 (gate/up), 3 (down), got {hint_sites}")
+        if down_hist is None:
+            down_hist = _env_flag("LAROSA_DOWN_HIST", DOWN_HIST_DEFAULT)
+        self.down_hist = bool(down_hist) and _ops.HAVE_TRITON
         self.kernel = topk_kernel(weights) if kernel is None else kernel
         if self.kernel is not None and _ops.HAVE_TRITON and self.kernel not in _ops.KERNEL_IMPLS:
             raise LarosaError(f"kernel must be one of {', '.join(_ops.KERNEL_IMPLS)}, got {kernel!r}")
@@ -779,6 +809,7 @@ class DecodeEngine:
                                      fused_rope=self.fuse_rope, dense_kernel=self.dense_kernel,
                                      unit_norms=bool((lw.attn_norm == 1).all() and (lw.mlp_norm == 1).all()),
                                      hint_sites=sum(1 << i for i in self.hint_sites),
+                                     down_hist=self.down_hist and _hist_layer(st, lw),
                                      **{n: getattr(st, n)._replace(kernel=self.kernel) for n in SITES})
                          for st, lw in zip(weights.statics, weights.layers)]
         self._unit_final_norm = bool((weights.final_norm == 1).all())
@@ -822,13 +853,16 @@ class DecodeEngine:
         self._statics = [st._replace(adapter_cols=min(cols, weights.embed.shape[1])) for st in self._statics]
         # per layer: its tensors, then the select hints of its four sites (a slot per row: each Top-K select
         # searches near the row's previous threshold first; speed only, see `triton_gemv.select`)
-        # and (attn_combine="last") the attention kernel's zeroed counters, a slot per (row, KV head)
+        # and (attn_combine="last") the attention kernel's zeroed counters, a slot per (row, KV head), and (down_hist)
+        # the down select's zeroed histogram, `hist_bins()` per row (counted by gate/up, used up by the select)
         self._tensors = [self._layer_tensors(lw, st) + (
                              torch.zeros(4, self.batch, dtype=torch.int32, device=self.device)
                              if self.hint_sites and lw.counters is not None else None,
                              torch.zeros(self.batch * st.kv_heads, dtype=torch.int32, device=self.device)
-                             if self.attn_combine == "last" else None)
-                         for lw, st in zip(weights.layers, weights.statics)]
+                             if self.attn_combine == "last" else None,
+                             torch.zeros(self.batch * _ops.triton_gemv.hist_bins(), dtype=torch.int32,
+                                         device=self.device) if est.down_hist else None)
+                         for lw, st, est in zip(weights.layers, weights.statics, self._statics)]
         self._side = torch.cuda.Stream(self.device) if self.adapter_mode == "stream" and cuda else None
         # capture the step on a high-priority stream, so the side stream's adapter GEMVs fill gaps only
         if capture_priority is None:
@@ -859,11 +893,17 @@ class DecodeEngine:
     @property
     def hint_buffers(self) -> list:
         """Per layer: the select hints of its four sites ((4, batch) int32), or None without hints."""
-        return [t[-2] for t in self._tensors]
+        return [t[-3] for t in self._tensors]
 
     @property
     def attn_counters(self) -> list:
         """Per layer: the attention kernel's zeroed counters (attn_combine="last"), or None."""
+        return [t[-2] for t in self._tensors]
+
+    @property
+    def hist_buffers(self) -> list:
+        """Per layer: the down select's histogram (batch x `hist_bins()` int32, zero between steps) where the
+        layer runs `down_hist`, else None."""
         return [t[-1] for t in self._tensors]
 
     # -- forward ------------------------------------------------------------------------------------

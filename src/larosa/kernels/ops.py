@@ -166,11 +166,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("larosa::topk_linear", mutates_args=())
 def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.Tensor] = None,
                 counters: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-                hint: Optional[torch.Tensor] = None, impl: Optional[str] = None) -> torch.Tensor:
+                hint: Optional[torch.Tensor] = None, impl: Optional[str] = None,
+                hist: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`residual` (x's leading shape, d_out): y = residual + TopK_k(x) @ wt (+ bias), added in fp32 before the
     one rounding where the kernel runs (the residual add of a decoder layer folded into the GEMV).
     `impl`: the kernel implementation (`triton_gemv.IMPLS`; None = the package default), as in the other
-    Top-K ops."""
+    Top-K ops. `hist` (v30): x's histogram as the op that wrote x counted it (`hist_out` of `topk_gate_up`,
+    `rmsnorm_topk`), for the select; like `hint` it changes the time only (see the module's notes)."""
     _check(x, wt, k, impl)
     out_shape = (*x.shape[:-1], wt.shape[1])
     if residual is not None and tuple(residual.shape) != out_shape:
@@ -185,27 +187,38 @@ def topk_linear(x: torch.Tensor, wt: torch.Tensor, k: int, bias: Optional[torch.
         return (y if r2 is None else y + r2).view(out_shape)
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]):
         return ref.topk_gemv_ref(x2, wt, k, bias, r2).view(out_shape)
-    return _launch_topk(x2, wt, k, bias, counters, r2, hint, impl).view(out_shape)
+    return _launch_topk(x2, wt, k, bias, counters, r2, hint, impl, hist=hist).view(out_shape)
 
 
-def _launch_topk(x2, wt, k, bias, counters, r2, hint, impl, side=None) -> torch.Tensor:
+def _hist_kw(impl: Optional[str], d_in: int, k: int, **bufs) -> dict:
+    """The histogram buffers (`hist` / `hist_out`) for `triton_gemv.launch` where the kernel it resolves to takes
+    them (tile, gathered); elsewhere they are left out (the select then searches without: the same result)."""
+    if all(v is None for v in bufs.values()) or triton_gemv.resolve_impl(impl, 0, d_in, k) not in ("tile", "gtile"):
+        return {}
+    return {n: v for n, v in bufs.items() if v is not None}
+
+
+def _launch_topk(x2, wt, k, bias, counters, r2, hint, impl, side=None, hist=None) -> torch.Tensor:
     """The Triton Top-K GEMV of rows x2 (the kernel path of `topk_linear`; `side`: a `triton_gemv.SideGemv`
     carried by its launches, `triton_gemv.launch`)."""
     y = torch.empty(x2.shape[0], wt.shape[1], dtype=x2.dtype, device=x2.device)
     triton_gemv.launch(x2, wt.contiguous(), y, k, bias=bias, counters=_counters(counters, x2, wt, impl=impl, k=k),
-                       residual=r2, hint=hint, impl=impl, side=side)
+                       residual=r2, hint=hint, impl=impl, side=side, **_hist_kw(impl, x2.shape[1], k, hist=hist))
     return y
 
 
 @topk_linear.register_fake
-def _(x, wt, k, bias=None, counters=None, residual=None, hint=None, impl=None):
+def _(x, wt, k, bias=None, counters=None, residual=None, hint=None, impl=None, hist=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
 @torch.library.custom_op("larosa::topk_gate_up", mutates_args=())
 def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k: int,
                  counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
-                 impl: Optional[str] = None) -> torch.Tensor:
+                 impl: Optional[str] = None, hist_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(TopK_k(x) @ wt_gate) * (TopK_k(x) @ wt_up). `hist_out` (v30): a zeroed int32 buffer of
+    `triton_gemv.hist_bins()` per row, into which the kernel counts the output for the next op's select (its
+    `hist`); where the tile / gathered kernels do not run it is left alone. Speed only, like `hint`."""
     _check(x, wt_gate, k, impl)
     if wt_up.shape != wt_gate.shape:
         raise ValueError(f"gate {tuple(wt_gate.shape)} and up {tuple(wt_up.shape)} weights differ in shape")
@@ -216,12 +229,13 @@ def topk_gate_up(x: torch.Tensor, wt_gate: torch.Tensor, wt_up: torch.Tensor, k:
     kk = min(k, x.shape[-1])
     mode, impl = (0, impl) if kk < x.shape[-1] else (2, None)
     triton_gemv.launch(x2, wt_gate.contiguous(), y, kk, wt2=wt_up.contiguous(), mode=mode, impl=impl,
-                       counters=_counters(counters, x2, wt_gate, gated=True, mode=mode, impl=impl, k=kk), hint=hint)
+                       counters=_counters(counters, x2, wt_gate, gated=True, mode=mode, impl=impl, k=kk), hint=hint,
+                       **(_hist_kw(impl, x2.shape[1], kk, hist_out=hist_out) if mode == 0 else {}))
     return y.view(*x.shape[:-1], wt_gate.shape[1])
 
 
 @topk_gate_up.register_fake
-def _(x, wt_gate, wt_up, k, counters=None, hint=None, impl=None):
+def _(x, wt_gate, wt_up, k, counters=None, hint=None, impl=None, hist_out=None):
     return x.new_empty(*x.shape[:-1], wt_gate.shape[1])
 
 
@@ -229,18 +243,19 @@ def _(x, wt_gate, wt_up, k, counters=None, hint=None, impl=None):
 def rmsnorm_topk(x: torch.Tensor, res: Optional[torch.Tensor], norm_w: torch.Tensor, eps: float,
                  wt: torch.Tensor, wt_up: Optional[torch.Tensor], k: int, bias: Optional[torch.Tensor] = None,
                  counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
-                 impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 impl: Optional[str] = None, hist_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The block input's RMSNorm with the Top-K select folded in: xs = x + res, h = RMSNorm(xs) * norm_w,
     y = TopK_k(h) @ wt (+ bias), or silu(TopK_k(h) @ wt) * (TopK_k(h) @ wt_up). Returns (xs, y); xs is
     empty when res is None (the caller keeps x). Where the kernels run, one kernel computes xs, h and h's
     selection (`triton_gemv.rmsnorm_select`), and the GEMV follows without a select launch; elsewhere the
-    reference (`reference.rmsnorm_topk_ref`), or, for many rows on CUDA, the same norm and `topk_linear`."""
-    xs, y, _ = _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl)
+    reference (`reference.rmsnorm_topk_ref`), or, for many rows on CUDA, the same norm and `topk_linear`.
+    `hist_out`: y counted for the next select, as in `topk_gate_up`."""
+    xs, y, _ = _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl, hist_out=hist_out)
     return xs, y
 
 
 @rmsnorm_topk.register_fake
-def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None, impl=None):
+def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None, impl=None, hist_out=None):
     return (x.new_empty(0) if res is None else x.new_empty(x.shape)), x.new_empty(*x.shape[:-1], wt.shape[1])
 
 
@@ -248,19 +263,21 @@ def _(x, res, norm_w, eps, wt, wt_up, k, bias=None, counters=None, hint=None, im
 def rmsnorm_topk_side(x: torch.Tensor, norm_w: torch.Tensor, eps: float, wt: torch.Tensor,
                       wt_up: Optional[torch.Tensor], k: int, side_w: torch.Tensor, side_cols: int,
                       counters: Optional[torch.Tensor] = None, hint: Optional[torch.Tensor] = None,
-                      impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`rmsnorm_topk` without res, plus a dense side GEMV of its input: (y, r) with r = x @ side_w[:side_cols].T
+                      impl: Optional[str] = None,
+                      hist_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rmsnorm_topk` without res (`hist_out` as there), plus a dense side GEMV of its input: (y, r) with r = x @ side_w[:side_cols].T
     (x's leading shape, side_cols; side_w (d_out, d_in) as F.linear's weight). Where the kernels run, r comes
     from extra programs (`triton_gemv.SideGemv`) of the gate/up GEMV launch, which stream while it waits for
     the norm + select (tile / gathered kernels, `triton_gemv.side_in()` "gemv"), or else of the norm + select
     launch itself, on the SMs the select leaves idle. `topk_linear_side` finishes it."""
     _check_side(x, side_w, side_cols, None)
-    _, y, r = _rmsnorm_topk(x, None, norm_w, eps, wt, wt_up, k, None, counters, hint, impl, side_w, side_cols)
+    _, y, r = _rmsnorm_topk(x, None, norm_w, eps, wt, wt_up, k, None, counters, hint, impl, side_w, side_cols,
+                            hist_out)
     return y, r
 
 
 @rmsnorm_topk_side.register_fake
-def _(x, norm_w, eps, wt, wt_up, k, side_w, side_cols, counters=None, hint=None, impl=None):
+def _(x, norm_w, eps, wt, wt_up, k, side_w, side_cols, counters=None, hint=None, impl=None, hist_out=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1]), x.new_empty(*x.shape[:-1], side_cols)
 
 
@@ -274,7 +291,8 @@ def _check_side(ax: torch.Tensor, side_w: torch.Tensor, c: int, prev: Optional[t
         raise ValueError(f"prev {tuple(prev.shape)} must be the side input's leading shape x its {c} columns")
 
 
-def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl, side_w=None, side_cols=0):
+def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl, side_w=None, side_cols=0,
+                  hist_out=None):
     """(xs, y, r) of `rmsnorm_topk` and, with side_w, of `rmsnorm_topk_side` (r = x @ side_w[:side_cols].T;
     else None)."""
     _check(x, wt, k, impl)
@@ -290,7 +308,7 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
     if not _use_kernel(x2, x2.shape[0]) or kk >= x.shape[-1]:
         xs = x if res is None else x + res
         h = ref.rmsnorm_ref(xs, norm_w, eps)
-        y = (topk_gate_up(h, wt, wt_up, k, counters, None, impl) if wt_up is not None
+        y = (topk_gate_up(h, wt, wt_up, k, counters, None, impl, hist_out) if wt_up is not None
              else topk_linear(h, wt, k, bias, counters, None, None, impl))
         r = None if side_w is None else (x2 @ side_w[:side_cols].t()).view(*x.shape[:-1], side_cols)
         return (x.new_empty(0) if res is None else xs), y, r
@@ -315,7 +333,8 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
                                             prefetch=triton_prefetch.plan(x2, wt, wt_up, kk, hint))
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
-                       counters=cnt, sel=sel, pdl=pdl, impl=impl, side=side if in_gemv else None)
+                       counters=cnt, sel=sel, pdl=pdl, impl=impl, side=side if in_gemv else None,
+                       **_hist_kw(impl, x2.shape[1], kk, hist_out=hist_out))
     r = None if r2 is None else r2.view(*x.shape[:-1], side_cols)
     return (x.new_empty(0) if xs is None else xs.view(x.shape)), y.view(*x.shape[:-1], d_out), r
 
@@ -324,12 +343,13 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
 def topk_linear_side(x: torch.Tensor, wt: torch.Tensor, k: int, side_x: torch.Tensor, side_w: torch.Tensor,
                      prev: Optional[torch.Tensor] = None, counters: Optional[torch.Tensor] = None,
                      hint: Optional[torch.Tensor] = None,
-                     impl: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     impl: Optional[str] = None, hist: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, r): y = TopK_k(x) @ wt, and a dense side GEMV r = side_x @ side_w.T (side_x's leading shape x
     side_w's d_out; side_w as F.linear's weight), whose first c columns are `prev` (side_x @ side_w[:c].T,
     from `rmsnorm_topk_side`) where given. Where the kernels run, the rest of r comes from extra programs
     (`triton_gemv.SideGemv`) of the GEMV launch that waits for the select (tile / gathered kernels,
-    `triton_gemv.side_in()` "gemv") or else of the select launch, on the SMs the select leaves idle."""
+    `triton_gemv.side_in()` "gemv") or else of the select launch, on the SMs the select leaves idle. `hist`: as
+    in `topk_linear`."""
     _check(x, wt, k, impl)
     c0 = 0 if prev is None else prev.shape[-1]
     _check_side(side_x, side_w, c0, prev)
@@ -344,10 +364,10 @@ def topk_linear_side(x: torch.Tensor, wt: torch.Tensor, k: int, side_x: torch.Te
     if k >= x.shape[-1] or not _use_kernel(x2, x2.shape[0]) or c0 == n or not _side_rides(impl, x.shape[-1], k):
         rest = a2 @ side_w[c0:].t()
         r = rest if p2 is None else torch.cat([p2, rest], 1)
-        return topk_linear(x, wt, k, None, counters, None, hint, impl), r.view(r_shape)
+        return topk_linear(x, wt, k, None, counters, None, hint, impl, hist), r.view(r_shape)
     r2 = torch.empty(x2.shape[0], n, dtype=side_x.dtype, device=x.device)
     side = triton_gemv.SideGemv(a2, side_w.contiguous(), r2, c0, n, p2)
-    y = _launch_topk(x2, wt, k, None, counters, None, hint, impl, side)
+    y = _launch_topk(x2, wt, k, None, counters, None, hint, impl, side, hist)
     return y.view(*x.shape[:-1], wt.shape[1]), r2.view(r_shape)
 
 
@@ -360,7 +380,7 @@ def _side_rides(impl: Optional[str], d_in: int, k: int) -> bool:
 
 
 @topk_linear_side.register_fake
-def _(x, wt, k, side_x, side_w, prev=None, counters=None, hint=None, impl=None):
+def _(x, wt, k, side_x, side_w, prev=None, counters=None, hint=None, impl=None, hist=None):
     return x.new_empty(*x.shape[:-1], wt.shape[1]), side_x.new_empty(*side_x.shape[:-1], side_w.shape[0])
 
 

@@ -153,7 +153,7 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                          pf_start=1, pf_w1_ptr=None, pf_w2_ptr=None, pf_rec_ptr=None, pf_row_bytes=0, pf_chunk=0,
                          pf_limit=0,
                          PF: tl.constexpr = 0, PF_ROWS: tl.constexpr = 16, PF_CHUNKS: tl.constexpr = 8,
-                         PF_TWO: tl.constexpr = False, PACK_X: tl.constexpr = False):
+                         PF_TWO: tl.constexpr = False, PACK_X: tl.constexpr = False, HIST: tl.constexpr = 0):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
@@ -168,7 +168,9 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
     the same from 64-bit pointers, `_scatter_i32`; 1: by `tl.store`; 2: timing only, no list).
     SIDE (v16): programs n_rows.. compute a dense side GEMV meanwhile (`_side_program`, `SideGemv`).
     PF (v23): programs pf_start.. prefetch the GEMV's likely rows into L2 meanwhile (`triton_prefetch`).
-    PACK_X (with COMPACT): each list entry is (x's 16 bits << 16) | position (`_packed_select`)."""
+    PACK_X (with COMPACT): each list entry is (x's 16 bits << 16) | position (`_packed_select`).
+    HIST > 0 (v30): hint_ptr holds each row's histogram of x (2^(15 - HIST) bins, `_finish_block`) instead of a
+    hint; the window is its boundary bin (`_packed_select`). Not with PF."""
     if WAIT:
         gdc_wait()
     if PF and tl.program_id(0) >= pf_start:
@@ -182,17 +184,20 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
         _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
-                    COMPACT, PACK_X)
+                    COMPACT, PACK_X, HIST)
 
 
 @triton.jit
 def _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
                 FIRST_BIT: tl.constexpr, WINDOW: tl.constexpr, FALLBACK: tl.constexpr, COMPACT: tl.constexpr,
-                PACK_X: tl.constexpr = False):
+                PACK_X: tl.constexpr = False, HIST: tl.constexpr = 0):
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     sel_row = sel_ptr + row * (2 + k if COMPACT else 2)
-    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, hint_ptr + row, WINDOW, FALLBACK,
-                               sel_row + 2, COMPACT, PACK_X=PACK_X)
+    slot = hint_ptr + row
+    if HIST > 0:  # the row's histogram
+        slot = hint_ptr + row * (1 << (15 - HIST))
+    t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, slot, WINDOW, FALLBACK,
+                               sel_row + 2, COMPACT, PACK_X=PACK_X, HIST=HIST)
     tl.store(sel_row, t)
     tl.store(sel_row + 1, cutoff)
 
@@ -250,9 +255,41 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 
 
 @triton.jit
+def _window_or_full(lanes, k, w_lo, w_hi, BITS: tl.constexpr, FALLBACK: tl.constexpr):
+    """t from the window [w_lo, w_hi) of 2^BITS patterns where two counts show it holds t, else (FALLBACK) from
+    the full 15-count search; exact either way."""
+    # count(>= 0) = d_in >= k always; candidates are >= 1 (the zero padding is never counted)
+    ok = ((w_lo == 0) | (_count_ge_packed(lanes, tl.maximum(w_lo, 1)) >= k)) & (_count_ge_packed(lanes, w_hi) < k)
+    t = tl.zeros((), tl.int32)
+    if ok:
+        t = _bisect_packed(lanes, k, w_lo, BITS - 1, w_hi)
+    else:
+        if FALLBACK:
+            t = _bisect_packed(lanes, k, 0, 14, 0x8000)
+    return t
+
+
+@triton.jit
+def _hist_window(hist_row, k, HIST: tl.constexpr):
+    """[lo, hi) of the bin of hist_row (2^(15 - HIST) counts of |x|'s 15-bit patterns >> HIST, `_finish_block`)
+    where the count of entries from the top reaches k: t, the largest pattern with k entries >= it, lies in it.
+    The counts are zeroed again (each by the thread that loaded it: the same pointers) for the next producer.
+    A histogram that is not the row's (none written: all zero) gives a window the caller's check rejects."""
+    NB: tl.constexpr = 1 << (15 - HIST)
+    j = tl.arange(0, NB)
+    ptrs = hist_row + (NB - 1 - j)  # from the top bin down
+    c = tl.load(ptrs)
+    tl.store(ptrs, tl.zeros((NB,), tl.int32))
+    jb = tl.min(tl.where(tl.cumsum(c, 0) >= k, j, NB - 1), 0)  # the top jb + 1 bins hold >= k entries
+    lo = (NB - 1 - jb) << HIST
+    return lo, lo + (1 << HIST)
+
+
+@triton.jit
 def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14, hint_ptr=None,
                    WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, idx_ptr=None,
-                   COMPACT: tl.constexpr = False, HINT_HI: tl.constexpr = False, PACK_X: tl.constexpr = False):
+                   COMPACT: tl.constexpr = False, HINT_HI: tl.constexpr = False, PACK_X: tl.constexpr = False,
+                   HIST: tl.constexpr = 0):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
 
     t is the largest 15-bit pattern with at least k entries >= t. Plain: fixed bit by bit (15 counts).
@@ -261,6 +298,9 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     >= lo, fewer than k >= hi), and then WINDOW counts find it there: 2 + WINDOW counts instead of 15.
     Where the check fails the full 15-count search runs. Exact either way (any hint gives the same t);
     the new t is stored as the next hint.
+    HIST > 0 (v30): hint_ptr is instead the row's histogram, 2^(15 - HIST) bins of 2^HIST patterns counted by the
+    kernel that wrote the row (`_finish_block`); its boundary bin is the window (`_hist_window`, which zeroes
+    the histogram for the next producer): 2 + HIST counts, the same check and fallback, no hint stored.
 
     Two 15-bit patterns per 32-bit lane: lane = 1 hi 1 lo with the guard bits 31 and 15 set, so
     (lane - cand * 0x10001) keeps bit 31 iff hi >= cand and bit 15 iff lo >= cand (the guard stops the
@@ -274,20 +314,15 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     raw = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # padding is 0: never >= a candidate (>= 1)
     lo, hi = tl.split(tl.reshape(raw, (BLOCK_D // 2, 2)))
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
-    if WINDOW > 0:
+    if HIST > 0:  # v30: the window is the boundary bin of the histogram the row's producer counted
+        w_lo, w_hi = _hist_window(hint_ptr, k, HIST)
+        t = _window_or_full(lanes, k, w_lo, w_hi, HIST, FALLBACK)
+    elif WINDOW > 0:
         v = tl.load(hint_ptr)
         h = v & 0x7FFF  # (HINT_HI: the slot's low half; the high half is kept, `triton_spec`)
         w_lo = tl.minimum(tl.maximum(h - (1 << (WINDOW - 1)), 0), 0x7FFF)
         w_hi = tl.minimum(w_lo + (1 << WINDOW), 0x8000)  # 0x8000: no pattern reaches it (count 0)
-        # count(>= 0) = d_in >= k always; candidates are >= 1 (the zero padding is never counted)
-        ok = ((w_lo == 0) | (_count_ge_packed(lanes, tl.maximum(w_lo, 1)) >= k)) \
-            & (_count_ge_packed(lanes, w_hi) < k)
-        t = tl.zeros((), tl.int32)
-        if ok:
-            t = _bisect_packed(lanes, k, w_lo, WINDOW - 1, w_hi)
-        else:
-            if FALLBACK:
-                t = _bisect_packed(lanes, k, 0, 14, 0x8000)
+        t = _window_or_full(lanes, k, w_lo, w_hi, WINDOW, FALLBACK)
         if HINT_HI:
             tl.store(hint_ptr, (v & -65536) | t)
         else:
@@ -580,7 +615,9 @@ def _epilogue_store(tot, up, bias_ptr, y_row, cols, cmask, GATED: tl.constexpr, 
         tot += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     if HAS_RES:
         tot += tl.load(res_row + cols, mask=cmask, other=0.0).to(tl.float32)
-    tl.store(y_row + cols, tot.to(y_row.dtype.element_ty), mask=cmask)
+    yv = tot.to(y_row.dtype.element_ty)
+    tl.store(y_row + cols, yv, mask=cmask)
+    return yv
 
 
 @triton.jit
@@ -626,7 +663,8 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      m0=0, ax_ptr=None, aw_ptr=None, ay_ptr=None, ap_ptr=None, a_d=0, a_c0=0, a_c1=0,
                      a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                      SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
-                     A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False):
+                     A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
+                     hist_ptr=None, HIST: tl.constexpr = 0):
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
@@ -644,14 +682,14 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     else:
         _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
                         stride_x, stride_y, res_ptr, stride_r, MODE, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, X_LATE,
-                        HAS_RES, m0 if SIDE else 0)
+                        HAS_RES, m0 if SIDE else 0, hist_ptr, HIST)
 
 
 @triton.jit
 def _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
                     stride_x, stride_y, res_ptr, stride_r, MODE: tl.constexpr, GATED: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-                    X_LATE: tl.constexpr, HAS_RES: tl.constexpr, m0):
+                    X_LATE: tl.constexpr, HAS_RES: tl.constexpr, m0, hist_ptr=None, HIST: tl.constexpr = 0):
     pid_n, row, rn, cmask, rm = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)
     valid = rm < d_in
     if PDL:
@@ -669,7 +707,7 @@ def _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr,
     keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
     xf = tl.where(keep, xv.to(tl.float32), 0.0)
     _tile_add_finish(rm, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn,
-                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
+                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
 
 
 @triton.jit
@@ -682,12 +720,13 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                       SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                       A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
-                      PACK_X: tl.constexpr = False):
+                      PACK_X: tl.constexpr = False, hist_ptr=None, HIST: tl.constexpr = 0):
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
     the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE and PDL as there.
-    PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read."""
+    PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read.
+    HIST (v30, with `tile_gemv_kernel` too): the finishers count y into hist_ptr's bins (`_finish_block`)."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:
@@ -696,13 +735,14 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
                          stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
-                         m0 if SIDE else 0, PACK_X)
+                         m0 if SIDE else 0, PACK_X, hist_ptr, HIST)
 
 
 @triton.jit
 def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
                      res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr):
+                     BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr,
+                     hist_ptr=None, HIST: tl.constexpr = 0):
     pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)  # j: places in the kept list
     jmask = j < k
     if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
@@ -714,7 +754,7 @@ def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     else:
         xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
-                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0)
+                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
 
 
 @triton.jit
@@ -745,7 +785,7 @@ def _tile_program(d_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, m0):
 @triton.jit
 def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_RES: tl.constexpr, m0):
+                     HAS_RES: tl.constexpr, m0, hist_ptr=None, HIST: tl.constexpr = 0):
     """A tile program's body after it knows its input rows: load W^T[rows_in, rn] where kept (xf is 0
     elsewhere), add the fp32 partial sums into acc with atomics, and let the last program of the column
     block (counter; the block has num_programs(1) - m0 of them) finish it (`_finish_block`)."""
@@ -761,14 +801,19 @@ def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_
     cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
     if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - m0 - 1:
         tl.atomic_xchg(cnt_addr, 0)
+        hist_row = hist_ptr
+        if HIST > 0:
+            hist_row = hist_ptr + row * (1 << (15 - HIST))
         _finish_block(acc_row, bias_ptr, y_ptr + row * stride_y, rn, cmask, d_out, GATED, HAS_BIAS,
-                      res_ptr + row * stride_r, HAS_RES)
+                      res_ptr + row * stride_r, HAS_RES, hist_row, HIST)
 
 
 @triton.jit
 def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  res_row, HAS_RES: tl.constexpr):
+                  res_row, HAS_RES: tl.constexpr, hist_row=None, HIST: tl.constexpr = 0):
     """y[rn] from the fp32 sums (silu(gate) * up when GATED, + bias, + residual), and the sums zeroed again.
+    HIST > 0 (v30): also count the stored outputs into hist_row's 2^(15 - HIST) bins by |y|'s 15-bit pattern
+    shifted right by HIST (`_hist_window`: the next select starts from the boundary bin).
 
     The barrier keeps every thread's read of the sums before any thread's zeroing store: the compiler may
     lay the loaded and the stored vectors out over different threads, and without it the compiled kernel
@@ -784,7 +829,10 @@ def _finish_block(acc_row, bias_ptr, y_row, rn, cmask, d_out, GATED: tl.constexp
     tl.store(acc_row + rn, zero, mask=cmask)
     if GATED:
         tl.store(acc_row + d_out + rn, zero, mask=cmask)
-    _epilogue_store(tot, up, bias_ptr, y_row, rn, cmask, GATED, HAS_BIAS, res_row, HAS_RES)
+    yv = _epilogue_store(tot, up, bias_ptr, y_row, rn, cmask, GATED, HAS_BIAS, res_row, HAS_RES)
+    if HIST > 0:
+        bins = (yv.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF) >> HIST
+        tl.atomic_add(hist_row + bins, tl.full(bins.shape, 1, tl.int32), mask=cmask, sem="relaxed")
 
 
 def tile_config(d_in: int, d_out: int, gated: bool = False) -> dict:
@@ -827,7 +875,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
                 block_n: int | None = None, num_warps: int | None = None, select_num_warps: int | None = None,
                 select_impl: str | None = None, num_stages: int | None = None,
                 sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                hint: torch.Tensor | None = None, side: SideGemv | None = None) -> None:
+                hint: torch.Tensor | None = None, side: SideGemv | None = None, hist: torch.Tensor | None = None,
+                hist_out: torch.Tensor | None = None) -> None:
     """One-tile-per-program variant of `launch` (same arguments and result), v11."""
     _check_residual(residual, y, wt2)
     if side is not None and mode != 0:
@@ -846,7 +895,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
         sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=sel_side,
-                     prefetch=plan_prefetch(x, wt, wt2, k, hint) if select_impl == "packed" else None) \
+                     prefetch=plan_prefetch(x, wt, wt2, k, hint) if select_impl == "packed" else None,
+                     hist=hist) \
             if mode == 0 else x
     grid = (n0, m0 + triton.cdiv(d_in, block_m), rows)
     tile_gemv_kernel[grid](
@@ -855,7 +905,13 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
-        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw)
+        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw, **_hist_out_kw(hist_out, y))
+
+
+def _hist_out_kw(hist_out: torch.Tensor | None, y: torch.Tensor) -> dict:
+    """The tile / gathered kernels' arguments to count y into `hist_out` (`_finish_block`), checked; {} without."""
+    hist_out = _hist_arg(hist_out, y, "hist_out")
+    return {} if hist_out is None else {"hist_ptr": hist_out, "HIST": hist_bits()}
 
 
 DECODE_SITES = ("qkv", "o", "gate_up", "down", "head")
@@ -927,7 +983,8 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
                  pdl: bool | None = None, block_m: int | None = None, block_n: int | None = None,
                  num_warps: int | None = None, select_num_warps: int | None = None,
                  sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None) -> None:
+                 hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None,
+                 hist: torch.Tensor | None = None, hist_out: torch.Tensor | None = None) -> None:
     """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
     kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows.
     `pack_x` (None = `gather_x(d_in)`): the list carries x with each position; a given `sel` must then come from a
@@ -945,7 +1002,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     pack_x = gather_x(d_in) if pack_x is None else bool(pack_x)  # (compacting selects take rows < 2^15 wide)
     if sel is None:
         sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=sel_side,
-                     prefetch=plan_prefetch(x, wt, wt2, k, hint), pack_x=pack_x)
+                     prefetch=plan_prefetch(x, wt, wt2, k, hint), pack_x=pack_x, hist=hist)
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
@@ -956,7 +1013,8 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
         residual.stride(0) if residual is not None else 0, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=1,
-        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}))
+        **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}),
+        **_hist_out_kw(hist_out, y))
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
@@ -1109,6 +1167,38 @@ def _hint_args(hint: torch.Tensor | None, x: torch.Tensor) -> tuple[torch.Tensor
         raise ValueError(f"hint must be a contiguous int32 buffer on {x.device}, got {tuple(hint.shape)} "
                          f"{hint.dtype} on {hint.device}")
     return (hint, select_window()) if hint.numel() >= x.shape[0] else (None, 0)
+
+
+# v30: the kernel that writes a select's row (the gate/up GEMV's finishers, before the down select) counts it into
+# 2^(15 - HIST_BITS) bins of |x|'s 15-bit patterns; the select then searches the boundary bin: 2 + HIST_BITS counts
+# instead of 15 (or 2 + the hint window's), exact with any counts (`_hist_window`, `_window_or_full`).
+HIST_BITS = 4
+
+
+def hist_bits() -> int:
+    """Patterns per histogram bin, log2: `HIST_BITS`, or `LAROSA_HIST_BITS` (2-7, for A/B runs; set it before a
+    decode engine is built, which sizes its buffers by it)."""
+    raw = os.environ.get("LAROSA_HIST_BITS", str(HIST_BITS))
+    if not raw.strip().isdigit() or not 2 <= int(raw) <= 7:
+        raise ValueError(f"LAROSA_HIST_BITS={raw!r}: use an integer from 2 to 7")
+    return int(raw)
+
+
+def hist_bins() -> int:
+    """Bins per row of a select histogram (`select(hist=)`, `launch(hist_out=)`): 2^(15 - `hist_bits()`)."""
+    return 1 << (15 - hist_bits())
+
+
+def _hist_arg(hist: torch.Tensor | None, x: torch.Tensor, name: str) -> torch.Tensor | None:
+    """A select histogram buffer checked like a hint (`_hint_args`): a contiguous int32 buffer on x's device,
+    zeroed when first given; one with fewer than rows x `hist_bins()` entries (sized for a decode engine's batch,
+    during a multi-row prefill) is not used."""
+    if hist is None:
+        return None
+    if hist.dtype != torch.int32 or not hist.is_contiguous() or hist.device != x.device:
+        raise ValueError(f"{name} must be a contiguous int32 buffer on {x.device}, got {tuple(hist.shape)} "
+                         f"{hist.dtype} on {hist.device}")
+    return hist if hist.numel() >= x.shape[0] * hist_bins() else None
 
 
 class SideGemv(NamedTuple):
@@ -1302,7 +1392,8 @@ def _compact_k(k: int, d_in: int) -> int:
 
 def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SELECT_IMPL,
            pdl: bool = False, hint: torch.Tensor | None = None, compact: bool = False,
-           side: SideGemv | None = None, prefetch: Prefetch | None = None, pack_x: bool = False) -> torch.Tensor:
+           side: SideGemv | None = None, prefetch: Prefetch | None = None, pack_x: bool = False,
+           hist: torch.Tensor | None = None) -> torch.Tensor:
     """(rows, 2) int32: threshold pattern and cutoff index of each row's exact Top-k. `pdl`: the next
     launch is a programmatic dependent. `hint` (int32, a slot per row, any values): each row's threshold
     from the previous call, to search near first; updated in place. It changes the time, never the result
@@ -1310,10 +1401,13 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     (ascending) after its (t, cutoff), for `impl="gtile"`. `side` (packed select only): a dense GEMV computed
     by extra programs of the same launch (`SideGemv`). `prefetch` (packed select with a hint, one row): extra
     programs of the launch prefetch the GEMV's likely weight rows into L2 (`triton_prefetch`; the result is
-    the same). `pack_x` (with `compact`): each list entry is (x's 16 bits << 16) | position (`gather_x`)."""
+    the same). `pack_x` (with `compact`): each list entry is (x's 16 bits << 16) | position (`gather_x`).
+    `hist` (packed select only, v30): each row's histogram of x (int32, `hist_bins()` per row) as counted by the
+    launch that wrote x (`launch(hist_out=)`), zeroed in place by this launch; it takes the place of `hint`
+    (neither read nor written then) and of `prefetch`. Like the hint it changes the time, never the result."""
     rows, d_in = x.shape
-    if (compact or side is not None or prefetch is not None) and impl != "packed":
-        raise ValueError(f"compact=True, side= and prefetch= need the packed select, not {impl!r}")
+    if (compact or side is not None or prefetch is not None or hist is not None) and impl != "packed":
+        raise ValueError(f"compact=True, side=, prefetch= and hist= need the packed select, not {impl!r}")
     _check_compact(compact, d_in)
     k = _compact_k(k, d_in) if compact else k
     sel = torch.empty(rows, 2 + k if compact else 2, dtype=torch.int32, device=x.device)
@@ -1324,15 +1418,18 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
     if impl != "packed":
         kernel[(rows,)](x, sel, d_in, k, x.stride(0), BLOCK_D=block_d, num_warps=warps)
         return sel
-    hint, window = _hint_args(hint, x)
+    hist = _hist_arg(hist, x, "hist")
+    hint, window = (None, 0) if hist is not None else _hint_args(hint, x)
     extra, side_kw = _side_kwargs(side, rows, x)
     if side is not None:
         side_kw["ROUND_BF16"] = _interpreted_bf16(side.x)
     n_pf, pf_kw = prefetch_kwargs(prefetch if hint is not None else None, x, warps, rows + extra)
-    kernel[(rows + extra + n_pf,)](x, sel, hint if hint is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
+    slots = hist if hist is not None else hint
+    kernel[(rows + extra + n_pf,)](x, sel, slots if slots is not None else sel, d_in, k, x.stride(0), BLOCK_D=block_d,
                                    num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
                                    **({"PDL": True} if pdl else {}), **_wait_kw(x),
-                                   **side_kw, **pf_kw, **_pack_kw(pack_x, compact))
+                                   **side_kw, **pf_kw, **_pack_kw(pack_x, compact),
+                                   **({"HIST": hist_bits()} if hist is not None else {}))
     return sel
 
 
@@ -1439,7 +1536,8 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
            num_stages: int | None = None, pdl: bool | None = None,
            block_m: int | None = None, sel: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, hint: torch.Tensor | None = None,
-           side: SideGemv | None = None) -> None:
+           side: SideGemv | None = None, hist: torch.Tensor | None = None,
+           hist_out: torch.Tensor | None = None) -> None:
     """x (B, d_in) contiguous rows, wt (d_in, d_out) contiguous, y (B, d_out).
 
     `counters` (int32 zeros, at least `counters_needed` entries for these tiles) may be passed to reuse a
@@ -1456,8 +1554,13 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
     select launched here, i.e. without `sel`), or of the tile / gathered GEMV launch (`side_in()` "gemv",
     with or without `sel`; its inputs must not come from the kernel that produced `sel`: the side programs
     do not wait for it).
+    `hist` / `hist_out` (v30, tile and gathered kernels only): x's histogram for the select (`select(hist=)`,
+    Top-K mode without `sel`), and a zeroed buffer of `hist_bins()` per row into which the finishers count y for
+    the next select (`_finish_block`). Neither changes the result.
     """
     impl = resolve_impl(impl, mode, x.shape[1], k)
+    if (hist is not None or hist_out is not None) and impl not in ("tile", "gtile"):
+        raise ValueError(f"hist= and hist_out= are for the tile and gathered kernels, not impl={impl!r}")
     if side is not None and (mode != 0 or select_impl != "packed" or impl in ("inline", "fused")
                              or (sel is not None and not side_in_gemv(impl))):
         raise ValueError("side= rides in the packed select this launch runs (Top-K mode, no sel=, impl split / "
@@ -1486,12 +1589,12 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
             raise ValueError(f"impl='gtile' compacts in the packed select, not {select_impl!r}")
         return launch_gtile(x, wt, y, k, wt2=wt2, bias=bias, counters=counters, pdl=pdl, block_m=block_m,
                             block_n=block_n, num_warps=num_warps, select_num_warps=select_num_warps, sel=sel,
-                            residual=residual, hint=hint, side=side)
+                            residual=residual, hint=hint, side=side, hist=hist, hist_out=hist_out)
     if impl == "tile":
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
                            select_num_warps=select_num_warps, select_impl=select_impl, num_stages=num_stages,
-                           sel=sel, residual=residual, hint=hint, side=side)
+                           sel=sel, residual=residual, hint=hint, side=side, hist=hist, hist_out=hist_out)
     _check_residual(residual, y, wt2)
     if impl == "fused":
         launch_fused(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, block_n=block_n,
