@@ -113,12 +113,15 @@
 #   bash benchmarks/h200_session.sh downhist     # v30: the down select from the gate/up output's histogram: GPU tests,
 #                                                # timeline variants, LaRoSA and Top-K end to end off / on (~6 min)
 #   bash benchmarks/h200_session.sh downhiste2e  # v30: the end-to-end part alone (~3.5 min)
+#   bash benchmarks/h200_session.sh histab       # v30: the down select's variants in the timeline (histogram checked
+#                                                # by a loop / unchecked, x out of the down list, the plain search as a
+#                                                # loop), then LaRoSA LLaMA2-7B end to end by HIST_CFGS, alternating (~5 min)
 #
 # Several stages in one call: `bash benchmarks/h200_session.sh tests fusions`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab|downhist|downhiste2e ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab|downhist|downhiste2e|histab ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -346,6 +349,17 @@ for stage in "$@"; do
       hist_e2e hist-e2e ;;
     downhiste2e)
       hist_e2e hist-e2e ;;
+    histab)  # v30: the down select's variants, then LaRoSA end to end by configuration (name:VAR=v,VAR=v ...)
+      python3 benchmarks/graph_timeline.py --out "$out/timeline-histab-llama2-7b.json" --traces "$out/timeline-traces" \
+        --variants "${TIMELINE_VARIANTS:-larosa,larosa-no-hist,larosa-hist-trust,larosa-hist-xdown,larosa-no-hist-xdown,larosa-no-hist-dyn}" \
+        2>&1 | tee "$out/timeline-histab-llama2-7b.log" || rc=1
+      for rep in 1 2; do
+        for cfg in ${HIST_CFGS:-nohist:LAROSA_DOWN_HIST=0 hist:LAROSA_DOWN_HIST=1 dyn:LAROSA_DOWN_HIST=0,LAROSA_SELECT_DYN=16384}; do
+          name=${cfg%%:*}; envs=${cfg#*:}
+          env ${envs//,/ } python3 -m larosa bench decode --shape llama2-7b --methods larosa --sparsities 0.4,0.5,0.75 \
+            --gen-lens 128 --out "$out/histab-$name-$rep" 2>&1 | grep -v "%|" | tee "$out/histab-$name-$rep.log" || rc=1
+        done
+      done ;;
     prefetchx)  # v23: per op with hot weights beside; LaRoSA LLaMA2-7B by budget and pieces per row (alternating)
       python3 benchmarks/prefetch_ab.py --sites qkv,o,gate_up --budgets 0,8 --out "$out/prefetch-hot-h200.json" \
         2>&1 | tee "$out/prefetch-hot-h200.log" || rc=1

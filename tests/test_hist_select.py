@@ -148,3 +148,26 @@ def test_ops_pass_the_histogram_from_gate_up_to_down():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.larosa.topk_linear.default, (act, wd, 240, None, None, x, None, "gtile", None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_loop_searches_and_trusted_histograms_are_exact(monkeypatch, compact):
+    """The A/B switches: LAROSA_SELECT_DYN (the un-hinted search as a run-time loop, at every width or from a width
+    up) and LAROSA_HIST_TRUST (the boundary bin searched unchecked, given the row's own histogram) select what the
+    default selects; malformed values are refused."""
+    tg = ops.triton_gemv
+    x = (torch.randn(2, 3000) * 2).bfloat16()
+    x[1] = x[1].round()  # ties
+    want = tg.select(x, 1234, compact=compact)
+    for dyn in ("1", "2048", "8192"):
+        monkeypatch.setenv("LAROSA_SELECT_DYN", dyn)
+        assert tg.select_dyn(4096) == (dyn != "8192")
+        assert torch.equal(tg.select(x, 1234, compact=compact), want)
+    monkeypatch.setenv("LAROSA_HIST_TRUST", "1")
+    hist = _hist(x)
+    assert torch.equal(tg.select(x, 1234, compact=compact, hist=hist), want) and not hist.any()
+    for name, bad in (("LAROSA_SELECT_DYN", "x"), ("LAROSA_HIST_TRUST", "2")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            tg.select(x, 1234, compact=compact, hist=_hist(x) if name == "LAROSA_HIST_TRUST" else None)
+        monkeypatch.delenv(name)

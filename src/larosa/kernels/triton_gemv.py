@@ -153,7 +153,8 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                          pf_start=1, pf_w1_ptr=None, pf_w2_ptr=None, pf_rec_ptr=None, pf_row_bytes=0, pf_chunk=0,
                          pf_limit=0,
                          PF: tl.constexpr = 0, PF_ROWS: tl.constexpr = 16, PF_CHUNKS: tl.constexpr = 8,
-                         PF_TWO: tl.constexpr = False, PACK_X: tl.constexpr = False, HIST: tl.constexpr = 0):
+                         PF_TWO: tl.constexpr = False, PACK_X: tl.constexpr = False, HIST: tl.constexpr = 0,
+                         HIST_TRUST: tl.constexpr = False, DYN: tl.constexpr = False):
     """Bisection on two 15-bit patterns per 32-bit lane (v10), see `_packed_select`. Same output as
     `select_bisect_kernel`.
     PDL: let the dependent GEMV launch now (its programs wait for this kernel before reading (t, cutoff)).
@@ -184,20 +185,21 @@ def select_packed_kernel(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: t
                       stride_ax, stride_aw, stride_ay, stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, PDL, ROUND_BF16)
     else:
         _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D, PDL, FIRST_BIT, WINDOW, FALLBACK,
-                    COMPACT, PACK_X, HIST)
+                    COMPACT, PACK_X, HIST, HIST_TRUST, DYN)
 
 
 @triton.jit
 def _select_row(x_ptr, sel_ptr, hint_ptr, d_in, k, stride_x, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
                 FIRST_BIT: tl.constexpr, WINDOW: tl.constexpr, FALLBACK: tl.constexpr, COMPACT: tl.constexpr,
-                PACK_X: tl.constexpr = False, HIST: tl.constexpr = 0):
+                PACK_X: tl.constexpr = False, HIST: tl.constexpr = 0, HIST_TRUST: tl.constexpr = False,
+                DYN: tl.constexpr = False):
     row, offs, valid, x = _row_prologue(x_ptr, stride_x, d_in, BLOCK_D, PDL)
     sel_row = sel_ptr + row * (2 + k if COMPACT else 2)
     slot = hint_ptr + row
     if HIST > 0:  # the row's histogram
         slot = hint_ptr + row * (1 << (15 - HIST))
     t, cutoff = _packed_select(x, valid, k, BLOCK_D, FIRST_BIT, slot, WINDOW, FALLBACK,
-                               sel_row + 2, COMPACT, PACK_X=PACK_X, HIST=HIST)
+                               sel_row + 2, COMPACT, PACK_X=PACK_X, HIST=HIST, HIST_TRUST=HIST_TRUST, DYN=DYN)
     tl.store(sel_row, t)
     tl.store(sel_row + 1, cutoff)
 
@@ -255,11 +257,28 @@ def _row_prologue(x_ptr, stride_x, d_in, BLOCK_D: tl.constexpr, PDL: tl.constexp
 
 
 @triton.jit
+def _window_holds(lanes, k, w_lo, w_hi):
+    """Whether t lies in [w_lo, w_hi): at least k entries >= w_lo, fewer than k >= w_hi (two counts)."""
+    # count(>= 0) = d_in >= k always; candidates are >= 1 (the zero padding is never counted)
+    return ((w_lo == 0) | (_count_ge_packed(lanes, tl.maximum(w_lo, 1)) >= k)) & (_count_ge_packed(lanes, w_hi) < k)
+
+
+@triton.jit
+def _bisect_packed_dyn(lanes, k, t, top, hi):
+    """`_bisect_packed` from run-time bit `top` down: a loop, not unrolled (one body for any start)."""
+    t = tl.zeros((), tl.int32) + t
+    for i in range(0, top + 1):
+        cand = tl.minimum(t + (1 << (top - i)), hi)  # hi never qualifies
+        if _count_ge_packed(lanes, cand) >= k:
+            t = cand
+    return t
+
+
+@triton.jit
 def _window_or_full(lanes, k, w_lo, w_hi, BITS: tl.constexpr, FALLBACK: tl.constexpr):
     """t from the window [w_lo, w_hi) of 2^BITS patterns where two counts show it holds t, else (FALLBACK) from
     the full 15-count search; exact either way."""
-    # count(>= 0) = d_in >= k always; candidates are >= 1 (the zero padding is never counted)
-    ok = ((w_lo == 0) | (_count_ge_packed(lanes, tl.maximum(w_lo, 1)) >= k)) & (_count_ge_packed(lanes, w_hi) < k)
+    ok = _window_holds(lanes, k, w_lo, w_hi)
     t = tl.zeros((), tl.int32)
     if ok:
         t = _bisect_packed(lanes, k, w_lo, BITS - 1, w_hi)
@@ -289,7 +308,7 @@ def _hist_window(hist_row, k, HIST: tl.constexpr):
 def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr = 14, hint_ptr=None,
                    WINDOW: tl.constexpr = 0, FALLBACK: tl.constexpr = True, idx_ptr=None,
                    COMPACT: tl.constexpr = False, HINT_HI: tl.constexpr = False, PACK_X: tl.constexpr = False,
-                   HIST: tl.constexpr = 0):
+                   HIST: tl.constexpr = 0, HIST_TRUST: tl.constexpr = False, DYN: tl.constexpr = False):
     """(t, cutoff) of the exact Top-k of a row held in registers (16-bit floats, 0 where not valid).
 
     t is the largest 15-bit pattern with at least k entries >= t. Plain: fixed bit by bit (15 counts).
@@ -316,7 +335,14 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
     lanes = ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)) | 0x80008000
     if HIST > 0:  # v30: the window is the boundary bin of the histogram the row's producer counted
         w_lo, w_hi = _hist_window(hint_ptr, k, HIST)
-        t = _window_or_full(lanes, k, w_lo, w_hi, HIST, FALLBACK)
+        if HIST_TRUST:  # (A/B runs, `hist_trust`) no check: exact only with the row's own counts
+            t = _bisect_packed(lanes, k, w_lo, HIST - 1, w_hi)
+        else:  # one loop for both cases, its trip count chosen at run time (no second unrolled search)
+            ok = _window_holds(lanes, k, w_lo, w_hi)
+            if not FALLBACK:  # (tests) the window's search alone
+                ok = True
+            t = _bisect_packed_dyn(lanes, k, tl.where(ok, w_lo, 0), tl.where(ok, HIST - 1, 14),
+                                   tl.where(ok, w_hi, 0x8000))
     elif WINDOW > 0:
         v = tl.load(hint_ptr)
         h = v & 0x7FFF  # (HINT_HI: the slot's low half; the high half is kept, `triton_spec`)
@@ -328,7 +354,10 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         else:
             tl.store(hint_ptr, t)
     else:
-        t = _bisect_packed(lanes, k, 0, FIRST_BIT, 0x8000)
+        if DYN:  # v30 (A/B, `select_dyn`): the same search as a loop, not unrolled
+            t = _bisect_packed_dyn(lanes, k, 0, FIRST_BIT, 0x8000)
+        else:
+            t = _bisect_packed(lanes, k, 0, FIRST_BIT, 0x8000)
     # ties on half-width lanes too: entries > t, then the need_eq-th entry == t (lower index first)
     need_eq = k - _count_ge_packed(lanes, t + 1)
     v_lo, v_hi = tl.split(tl.reshape(valid.to(tl.int32), (BLOCK_D // 2, 2)))
@@ -1184,6 +1213,27 @@ def hist_bits() -> int:
     return int(raw)
 
 
+def select_dyn(block_d: int) -> bool:
+    """`LAROSA_SELECT_DYN` (A/B runs): "1" runs the un-hinted packed selects' 15-count search as a loop instead of
+    unrolled, "N" only at BLOCK_D >= N (the 16384-wide down selects spill 304 B unrolled with x in the list, 24 B as
+    a loop, `benchmarks/kernel_resources.py`). Default "0": unrolled everywhere."""
+    raw = os.environ.get("LAROSA_SELECT_DYN", "0")
+    if not raw.isdigit():
+        raise ValueError(f"LAROSA_SELECT_DYN={raw!r}: use 0, 1 or a row width")
+    n = int(raw)
+    return n == 1 or (n > 1 and block_d >= n)
+
+
+def hist_trust() -> bool:
+    """`LAROSA_HIST_TRUST=1` (A/B runs only): the select searches the histogram's boundary bin without checking that
+    it holds t (4 counts instead of 6, no fallback search compiled): exact only where the histogram is the row's own,
+    as the decode engine's always is. Default off (exact with any counts)."""
+    raw = os.environ.get("LAROSA_HIST_TRUST", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"LAROSA_HIST_TRUST={raw!r}: use 1 or 0")
+    return raw == "1"
+
+
 def hist_bins() -> int:
     """Bins per row of a select histogram (`select(hist=)`, `launch(hist_out=)`): 2^(15 - `hist_bits()`)."""
     return 1 << (15 - hist_bits())
@@ -1429,7 +1479,8 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
                                    num_warps=warps, WINDOW=window, COMPACT=_compact_mode(compact),
                                    **({"PDL": True} if pdl else {}), **_wait_kw(x),
                                    **side_kw, **pf_kw, **_pack_kw(pack_x, compact),
-                                   **({"HIST": hist_bits()} if hist is not None else {}))
+                                   **({"HIST": hist_bits(), "HIST_TRUST": hist_trust()} if hist is not None else {}),
+                                   **({"DYN": True} if select_dyn(block_d) and hist is None and not window else {}))
     return sel
 
 
