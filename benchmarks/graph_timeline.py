@@ -103,6 +103,8 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-no-hist-xdown": ("larosa", {"LAROSA_GATHER_X": "8192"}, {"down_hist": False}),
     "larosa-no-hist-dyn": ("larosa", {"LAROSA_SELECT_DYN": "16384"}, {"down_hist": False}),
     "topk-no-hist": ("topk", {}, {"down_hist": False}),
+    "topk-no-dyn": ("topk", {"LAROSA_SELECT_DYN": "0"}, {}),
+    "larosa-no-dyn": ("larosa", {"LAROSA_SELECT_DYN": "0"}, {}),
     "topk": ("topk", {}, {}),
     "topk-cublas-head": ("topk", {}, {"dense_head": False}),
     "topk-pdl-head": ("topk", {}, {"head_pdl": True}),

@@ -113,6 +113,7 @@
 #   bash benchmarks/h200_session.sh downhist     # v30: the down select from the gate/up output's histogram: GPU tests,
 #                                                # timeline variants, LaRoSA and Top-K end to end off / on (~6 min)
 #   bash benchmarks/h200_session.sh downhiste2e  # v30: the end-to-end part alone (~3.5 min)
+#   bash benchmarks/h200_session.sh histtests    # v30: the histogram / loop-search select tests compiled (~1 min)
 #   bash benchmarks/h200_session.sh histab       # v30: the down select's variants in the timeline (histogram checked
 #                                                # by a loop / unchecked, x out of the down list, the plain search as a
 #                                                # loop), then LaRoSA LLaMA2-7B end to end by HIST_CFGS, alternating (~5 min)
@@ -121,7 +122,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
-[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab|downhist|downhiste2e|histab ..." >&2; exit 2; }
+[ $# -gt 0 ] || { echo "usage: $0 tests|enginetests|fusions|selectsteps|window|hinttests|hintsoverlap|hintsites|hintprofile|hintprofileinorder|hintdrift|gtile|gtileab|gputests|gtilelow|compactselect|sidetests|side|sidetiles|ropefusion|attncombine|sidein|sidetilesgemv|asm32|densechain|adaptermodes|compactstore|adapterprefix|tables|genlens|gemv|profile|profile3|profile4|densekernel|denseforms|densetiles|chains|densechain|densesites|densesites2|densesites3|gtilesites|layoutcold|densehead|headcause|headhints|headprofile|headpdl|headdefault|headrule|graphdump|timeline|densetests|spec|spece2e|prefetch|prefetche2e|prefetchx|gatherx|attnprograms|hintdown|attnbalanced|windowe2e|gatherxwidth|gtilelowab|downhist|downhiste2e|histab|histtests ..." >&2; exit 2; }
 out=${OUT:-/tmp/h200-out}/r
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
@@ -349,6 +350,10 @@ for stage in "$@"; do
       hist_e2e hist-e2e ;;
     downhiste2e)
       hist_e2e hist-e2e ;;
+    histtests)  # v30: the histogram and loop-search selects compiled, and the engine's hint / histogram tests
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_hist_select.py tests/test_engine.py \
+        -k "hist or hint" > "$out/hist-tests.log" 2>&1 || rc=1
+      tail -n 1 "$out/hist-tests.log" ;;
     histab)  # v30: the down select's variants, then LaRoSA end to end by configuration (name:VAR=v,VAR=v ...)
       python3 benchmarks/graph_timeline.py --out "$out/timeline-histab-llama2-7b.json" --traces "$out/timeline-traces" \
         --variants "${TIMELINE_VARIANTS:-larosa,larosa-no-hist,larosa-hist-trust,larosa-hist-xdown,larosa-no-hist-xdown,larosa-no-hist-dyn}" \

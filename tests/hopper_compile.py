@@ -125,6 +125,8 @@ CASES = [
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "HIST": 4, "PACK_X": True,
                                "HIST_TRUST": True}, 8),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "PACK_X": True, "DYN": True}, 8),
+    (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "PACK_X": True, "DYN": True,
+                               "WINDOW": 7}, 8),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),

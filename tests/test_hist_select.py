@@ -159,10 +159,15 @@ def test_loop_searches_and_trusted_histograms_are_exact(monkeypatch, compact):
     x = (torch.randn(2, 3000) * 2).bfloat16()
     x[1] = x[1].round()  # ties
     want = tg.select(x, 1234, compact=compact)
-    for dyn in ("1", "2048", "8192"):
+    assert tg.select_dyn(16384) and not tg.select_dyn(4096)  # the default: the 11008-14336-wide down selects
+    t = want[:, 0]
+    for dyn in ("1", "2048", "8192", "0"):
         monkeypatch.setenv("LAROSA_SELECT_DYN", dyn)
-        assert tg.select_dyn(4096) == (dyn != "8192")
+        assert tg.select_dyn(4096) == (dyn in ("1", "2048"))
         assert torch.equal(tg.select(x, 1234, compact=compact), want)
+        for h in (t, t + 3, t - 70, t + 900, torch.zeros_like(t)):  # hinted: in the window, and off it (fallback)
+            hint = h.to(torch.int32).contiguous()
+            assert torch.equal(tg.select(x, 1234, compact=compact, hint=hint), want) and torch.equal(hint, t)
     monkeypatch.setenv("LAROSA_HIST_TRUST", "1")
     hist = _hist(x)
     assert torch.equal(tg.select(x, 1234, compact=compact, hist=hist), want) and not hist.any()

@@ -642,7 +642,11 @@ DEFAULT_ATTN_COMBINE = "last"  # v18: the attention's last split program combine
 SPEC_DEFAULT = False
 # v30: the gate/up GEMV's finishers count its output into a histogram (2^11 bins of |x|'s bf16 pattern), and the
 # down select searches only the boundary bin (`triton_gemv.HIST_BITS`): 6 counts instead of 15. Exact either way.
-DOWN_HIST_DEFAULT = True
+# Off: LaRoSA's down select 13.0 -> 8.8 us in the step, but the gate/up GEMV +1.4 us (the atomics) and the down GEMV
+# +2.7 us (the adapter's programs in its launch now stream beside it): 283.0 -> 283.1 tok/s at p = 0.5, +0.4 / +2.8 %
+# at 0.4 / 0.75, against +1.1 / +1.5 / +3.1 % for the loop search alone (`triton_gemv.SELECT_DYN_MIN`; LLaMA2-7B,
+# H200, `benchmarks/results/history/v30-histab`).
+DOWN_HIST_DEFAULT = False
 DEFAULT_ADAPTERS = "select"  # v16: +3.7 to +5.1 % tok/s over the side stream (same run)
 
 

@@ -348,7 +348,14 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         h = v & 0x7FFF  # (HINT_HI: the slot's low half; the high half is kept, `triton_spec`)
         w_lo = tl.minimum(tl.maximum(h - (1 << (WINDOW - 1)), 0), 0x7FFF)
         w_hi = tl.minimum(w_lo + (1 << WINDOW), 0x8000)  # 0x8000: no pattern reaches it (count 0)
-        t = _window_or_full(lanes, k, w_lo, w_hi, WINDOW, FALLBACK)
+        if DYN:  # one run-time loop for the window or the full search (as with HIST)
+            ok = _window_holds(lanes, k, w_lo, w_hi)
+            if not FALLBACK:
+                ok = True
+            t = _bisect_packed_dyn(lanes, k, tl.where(ok, w_lo, 0), tl.where(ok, WINDOW - 1, 14),
+                                   tl.where(ok, w_hi, 0x8000))
+        else:
+            t = _window_or_full(lanes, k, w_lo, w_hi, WINDOW, FALLBACK)
         if HINT_HI:
             tl.store(hint_ptr, (v & -65536) | t)
         else:
@@ -1213,11 +1220,19 @@ def hist_bits() -> int:
     return int(raw)
 
 
+# v30: the packed select's search (the hinted window's or the full 15 counts) runs as a loop (not unrolled) from
+# this BLOCK_D up: the 16384-wide down select with x in its list spills 80 B of stack so, 304 B unrolled
+# (`benchmarks/kernel_resources.py`), and beside the adapter's streaming those spills cost: LaRoSA's (un-hinted) down
+# select 13.0 -> 10.3 us in the step, +1.1 / +1.5 / +3.1 % tok/s at p = 0.5 / 0.4 / 0.75 (LLaMA2-7B, H200,
+# `results/history/v30-histab`).
+SELECT_DYN_MIN = 16384
+
+
 def select_dyn(block_d: int) -> bool:
-    """`LAROSA_SELECT_DYN` (A/B runs): "1" runs the un-hinted packed selects' 15-count search as a loop instead of
-    unrolled, "N" only at BLOCK_D >= N (the 16384-wide down selects spill 304 B unrolled with x in the list, 24 B as
-    a loop, `benchmarks/kernel_resources.py`). Default "0": unrolled everywhere."""
-    raw = os.environ.get("LAROSA_SELECT_DYN", "0")
+    """Whether a packed select of BLOCK_D lanes searches in a run-time loop (`SELECT_DYN_MIN`; not with `hist`, whose
+    search is always one):
+    `LAROSA_SELECT_DYN` (A/B runs) "1" everywhere, "0" nowhere, "N" from BLOCK_D N up."""
+    raw = os.environ.get("LAROSA_SELECT_DYN", str(SELECT_DYN_MIN))
     if not raw.isdigit():
         raise ValueError(f"LAROSA_SELECT_DYN={raw!r}: use 0, 1 or a row width")
     n = int(raw)
@@ -1480,7 +1495,7 @@ def select(x: torch.Tensor, k: int, num_warps: int | None = None, impl: str = SE
                                    **({"PDL": True} if pdl else {}), **_wait_kw(x),
                                    **side_kw, **pf_kw, **_pack_kw(pack_x, compact),
                                    **({"HIST": hist_bits(), "HIST_TRUST": hist_trust()} if hist is not None else {}),
-                                   **({"DYN": True} if select_dyn(block_d) and hist is None and not window else {}))
+                                   **({"DYN": True} if select_dyn(block_d) and hist is None else {}))
     return sel
 
 
