@@ -70,6 +70,9 @@ def test_bench_decode_cpu_tiny_writes_outputs(tmp_path):
     # in order on the CPU (no graphs): LaRoSA's selects keep hints at all four sites; its list store is recorded
     assert lar["select_hints"] == [0, 1, 2, 3] and lar["compact_store"] == "asm32" and "compact_store" not in dense
     assert lar["gather_x"] is True and "gather_x" not in dense  # the list carries x with each position (v24 default)
+    # v30: the 16384-lane (11008-16384-wide) selects search in a run-time loop; no down histogram by default
+    assert lar["select_loop_from"] == 16384 and "select_loop_from" not in dense
+    assert all(r["down_hist"] is False for r in rows)
     # no L2 prefetch off the GPU; the split attention's program target (the default) on every row
     assert all(r["prefetch_mb"] == 0 and r["attn_programs"] == 256 and r["attn_balanced"] is True for r in rows)
     # no dense_linear head off the GPU (no PDL there), so no programmatic head either

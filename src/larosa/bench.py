@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .engine import DecodeEngine, ModelWeights
 from .errors import LarosaError
 from .kernels.ops import (attention_balanced, attention_impl, attention_programs, compact_store, dense_tiles, gather_x,
-                          side_placement)
+                          select_loop_from, side_placement)
 from .record import run_record, write_json
 from .report import markdown_table
 from .sparsity import SparsityPlan
@@ -185,6 +185,7 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     if out["kernel"] == "gtile":  # how the compacting selects stored the kept list (and whether x rode in it)
         out["compact_store"] = compact_store()
         out["gather_x"] = gather_x()
+        out["select_loop_from"] = select_loop_from()  # v30: selects this wide and wider search in a run-time loop
     if eng.adapter_mode == "select":  # which launches carried the adapter programs, at which tiles
         out["adapter_side"] = side_placement(out["kernel"])
     del eng

@@ -83,6 +83,14 @@ def gather_x() -> Optional[Union[bool, int]]:
     return triton_gemv.gather_x_setting() if HAVE_TRITON else None
 
 
+def select_loop_from() -> Optional[int]:
+    """The row width (BLOCK_D) from which the packed selects search in a run-time loop (`triton_gemv.select_dyn`,
+    v30); 1 = everywhere, 0 = nowhere; None without Triton. Benchmark rows record it."""
+    if not HAVE_TRITON:
+        return None
+    return next((w for w in (1, *(1 << i for i in range(1, 17))) if triton_gemv.select_dyn(w)), 0)
+
+
 def prefetch_mb(device: torch.device) -> float:
     """The L2 prefetch budget of the hinted selects on `device`, MiB per launch (`triton_prefetch.prefetch_mb`,
     checked wherever it is set); 0 where no prefetch runs: without Triton, under the interpreter, off CUDA or
