@@ -29,7 +29,9 @@ The Top-K ops also take an optional `hint`: an int32 slot per row, owned by the 
 where the select kernel keeps the row's last threshold and searches near it first (`triton_gemv.select`).
 It too changes only the time, never the result, which is why the ops do not declare it mutated (declared,
 torch.compile would functionalise it: copies every step); tests/test_engine_gpu.py checks that the
-captured graph's selects do write the engine's hint buffers.
+captured graph's selects do write the engine's hint buffers. `hist_out` (gate/up ops) and `hist` (`topk_linear`,
+`topk_linear_side`) are the same kind of buffer (v30): a histogram of the gate/up output that its GEMV counts and the
+down select uses up; like the hint they change only the time (tests/test_hist_select.py).
 
 `wt` is the weight stored input-major (W^T, shape d_in x d_out, contiguous). x may have any leading
 shape; rows are flattened. Up to `max_kernel_rows()` rows run the Triton kernel with per-row selection;

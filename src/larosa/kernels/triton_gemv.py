@@ -1229,9 +1229,8 @@ SELECT_DYN_MIN = 16384
 
 
 def select_dyn(block_d: int) -> bool:
-    """Whether a packed select of BLOCK_D lanes searches in a run-time loop (`SELECT_DYN_MIN`; not with `hist`, whose
-    search is always one):
-    `LAROSA_SELECT_DYN` (A/B runs) "1" everywhere, "0" nowhere, "N" from BLOCK_D N up."""
+    """Whether a packed select of BLOCK_D lanes searches in a run-time loop (`SELECT_DYN_MIN`; with `hist` the search
+    is always one): `LAROSA_SELECT_DYN` (A/B runs) "1" everywhere, "0" nowhere, "N" from BLOCK_D N up."""
     raw = os.environ.get("LAROSA_SELECT_DYN", str(SELECT_DYN_MIN))
     if not raw.isdigit():
         raise ValueError(f"LAROSA_SELECT_DYN={raw!r}: use 0, 1 or a row width")
