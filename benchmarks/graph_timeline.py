@@ -94,14 +94,19 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-prefetch-4": ("larosa", {"LAROSA_PREFETCH_MB": "4"}, {}),
     "larosa-prefetch-16": ("larosa", {"LAROSA_PREFETCH_MB": "16"}, {}),
     "larosa-prefetch-32": ("larosa", {"LAROSA_PREFETCH_MB": "32"}, {}),
-    # v30: the down select from the gate/up output's histogram (default on), its bins' width (2^4 patterns by default)
+    # v30: the down select from the gate/up output's histogram and its bins' width (2^4 patterns by default). The
+    # histogram was the default in v30's first runs (there "larosa" was today's larosa-hist), and the down select's
+    # loop search was not (in history/v30-histab, "larosa-no-hist" is today's larosa-no-dyn, "larosa-no-hist-dyn" today's
+    # larosa); since, the histogram is off and the loop on
+    "larosa-hist": ("larosa", {}, {"down_hist": True}),
     "larosa-no-hist": ("larosa", {}, {"down_hist": False}),
-    "larosa-hist-3": ("larosa", {"LAROSA_HIST_BITS": "3"}, {}),
-    "larosa-hist-5": ("larosa", {"LAROSA_HIST_BITS": "5"}, {}),
-    "larosa-hist-trust": ("larosa", {"LAROSA_HIST_TRUST": "1"}, {}),
-    "larosa-hist-xdown": ("larosa", {"LAROSA_GATHER_X": "8192"}, {}),
+    "larosa-hist-3": ("larosa", {"LAROSA_HIST_BITS": "3"}, {"down_hist": True}),
+    "larosa-hist-5": ("larosa", {"LAROSA_HIST_BITS": "5"}, {"down_hist": True}),
+    "larosa-hist-trust": ("larosa", {"LAROSA_HIST_TRUST": "1"}, {"down_hist": True}),
+    "larosa-hist-xdown": ("larosa", {"LAROSA_GATHER_X": "8192"}, {"down_hist": True}),
     "larosa-no-hist-xdown": ("larosa", {"LAROSA_GATHER_X": "8192"}, {"down_hist": False}),
     "larosa-no-hist-dyn": ("larosa", {"LAROSA_SELECT_DYN": "16384"}, {"down_hist": False}),
+    "topk-hist": ("topk", {}, {"down_hist": True}),
     "topk-no-hist": ("topk", {}, {"down_hist": False}),
     "topk-no-dyn": ("topk", {"LAROSA_SELECT_DYN": "0"}, {}),
     "larosa-no-dyn": ("larosa", {"LAROSA_SELECT_DYN": "0"}, {}),

@@ -345,7 +345,7 @@ for stage in "$@"; do
         -k "hist" > "$out/hist-tests.log" 2>&1 || rc=1
       tail -n 1 "$out/hist-tests.log"
       python3 benchmarks/graph_timeline.py --out "$out/timeline-hist-llama2-7b.json" --traces "$out/timeline-traces" \
-        --variants "${TIMELINE_VARIANTS:-larosa,larosa-no-hist,larosa-hist-3,larosa-hist-5,topk,topk-no-hist}" 2>&1 \
+        --variants "${TIMELINE_VARIANTS:-larosa,larosa-hist,larosa-hist-3,larosa-hist-5,topk,topk-hist}" 2>&1 \
         | tee "$out/timeline-hist-llama2-7b.log" || rc=1
       hist_e2e hist-e2e ;;
     downhiste2e)
@@ -356,10 +356,10 @@ for stage in "$@"; do
       tail -n 1 "$out/hist-tests.log" ;;
     histab)  # v30: the down select's variants, then LaRoSA end to end by configuration (name:VAR=v,VAR=v ...)
       python3 benchmarks/graph_timeline.py --out "$out/timeline-histab-llama2-7b.json" --traces "$out/timeline-traces" \
-        --variants "${TIMELINE_VARIANTS:-larosa,larosa-no-hist,larosa-hist-trust,larosa-hist-xdown,larosa-no-hist-xdown,larosa-no-hist-dyn}" \
+        --variants "${TIMELINE_VARIANTS:-larosa,larosa-hist,larosa-hist-trust,larosa-hist-xdown,larosa-no-hist-xdown,larosa-no-dyn}" \
         2>&1 | tee "$out/timeline-histab-llama2-7b.log" || rc=1
       for rep in 1 2; do
-        for cfg in ${HIST_CFGS:-nohist:LAROSA_DOWN_HIST=0 hist:LAROSA_DOWN_HIST=1 dyn:LAROSA_DOWN_HIST=0,LAROSA_SELECT_DYN=16384}; do
+        for cfg in ${HIST_CFGS:-nohist:LAROSA_DOWN_HIST=0,LAROSA_SELECT_DYN=0 hist:LAROSA_DOWN_HIST=1 dyn:LAROSA_DOWN_HIST=0,LAROSA_SELECT_DYN=16384}; do
           name=${cfg%%:*}; envs=${cfg#*:}
           env ${envs//,/ } python3 -m larosa bench decode --shape llama2-7b --methods larosa --sparsities 0.4,0.5,0.75 \
             --gen-lens 128 --out "$out/histab-$name-$rep" 2>&1 | grep -v "%|" | tee "$out/histab-$name-$rep.log" || rc=1
