@@ -246,6 +246,14 @@ def _larosa_tiny(seed=7, level="layer", p=0.5):
     return model, apply(copy.deepcopy(model), LarosaConfig("fused", level, SparsityPlan.from_nominal(p)), rot)
 
 
+def _bf16_larosa(seed: int):
+    """A tiny fused LaRoSA model and its engine weights in bf16 where the kernels run: the GPU if there is one, else
+    the CPU (the Triton interpreter)."""
+    _, fused = _larosa_tiny(seed=seed)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    return fused, from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+
+
 FUSIONS = [{"fuse_norm_select": True}, {"fuse_residual": True}, {"fuse_norm_select": True, "fuse_residual": True}]
 
 
@@ -280,9 +288,7 @@ def test_fused_engine_runs_the_kernels_bf16(monkeypatch, overlap, fusion):
     on a GPU, eager either way) for the q/k/v and gate/up sites of every layer and/or the GEMVs with the
     residual in their epilogue (o of every layer, down where no adapter follows), and its logits follow
     the plain kernel engine's."""
-    _, fused = _larosa_tiny(seed=3)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU runs the kernels under the interpreter
-    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    fused, w = _bf16_larosa(3)
     norms, residuals = [], []
     real_norm, real_launch = _ops.triton_gemv.rmsnorm_select, _ops.triton_gemv.launch
     sides = []
@@ -333,9 +339,7 @@ def test_select_hints_change_nothing_but_are_kept(monkeypatch, fuse):
     monkeypatch.setenv("LAROSA_KERNEL_IMPL", "split")
     monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "8")  # the 6-row prefill runs the kernels too: hints unused
     monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")  # the v19 default sites (the prefetch adds o's on a GPU)
-    _, fused = _larosa_tiny(seed=5)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    fused, w = _bf16_larosa(5)
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
     kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": False, "fuse_norm_select": fuse,
           "fuse_residual": fuse}
@@ -378,9 +382,7 @@ def test_down_histograms_change_nothing_and_are_used_up(monkeypatch, overlap):
     select without it picks (the same (t, cutoff) on the same input); the logits match the engine without it
     (the gathered GEMV's atomics sum in a varying order, so to rounding). LAROSA_DOWN_HIST switches the default."""
     monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")
-    _, fused = _larosa_tiny(seed=5)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    fused, w = _bf16_larosa(5)
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
     kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": overlap, "fuse_norm_select": True,
           "fuse_residual": True}
@@ -484,9 +486,7 @@ def test_default_kernel_by_sparsity(p, kernel, monkeypatch):
 def test_hint_sites_limit_the_hinted_selects(sites):
     """hint_sites: only those sites' selects keep hints (the others' slots stay zero), same logits. (The down
     histograms, which take the down select's hint's place, are off here.)"""
-    _, fused = _larosa_tiny(seed=5)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    fused, w = _bf16_larosa(5)
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
     kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": True, "select_hints": True,
           "down_hist": False}
@@ -528,9 +528,8 @@ def test_prefetch_budget_adds_the_o_hint(monkeypatch):
     the o select keeps a hint too (the prefetch guesses from it), and the engine records the budget; elsewhere
     (the CPU) and without select hints there is no prefetch and no extra hint; the steps' logits are those of
     the engine without it; a malformed budget is refused everywhere."""
-    _, fused = _larosa_tiny(seed=5)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    fused, w = _bf16_larosa(5)
+    dev = w.layers[0].wqkv.device.type
     ids = torch.randint(3, fused.config.vocab_size, (1, 6))
     kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": True}
     monkeypatch.setenv("LAROSA_PREFETCH_MB", "0")
@@ -765,9 +764,8 @@ def test_spec_engine_runs_the_speculative_gemv_at_o(monkeypatch, overlap):
     from larosa.kernels import triton_spec
 
     monkeypatch.delenv("LAROSA_SPEC", raising=False)
-    _, fused = _larosa_tiny(seed=3)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    w = from_hf(fused).to(device=dev, dtype=torch.bfloat16)
+    fused, w = _bf16_larosa(3)
+    dev = w.layers[0].wqkv.device.type
     kw = {"max_len": 16, "compile": False, "graphs": False, "overlap_adapters": overlap,
           "fuse_norm_select": True, "fuse_residual": True}
     assert not DecodeEngine(w, **kw).spec  # off by default

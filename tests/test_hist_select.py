@@ -7,15 +7,8 @@ import torch
 
 from larosa.kernels import HAVE_TRITON, ops, topk_gate_up_ref, topk_gemv_ref
 
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
-
-
-@pytest.fixture(autouse=True)
-def _device(monkeypatch):
-    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "4")
-    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
-    yield
-    torch.set_default_device("cpu")
+pytestmark = [pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed"),
+              pytest.mark.usefixtures("kernel_device")]
 
 
 def _hist(x: torch.Tensor) -> torch.Tensor:

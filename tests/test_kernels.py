@@ -11,24 +11,12 @@ from larosa.kernels import (HAVE_TRITON, rmsnorm_ref, rmsnorm_topk_ref, threshol
                             topk_linear)
 from larosa.kernels import ops  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+pytestmark = [pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed"),
+              pytest.mark.usefixtures("kernel_device")]
 
 
 def _rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(autouse=True)
-def _multi_row_kernel(monkeypatch):
-    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "4")
-
-
-@pytest.fixture(autouse=True)
-def _device():
-    """Tensors on the GPU where there is one (compiled kernels), else the CPU (Triton interpreter)."""
-    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
-    yield
-    torch.set_default_device("cpu")
 
 
 def _kernel_used(monkeypatch):

@@ -6,19 +6,11 @@ import torch
 
 from larosa.kernels import HAVE_TRITON, topk_gemv_ref, topk_keep_mask, topk_linear
 
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed")
+pytestmark = [pytest.mark.skipif(not HAVE_TRITON, reason="triton not installed"),
+              pytest.mark.usefixtures("kernel_device")]
 
 if HAVE_TRITON:
     from larosa.kernels import triton_gemv, triton_spec
-
-
-@pytest.fixture(autouse=True)
-def _device(monkeypatch):
-    """Tensors on the GPU where there is one (compiled kernels), else the CPU (Triton interpreter)."""
-    monkeypatch.setenv("LAROSA_KERNEL_MAX_ROWS", "4")
-    torch.set_default_device("cuda" if torch.cuda.is_available() else "cpu")
-    yield
-    torch.set_default_device("cpu")
 
 
 def _rel(a, b):

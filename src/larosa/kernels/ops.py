@@ -88,9 +88,7 @@ def gather_x() -> Optional[Union[bool, int]]:
 def select_loop_from() -> Optional[int]:
     """The row width (BLOCK_D) from which the packed selects search in a run-time loop (`triton_gemv.select_dyn`,
     v30); 1 = everywhere, 0 = nowhere; None without Triton. Benchmark rows record it."""
-    if not HAVE_TRITON:
-        return None
-    return next((w for w in (1, *(1 << i for i in range(1, 17))) if triton_gemv.select_dyn(w)), 0)
+    return triton_gemv.select_dyn_from() if HAVE_TRITON else None
 
 
 def prefetch_mb(device: torch.device) -> float:

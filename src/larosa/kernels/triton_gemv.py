@@ -275,10 +275,16 @@ def _bisect_packed_dyn(lanes, k, t, top, hi):
 
 
 @triton.jit
-def _window_or_full(lanes, k, w_lo, w_hi, BITS: tl.constexpr, FALLBACK: tl.constexpr):
+def _window_or_full(lanes, k, w_lo, w_hi, BITS: tl.constexpr, FALLBACK: tl.constexpr, DYN: tl.constexpr):
     """t from the window [w_lo, w_hi) of 2^BITS patterns where two counts show it holds t, else (FALLBACK) from
-    the full 15-count search; exact either way."""
+    the full 15-count search; exact either way. DYN (v30): one run-time loop whose start and length the check
+    picks, instead of a branch between two unrolled searches (which spills at 16384 lanes)."""
     ok = _window_holds(lanes, k, w_lo, w_hi)
+    if DYN:
+        if not FALLBACK:  # (tests) the window's search alone
+            ok = True
+        return _bisect_packed_dyn(lanes, k, tl.where(ok, w_lo, 0), tl.where(ok, BITS - 1, 14),
+                                  tl.where(ok, w_hi, 0x8000))
     t = tl.zeros((), tl.int32)
     if ok:
         t = _bisect_packed(lanes, k, w_lo, BITS - 1, w_hi)
@@ -337,25 +343,14 @@ def _packed_select(x, valid, k, BLOCK_D: tl.constexpr, FIRST_BIT: tl.constexpr =
         w_lo, w_hi = _hist_window(hint_ptr, k, HIST)
         if HIST_TRUST:  # (A/B runs, `hist_trust`) no check: exact only with the row's own counts
             t = _bisect_packed(lanes, k, w_lo, HIST - 1, w_hi)
-        else:  # one loop for both cases, its trip count chosen at run time (no second unrolled search)
-            ok = _window_holds(lanes, k, w_lo, w_hi)
-            if not FALLBACK:  # (tests) the window's search alone
-                ok = True
-            t = _bisect_packed_dyn(lanes, k, tl.where(ok, w_lo, 0), tl.where(ok, HIST - 1, 14),
-                                   tl.where(ok, w_hi, 0x8000))
+        else:
+            t = _window_or_full(lanes, k, w_lo, w_hi, HIST, FALLBACK, True)
     elif WINDOW > 0:
         v = tl.load(hint_ptr)
         h = v & 0x7FFF  # (HINT_HI: the slot's low half; the high half is kept, `triton_spec`)
         w_lo = tl.minimum(tl.maximum(h - (1 << (WINDOW - 1)), 0), 0x7FFF)
         w_hi = tl.minimum(w_lo + (1 << WINDOW), 0x8000)  # 0x8000: no pattern reaches it (count 0)
-        if DYN:  # one run-time loop for the window or the full search (as with HIST)
-            ok = _window_holds(lanes, k, w_lo, w_hi)
-            if not FALLBACK:
-                ok = True
-            t = _bisect_packed_dyn(lanes, k, tl.where(ok, w_lo, 0), tl.where(ok, WINDOW - 1, 14),
-                                   tl.where(ok, w_hi, 0x8000))
-        else:
-            t = _window_or_full(lanes, k, w_lo, w_hi, WINDOW, FALLBACK)
+        t = _window_or_full(lanes, k, w_lo, w_hi, WINDOW, FALLBACK, DYN)
         if HINT_HI:
             tl.store(hint_ptr, (v & -65536) | t)
         else:
@@ -1228,14 +1223,19 @@ def hist_bits() -> int:
 SELECT_DYN_MIN = 16384
 
 
-def select_dyn(block_d: int) -> bool:
-    """Whether a packed select of BLOCK_D lanes searches in a run-time loop (`SELECT_DYN_MIN`; with `hist` the search
-    is always one): `LAROSA_SELECT_DYN` (A/B runs) "1" everywhere, "0" nowhere, "N" from BLOCK_D N up."""
+def select_dyn_from() -> int:
+    """BLOCK_D from which the packed selects search in a run-time loop (`SELECT_DYN_MIN`; with `hist` the search is
+    always one), 0 for none: `LAROSA_SELECT_DYN` (A/B runs) "1" everywhere, "0" nowhere, "N" from BLOCK_D N up."""
     raw = os.environ.get("LAROSA_SELECT_DYN", str(SELECT_DYN_MIN))
     if not raw.isdigit():
         raise ValueError(f"LAROSA_SELECT_DYN={raw!r}: use 0, 1 or a row width")
-    n = int(raw)
-    return n == 1 or (n > 1 and block_d >= n)
+    return int(raw)
+
+
+def select_dyn(block_d: int) -> bool:
+    """Whether a packed select of BLOCK_D lanes searches in a run-time loop (`select_dyn_from`)."""
+    n = select_dyn_from()
+    return n > 0 and block_d >= n
 
 
 def hist_trust() -> bool:
