@@ -110,6 +110,22 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "topk-no-hist": ("topk", {}, {"down_hist": False}),
     "topk-no-dyn": ("topk", {"LAROSA_SELECT_DYN": "0"}, {}),
     "larosa-no-dyn": ("larosa", {"LAROSA_SELECT_DYN": "0"}, {}),
+    # v31: the o select's hint without its prefetch / without a hint; per-site prefetch budgets; the loop search at
+    # 4096 lanes (the o select); the adapter split again now that the down select is fast; the attention's value
+    # loads with its key loads, and fewer attention programs
+    "larosa-no-hint-o": ("larosa", {"LAROSA_HINT_SITES": "0,2"}, {}),
+    "larosa-pf-o-0": ("larosa", {"LAROSA_PREFETCH_MB": "8,o=0"}, {}),
+    "larosa-pf-o-4": ("larosa", {"LAROSA_PREFETCH_MB": "8,o=4"}, {}),
+    "larosa-pf-qkv-4": ("larosa", {"LAROSA_PREFETCH_MB": "8,qkv=4"}, {}),
+    "larosa-pf-qkv-16": ("larosa", {"LAROSA_PREFETCH_MB": "8,qkv=16"}, {}),
+    "larosa-pf-gu-4": ("larosa", {"LAROSA_PREFETCH_MB": "8,gate_up=4"}, {}),
+    "larosa-pf-gu-16": ("larosa", {"LAROSA_PREFETCH_MB": "8,gate_up=16"}, {}),
+    "larosa-dyn-4096": ("larosa", {"LAROSA_SELECT_DYN": "4096"}, {}),
+    "larosa-adapter-split-0.25": ("larosa", {}, {"adapter_split": 0.25}),
+    "larosa-attn-v-early": ("larosa", {"LAROSA_ATTN_V_EARLY": "1"}, {}),
+    "larosa-attn-128": ("larosa", {"LAROSA_ATTN_PROGRAMS": "128"}, {}),
+    "topk-pf-o-0": ("topk", {"LAROSA_PREFETCH_MB": "8,o=0"}, {}),
+    "larosa-again": ("larosa", {}, {}),  # the default again, last in a run: how far two runs of one step differ
     "topk": ("topk", {}, {}),
     "topk-cublas-head": ("topk", {}, {"dense_head": False}),
     "topk-pdl-head": ("topk", {}, {"head_pdl": True}),

@@ -232,3 +232,30 @@ def test_rope_decode_attention_last_program_combines(b, kvh, g, hd, L, pos):
         assert not cnt.any()
     with pytest.raises(ValueError, match="counters"):
         ops.triton_attention.rope_decode_attention(qkv, k2, v2, p, cos, sin, 0.1, cnt[: b * kvh - 1])
+
+
+@pytest.mark.parametrize("pos", [0, 100, 299])
+def test_values_loaded_with_keys_give_the_same_attention(monkeypatch, pos):
+    """LAROSA_ATTN_V_EARLY=1 (v31): each block's values loaded before its scores. The same attention as the
+    reference, in both forms (the RoPE form writing the new key and value and combining by its last program, with
+    the splits over several blocks each), the same caches as the default order; a malformed value is refused."""
+    monkeypatch.setenv("LAROSA_ATTN_PROGRAMS", "4")  # two splits of up to 192 positions: loops of several blocks
+    monkeypatch.setenv("LAROSA_ATTN_V_EARLY", "1")
+    assert ops.triton_attention.v_early() and ops.attention_v_early()
+    q, kc, vc = _case(1, 2, 4, 64, 300, torch.bfloat16, seed=6)
+    p = torch.tensor([pos], device=DEV)
+    want = decode_attention_ref(q.double(), kc[:, :, :pos + 1].double(), vc[:, :, :pos + 1].double(), p, 0.125)
+    torch.testing.assert_close(ops.triton_attention.decode_attention(q, kc, vc, p, 0.125).double(), want,
+                               atol=2e-2, rtol=2e-2)
+    qkv, kc2, vc2, cos, sin = _rope_case(1, 2, 4, 64, 300, torch.bfloat16, seed=7)
+    monkeypatch.setenv("LAROSA_ATTN_V_EARLY", "0")
+    k_ref, v_ref = kc2.clone(), vc2.clone()
+    ref = ops.triton_attention.rope_decode_attention(qkv, k_ref, v_ref, p, cos, sin, 0.125)
+    monkeypatch.setenv("LAROSA_ATTN_V_EARLY", "1")
+    cnt = torch.zeros(2, dtype=torch.int32, device=DEV)
+    got = ops.triton_attention.rope_decode_attention(qkv, kc2, vc2, p, cos, sin, 0.125, counters=cnt)
+    torch.testing.assert_close(got.double(), ref.double(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kc2, k_ref) and torch.equal(vc2, v_ref) and not cnt.any()
+    monkeypatch.setenv("LAROSA_ATTN_V_EARLY", "yes")
+    with pytest.raises(ValueError, match="LAROSA_ATTN_V_EARLY"):
+        ops.triton_attention.decode_attention(q, kc, vc, p, 0.125)

@@ -171,6 +171,57 @@ def test_budget_and_plan(monkeypatch):
     assert triton_prefetch.plan(x, wt, None, 2048, hint) is None and _ops.prefetch_mb(x.device) == 0.0
 
 
+def test_budget_by_site(monkeypatch):
+    """v31 (A/B runs): LAROSA_PREFETCH_MB may name sites, "8,o=0" or "o=2"; a site's own budget, else the bare
+    number, else the default; plan() spends the budget of the site it is given; unknown sites and bad numbers are
+    refused."""
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "8,o=0,down=2.5")
+    assert triton_prefetch.prefetch_mb() == 8.0 and triton_prefetch.prefetch_mb("qkv") == 8.0
+    assert triton_prefetch.prefetch_mb("o") == 0.0 and triton_prefetch.prefetch_mb("down") == 2.5
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", " gate_up = 1 ")
+    assert triton_prefetch.prefetch_mb() == triton_prefetch.PREFETCH_MB
+    assert triton_prefetch.prefetch_mb("gate_up") == 1.0 and triton_prefetch.prefetch_mb("o") == triton_prefetch.PREFETCH_MB
+    for bad in ("head=1", "o=x", "o=-1", "8,q=1", "o=2000"):
+        monkeypatch.setenv("LAROSA_PREFETCH_MB", bad)
+        with pytest.raises(ValueError, match="LAROSA_PREFETCH_MB"):
+            triton_prefetch.prefetch_mb("o")
+    monkeypatch.setattr(triton_prefetch, "can_prefetch", lambda device: True)
+    monkeypatch.setenv("LAROSA_PREFETCH_MB", "1,o=0,qkv=2")
+    x = torch.randn(1, 4096).to(torch.bfloat16)
+    wt = torch.empty(4096, 4096, dtype=torch.bfloat16)
+    hint = torch.zeros(1, dtype=torch.int32)
+    assert triton_prefetch.plan(x, wt, None, 2048, hint, "o") is None
+    assert triton_prefetch.plan(x, wt, None, 2048, hint, "qkv").limit == 512  # 2 MiB over 8 KiB rows, half kept
+    assert triton_prefetch.plan(x, wt, None, 2048, hint).limit == 256  # no site: the bare 1 MiB
+    assert triton_prefetch.plan(x, wt, None, 2048, hint, "down").limit == 256
+
+
+@pytest.mark.parametrize("impl", ["gtile", "tile"])
+def test_each_launch_plans_with_its_own_site(monkeypatch, impl):
+    """The launches name their decode site to plan() (so a per-site budget reaches the right select): o (square),
+    q/k/v (wider), down (narrower) through topk_linear, gate/up and q/k/v through the norm + select op."""
+    from larosa.kernels import triton_gemv
+
+    seen = []
+
+    def spy(x, wt, wt2, k, hint, site=None):
+        seen.append(site)
+        return None
+
+    monkeypatch.setattr(triton_gemv, "plan_prefetch", spy)
+    monkeypatch.setattr(triton_prefetch, "plan", spy)
+    hint = torch.zeros(1, dtype=torch.int32)
+    for d_out in (256, 512, 128):
+        torch.ops.larosa.topk_linear(torch.randn(1, 256).to(torch.bfloat16),
+                                     torch.randn(256, d_out).to(torch.bfloat16), 64, None, None, None, hint, impl)
+    x, nw = torch.randn(1, 256).to(torch.bfloat16), torch.ones(256, dtype=torch.bfloat16)
+    w = torch.randn(256, 128).to(torch.bfloat16)
+    torch.ops.larosa.rmsnorm_topk(x, None, nw, 1e-6, w, w, 64, None, None, hint, impl)
+    torch.ops.larosa.rmsnorm_topk(x, None, nw, 1e-6, torch.randn(256, 768).to(torch.bfloat16), None, 64, None, None,
+                                  hint, impl)
+    assert seen == ["o", "qkv", "down", "gate_up", "qkv"]
+
+
 @pytest.mark.parametrize("impl", ["gtile", "tile"])
 def test_topk_linear_with_the_budget_set_is_the_topk_product(monkeypatch, impl):
     """End to end through the op with a budget (on a GPU the prefetch then runs; elsewhere plan() declines):

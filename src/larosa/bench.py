@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from .engine import DecodeEngine, ModelWeights
 from .errors import LarosaError
-from .kernels.ops import (attention_balanced, attention_impl, attention_programs, compact_store, dense_tiles, gather_x,
-                          select_loop_from, side_placement)
+from .kernels.ops import (attention_balanced, attention_impl, attention_programs, attention_v_early, compact_store,
+                          dense_tiles, gather_x, select_loop_from, side_placement)
 from .record import run_record, write_json
 from .report import markdown_table
 from .sparsity import SparsityPlan
@@ -173,11 +173,13 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["attn_combine"] = eng.attn_combine  # who combines the attention's cache splits ("launch" / "last")
     out["attn_programs"] = attention_programs()  # programs the split-cache attention aims at (its splits)
     out["attn_balanced"] = attention_balanced()  # v24: its splits divide the filled positions, not the cache
+    out["attn_v_early"] = attention_v_early()  # v31: its value loads issued with the key loads
     out["select_hints"] = list(eng.hint_sites)  # sites whose selects kept hints
     out["dense_kernel"] = eng.dense_kernel  # dense sites and head in `larosa::dense_linear` (v20), at these tiles
     out["dense_head"] = eng.dense_head  # the head (and final norm) in `larosa::dense_linear`
     out["head_pdl"] = eng.dense_head and eng.head_pdl  # v28: that head launched as a programmatic dependent
     out["prefetch_mb"] = eng.prefetch_mb  # v23: L2 prefetch budget of the hinted selects (`triton_prefetch`)
+    out["prefetch_mb_env"] = os.environ.get("LAROSA_PREFETCH_MB")  # v31: as set, per-site budgets included
     out["spec"] = eng.spec  # the o projections in the speculative GEMV (v22, `triton_spec`)
     out["down_hist"] = any(st.down_hist for st in eng._statics)  # v30: down selects from gate/up's histogram
     if eng.dense_kernel:

@@ -334,11 +334,12 @@ def _rmsnorm_topk(x, res, norm_w, eps, wt, wt_up, k, bias, counters, hint, impl,
     in_gemv = side is not None and triton_gemv.side_in_gemv(ri)
     if in_gemv:  # checked before the norm + select launch, not after it
         triton_gemv.check_side(side, x2.shape[0], x2)
+    site = triton_gemv.decode_site(x2.shape[1], wt.shape[1], gated)  # for a per-site prefetch budget
     xs, h, sel = triton_gemv.rmsnorm_select(x2, None if res is None else _rows(res), norm_w.contiguous(), eps, kk,
                                             pdl=pdl, hint=hint, side=None if in_gemv else side,
                                             compact=ri == "gtile",
                                             pack_x=ri == "gtile" and triton_gemv.gather_x(x2.shape[1]),
-                                            prefetch=triton_prefetch.plan(x2, wt, wt_up, kk, hint))
+                                            prefetch=triton_prefetch.plan(x2, wt, wt_up, kk, hint, site))
     y = torch.empty(x2.shape[0], d_out, dtype=x.dtype, device=x.device)
     triton_gemv.launch(h, wt.contiguous(), y, kk, wt2=wt_up.contiguous() if gated else None, bias=bias,
                        counters=cnt, sel=sel, pdl=pdl, impl=impl, side=side if in_gemv else None,
@@ -505,6 +506,12 @@ def attention_balanced() -> Optional[bool]:
     """Whether the split-cache attention divides the filled positions among its splits at run time
     (`triton_attention.balanced`); None without Triton. Benchmark rows record it."""
     return triton_attention.balanced() if HAVE_TRITON else None
+
+
+def attention_v_early() -> Optional[bool]:
+    """Whether the split-cache attention loads values with keys (`triton_attention.v_early`, v31); None without
+    Triton. Benchmark rows record it."""
+    return triton_attention.v_early() if HAVE_TRITON else None
 
 
 @torch.library.custom_op("larosa::decode_attention", mutates_args=())

@@ -31,7 +31,8 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
                              DOT_F32: tl.constexpr, ROPE: tl.constexpr = False, cos_ptr=None, sin_ptr=None,
                              stride_qkv=0, kv_off=0, v_off=0, KVH: tl.constexpr = 1,
                              COMBINE: tl.constexpr = False, cnt_ptr=None, out_ptr=None, GR: tl.constexpr = 1,
-                             NSP: tl.constexpr = 1, PDL: tl.constexpr = False, BALANCED: tl.constexpr = False):
+                             NSP: tl.constexpr = 1, PDL: tl.constexpr = False, BALANCED: tl.constexpr = False,
+                             V_EARLY: tl.constexpr = False):
     """One (batch, KV head) x one chunk of cache positions. With ROPE (`rope_decode_attention`) q_ptr is
     the q/k/v projection's output (B, 1, q + 2 kv features): the program applies the rotary embedding
     (HF's rotate-half, cos/sin rows of the position) to its G query heads and to the new key, takes the
@@ -43,7 +44,8 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
     own dependents launch (the next projection's programs load their weights meanwhile, `triton_dense`), then
     waits for the kernel before it, before any load. BALANCED (v24, `balanced`): the splits divide the filled
     positions 0..pos (whole blocks each) instead of the whole cache, so every split has work at every position
-    past the first few blocks; `chunk` is then only the plan's upper bound."""
+    past the first few blocks; `chunk` is then only the plan's upper bound. V_EARLY (v31, `v_early`): each block's
+    values are loaded before its scores are computed, so the key and value loads are in flight together."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -89,6 +91,8 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
         valid = rl < end
         offs = rl.to(tl.int64)[:, None] * HD + rd[None, :]
         k = tl.load(kbase + offs, mask=valid[:, None], other=0.0)
+        if V_EARLY:
+            v = tl.load(vbase + offs, mask=valid[:, None], other=0.0)
         if ROPE:  # position pos from registers (this launch may be writing it)
             k = tl.where((rl == pos)[:, None], k_new[None, :], k)
         if DOT_F32:  # the interpreter's tl.dot misreads bf16 operands (triton 3.9): multiply in fp32
@@ -100,7 +104,8 @@ def decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, o_ptr, 
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         den = den * alpha + tl.sum(p, 1)
-        v = tl.load(vbase + offs, mask=valid[:, None], other=0.0)
+        if not V_EARLY:
+            v = tl.load(vbase + offs, mask=valid[:, None], other=0.0)
         if ROPE:
             v = tl.where((rl == pos)[:, None], v_new[None, :], v)
         if DOT_F32:
@@ -168,6 +173,18 @@ def balanced() -> bool:
     return raw == "1"
 
 
+V_EARLY = False  # v31 A/B (`LAROSA_ATTN_V_EARLY`): value loads issued with the key loads
+
+
+def v_early() -> bool:
+    """Whether the split kernel loads each block's values before computing its scores (`LAROSA_ATTN_V_EARLY` "1" /
+    "0", default `V_EARLY`; `decode_attn_split_kernel`'s V_EARLY). Same result, other load order."""
+    raw = os.environ.get("LAROSA_ATTN_V_EARLY", "1" if V_EARLY else "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"LAROSA_ATTN_V_EARLY={raw!r}: use 1 or 0")
+    return raw == "1"
+
+
 def plan(batch: int, kv_heads: int, cache_len: int, programs: int | None = None) -> tuple[int, int]:
     """(splits, positions per split): about `programs` (default `target_programs()`) programs, chunks a
     multiple of BLOCK_L."""
@@ -202,7 +219,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     m, den, o = _workspace(b, kvh, nsplit, gp, hd, q.device)
     decode_attn_split_kernel[(b * kvh, nsplit)](q, k_cache, v_cache, pos, m, den, o, L, chunk, scale,
                                                 G=g, GP=gp, HD=hd, BLOCK=BLOCK_L, DOT_F32=_dot_f32(),
-                                                BALANCED=balanced(), num_warps=4)
+                                                BALANCED=balanced(), V_EARLY=v_early(), num_warps=4)
     return _combine(m, den, o, torch.empty_like(q), b, kvh, g, gp, hd, nsplit)
 
 
@@ -230,6 +247,6 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                 kv_off=kvh * g * hd, v_off=kvh * (g + 1) * hd, KVH=kvh,
                                                 COMBINE=combine, cnt_ptr=counters, out_ptr=out,
                                                 GR=triton.next_power_of_2(g), NSP=triton.next_power_of_2(nsplit),
-                                                BALANCED=balanced(), num_warps=4, **({"PDL": True, "launch_pdl": True}
+                                                BALANCED=balanced(), V_EARLY=v_early(), num_warps=4, **({"PDL": True, "launch_pdl": True}
                                                                 if pdl and _use_pdl(qkv, None) else {}))
     return out if combine else _combine(m, den, o, out, b, kvh, g, gp, hd, nsplit)

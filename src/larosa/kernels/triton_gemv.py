@@ -926,7 +926,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
     else:
         sel_pdl = _select_then_pdl(x, pdl, mode, select_impl)
         sel = select(x, k, select_num_warps, select_impl, pdl=sel_pdl, hint=hint, side=sel_side,
-                     prefetch=plan_prefetch(x, wt, wt2, k, hint) if select_impl == "packed" else None,
+                     prefetch=plan_prefetch(x, wt, wt2, k, hint, decode_site(d_in, d_out, wt2 is not None))
+                     if select_impl == "packed" else None,
                      hist=hist) \
             if mode == 0 else x
     grid = (n0, m0 + triton.cdiv(d_in, block_m), rows)
@@ -1033,7 +1034,8 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     pack_x = gather_x(d_in) if pack_x is None else bool(pack_x)  # (compacting selects take rows < 2^15 wide)
     if sel is None:
         sel = select(x, k, select_num_warps, "packed", pdl=sel_pdl, hint=hint, compact=True, side=sel_side,
-                     prefetch=plan_prefetch(x, wt, wt2, k, hint), pack_x=pack_x, hist=hist)
+                     prefetch=plan_prefetch(x, wt, wt2, k, hint, decode_site(d_in, d_out, gated)), pack_x=pack_x,
+                     hist=hist)
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")

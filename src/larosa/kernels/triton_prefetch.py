@@ -96,17 +96,35 @@ class Prefetch(NamedTuple):
     record: torch.Tensor | None = None
 
 
-def prefetch_mb() -> float:
-    """The prefetch budget per select launch in MiB of weight rows (`LAROSA_PREFETCH_MB`, default
-    `PREFETCH_MB`; 0 = off)."""
-    raw = os.environ.get("LAROSA_PREFETCH_MB", str(PREFETCH_MB))
+PREFETCH_SITES = ("qkv", "o", "gate_up", "down")  # `triton_gemv.decode_site` names
+
+
+def _mb(raw: str, env: str) -> float:
     try:
         v = float(raw)
     except ValueError:
         v = -1.0
     if not 0.0 <= v <= 1024.0:
-        raise ValueError(f"LAROSA_PREFETCH_MB={raw!r}: use a number of MiB from 0 (off) to 1024")
+        raise ValueError(f"{env}={raw!r}: use a number of MiB from 0 (off) to 1024")
     return v
+
+
+def prefetch_mb(site: str | None = None) -> float:
+    """The prefetch budget per select launch in MiB of weight rows (`LAROSA_PREFETCH_MB`, default `PREFETCH_MB`;
+    0 = off). v31, for A/B runs: the value may also name sites, "8,o=0" (8 MiB, none at the o site) or "o=4" (the
+    default elsewhere); `site` (a `PREFETCH_SITES` name) picks its budget, None the one for unnamed sites."""
+    env = "LAROSA_PREFETCH_MB"
+    raw = os.environ.get(env, str(PREFETCH_MB))
+    default, sites = PREFETCH_MB, {}
+    for item in (v.strip() for v in raw.split(",")):
+        name, eq, value = item.rpartition("=")
+        if not eq:
+            default = _mb(item, env)
+        elif name.strip() in PREFETCH_SITES:
+            sites[name.strip()] = _mb(value.strip(), env)
+        else:
+            raise ValueError(f"{env}={raw!r}: unknown site {name.strip()!r} (sites: {', '.join(PREFETCH_SITES)})")
+    return sites.get(site, default) if site is not None else default
 
 
 def prefetch_chunks() -> int:
@@ -130,12 +148,12 @@ def _aligned(w: torch.Tensor | None) -> bool:
 
 
 def plan(x: torch.Tensor, wt: torch.Tensor, wt2: torch.Tensor | None, k: int,
-         hint: torch.Tensor | None) -> Prefetch | None:
+         hint: torch.Tensor | None, site: str | None = None) -> Prefetch | None:
     """The prefetch for a Top-K launch over the rows x with weights wt (wt2), or None: it needs the budget
     (`prefetch_mb`), a hint slot (the previous threshold), one row, a compiled CUDA kernel (sm_90+) and
     16-byte aligned weight rows. The row limit spends the budget on the lowest rows, assuming k / d_in of
-    them are kept."""
-    budget = prefetch_mb()
+    them are kept. `site` (a `PREFETCH_SITES` name, or None) picks a per-site budget where one is set."""
+    budget = prefetch_mb(site)
     if budget <= 0 or hint is None or x.shape[0] != 1 or not can_prefetch(x.device):
         return None
     if not (_aligned(wt) and _aligned(wt2)):
