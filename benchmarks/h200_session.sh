@@ -113,6 +113,8 @@
 #   bash benchmarks/h200_session.sh downhist     # v30: the down select from the gate/up output's histogram: GPU tests,
 #                                                # timeline variants, LaRoSA and Top-K end to end off / on (~6 min)
 #   bash benchmarks/h200_session.sh downhiste2e  # v30: the end-to-end part alone (~3.5 min)
+#   bash benchmarks/h200_session.sh oracle       # v31: the step with every select free and at the byte model, beside
+#                                                # the dense and LaRoSA engines, LLaMA2-7B p = 0.4 / 0.5 / 0.75 (~6 min)
 #   bash benchmarks/h200_session.sh histtests    # v30: the histogram / loop-search select tests compiled (~1 min)
 #   bash benchmarks/h200_session.sh histab       # v30: the down select's variants in the timeline (histogram checked
 #                                                # by a loop / unchecked, x out of the down list, the plain search as a
@@ -222,6 +224,9 @@ for stage in "$@"; do
       LAROSA_KERNEL_IMPL=gtile python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,topk \
         --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-gtile-h200-llama2-7b" \
         2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
+    oracle)  # v31: the step with every select free (fixed kept lists) and at the byte model (compact rows)
+      python3 benchmarks/oracle_step.py --sparsities "${ORACLE_SPARSITIES:-0.4,0.5,0.75}" \
+        --out "$out/oracle-step-h200-llama2-7b.json" 2>&1 | tee "$out/oracle-step-h200-llama2-7b.log" || rc=1 ;;
     gputests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py tests/test_engine_gpu.py \
         > "$out/gpu-tests.log" 2>&1 || rc=1
