@@ -225,8 +225,11 @@ for stage in "$@"; do
         --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-gtile-h200-llama2-7b" \
         2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
     oracle)  # v31: the step with every select free (fixed kept lists) and at the byte model (compact rows)
-      python3 benchmarks/oracle_step.py --sparsities "${ORACLE_SPARSITIES:-0.4,0.5,0.75}" \
-        --out "$out/oracle-step-h200-llama2-7b.json" 2>&1 | tee "$out/oracle-step-h200-llama2-7b.log" || rc=1 ;;
+      for shape in ${ORACLE_SHAPES:-llama2-7b}; do
+        python3 benchmarks/oracle_step.py --shape "$shape" --sparsities "${ORACLE_SPARSITIES:-0.4,0.5,0.75}" \
+          --timeline "${ORACLE_TIMELINE:-gather-adapter}" --out "$out/oracle-step-h200-$shape.json" 2>&1 \
+          | tee "$out/oracle-step-h200-$shape.log" || rc=1
+      done ;;
     gputests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py tests/test_engine_gpu.py \
         > "$out/gpu-tests.log" 2>&1 || rc=1

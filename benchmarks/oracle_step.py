@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 import triton
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from larosa.engine import DecodeEngine  # noqa: E402
@@ -180,6 +181,37 @@ def graph_step_us(fn, reps: int, iters: int = 10) -> float:
     return statistics.median(times)
 
 
+def timeline(fn, steps: int = 20) -> dict:
+    """Per-kernel start / end inside replays of a one-step CUDA graph (CUPTI via torch.profiler), summarised as
+    `graph_timeline.py` does it: each kernel's exposed time on the step's critical path, per name and role."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    import graph_timeline as gt
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            g.replay()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    del g
+    out = gt.summarize(gt._steps_from_trace(trace, steps))
+    out.pop("positions")
+    return out
+
+
 def engine_step_us(w, timed: int) -> float:
     """The product's decode step (`DecodeEngine`, defaults: compiled, CUDA graphs), mean over `timed` steps after a
     128-token prompt, as `graph_timeline.py` times it."""
@@ -212,6 +244,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--engines", default="dense,larosa,topk", help="product engines timed beside (empty: none)")
     ap.add_argument("--timed", type=int, default=100)
+    ap.add_argument("--timeline", default="gather-adapter",
+                    help="comma list of forms whose step is also profiled per kernel (graph_timeline.py's summary), "
+                         "at --timeline-sparsity; empty: none")
+    ap.add_argument("--timeline-sparsity", type=float, default=0.5)
     ap.add_argument("--smoke", action="store_true",
                     help="a tiny shape on the CPU (TRITON_INTERPRET=1), each form called once, no graphs, no engines: "
                          "checks the wiring only")
@@ -242,6 +278,7 @@ def main() -> None:
               {"qkv": sh.hidden, "o": sh.hidden, "gate_up": sh.hidden, "down": sh.intermediate})
         step = Step(form, sh, ks, 512, gen)
         with torch.no_grad():
+            tl = None
             if args.smoke:
                 y = step()
                 if not torch.isfinite(y.float()).all():
@@ -249,6 +286,21 @@ def main() -> None:
                 us = 1.0
             else:
                 us = graph_step_us(step, args.reps)
+                if form in args.timeline.split(",") and (p == args.timeline_sparsity or form == "dense"):
+                    try:
+                        tl = timeline(step)
+                    except Exception as e:  # (CUPTI) keep the timing; the error is recorded and printed
+                        res.setdefault("timeline_errors", []).append(f"{form} p = {p}: {e!r}")
+                        print(f"  {form} p = {p}: no timeline ({e!r})", flush=True)
+                        tl = None
+                if tl is not None:
+                    res.setdefault("timelines", {})[f"{form} p = {p}"] = tl
+                    print(f"  {form} p = {p} per kernel (exposed per role, us): span {tl['span_us_median']}, "
+                          f"gaps {tl['sum_gap_us']}", flush=True)
+                    for name, c in tl["per_name"].items():
+                        if c["n"] >= sh.layers:
+                            print(f"    {name[:28]:28s} x{c['n']:3d} " + " / ".join(
+                                f"{x['exposed']:.2f} (dur {x['dur']:.2f})" for x in c["by_role"]), flush=True)
         nb = step.read_bytes()
         row = {"form": form, "sparsity": p, "k": ks, "step_us": round(us, 1), "tok_s": round(1e6 / us, 1),
                "read_bytes": nb, "tb_s": round(nb / us / 1e6, 3)}
