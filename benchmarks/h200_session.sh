@@ -115,6 +115,8 @@
 #   bash benchmarks/h200_session.sh downhiste2e  # v30: the end-to-end part alone (~3.5 min)
 #   bash benchmarks/h200_session.sh oracle       # v31: the step with every select free and at the byte model, beside
 #                                                # the dense and LaRoSA engines, LLaMA2-7B p = 0.4 / 0.5 / 0.75 (~6 min)
+#   bash benchmarks/h200_session.sh oraclelate   # v31: the same with each gathered GEMV loading its list and rows before
+#                                                # its PDL wait (timing only), both shapes (~3 min)
 #   bash benchmarks/h200_session.sh histtests    # v30: the histogram / loop-search select tests compiled (~1 min)
 #   bash benchmarks/h200_session.sh histab       # v30: the down select's variants in the timeline (histogram checked
 #                                                # by a loop / unchecked, x out of the down list, the plain search as a
@@ -173,6 +175,16 @@ hist_e2e() {
       | tee "$out/$1-$shape-hist$on-$rep.log" || rc=1
   done; done
 }
+# v31: benchmarks/oracle_step.py by shape (ORACLE_SHAPES), sparsities, forms, engines and profiled forms from the
+# environment; ORACLE_TAG suffixes the output names
+oracle_runs() {
+  for shape in ${ORACLE_SHAPES:-llama2-7b}; do
+    python3 benchmarks/oracle_step.py --shape "$shape" --sparsities "${ORACLE_SPARSITIES:-0.4,0.5,0.75}" \
+      --timeline "${ORACLE_TIMELINE:-gather-adapter}" ${ORACLE_FORMS:+--forms "$ORACLE_FORMS"} \
+      ${ORACLE_ENGINES+--engines "$ORACLE_ENGINES"} --out "$out/oracle-step-h200-$shape${ORACLE_TAG:-}.json" 2>&1 \
+      | tee "$out/oracle-step-h200-$shape${ORACLE_TAG:-}.log" || rc=1
+  done
+}
 run_stages() {
 for stage in "$@"; do
   start=$(date +%s)
@@ -224,12 +236,14 @@ for stage in "$@"; do
       LAROSA_KERNEL_IMPL=gtile python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,topk \
         --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-gtile-h200-llama2-7b" \
         2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
+    oraclelate)  # v31: the gathered kernel's LATE_WAIT compiled and checked, then the late-wait forms beside the plain
+      python3 -m pytest -q -p no:cacheprovider tests/test_oracle_step.py > "$out/oracle-tests.log" 2>&1 || rc=1
+      tail -n 2 "$out/oracle-tests.log"
+      ORACLE_FORMS=dense,gather,gather-late,gather-adapter,gather-adapter-late ORACLE_ENGINES= ORACLE_TAG=-late \
+        ORACLE_SPARSITIES=0.4,0.5,0.75 ORACLE_TIMELINE=gather-late,gather-adapter-late \
+        ORACLE_SHAPES="llama2-7b llama3-8b" oracle_runs ;;
     oracle)  # v31: the step with every select free (fixed kept lists) and at the byte model (compact rows)
-      for shape in ${ORACLE_SHAPES:-llama2-7b}; do
-        python3 benchmarks/oracle_step.py --shape "$shape" --sparsities "${ORACLE_SPARSITIES:-0.4,0.5,0.75}" \
-          --timeline "${ORACLE_TIMELINE:-gather-adapter}" --out "$out/oracle-step-h200-$shape.json" 2>&1 \
-          | tee "$out/oracle-step-h200-$shape.log" || rc=1
-      done ;;
+      oracle_runs ;;
     gputests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py tests/test_engine_gpu.py \
         > "$out/gpu-tests.log" 2>&1 || rc=1

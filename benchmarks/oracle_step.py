@@ -10,7 +10,11 @@ measures two upper bounds of the same step, each captured whole (all layers, the
   compact         dense GEMVs (`larosa::dense_linear`, the dense engine's kernel) over only the kept rows, stored
                   contiguously: the byte model at the dense kernels' own rate, with nothing paid for sparsity;
   compact-adapter the same plus the adapter as one more dense GEMV per layer;
-  dense           the dense step from the same building blocks (the norms folded into the projections).
+  dense           the dense step from the same building blocks (the norms folded into the projections);
+  gather-late, gather-adapter-late
+                  the gather forms with each GEMV loading its list and weight rows *before* its PDL wait (the
+                  kernel's LATE_WAIT, possible only because the lists are fixed), as the dense chain loads its first
+                  weights early: what is left of the gather forms' overhead once the wait for the list costs nothing.
 
 Every form runs the engine's split attention (RoPE and the cache write inside it, the last program combining). The
 numbers these forms compute are meaningless (fixed lists, the adapter's output not added back, no norms on the
@@ -40,7 +44,7 @@ from larosa.record import run_record  # noqa: E402
 from larosa.shapes import Shape, get_shape, random_base, sparse_variant  # noqa: E402
 from larosa.sparsity import SparsityPlan  # noqa: E402
 
-FORMS = ("dense", "compact", "compact-adapter", "gather", "gather-adapter")
+FORMS = ("dense", "compact", "compact-adapter", "gather", "gather-adapter", "gather-late", "gather-adapter-late")
 
 
 def _rnd(*size, gen):
@@ -76,7 +80,8 @@ class Step:
         self.head = _rnd(sh.vocab, d, gen=gen)
         self.x0 = _rnd(1, d, gen=gen)
         kq, ko, kg, kd = ks["qkv"], ks["o"], ks["gate_up"], ks["down"]
-        adapter = form.endswith("adapter")
+        adapter = "adapter" in form
+        self.late = form.endswith("-late")
         self.layers = []
         for _ in range(sh.layers):
             if form == "dense":  # output-major, as F.linear and dense_linear take them
@@ -136,21 +141,23 @@ class Step:
                     x = ops.dense_linear(act if dense else act[:, :ks["down"]], L["wd"], residual=x)
             else:
                 qkv = self.bufs["qkv"]
+                late = self.late
                 triton_gemv.launch_gtile(x, L["wqkv"], qkv, ks["qkv"], sel=self.sel["qkv"], counters=L["cq"],
-                                         pack_x=True)
+                                         pack_x=True, late_wait=late)
                 o = self._attention(i, qkv)
                 xm = torch.empty_like(x)
                 triton_gemv.launch_gtile(o, L["wo"], xm, ks["o"], sel=self.sel["o"], counters=L["co"], residual=x,
-                                         pack_x=True)
+                                         pack_x=True, late_wait=late)
                 act = self.bufs["act"]
                 triton_gemv.launch_gtile(xm, L["wg"], act, ks["gate_up"], wt2=L["wu"], sel=self.sel["gate_up"],
-                                         counters=L["cg"], pack_x=True)
+                                         counters=L["cg"], pack_x=True, late_wait=late)
                 x = torch.empty_like(xm)
                 side = None
                 if "adapter" in L:  # its programs start with the launch, as in the engine (the sum is not formed)
                     side = triton_gemv.SideGemv(xm, L["adapter"], self.bufs["side"], 0, xm.shape[1])
                 triton_gemv.launch_gtile(act, L["wd"], x, ks["down"], sel=self.sel["down"], counters=L["cd"],
-                                         residual=None if side is not None else xm, side=side, pack_x=True)
+                                         residual=None if side is not None else xm, side=side, pack_x=True,
+                                         late_wait=late)
         return torch.nn.functional.linear(x, self.head)
 
 

@@ -127,6 +127,17 @@ CASES = [
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "PACK_X": True, "DYN": True}, 8),
     (tg.select_packed_kernel, {"BLOCK_D": 16384, "PDL": True, "COMPACT": 4, "PACK_X": True, "DYN": True,
                                "WINDOW": 7}, 8),
+    # v31 (A/B, LAROSA_ATTN_V_EARLY): the attention's value loads issued with its key loads
+    (ta.decode_attn_split_kernel, {"G": 1, "GP": 16, "HD": 128, "BLOCK": 64, "DOT_F32": False, "ROPE": True,
+                                   "KVH": 32, "COMBINE": True, "GR": 1, "NSP": 8, "PDL": True, "BALANCED": True,
+                                   "V_EARLY": True}, 4),
+    # v31 (timing only, benchmarks/oracle_step.py): the gathered GEMV waiting only before its atomic adds
+    (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True,
+                            "PACK_X": True, "LATE_WAIT": True}, 2),
+    (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
+                            "HAS_RES": True, "PACK_X": True, "LATE_WAIT": True}, 2),
+    (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
+                            "SIDE": True, **SIDE_GEMV, "PACK_X": True, "LATE_WAIT": True}, 2),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),

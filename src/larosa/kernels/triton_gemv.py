@@ -751,13 +751,18 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                       SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                       A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
-                      PACK_X: tl.constexpr = False, hist_ptr=None, HIST: tl.constexpr = 0):
+                      PACK_X: tl.constexpr = False, hist_ptr=None, HIST: tl.constexpr = 0,
+                      LATE_WAIT: tl.constexpr = False):
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
     the grid shrinks with k. Sums, counter and finisher as in `tile_gemv_kernel`; SIDE and PDL as there.
     PACK_X: the list's entries carry x too (`_packed_select`), and x itself is not read.
-    HIST (v30, with `tile_gemv_kernel` too): the finishers count y into hist_ptr's bins (`_finish_block`)."""
+    HIST (v30, with `tile_gemv_kernel` too): the finishers count y into hist_ptr's bins (`_finish_block`).
+    LATE_WAIT (v31, timing only: `benchmarks/oracle_step.py`): with PDL, the kept list and the weight rows are loaded
+    and multiplied *before* the wait for the kernel before, which then gates only the atomic adds and the finisher,
+    as the dense chain loads its first weights early. Right only where the list (and x) were complete before the
+    launch, never after a select of the same step."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:
@@ -766,17 +771,17 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
                          stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
-                         m0 if SIDE else 0, PACK_X, hist_ptr, HIST)
+                         m0 if SIDE else 0, PACK_X, hist_ptr, HIST, LATE_WAIT)
 
 
 @triton.jit
 def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
                      res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr,
-                     hist_ptr=None, HIST: tl.constexpr = 0):
+                     hist_ptr=None, HIST: tl.constexpr = 0, LATE_WAIT: tl.constexpr = False):
     pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)  # j: places in the kept list
     jmask = j < k
-    if PDL:  # the positions (and x, where the predecessor wrote it) come from the select
+    if PDL and not LATE_WAIT:  # the positions (and x, where the predecessor wrote it) come from the select
         gdc_wait()
     idx = tl.load(sel_ptr + row * (2 + k) + 2 + j, mask=jmask, other=0)
     if PACK_X:  # (x's 16 bits << 16) | position
@@ -785,7 +790,8 @@ def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     else:
         xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
-                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
+                     rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST,
+                     PDL and LATE_WAIT)
 
 
 @triton.jit
@@ -816,18 +822,31 @@ def _tile_program(d_out, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, m0):
 @triton.jit
 def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     HAS_RES: tl.constexpr, m0, hist_ptr=None, HIST: tl.constexpr = 0):
+                     HAS_RES: tl.constexpr, m0, hist_ptr=None, HIST: tl.constexpr = 0, WAIT_HERE: tl.constexpr = False):
     """A tile program's body after it knows its input rows: load W^T[rows_in, rn] where kept (xf is 0
     elsewhere), add the fp32 partial sums into acc with atomics, and let the last program of the column
-    block (counter; the block has num_programs(1) - m0 of them) finish it (`_finish_block`)."""
+    block (counter; the block has num_programs(1) - m0 of them) finish it (`_finish_block`). WAIT_HERE (the
+    gathered kernel's LATE_WAIT): the PDL wait between the products and the atomic adds."""
     wmask = keep[:, None] & cmask[None, :]
     w_off = rows_in.to(tl.int64)[:, None] * d_out + rn[None, :]
     w = tl.load(wt_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
     acc_row = acc_ptr + row * (2 if GATED else 1) * d_out
-    tl.atomic_add(acc_row + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
-    if GATED:
-        w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
-        tl.atomic_add(acc_row + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
+    if WAIT_HERE:
+        part = tl.sum(w.to(tl.float32) * xf[:, None], 0)
+        part2 = part
+        if GATED:
+            w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
+            part2 = tl.sum(w2.to(tl.float32) * xf[:, None], 0)
+        gdc_wait()
+        tl.atomic_add(acc_row + rn, part, mask=cmask, sem="relaxed")
+        if GATED:
+            tl.atomic_add(acc_row + d_out + rn, part2, mask=cmask, sem="relaxed")
+    else:
+        tl.atomic_add(acc_row + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
+        if GATED:
+            w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
+            tl.atomic_add(acc_row + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cmask,
+                          sem="relaxed")
     tl.debug_barrier()
     cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
     if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - m0 - 1:
@@ -1016,12 +1035,15 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
                  num_warps: int | None = None, select_num_warps: int | None = None,
                  sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                  hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None,
-                 hist: torch.Tensor | None = None, hist_out: torch.Tensor | None = None) -> None:
+                 hist: torch.Tensor | None = None, hist_out: torch.Tensor | None = None,
+                 late_wait: bool = False) -> None:
     """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
     kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows.
     `pack_x` (None = `gather_x(d_in)`): the list carries x with each position; a given `sel` must then come from a
-    select with `pack_x=True` too."""
+    select with `pack_x=True` too. `late_wait` (v31, timing only, with `sel`): the kernel's LATE_WAIT."""
     _check_residual(residual, y, wt2)
+    if late_wait and sel is None:
+        raise ValueError("late_wait (timing only) needs a kept list complete before the launch (sel=)")
     rows, d_in = x.shape
     d_out = wt.shape[1]
     gated = wt2 is not None
@@ -1047,7 +1069,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=1,
         **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}),
-        **_hist_out_kw(hist_out, y))
+        **_hist_out_kw(hist_out, y), **({"LATE_WAIT": True} if late_wait else {}))
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
