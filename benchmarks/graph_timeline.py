@@ -207,31 +207,41 @@ def summarize(steps: list[list[dict]]) -> dict:
             "positions": positions}
 
 
-def run_variant(w, prompt, steps: int, timed: int, env: dict, kw: dict, trace_path: Path | None,
-                cls=DecodeEngine) -> dict:
+def kernel_trace(run, steps: int) -> dict:
+    """The chrome trace (CUPTI via torch.profiler, CUDA and CPU activities) of `steps` calls of run(), as a dict."""
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            run()
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        return json.loads(path.read_text())
+
+
+def timed_step_us(eng, timed: int) -> float:
+    """Mean time of `timed` decode steps of a warmed-up engine (CUDA events around the loop, no profiler), us."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(timed):
+        eng.step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / timed
+
+
+def run_variant(w, prompt, steps: int, timed: int, env: dict, kw: dict, trace_path: Path | None,
+                cls=DecodeEngine) -> dict:
     with contextlib.ExitStack() as stack:
         for name, value in env.items():
             stack.enter_context(env_set(name, value))
         eng = cls(w, max_len=128 + 16 + timed + steps + 8, **kw)
         eng.generate(prompt, 16)  # compile, capture, warm up
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(timed):
-            eng.step()
-        end.record()
-        torch.cuda.synchronize()
-        step_us = start.elapsed_time(end) * 1000 / timed
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(steps):
-                eng.step()
-            torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        trace = json.loads(path.read_text())
+        step_us = timed_step_us(eng, timed)
+        trace = kernel_trace(eng.step, steps)
     if trace_path is not None:
         with gzip.open(trace_path, "wt") as f:
             json.dump(trace, f)

@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+import graph_timeline as gt  # noqa: E402
+from gemv import graph_time_us  # noqa: E402
 from larosa.engine import DecodeEngine  # noqa: E402
 from larosa.kernels import ops, triton_attention, triton_gemv  # noqa: E402
 from larosa.record import run_record  # noqa: E402
@@ -161,42 +161,9 @@ class Step:
         return torch.nn.functional.linear(x, self.head)
 
 
-def graph_step_us(fn, reps: int, iters: int = 10) -> float:
-    """Median over `reps` replays of a CUDA graph holding `iters` calls of fn, per call (us)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(iters):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / iters)
-    del g
-    return statistics.median(times)
-
-
 def timeline(fn, steps: int = 20) -> dict:
     """Per-kernel start / end inside replays of a one-step CUDA graph (CUPTI via torch.profiler), summarised as
     `graph_timeline.py` does it: each kernel's exposed time on the step's critical path, per name and role."""
-    import tempfile
-
-    from torch.profiler import ProfilerActivity, profile
-
-    import graph_timeline as gt
-
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -205,14 +172,7 @@ def timeline(fn, steps: int = 20) -> dict:
     for _ in range(3):
         g.replay()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            g.replay()
-        torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(path))
-        trace = json.loads(path.read_text())
+    trace = gt.kernel_trace(g.replay, steps)
     del g
     out = gt.summarize(gt._steps_from_trace(trace, steps))
     out.pop("positions")
@@ -225,16 +185,10 @@ def engine_step_us(w, timed: int) -> float:
     prompt = torch.randint(0, 1000, (1, 128), device="cuda")
     eng = DecodeEngine(w, max_len=128 + 16 + timed + 8)
     eng.generate(prompt, 16)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    a.record()
-    for _ in range(timed):
-        eng.step()
-    b.record()
-    torch.cuda.synchronize()
+    us = gt.timed_step_us(eng, timed)
     del eng
     torch.cuda.empty_cache()
-    return a.elapsed_time(b) * 1e3 / timed
+    return us
 
 
 def _save(path: Path, res: dict) -> None:
@@ -292,7 +246,7 @@ def main() -> None:
                     raise RuntimeError(f"{form}: non-finite logits")
                 us = 1.0
             else:
-                us = graph_step_us(step, args.reps)
+                us = graph_time_us([step] * 10, reps=args.reps)  # a graph of 10 steps, per step
                 if form in args.timeline.split(",") and (p == args.timeline_sparsity or form == "dense"):
                     try:
                         tl = timeline(step)

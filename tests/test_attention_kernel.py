@@ -123,19 +123,27 @@ def test_balanced_splits_divide_the_filled_positions(monkeypatch, pos):
     want = decode_attention_ref(q.double(), kc[:, :, :pos + 1].double(), vc[:, :, :pos + 1].double(), p, 0.125)
     torch.testing.assert_close(ops.triton_attention.decode_attention(q, kc, vc, p, 0.125).double(), want,
                                atol=2e-2, rtol=2e-2)
-    qkv, kc2, vc2, cos, sin = _rope_case(1, 2, 4, 64, 700, torch.bfloat16, seed=5)
-    monkeypatch.setenv("LAROSA_ATTN_BALANCED", "0")
-    k_ref, v_ref = kc2.clone(), vc2.clone()
-    ref = ops.triton_attention.rope_decode_attention(qkv, k_ref, v_ref, p, cos, sin, 0.125)
-    monkeypatch.setenv("LAROSA_ATTN_BALANCED", "1")
-    cnt = torch.zeros(2, dtype=torch.int32, device=DEV)
-    got = ops.triton_attention.rope_decode_attention(qkv, kc2, vc2, p, cos, sin, 0.125, counters=cnt)
-    torch.testing.assert_close(got.double(), ref.double(), atol=2e-2, rtol=2e-2)
-    assert torch.equal(kc2, k_ref) and torch.equal(vc2, v_ref) and not cnt.any()
+    kc2 = _rope_same_with(monkeypatch, "LAROSA_ATTN_BALANCED", "0", "1", 700, p, seed=5)
     assert not torch.equal(kc2[:, :, pos], _rope_case(1, 2, 4, 64, 700, torch.bfloat16, seed=5)[1][:, :, pos])
     monkeypatch.setenv("LAROSA_ATTN_BALANCED", "yes")
     with pytest.raises(ValueError, match="LAROSA_ATTN_BALANCED"):
         ops.triton_attention.decode_attention(q, kc, vc, p, 0.125)
+
+
+def _rope_same_with(monkeypatch, var: str, base: str, new: str, L: int, p, seed: int):
+    """The RoPE form (one batch row, 2 KV heads of 4 query heads, head dim 64, an L-position cache) with `var`=new,
+    combined by its last program, against the same call with `var`=base: the same attention and the same caches
+    written, the counters left zeroed. Returns the key cache written."""
+    qkv, kc, vc, cos, sin = _rope_case(1, 2, 4, 64, L, torch.bfloat16, seed=seed)
+    monkeypatch.setenv(var, base)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    ref = ops.triton_attention.rope_decode_attention(qkv, k_ref, v_ref, p, cos, sin, 0.125)
+    monkeypatch.setenv(var, new)
+    cnt = torch.zeros(2, dtype=torch.int32, device=DEV)
+    got = ops.triton_attention.rope_decode_attention(qkv, kc, vc, p, cos, sin, 0.125, counters=cnt)
+    torch.testing.assert_close(got.double(), ref.double(), atol=2e-2, rtol=2e-2)
+    assert torch.equal(kc, k_ref) and torch.equal(vc, v_ref) and not cnt.any()
+    return kc
 
 
 def _rope_case(b, kvh, g, hd, L, dtype, seed=1):
@@ -247,15 +255,7 @@ def test_values_loaded_with_keys_give_the_same_attention(monkeypatch, pos):
     want = decode_attention_ref(q.double(), kc[:, :, :pos + 1].double(), vc[:, :, :pos + 1].double(), p, 0.125)
     torch.testing.assert_close(ops.triton_attention.decode_attention(q, kc, vc, p, 0.125).double(), want,
                                atol=2e-2, rtol=2e-2)
-    qkv, kc2, vc2, cos, sin = _rope_case(1, 2, 4, 64, 300, torch.bfloat16, seed=7)
-    monkeypatch.setenv("LAROSA_ATTN_V_EARLY", "0")
-    k_ref, v_ref = kc2.clone(), vc2.clone()
-    ref = ops.triton_attention.rope_decode_attention(qkv, k_ref, v_ref, p, cos, sin, 0.125)
-    monkeypatch.setenv("LAROSA_ATTN_V_EARLY", "1")
-    cnt = torch.zeros(2, dtype=torch.int32, device=DEV)
-    got = ops.triton_attention.rope_decode_attention(qkv, kc2, vc2, p, cos, sin, 0.125, counters=cnt)
-    torch.testing.assert_close(got.double(), ref.double(), atol=2e-2, rtol=2e-2)
-    assert torch.equal(kc2, k_ref) and torch.equal(vc2, v_ref) and not cnt.any()
+    _rope_same_with(monkeypatch, "LAROSA_ATTN_V_EARLY", "0", "1", 300, p, seed=7)
     monkeypatch.setenv("LAROSA_ATTN_V_EARLY", "yes")
     with pytest.raises(ValueError, match="LAROSA_ATTN_V_EARLY"):
         ops.triton_attention.decode_attention(q, kc, vc, p, 0.125)
