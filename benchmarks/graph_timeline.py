@@ -125,6 +125,14 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-attn-v-early": ("larosa", {"LAROSA_ATTN_V_EARLY": "1"}, {}),
     "larosa-attn-128": ("larosa", {"LAROSA_ATTN_PROGRAMS": "128"}, {}),
     "topk-pf-o-0": ("topk", {"LAROSA_PREFETCH_MB": "8,o=0"}, {}),
+    # v31: the o / down GEMVs in the tile kernel loading their guessed rows (previous threshold - margin) before the
+    # wait for their select (LAROSA_GUESS), with and without the select's L2 prefetch there
+    "larosa-guess-o-16": ("larosa", {"LAROSA_GUESS": "o=16"}, {}),
+    "larosa-guess-o-64": ("larosa", {"LAROSA_GUESS": "o=64"}, {}),
+    "larosa-guess-o-16-nopf": ("larosa", {"LAROSA_GUESS": "o=16", "LAROSA_PREFETCH_MB": "8,o=0"}, {}),
+    "larosa-guess-down-16": ("larosa", {"LAROSA_GUESS": "down=16"}, {}),
+    "topk-guess-o-16": ("topk", {"LAROSA_GUESS": "o=16"}, {}),
+    "topk-guess-o-down-16": ("topk", {"LAROSA_GUESS": "o=16;down=16"}, {}),
     "larosa-again": ("larosa", {}, {}),  # the default again, last in a run: how far two runs of one step differ
     "topk": ("topk", {}, {}),
     "topk-cublas-head": ("topk", {}, {"dense_head": False}),

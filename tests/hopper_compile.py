@@ -138,6 +138,12 @@ CASES = [
                             "HAS_RES": True, "PACK_X": True, "LATE_WAIT": True}, 2),
     (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
                             "SIDE": True, **SIDE_GEMV, "PACK_X": True, "LATE_WAIT": True}, 2),
+    # v31 (A/B, LAROSA_GUESS): the tile kernel loading its guessed rows before the wait (o with the residual; down
+    # with the adapter's programs)
+    (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
+                           "HAS_RES": True, "GUESS": 16}, 2),
+    (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
+                           "SIDE": True, **SIDE_GEMV, "GUESS": 16}, 2),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),

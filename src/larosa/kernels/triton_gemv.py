@@ -695,7 +695,7 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
                      a_nb=1, stride_ax=0, stride_aw=0, stride_ay=0, stride_ap=0,
                      SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                      A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
-                     hist_ptr=None, HIST: tl.constexpr = 0):
+                     hist_ptr=None, HIST: tl.constexpr = 0, hint_ptr=None, GUESS: tl.constexpr = 0):
     """v11, one weight tile per program: BLOCK_M input rows x BLOCK_N output columns, the kept rows loaded
     at once (every load of the program in flight together, nothing to pipeline), the partial sum added into
     fp32 sums acc[row, :] (two for GATED) with atomics. The sums live in a zeroed buffer that is left
@@ -704,7 +704,11 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     SIDE (v18): the first m0 slices along grid axis 1 are the programs of a dense side GEMV (`_side_slice`),
     which start at once, while the GEMV's programs wait for their select (PDL). With PDL every program also
     lets the kernel after it launch at once (v20: a select launched as this one's dependent waits for it,
-    `WAIT`)."""
+    `WAIT`).
+    GUESS > 0 (v31 A/B, `guess_sites`; MODE 0, x written before the select): before its wait the program loads the
+    rows of its block whose pattern reaches the row's previous threshold (hint_ptr, as the select keeps it) minus
+    GUESS patterns; after the wait it keeps the exact (t, cutoff) rows of those and loads any kept row the guess
+    missed. Exact with any hint; only the time changes."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:  # SIDE is a constexpr: without it no branch is compiled
@@ -713,32 +717,58 @@ def tile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     else:
         _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
                         stride_x, stride_y, res_ptr, stride_r, MODE, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, X_LATE,
-                        HAS_RES, m0 if SIDE else 0, hist_ptr, HIST)
+                        HAS_RES, m0 if SIDE else 0, hist_ptr, HIST, hint_ptr, GUESS)
 
 
 @triton.jit
 def _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_in, d_out, threshold,
                     stride_x, stride_y, res_ptr, stride_r, MODE: tl.constexpr, GATED: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-                    X_LATE: tl.constexpr, HAS_RES: tl.constexpr, m0, hist_ptr=None, HIST: tl.constexpr = 0):
+                    X_LATE: tl.constexpr, HAS_RES: tl.constexpr, m0, hist_ptr=None, HIST: tl.constexpr = 0,
+                    hint_ptr=None, GUESS: tl.constexpr = 0):
     pid_n, row, rn, cmask, rm = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)
     valid = rm < d_in
-    if PDL:
-        if X_LATE:  # x comes from the predecessor (`rmsnorm_select_kernel`): wait before loading it
-            gdc_wait()
-    xv = tl.load(x_ptr + row * stride_x + rm, mask=valid, other=0.0)  # else written before the select ran
-    t = 0
-    cutoff = 0
-    if MODE == 0:
+    if GUESS > 0:  # v31: the guessed rows loaded before the wait (MODE 0, x written before the select)
+        xg = tl.load(x_ptr + row * stride_x + rm, mask=valid, other=0.0)
+        bits = xg.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        guess = valid & (bits >= tl.maximum((tl.load(hint_ptr + row) & 0x7FFF) - GUESS, 0))
+        w_off = rm.to(tl.int64)[:, None] * d_out + rn[None, :]
+        w = tl.load(wt_ptr + w_off, mask=guess[:, None] & cmask[None, :], other=0.0, eviction_policy="evict_first")
+        w2 = w
+        if GATED:
+            w2 = tl.load(wt2_ptr + w_off, mask=guess[:, None] & cmask[None, :], other=0.0,
+                         eviction_policy="evict_first")
         if PDL:
-            if not X_LATE:
+            gdc_wait()
+        keep = _keep(xg, rm, valid, tl.load(sel_ptr + row * 2), tl.load(sel_ptr + row * 2 + 1), threshold, 0)
+        miss = keep & ~guess  # kept rows below the guess: none while the threshold stays in the margin
+        mmask = miss[:, None] & cmask[None, :]
+        w = tl.where(guess[:, None], w, tl.load(wt_ptr + w_off, mask=mmask, other=0.0))
+        xf = tl.where(keep, xg.to(tl.float32), 0.0)
+        part = tl.sum(w.to(tl.float32) * xf[:, None], 0)
+        part2 = part
+        if GATED:
+            w2 = tl.where(guess[:, None], w2, tl.load(wt2_ptr + w_off, mask=mmask, other=0.0))
+            part2 = tl.sum(w2.to(tl.float32) * xf[:, None], 0)
+        _add_count_finish(part, part2, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out,
+                          stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
+    else:
+        if PDL:
+            if X_LATE:  # x comes from the predecessor (`rmsnorm_select_kernel`): wait before loading it
                 gdc_wait()
-        t = tl.load(sel_ptr + row * 2)
-        cutoff = tl.load(sel_ptr + row * 2 + 1)
-    keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
-    xf = tl.where(keep, xv.to(tl.float32), 0.0)
-    _tile_add_finish(rm, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn,
-                     cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
+        xv = tl.load(x_ptr + row * stride_x + rm, mask=valid, other=0.0)  # else written before the select ran
+        t = 0
+        cutoff = 0
+        if MODE == 0:
+            if PDL:
+                if not X_LATE:
+                    gdc_wait()
+            t = tl.load(sel_ptr + row * 2)
+            cutoff = tl.load(sel_ptr + row * 2 + 1)
+        keep = _keep(xv, rm, valid, t, cutoff, threshold, MODE)
+        xf = tl.where(keep, xv.to(tl.float32), 0.0)
+        _tile_add_finish(rm, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn,
+                         cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
 
 
 @triton.jit
@@ -838,15 +868,38 @@ def _tile_add_finish(rows_in, keep, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_
             w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
             part2 = tl.sum(w2.to(tl.float32) * xf[:, None], 0)
         gdc_wait()
-        tl.atomic_add(acc_row + rn, part, mask=cmask, sem="relaxed")
-        if GATED:
-            tl.atomic_add(acc_row + d_out + rn, part2, mask=cmask, sem="relaxed")
+        _add_count_finish(part, part2, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out,
+                          stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
     else:
         tl.atomic_add(acc_row + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cmask, sem="relaxed")
         if GATED:
             w2 = tl.load(wt2_ptr + w_off, mask=wmask, other=0.0, eviction_policy="evict_first")
             tl.atomic_add(acc_row + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cmask,
                           sem="relaxed")
+        _count_finish(acc_row, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out, stride_y, stride_r,
+                      GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
+
+
+@triton.jit
+def _add_count_finish(part, part2, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out,
+                      stride_y, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, m0,
+                      hist_ptr=None, HIST: tl.constexpr = 0):
+    """A tile program's partial sums (part, and part2 of the up half when GATED) added into acc with atomics, then
+    `_count_finish`."""
+    acc_row = acc_ptr + row * (2 if GATED else 1) * d_out
+    tl.atomic_add(acc_row + rn, part, mask=cmask, sem="relaxed")
+    if GATED:
+        tl.atomic_add(acc_row + d_out + rn, part2, mask=cmask, sem="relaxed")
+    _count_finish(acc_row, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out, stride_y, stride_r,
+                  GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
+
+
+@triton.jit
+def _count_finish(acc_row, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out, stride_y, stride_r,
+                  GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, m0, hist_ptr=None,
+                  HIST: tl.constexpr = 0):
+    """After a program's atomic adds: count it in its column block; the last of the block's num_programs(1) - m0
+    programs finishes the block (`_finish_block`) and resets the counter."""
     tl.debug_barrier()
     cnt_addr = cnt_ptr + row * tl.num_programs(0) + pid_n
     if tl.atomic_add(cnt_addr, 1, sem="acq_rel") == tl.num_programs(1) - m0 - 1:
@@ -926,9 +979,13 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
                 select_impl: str | None = None, num_stages: int | None = None,
                 sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 hint: torch.Tensor | None = None, side: SideGemv | None = None, hist: torch.Tensor | None = None,
-                hist_out: torch.Tensor | None = None) -> None:
-    """One-tile-per-program variant of `launch` (same arguments and result), v11."""
+                hist_out: torch.Tensor | None = None, guess: int = 0) -> None:
+    """One-tile-per-program variant of `launch` (same arguments and result), v11. `guess` > 0 (v31, A/B:
+    `guess_sites`): the kernel's GUESS, with the select's hint as the guess (exact Top-K, the select run here)."""
     _check_residual(residual, y, wt2)
+    if guess and (mode != 0 or hint is None or sel is not None or not 0 < guess < 1 << 15):
+        raise ValueError("guess= needs exact Top-K (mode=0) with a hint and the select run here (no sel=), and a "
+                         f"margin of 1 to 32767 patterns, got {guess}")
     if side is not None and mode != 0:
         raise ValueError("side= rides with an exact Top-K launch (mode 0)")
     rows, d_in = x.shape
@@ -956,7 +1013,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
-        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw, **_hist_out_kw(hist_out, y))
+        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw, **_hist_out_kw(hist_out, y),
+        **({"hint_ptr": hint, "GUESS": int(guess)} if guess else {}))
 
 
 def _hist_out_kw(hist_out: torch.Tensor | None, y: torch.Tensor) -> dict:
@@ -1000,6 +1058,19 @@ def site_specs(env_value: str, env: str, sites: tuple[str, ...], form: str) -> d
         if site.strip() not in sites:
             raise ValueError(f"{env}: unknown site {site.strip()!r} (sites: {', '.join(sites)})")
         out[site.strip()] = parse_tiles(spec, env, form)
+    return out
+
+
+def guess_sites() -> dict[str, int]:
+    """v31 (A/B runs): `LAROSA_GUESS="site=MARGIN;..."` runs those sites' one-row, hinted Top-K launches in the tile
+    kernel with GUESS = MARGIN patterns (`tile_gemv_kernel`: the rows at or above the previous threshold minus the
+    margin loaded before the wait). Unset: none."""
+    env = os.environ.get("LAROSA_GUESS")
+    if not env:
+        return {}
+    out = {site: v[0] for site, v in site_specs(env, "LAROSA_GUESS", DECODE_SITES[:4], "MARGIN").items()}
+    if not all(0 < v < 1 << 15 for v in out.values()):
+        raise ValueError(f"LAROSA_GUESS={env!r}: margins from 1 to 32767 patterns")
     return out
 
 
@@ -1670,6 +1741,15 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
         _check_residual(residual, y, None)
         launch_spec(x, wt, y, k, hint=hint, bias=bias, residual=residual, side=side, pdl=pdl)
         return
+    guess = 0
+    if mode == 0 and hint is not None and sel is None and x.shape[0] == 1 and impl in ("tile", "gtile") \
+            and select_impl == "packed":
+        guess = guess_sites().get(decode_site(x.shape[1], wt.shape[1], wt2 is not None), 0)
+    if guess:  # v31 A/B: the tile kernel loading its guessed rows before the wait
+        return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, counters=counters, pdl=pdl, block_n=block_n,
+                           num_warps=num_warps, block_m=block_m, select_num_warps=select_num_warps,
+                           num_stages=num_stages, residual=residual, hint=hint, side=side, hist=hist,
+                           hist_out=hist_out, guess=guess)
     if impl == "gtile":
         if mode != 0:
             raise ValueError("impl='gtile' gathers exact Top-K rows (mode=0); use impl='tile' for mode "
