@@ -741,15 +741,18 @@ def _tile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr,
         if PDL:
             gdc_wait()
         keep = _keep(xg, rm, valid, tl.load(sel_ptr + row * 2), tl.load(sel_ptr + row * 2 + 1), threshold, 0)
-        miss = keep & ~guess  # kept rows below the guess: none while the threshold stays in the margin
-        mmask = miss[:, None] & cmask[None, :]
-        w = tl.where(guess[:, None], w, tl.load(wt_ptr + w_off, mask=mmask, other=0.0))
-        xf = tl.where(keep, xg.to(tl.float32), 0.0)
-        part = tl.sum(w.to(tl.float32) * xf[:, None], 0)
+        xk = xg.to(tl.float32)
+        part = tl.sum(w.to(tl.float32) * tl.where(keep & guess, xk, 0.0)[:, None], 0)  # the guess's tile dies here
         part2 = part
         if GATED:
-            w2 = tl.where(guess[:, None], w2, tl.load(wt2_ptr + w_off, mask=mmask, other=0.0))
-            part2 = tl.sum(w2.to(tl.float32) * xf[:, None], 0)
+            part2 = tl.sum(w2.to(tl.float32) * tl.where(keep & guess, xk, 0.0)[:, None], 0)
+        miss = keep & ~guess  # kept rows below the guess: none while the threshold stays in the margin
+        if tl.sum(miss.to(tl.int32), 0) > 0:
+            mmask = miss[:, None] & cmask[None, :]
+            xm = tl.where(miss, xk, 0.0)
+            part += tl.sum(tl.load(wt_ptr + w_off, mask=mmask, other=0.0).to(tl.float32) * xm[:, None], 0)
+            if GATED:
+                part2 += tl.sum(tl.load(wt2_ptr + w_off, mask=mmask, other=0.0).to(tl.float32) * xm[:, None], 0)
         _add_count_finish(part, part2, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out,
                           stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
     else:
