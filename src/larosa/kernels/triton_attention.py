@@ -247,6 +247,7 @@ def rope_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                                                 kv_off=kvh * g * hd, v_off=kvh * (g + 1) * hd, KVH=kvh,
                                                 COMBINE=combine, cnt_ptr=counters, out_ptr=out,
                                                 GR=triton.next_power_of_2(g), NSP=triton.next_power_of_2(nsplit),
-                                                BALANCED=balanced(), V_EARLY=v_early(), num_warps=4, **({"PDL": True, "launch_pdl": True}
-                                                                if pdl and _use_pdl(qkv, None) else {}))
+                                                BALANCED=balanced(), V_EARLY=v_early(), num_warps=4,
+                                                **({"PDL": True, "launch_pdl": True}
+                                                   if pdl and _use_pdl(qkv, None) else {}))
     return out if combine else _combine(m, den, o, out, b, kvh, g, gp, hd, nsplit)

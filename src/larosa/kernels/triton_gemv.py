@@ -1016,8 +1016,8 @@ def launch_tile(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0
         residual.stride(0) if residual is not None else 0, MODE=mode, GATED=gated, HAS_BIAS=bias is not None,
         HAS_RES=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or cfg["num_warps"], num_stages=num_stages or 1,
-        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw, **_hist_out_kw(hist_out, y),
-        **({"hint_ptr": hint, "GUESS": int(guess)} if guess else {}))
+        **({"PDL": True, "X_LATE": late, "launch_pdl": True} if sel_pdl else {}), **side_kw,
+        **_hist_out_kw(hist_out, y), **({"hint_ptr": hint, "GUESS": int(guess)} if guess else {}))
 
 
 def _hist_out_kw(hist_out: torch.Tensor | None, y: torch.Tensor) -> dict:
