@@ -1,14 +1,15 @@
 """How fast could the LaRoSA step be with every select free? (v31; H200, bf16, batch 1, random weights)
 
 Thirty sessions of select work left LaRoSA at ~1.03x of dense at p = 0.5 on the LLaMA2-7B shape (bar: 1.50x). This
-measures two upper bounds of the same step, each captured whole (all layers, then the head) in one CUDA graph:
+times the same step in several forms, each captured whole (all layers, then the head) in one CUDA graph:
 
   gather          the engine's gathered Top-K GEMVs (`launch_gtile`, x carried in the kept list, fp32 atomics and the
                   finisher, PDL, the residual added in the o / down epilogues) fed a *fixed* kept list per site, with
                   no select or norm launch at all: LaRoSA's step if every select cost nothing;
   gather-adapter  the same with the residual adapter's programs in the down launch, as the engine runs them;
   compact         dense GEMVs (`larosa::dense_linear`, the dense engine's kernel) over only the kept rows, stored
-                  contiguously: the byte model at the dense kernels' own rate, with nothing paid for sparsity;
+                  contiguously: nothing paid for sparsity but the smaller launches (v31: slower than `gather`, the
+                  dense kernel's tiles being tuned for the full widths);
   compact-adapter the same plus the adapter as one more dense GEMV per layer;
   dense           the dense step from the same building blocks (the norms folded into the projections);
   gather-late, gather-adapter-late
