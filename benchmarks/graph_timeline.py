@@ -133,19 +133,6 @@ VARIANTS = {  # label -> (method, environment, engine keyword arguments[, engine
     "larosa-guess-down-16": ("larosa", {"LAROSA_GUESS": "down=16"}, {}),
     "topk-guess-o-16": ("topk", {"LAROSA_GUESS": "o=16"}, {}),
     "topk-guess-o-down-16": ("topk", {"LAROSA_GUESS": "o=16;down=16"}, {}),
-    # v32: gathered GEMVs whose first slices take a prefix of the inputs whole, loaded before the wait for the select
-    # (LAROSA_PREFIX; random weights: a prefix row is kept at the site's keep share, 0.6 at q/k/v and gate/up, 0.4 at
-    # o and down, p = 0.5)
-    "larosa-prefix-qkv-512": ("larosa", {"LAROSA_PREFIX": "qkv=512"}, {}),
-    "larosa-prefix-qkv-1024": ("larosa", {"LAROSA_PREFIX": "qkv=1024"}, {}),
-    "larosa-prefix-qkv-1024-nopf": ("larosa", {"LAROSA_PREFIX": "qkv=1024", "LAROSA_PREFETCH_MB": "8,qkv=0"}, {}),
-    "larosa-prefix-gu-512": ("larosa", {"LAROSA_PREFIX": "gate_up=512"}, {}),
-    "larosa-prefix-gu-1024": ("larosa", {"LAROSA_PREFIX": "gate_up=1024"}, {}),
-    "larosa-prefix-o-256": ("larosa", {"LAROSA_PREFIX": "o=256"}, {}),
-    "larosa-prefix-down-1024": ("larosa", {"LAROSA_PREFIX": "down=1024"}, {}),
-    "larosa-prefix-down-2048": ("larosa", {"LAROSA_PREFIX": "down=2048"}, {}),
-    "larosa-prefix-all": ("larosa", {"LAROSA_PREFIX": "qkv=512;gate_up=512;o=256;down=1024"}, {}),
-    "topk-prefix-all": ("topk", {"LAROSA_PREFIX": "qkv=512;gate_up=512;o=256;down=1024"}, {}),
     "larosa-again": ("larosa", {}, {}),  # the default again, last in a run: how far two runs of one step differ
     "topk": ("topk", {}, {}),
     "topk-cublas-head": ("topk", {}, {"dense_head": False}),

@@ -144,12 +144,6 @@ CASES = [
                            "HAS_RES": True, "GUESS": 16}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
                            "SIDE": True, **SIDE_GEMV, "GUESS": 16}, 2),
-    # v32 (A/B, LAROSA_PREFIX): the gathered GEMV whose first slices take a prefix of the inputs whole, loaded before
-    # the wait (gate/up after its norm + select; down with the adapter's programs and the residual)
-    (tg.gtile_gemv_kernel, {"GATED": True, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 64, "PDL": True,
-                            "PACK_X": True, "PREFIX": 512}, 2),
-    (tg.gtile_gemv_kernel, {"GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
-                            "HAS_RES": True, "SIDE": True, **SIDE_GEMV, "PACK_X": True, "PREFIX": 1024}, 2),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),

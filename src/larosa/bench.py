@@ -181,7 +181,6 @@ def _measure(w: ModelWeights, prompt: torch.Tensor, gen_len: int, bw: float, war
     out["prefetch_mb"] = eng.prefetch_mb  # v23: L2 prefetch budget of the hinted selects (`triton_prefetch`)
     out["prefetch_mb_env"] = os.environ.get("LAROSA_PREFETCH_MB")  # v31: as set, per-site budgets included
     out["guess_env"] = os.environ.get("LAROSA_GUESS")  # v31 A/B: sites whose GEMV guessed rows before its wait
-    out["prefix_env"] = os.environ.get("LAROSA_PREFIX")  # v32 A/B: gathered GEMVs taking an input prefix whole
     out["spec"] = eng.spec  # the o projections in the speculative GEMV (v22, `triton_spec`)
     out["down_hist"] = any(st.down_hist for st in eng._statics)  # v30: down selects from gate/up's histogram
     if eng.dense_kernel:

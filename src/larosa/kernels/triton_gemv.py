@@ -785,7 +785,7 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
                       SIDE: tl.constexpr = False, A_BN: tl.constexpr = 4, A_BK: tl.constexpr = 512,
                       A_STAGES: tl.constexpr = 2, HAS_PREV: tl.constexpr = False, ROUND_BF16: tl.constexpr = False,
                       PACK_X: tl.constexpr = False, hist_ptr=None, HIST: tl.constexpr = 0,
-                      LATE_WAIT: tl.constexpr = False, PREFIX: tl.constexpr = 0):
+                      LATE_WAIT: tl.constexpr = False):
     """v15, exact Top-K over gathered rows: the select wrote each row's k kept positions (ascending) after
     its (t, cutoff) (COMPACT, sel rows 2 + k wide); program (n, m) takes kept positions m * BLOCK_M ...
     and loads those weight rows W^T[idx, cols] (each contiguous), so every loaded row is a kept one and
@@ -795,61 +795,24 @@ def gtile_gemv_kernel(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_pt
     LATE_WAIT (v31, timing only: `benchmarks/oracle_step.py`): with PDL, the kept list and the weight rows are loaded
     and multiplied *before* the wait for the kernel before, which then gates only the atomic adds and the finisher,
     as the dense chain loads its first weights early. Right only where the list (and x) were complete before the
-    launch, never after a select of the same step.
-    PREFIX > 0 (v32 A/B, `prefix_sites`; a multiple of BLOCK_M): the first PREFIX // BLOCK_M slices take the input
-    positions 0 .. PREFIX - 1 whole, loading their weight rows *before* the wait and masking them with the exact
-    (t, cutoff) after it (`_prefix_slice`); the rest gather the kept list's entries at positions >= PREFIX. Exact for
-    any PREFIX; it pays where a fixed prefix of the inputs is kept most of the time (a static order), and the
-    loads before the wait fill the select's window."""
+    launch, never after a select of the same step."""
     if PDL:
         gdc_launch_dependents()
     if SIDE and tl.program_id(1) < m0:
         _side_slice(m0, ax_ptr, aw_ptr, ay_ptr, ap_ptr, a_d, a_c0, a_c1, a_nb, stride_ax, stride_aw, stride_ay,
                     stride_ap, A_BN, A_BK, A_STAGES, HAS_PREV, ROUND_BF16)
-    elif PREFIX > 0 and tl.program_id(1) - (m0 if SIDE else 0) < PREFIX // BLOCK_M:
-        _prefix_slice(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
-                      stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
-                      m0 if SIDE else 0, hist_ptr, HIST)
     else:
         _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x,
                          stride_y, res_ptr, stride_r, GATED, HAS_BIAS, BLOCK_M, BLOCK_N, PDL, HAS_RES,
-                         m0 if SIDE else 0, PACK_X, hist_ptr, HIST, LATE_WAIT, PREFIX)
-
-
-@triton.jit
-def _prefix_slice(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
-                  res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, hist_ptr=None,
-                  HIST: tl.constexpr = 0):
-    """A PREFIX program of `gtile_gemv_kernel`: input positions rm (all < PREFIX <= d_in) of its slice, every weight
-    row loaded before the PDL wait; after it x (written by the select's kernel or before it) and the (t, cutoff) at
-    the head of the kept list say which rows count."""
-    pid_n, row, rn, cmask, rm = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)
-    w_off = rm.to(tl.int64)[:, None] * d_out + rn[None, :]
-    w = tl.load(wt_ptr + w_off, mask=cmask[None, :], other=0.0, eviction_policy="evict_first")
-    w2 = w
-    if GATED:
-        w2 = tl.load(wt2_ptr + w_off, mask=cmask[None, :], other=0.0, eviction_policy="evict_first")
-    if PDL:
-        gdc_wait()
-    xv = tl.load(x_ptr + row * stride_x + rm)
-    keep = _keep(xv, rm, rm >= 0, tl.load(sel_ptr + row * (2 + k)), tl.load(sel_ptr + row * (2 + k) + 1), 0.0, 0)
-    xf = tl.where(keep, xv.to(tl.float32), 0.0)
-    part = tl.sum(w.to(tl.float32) * xf[:, None], 0)
-    part2 = part
-    if GATED:
-        part2 = tl.sum(w2.to(tl.float32) * xf[:, None], 0)
-    _add_count_finish(part, part2, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n, rn, cmask, d_out,
-                      stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST)
+                         m0 if SIDE else 0, PACK_X, hist_ptr, HIST, LATE_WAIT)
 
 
 @triton.jit
 def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr, y_ptr, d_out, k, stride_x, stride_y,
                      res_ptr, stride_r, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, PDL: tl.constexpr, HAS_RES: tl.constexpr, m0, PACK_X: tl.constexpr,
-                     hist_ptr=None, HIST: tl.constexpr = 0, LATE_WAIT: tl.constexpr = False,
-                     PREFIX: tl.constexpr = 0):
-    pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N, m0 + PREFIX // BLOCK_M)  # j: list places
+                     hist_ptr=None, HIST: tl.constexpr = 0, LATE_WAIT: tl.constexpr = False):
+    pid_n, row, rn, cmask, j = _tile_program(d_out, BLOCK_M, BLOCK_N, m0)  # j: places in the kept list
     jmask = j < k
     if PDL and not LATE_WAIT:  # the positions (and x, where the predecessor wrote it) come from the select
         gdc_wait()
@@ -857,9 +820,7 @@ def _gtile_gemv_body(x_ptr, wt_ptr, wt2_ptr, acc_ptr, sel_ptr, cnt_ptr, bias_ptr
     if PACK_X:  # (x's 16 bits << 16) | position
         xf = (idx >> 16).to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
         idx = idx & 0xFFFF
-    if PREFIX > 0:  # the PREFIX slices took those positions (their weight rows are not loaded here)
-        jmask = jmask & (idx >= PREFIX)
-    if not PACK_X:
+    else:
         xf = tl.load(x_ptr + row * stride_x + idx, mask=jmask, other=0.0).to(tl.float32)
     _tile_add_finish(idx, jmask, xf, wt_ptr, wt2_ptr, acc_ptr, cnt_ptr, bias_ptr, y_ptr, res_ptr, row, pid_n,
                      rn, cmask, d_out, stride_y, stride_r, GATED, HAS_BIAS, HAS_RES, m0, hist_ptr, HIST,
@@ -1116,18 +1077,6 @@ def guess_sites() -> dict[str, int]:
     return out
 
 
-def prefix_sites() -> dict[str, int]:
-    """v32 (A/B runs): `LAROSA_PREFIX="site=ROWS;..."` gives those sites' gathered launches a PREFIX of ROWS input
-    positions taken whole, loaded before the wait (`gtile_gemv_kernel`). Unset: none."""
-    env = os.environ.get("LAROSA_PREFIX")
-    if not env:
-        return {}
-    out = {site: v[0] for site, v in site_specs(env, "LAROSA_PREFIX", DECODE_SITES[:4], "ROWS").items()}
-    if not all(v > 0 for v in out.values()):
-        raise ValueError(f"LAROSA_PREFIX={env!r}: prefixes of at least one row")
-    return out
-
-
 def gtile_site_tiles() -> dict[str, tuple[int, int, int]]:
     """Tiles of the gathered-rows kernel by site (`decode_site`) from `LAROSA_GTILE_TILES`
     ("site=BLOCK_M,BLOCK_N,WARPS;...", for A/B runs); the sites not named keep `gtile_config`'s rule."""
@@ -1161,27 +1110,20 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
                  sel: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                  hint: torch.Tensor | None = None, side: SideGemv | None = None, pack_x: bool | None = None,
                  hist: torch.Tensor | None = None, hist_out: torch.Tensor | None = None,
-                 late_wait: bool = False, prefix: int = 0) -> None:
+                 late_wait: bool = False) -> None:
     """Gathered-rows variant of `launch` (exact Top-K only, same result), v15: the select also writes the
     kept positions (`select(..., compact=True)`), and the GEMV's grid covers only the k kept rows.
     `pack_x` (None = `gather_x(d_in)`): the list carries x with each position; a given `sel` must then come from a
-    select with `pack_x=True` too. `late_wait` (v31, timing only, with `sel`): the kernel's LATE_WAIT.
-    `prefix` (v32 A/B, `prefix_sites`): input positions 0 .. prefix - 1 are taken whole, their weight rows loaded
-    before the wait and masked after it (the kernel's PREFIX); rounded down to the tile's BLOCK_M. Same result."""
+    select with `pack_x=True` too. `late_wait` (v31, timing only, with `sel`): the kernel's LATE_WAIT."""
     _check_residual(residual, y, wt2)
     if late_wait and sel is None:
         raise ValueError("late_wait (timing only) needs a kept list complete before the launch (sel=)")
     rows, d_in = x.shape
-    if not 0 <= prefix <= d_in:
-        raise ValueError(f"prefix must be within 0 .. d_in = {d_in} input positions, got {prefix}")
-    if prefix and late_wait:
-        raise ValueError("prefix= and late_wait= are separate experiments; pass one")
     d_out = wt.shape[1]
     gated = wt2 is not None
     k = _compact_k(k, d_in)
     cfg = gtile_config(d_in, d_out, gated, k)
     block_m, block_n, counters, acc = _tile_buffers(x, wt, gated, counters, cfg, block_m, block_n)
-    prefix -= prefix % block_m
     sel_pdl = _use_pdl(x, pdl)
     n0 = triton.cdiv(d_out, block_n)
     sel_side, m0, side_kw = _route_side(side, "gtile", sel is not None, rows, n0, x)
@@ -1193,7 +1135,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
     elif sel.shape != (rows, 2 + k) or sel.dtype != torch.int32:  # from the kernel launched just before
         raise ValueError(f"impl='gtile' needs sel from a compacting select, (rows, 2 + k) = {(rows, 2 + k)} "
                          f"int32, got {tuple(sel.shape)} {sel.dtype}")
-    grid = (n0, m0 + prefix // block_m + triton.cdiv(k, block_m), rows)
+    grid = (n0, m0 + triton.cdiv(k, block_m), rows)
     gtile_gemv_kernel[grid](
         x, wt, wt2 if gated else wt, acc, sel, counters, bias if bias is not None else wt, y, d_out, k,
         x.stride(0), y.stride(0), residual if residual is not None else y,
@@ -1201,8 +1143,7 @@ def launch_gtile(x, wt, y, k: int, *, wt2=None, bias=None, counters: torch.Tenso
         HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=num_warps or cfg["num_warps"], num_stages=1,
         **({"PDL": True, "launch_pdl": True} if sel_pdl else {}), **side_kw, **({"PACK_X": True} if pack_x else {}),
-        **_hist_out_kw(hist_out, y), **({"LATE_WAIT": True} if late_wait else {}),
-        **({"PREFIX": prefix} if prefix else {}))
+        **_hist_out_kw(hist_out, y), **({"LATE_WAIT": True} if late_wait else {}))
 
 
 def _check_residual(residual: torch.Tensor | None, y: torch.Tensor, wt2) -> None:
@@ -1818,12 +1759,9 @@ def launch(x, wt, y, k: int, *, wt2=None, bias=None, threshold: float = 0.0, mod
                              f"{mode}")
         if select_impl != "packed":
             raise ValueError(f"impl='gtile' compacts in the packed select, not {select_impl!r}")
-        prefix = prefix_sites().get(decode_site(x.shape[1], wt.shape[1], wt2 is not None), 0) if x.shape[0] == 1 \
-            else 0
         return launch_gtile(x, wt, y, k, wt2=wt2, bias=bias, counters=counters, pdl=pdl, block_m=block_m,
                             block_n=block_n, num_warps=num_warps, select_num_warps=select_num_warps, sel=sel,
-                            residual=residual, hint=hint, side=side, hist=hist, hist_out=hist_out,
-                            prefix=min(prefix, x.shape[1]))
+                            residual=residual, hint=hint, side=side, hist=hist, hist_out=hist_out)
     if impl == "tile":
         return launch_tile(x, wt, y, k, wt2=wt2, bias=bias, threshold=threshold, mode=mode, counters=counters,
                            pdl=pdl, block_n=block_n, num_warps=num_warps, block_m=block_m,
