@@ -18,6 +18,12 @@ percentile over tokens and layers, for several margins, and writes JSON. `--rand
 weight model at that width (hidden, intermediate, layers) that the GPU speed runs use (`larosa.shapes`), fed random
 tokens, for comparison.
 
+`--static` (v32) asks a different question: is a *fixed* set of input positions kept most of the time, so that a GEMV
+could load its rows before the select has run? Positions are ranked by how often the exact Top-K kept them on other
+text (the first `--tokens` WikiText-2 validation tokens); printed is the share of the top G ranked positions that the
+exact set keeps on the test tokens (mean and worst layer), for G = 0.25 / 0.5 / 0.75 / 1.0 k. On random weights that
+share is the keep share itself.
+
     .venv/bin/python benchmarks/guess_miss.py --out benchmarks/results/guess-miss-smollm2-135m.json \
         | tee benchmarks/results/guess-miss-smollm2-135m.log
 """
@@ -84,6 +90,51 @@ def guess_stats(x: torch.Tensor, k: int, margin: float, top=None) -> tuple[torch
     return missed, extra
 
 
+STATIC_SHARES = (0.25, 0.5, 0.75, 1.0)
+
+
+def static_precision(x_rank: torch.Tensor, x: torch.Tensor, k: int) -> list[float]:
+    """Share of the G positions most often kept on x_rank that the exact Top-k of x keeps, averaged over x's tokens,
+    for G = share * k (STATIC_SHARES)."""
+    order = exact_topk(x_rank, k)[0].float().mean(0).argsort(descending=True)
+    kept = exact_topk(x, k)[0].float()[:, order]
+    return [round(float(kept[:, : max(1, int(f * k))].mean()), 4) for f in STATIC_SHARES]
+
+
+def static_main(a, lm) -> None:
+    """`--static`: the fixed-prefix precision per method, site and p (see the module docstring)."""
+    rank_ids = tokenize_source(lm.tokenizer, load_wikitext("validation"))[: a.tokens][None]
+    ids = tokenize_source(lm.tokenizer, load_wikitext("test"))[: a.tokens][None]
+    rot = cached_rotations(lm, 4, 512, 0)
+    table = []
+    for p in (float(v) for v in a.sparsities.split(",")):
+        for method in a.methods.split(","):
+            cfg = LarosaConfig("fused" if method == "larosa" else "topk", "layer", SparsityPlan.from_nominal(p))
+            w = from_hf(apply(copy.deepcopy(lm.model), cfg, rot if method == "larosa" else None))
+            xr, xt = site_inputs(w, rank_ids), site_inputs(w, ids)
+            per = {}
+            for (layer, site), x in sorted(xt.items()):
+                per.setdefault(SITES[site], []).append(
+                    static_precision(xr[(layer, site)], x, getattr(w.statics[layer], SITES[site]).k))
+            for site, vals in per.items():
+                t = torch.tensor(vals)
+                table.append({"p": p, "method": method, "site": site, "G_over_k": list(STATIC_SHARES),
+                              "kept_share_mean": [round(float(v), 4) for v in t.mean(0)],
+                              "kept_share_worst_layer": [round(float(v), 4) for v in t.min(0).values]})
+    print(f"{a.model} | fp32 CPU | 0.8 / 1.2 split | positions ranked on {rank_ids.shape[1]} validation tokens, "
+          f"measured on {ids.shape[1]} test tokens | share of the top G ranked positions kept (mean / worst layer)")
+    print("| p | method | site | " + " | ".join(f"G = {f} k" for f in STATIC_SHARES) + " |")
+    print("|---|---|---|" + "---|" * len(STATIC_SHARES))
+    for r in table:
+        print(f"| {r['p']} | {r['method']} | {r['site']} | " + " | ".join(
+            f"{m:.2f} / {w:.2f}" for m, w in zip(r["kept_share_mean"], r["kept_share_worst_layer"])) + " |")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"model": a.model, "dtype": "float32", "device": "cpu", "split": [0.8, 1.2],
+                                 "tokens": int(ids.shape[1]), "rank_data": "WikiText-2 raw validation",
+                                 "data": "WikiText-2 raw test", "static": table}, indent=1) + "\n")
+    print(f"wrote {a.out}")
+
+
 def summarize(rows: list[dict], p: float, method: str, margin: float, site: str) -> dict:
     sel = [r for r in rows if (r["p"], r["method"], r["margin"], r["site"]) == (p, method, margin, site)]
     m = torch.cat([r["missed"] for r in sel])
@@ -108,9 +159,14 @@ def main() -> None:
     ap.add_argument("--methods", default="larosa,topk")
     ap.add_argument("--windows", default="4,5,6,7,8", help="log2 window widths whose hit share the JSON records")
     ap.add_argument("--random", default=None, help="hidden,intermediate,layers: random weights at that width instead")
+    ap.add_argument("--static", action="store_true", help="the fixed-prefix precision instead (v32)")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     t0 = time.time()
+    if a.static:
+        if a.random:
+            ap.error("--static ranks positions on a trained model's text; random weights keep any G at the keep share")
+        return static_main(a, load_model(a.model, device="cpu", dtype="float32"))
     if a.random:
         hidden, inter, layers = (int(v) for v in a.random.split(","))
         base = random_base(Shape(hidden, inter, layers, 32, 32, 1000), torch.float32, "cpu", 0)

@@ -33,3 +33,15 @@ def test_window_hits_follow_the_bf16_pattern_distance():
     x = torch.tensor([[1.0], [1.0078125], [2.0], [1.9921875]])
     assert window_hits(x, 1, window=1).tolist() == [False, False, True]
     assert window_hits(x, 1, window=8).tolist() == [True, True, True]
+
+
+def test_static_precision_ranks_positions_on_other_tokens():
+    from guess_miss import static_precision
+    # ranking tokens keep {0, 1} twice and {0, 2} once (k = 2): position 0 first, then 1, then 2, then 3. On the
+    # measured tokens the exact sets are {0, 3} and {1, 2}: the top 0.5 k = 1 ranked position (0) is kept in one of
+    # two tokens; the top k = 2 (0, 1) hold one kept position per token.
+    rank = torch.tensor([[9.0, 8.0, 1.0, 0.0], [9.0, -8.0, 1.0, 0.0], [9.0, 1.0, 8.0, 0.0]])
+    x = torch.tensor([[5.0, 0.0, 1.0, -6.0], [0.0, 5.0, 6.0, 1.0]])
+    assert static_precision(rank, x, 2) == [0.5, 0.5, 0.5, 0.5]
+    x = torch.tensor([[5.0, 4.0, 1.0, 0.0], [-5.0, 4.0, 1.0, 0.0]])  # both keep {0, 1}: every prefix kept
+    assert static_precision(rank, x, 2) == [1.0, 1.0, 1.0, 1.0]
