@@ -10,7 +10,8 @@ loaded before the wait (v32: the norm + select 5.3 -> 8.1 us). This separates th
 A "hog" kernel streams a large buffer on a second stream with a chosen grid: from a few programs (DRAM partly busy,
 most SMs free) to several per SM (every SM shared). On the first stream a CUDA graph replays the engine's selects at
 the LLaMA2-7B widths and keep counts of p = 0.5 (the o and down compacting selects, the norm + select before q/k/v),
-and a one-warp pointer chase through DRAM (and through an L2-sized array) that times one dependent load. Each
+and a one-warp pointer chase that times one dependent load: through DRAM (a 256 MiB cycle, each call walking on
+from where the one before stopped) and through L2 (the same lines at every call). Each
 kernel's duration comes from the CUPTI trace (torch.profiler); only the kernels that ran wholly inside the hog's run
 count. Medians are printed per load level beside the hog's achieved bandwidth.
 
@@ -48,9 +49,12 @@ def hog_kernel(src_ptr, out_ptr, n_per_prog, reps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def chase_kernel(nxt_ptr, out_ptr, start, steps):
-    """One dependent load after another: j = nxt[j], `steps` times from `start`; writes the last j."""
+def chase_kernel(nxt_ptr, out_ptr, start, steps, ADVANCE: tl.constexpr = False):
+    """One dependent load after another: j = nxt[j], `steps` times from `start` (ADVANCE: from the j the call before
+    wrote, so that calls walk on along the cycle instead of through the same lines); writes the last j."""
     j = start
+    if ADVANCE:
+        j = tl.load(out_ptr)
     for _ in range(steps):
         j = tl.load(nxt_ptr + j)
     tl.store(out_ptr, j)
@@ -63,14 +67,15 @@ def hog(src: torch.Tensor, out: torch.Tensor, programs: int, reps: int, block: i
     hog_kernel[(programs,)](src, out, n_per, reps, BLOCK=block, num_warps=4, num_stages=4)
 
 
-def chase(nxt: torch.Tensor, out: torch.Tensor, steps: int, start: int = 0) -> None:
-    chase_kernel[(1,)](nxt, out, start, steps, num_warps=1)
+def chase(nxt: torch.Tensor, out: torch.Tensor, steps: int, start: int = 0, advance: bool = False) -> None:
+    """`chase_kernel` from `start`, or (advance) from the position in out[0] that the call before left there."""
+    chase_kernel[(1,)](nxt, out, start, steps, ADVANCE=advance, num_warps=1)
 
 
 def cycle(n: int, seed: int = 0, device="cpu") -> torch.Tensor:
     """int32 next-index array of one random cycle through all n slots (a chase visits every slot once)."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    nxt = torch.empty(n, dtype=torch.int32)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")
+    nxt = torch.empty(n, dtype=torch.int32, device="cpu")
     nxt[perm] = perm.roll(-1).to(torch.int32)
     return nxt.to(device)
 
@@ -105,9 +110,10 @@ def main() -> None:
     res = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
     g = torch.ones(D, device=dev, dtype=torch.bfloat16)
     hints = torch.zeros(2, dtype=torch.int32, device=dev)
-    nxt_dram = cycle(64 << 20, 1, dev)  # 256 MiB: every step misses L2
-    nxt_l2 = cycle(1 << 20, 2, dev)  # 4 MiB: L2 hits once warm
+    nxt_dram = cycle(64 << 20, 1, dev)  # 256 MiB, walked on from call to call: every step misses L2
+    nxt_l2 = cycle(1 << 20, 2, dev)  # the same `--chase-steps` lines from slot 0 at every call: L2 hits once warm
     chase_out = torch.zeros(1, dtype=torch.int32, device=dev)
+    walk = torch.zeros(1, dtype=torch.int32, device=dev)
     src = torch.randn(int(a.hog_gib * (1 << 30)) // 2, device=dev, dtype=torch.bfloat16)
     hog_out = torch.zeros(4096, device=dev)
 
@@ -118,7 +124,7 @@ def main() -> None:
         "norm + select (4096, k 2457, hinted)": (
             lambda: tg.rmsnorm_select(x_res, res, g, 1e-6, K_QKV, hint=hints[1:], compact=True, pack_x=True),
             "rmsnorm_select"),
-        "DRAM chase": (lambda: chase(nxt_dram, chase_out, a.chase_steps), "chase"),
+        "DRAM chase": (lambda: chase(nxt_dram, walk, a.chase_steps, advance=True), "chase"),
         "L2 chase": (lambda: chase(nxt_l2, chase_out, a.chase_steps), "chase"),
     }
     graphs = {}

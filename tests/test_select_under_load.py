@@ -40,6 +40,10 @@ def test_chase_follows_one_cycle_through_every_slot():
     for _ in range(7):
         j = int(nxt[j])
     assert int(out[0]) == j
+    chase(nxt.to(out.device), out, 4, advance=True)  # on from where the call before stopped
+    for _ in range(4):
+        j = int(nxt[j])
+    assert int(out[0]) == j
 
 
 def test_inside_keeps_named_kernels_wholly_within_the_window():
