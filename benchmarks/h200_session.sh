@@ -117,6 +117,8 @@
 #                                                # the dense and LaRoSA engines, LLaMA2-7B p = 0.4 / 0.5 / 0.75 (~6 min)
 #   bash benchmarks/h200_session.sh oraclelate   # v31: the same with each gathered GEMV loading its list and rows before
 #                                                # its PDL wait (timing only), both shapes (~3 min)
+#   bash benchmarks/h200_session.sh handoff      # v32: what one launch boundary costs (PDL, stream order) against a
+#                                                # grid barrier and a flag inside one kernel, idle and beside a hog
 #   bash benchmarks/h200_session.sh selectload   # v32: the selects and one dependent load (DRAM, L2) timed while a hog
 #                                                # kernel streams beside them, by its grid (select_under_load.py)
 #   bash benchmarks/h200_session.sh histtests    # v30: the histogram / loop-search select tests compiled (~1 min)
@@ -238,6 +240,8 @@ for stage in "$@"; do
       LAROSA_KERNEL_IMPL=gtile python3 -m larosa bench decode --shape llama2-7b --methods dense,larosa,topk \
         --sparsities 0.25,0.4,0.5,0.75 --gen-lens 128 --out "$out/decode-gtile-h200-llama2-7b" \
         2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
+    handoff)  # v32: one launch boundary (PDL, stream order) against a grid barrier and a flag, idle and beside a hog
+      python3 benchmarks/handoff.py --out "$out/handoff-h200.json" 2>&1 | tee "$out/handoff-h200.log" || rc=1 ;;
     selectload)  # v32: the selects and a dependent load timed while a hog kernel streams beside them
       python3 -m pytest -q -p no:cacheprovider tests/test_select_under_load.py > "$out/selectload-tests.log" 2>&1 || rc=1
       tail -n 1 "$out/selectload-tests.log"

@@ -14,6 +14,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+import sys
+from pathlib import Path
+
 from larosa.kernels import triton_attention as ta
 from larosa.kernels import triton_dense as td
 from larosa.kernels import triton_gemv as tg
@@ -22,7 +25,11 @@ from larosa.kernels import triton_spec as tsp
 FLOATS = {"threshold", "eps", "scale"}
 POINTERS = {"sel_ptr": "*i32", "hint_ptr": "*i32", "cnt_ptr": "*i32", "acc_ptr": "*fp32", "part_ptr": "*fp32",
             "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", "pf_rec_ptr": "*i32",
-            "hist_ptr": "*i32"}  # the rest: bf16 tensors
+            "hist_ptr": "*i32", "stamp_ptr": "*i64", "arrive_ptr": "*i64", "release_ptr": "*i64", "set_ptr": "*i64",
+            "seen_ptr": "*i64", "flag_ptr": "*i32"}  # the rest: bf16 tensors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import handoff as hof  # noqa: E402  (benchmarks/handoff.py: GPU-only kernels, %globaltimer stamps)
 
 SIDE_GEMV = dict(zip(("A_BN", "A_BK", "A_STAGES"), tg.SIDE_TILES_GEMV))  # the side tiles of a GEMV launch
 
@@ -144,6 +151,12 @@ CASES = [
                            "HAS_RES": True, "GUESS": 16}, 2),
     (tg.tile_gemv_kernel, {"MODE": 0, "GATED": False, "HAS_BIAS": False, "BLOCK_M": 64, "BLOCK_N": 256, "PDL": True,
                            "SIDE": True, **SIDE_GEMV, "GUESS": 16}, 2),
+    # v32 (benchmarks/handoff.py): the launch-boundary and grid-barrier probes, which only a GPU runs
+    (hof.producer_kernel, {"PDL": True, "TILE": hof.TILE}, 4),
+    (hof.consumer_kernel, {"PDL": True}, 1),
+    (hof.consumer_kernel, {"PDL": False}, 1),
+    (hof.barrier_kernel, {}, 1),
+    (hof.flag_kernel, {}, 1),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),
