@@ -9,13 +9,12 @@ per kernel variant and `compiled N`.
 from __future__ import annotations
 
 import inspect
+import sys
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-import sys
-from pathlib import Path
 
 from larosa.kernels import triton_attention as ta
 from larosa.kernels import triton_dense as td
