@@ -19,7 +19,7 @@ def test_hog_sums_each_programs_slice_reps_times():
     from select_under_load import hog
     src = torch.randn(4 * 64 + 10).to(torch.bfloat16)  # the tail beyond programs * whole blocks is not read
     out = torch.zeros(4)
-    hog(src, out, 4, 3, block=32)
+    assert hog(src, out, 4, 3, block=32) == 3 * 4 * 64 * 2  # bytes read: 3 passes over 4 x 64 bf16
     want = 3 * src[: 4 * 64].float().reshape(4, 64).sum(1)
     assert torch.allclose(out.cpu(), want.cpu(), rtol=1e-4, atol=1e-3)
     with pytest.raises(ValueError, match="too few"):

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_prefetch import Prefetch, prefetch_program
+from .triton_prefetch import TOPK_SITES, Prefetch, prefetch_program
 from .triton_prefetch import kernel_args as prefetch_kwargs
 from .triton_prefetch import plan as plan_prefetch
 
@@ -1026,7 +1026,7 @@ def _hist_out_kw(hist_out: torch.Tensor | None, y: torch.Tensor) -> dict:
     return {} if hist_out is None else {"hist_ptr": hist_out, "HIST": hist_bits()}
 
 
-DECODE_SITES = ("qkv", "o", "gate_up", "down", "head")
+DECODE_SITES = TOPK_SITES + ("head",)
 
 
 def decode_site(d_in: int, d_out: int, gated: bool = False) -> str:
@@ -1071,7 +1071,7 @@ def guess_sites() -> dict[str, int]:
     env = os.environ.get("LAROSA_GUESS")
     if not env:
         return {}
-    out = {site: v[0] for site, v in site_specs(env, "LAROSA_GUESS", DECODE_SITES[:4], "MARGIN").items()}
+    out = {site: v[0] for site, v in site_specs(env, "LAROSA_GUESS", TOPK_SITES, "MARGIN").items()}
     if not all(0 < v < 1 << 15 for v in out.values()):
         raise ValueError(f"LAROSA_GUESS={env!r}: margins from 1 to 32767 patterns")
     return out
@@ -1081,7 +1081,7 @@ def gtile_site_tiles() -> dict[str, tuple[int, int, int]]:
     """Tiles of the gathered-rows kernel by site (`decode_site`) from `LAROSA_GTILE_TILES`
     ("site=BLOCK_M,BLOCK_N,WARPS;...", for A/B runs); the sites not named keep `gtile_config`'s rule."""
     env = os.environ.get("LAROSA_GTILE_TILES")
-    return site_specs(env, "LAROSA_GTILE_TILES", DECODE_SITES[:4], "BLOCK_M,BLOCK_N,WARPS") if env else {}
+    return site_specs(env, "LAROSA_GTILE_TILES", TOPK_SITES, "BLOCK_M,BLOCK_N,WARPS") if env else {}
 
 
 GTILE_TALL = 14_000_000  # k * d_out from which 128 x 128 tiles beat 64 x 256 (half the atomics), v15 sweep

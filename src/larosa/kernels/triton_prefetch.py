@@ -96,7 +96,8 @@ class Prefetch(NamedTuple):
     record: torch.Tensor | None = None
 
 
-PREFETCH_SITES = ("qkv", "o", "gate_up", "down")  # `triton_gemv.decode_site` names
+TOPK_SITES = ("qkv", "o", "gate_up", "down")  # the Top-K sites of `triton_gemv.decode_site` (its DECODE_SITES
+# adds the head); defined here because triton_gemv imports this module
 
 
 def _mb(raw: str, env: str) -> float:
@@ -112,7 +113,7 @@ def _mb(raw: str, env: str) -> float:
 def prefetch_mb(site: str | None = None) -> float:
     """The prefetch budget per select launch in MiB of weight rows (`LAROSA_PREFETCH_MB`, default `PREFETCH_MB`;
     0 = off). v31, for A/B runs: the value may also name sites, "8,o=0" (8 MiB, none at the o site) or "o=4" (the
-    default elsewhere); `site` (a `PREFETCH_SITES` name) picks its budget, None the one for unnamed sites."""
+    default elsewhere); `site` (a `TOPK_SITES` name) picks its budget, None the one for unnamed sites."""
     env = "LAROSA_PREFETCH_MB"
     raw = os.environ.get(env, str(PREFETCH_MB))
     default, sites = PREFETCH_MB, {}
@@ -120,10 +121,10 @@ def prefetch_mb(site: str | None = None) -> float:
         name, eq, value = item.rpartition("=")
         if not eq:
             default = _mb(item, env)
-        elif name.strip() in PREFETCH_SITES:
+        elif name.strip() in TOPK_SITES:
             sites[name.strip()] = _mb(value.strip(), env)
         else:
-            raise ValueError(f"{env}={raw!r}: unknown site {name.strip()!r} (sites: {', '.join(PREFETCH_SITES)})")
+            raise ValueError(f"{env}={raw!r}: unknown site {name.strip()!r} (sites: {', '.join(TOPK_SITES)})")
     return sites.get(site, default) if site is not None else default
 
 
@@ -152,7 +153,7 @@ def plan(x: torch.Tensor, wt: torch.Tensor, wt2: torch.Tensor | None, k: int,
     """The prefetch for a Top-K launch over the rows x with weights wt (wt2), or None: it needs the budget
     (`prefetch_mb`), a hint slot (the previous threshold), one row, a compiled CUDA kernel (sm_90+) and
     16-byte aligned weight rows. The row limit spends the budget on the lowest rows, assuming k / d_in of
-    them are kept. `site` (a `PREFETCH_SITES` name, or None) picks a per-site budget where one is set."""
+    them are kept. `site` (a `TOPK_SITES` name, or None) picks a per-site budget where one is set."""
     budget = prefetch_mb(site)
     if budget <= 0 or hint is None or x.shape[0] != 1 or not can_prefetch(x.device):
         return None
