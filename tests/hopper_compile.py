@@ -25,10 +25,13 @@ FLOATS = {"threshold", "eps", "scale"}
 POINTERS = {"sel_ptr": "*i32", "hint_ptr": "*i32", "cnt_ptr": "*i32", "acc_ptr": "*fp32", "part_ptr": "*fp32",
             "pos_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "o_ptr": "*fp32", "pf_rec_ptr": "*i32",
             "hist_ptr": "*i32", "stamp_ptr": "*i64", "arrive_ptr": "*i64", "release_ptr": "*i64", "set_ptr": "*i64",
-            "seen_ptr": "*i64", "flag_ptr": "*i32"}  # the rest: bf16 tensors
+            "seen_ptr": "*i64", "flag_ptr": "*i32", "err_ptr": "*i32", "lq_ptr": "*i32", "lo_ptr": "*i32",
+            "lg_ptr": "*i32", "ld_ptr": "*i32", "la_ptr": "*i32", "aq_ptr": "*fp32", "ao_ptr": "*fp32",
+            "ag_ptr": "*fp32", "ad_ptr": "*fp32", "ss_ptr": "*fp32"}  # the rest: bf16 tensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import handoff as hof  # noqa: E402  (benchmarks/handoff.py: GPU-only kernels, %globaltimer stamps)
+import persistent as pst  # noqa: E402  (benchmarks/persistent.py: the one-launch step, v33)
 
 SIDE_GEMV = dict(zip(("A_BN", "A_BK", "A_STAGES"), tg.SIDE_TILES_GEMV))  # the side tiles of a GEMV launch
 
@@ -156,6 +159,10 @@ CASES = [
     (hof.consumer_kernel, {"PDL": False}, 1),
     (hof.barrier_kernel, {}, 1),
     (hof.flag_kernel, {}, 1),
+    # v33 (benchmarks/persistent.py): the whole step's GEMVs in one launch of co-resident programs, grid barriers
+    (pst.persistent_step_kernel, {"DEP": False, "ADAPTER": 1, "BM": 64, "BN": 256, "BMG": 64, "BNG": 128}, 4),
+    (pst.persistent_step_kernel, {"DEP": True, "ADAPTER": 3, "BM": 64, "BN": 256, "BMG": 64, "BNG": 128,
+                                  "SPIN_LOAD": True}, 4),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),
