@@ -88,41 +88,100 @@ def _grid_sync(cnt_ptr, bailed, SPIN_LOAD: tl.constexpr, SPIN_LIMIT: tl.constexp
 
 
 @triton.jit
+def _chunk(u, u1, k, BM: tl.constexpr):
+    """The chunk of units starting at u: its column block, first row, and row count (0 past u1)."""
+    nb = u // k
+    r = u - nb * k
+    n = tl.minimum(tl.minimum(k - r, u1 - u), BM)
+    return nb, r, tl.where(u < u1, n, 0)
+
+
+@triton.jit
+def _chunk_x(e, jm, x_ptr, scale, DEP: tl.constexpr):
+    """A chunk's positions and x values from its list entries."""
+    idx = e & 0xFFFF
+    if DEP:
+        xf = tl.load(x_ptr + idx, mask=jm, other=0.0).to(tl.float32) * scale
+    else:
+        xf = (e >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
+    return idx, xf
+
+
+@triton.jit
 def _units(pid, P, lst_ptr, k, x_ptr, scale, w_ptr, w2_ptr, acc_ptr, d_out, DEP: tl.constexpr,
-           GATED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+           GATED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PIPE: tl.constexpr = True):
     """This program's share of one gathered GEMV: acc[c] += sum over kept j of x[pos_j] * W^T[pos_j, c] (and the
     up half into acc[d_out + c] when GATED). The work is k rows x ceil(d_out / BN) column blocks, numbered row
     fastest within a column block; program p takes units [p U / P, (p + 1) U / P), walked BM rows at a time, so
     every program streams the same bytes to within one row. List entries are (x's bf16 bits << 16) | position;
-    DEP: x is read from x_ptr at the position (times `scale`) instead."""
+    DEP: x is read from x_ptr at the position (times `scale`) instead. PIPE: the next chunk's weight rows are
+    loaded before this one's are summed, and the list two chunks ahead (two weight tiles in flight per program)."""
     n_nb = (d_out + BN - 1) // BN
     total = n_nb.to(tl.int64) * k
     u = pid.to(tl.int64) * total // P
     u1 = (pid.to(tl.int64) + 1) * total // P
     jj = tl.arange(0, BM)
-    while u < u1:
-        nb = u // k
-        r = u - nb * k
-        n = tl.minimum(tl.minimum(k - r, u1 - u), BM)
+    cols = tl.arange(0, BN)
+    if PIPE:
+        nb, r, n = _chunk(u, u1, k, BM)
         jm = jj < n
-        e = tl.load(lst_ptr + r + jj, mask=jm, other=0)
-        idx = e & 0xFFFF
-        if DEP:
-            xf = tl.load(x_ptr + idx, mask=jm, other=0.0).to(tl.float32) * scale
-        else:
-            xf = (e >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True).to(tl.float32)
-        rn = nb * BN + tl.arange(0, BN)
-        cm = rn < d_out
+        idx, xf = _chunk_x(tl.load(lst_ptr + r + jj, mask=jm, other=0), jm, x_ptr, scale, DEP)
+        rn = nb * BN + cols
+        wm = jm[:, None] & (rn < d_out)[None, :]
         off = idx.to(tl.int64)[:, None] * d_out + rn[None, :]
-        wm = jm[:, None] & cm[None, :]
         w = tl.load(w_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
+        w2 = w
         if GATED:
             w2 = tl.load(w2_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
+        u_n = u + n
+        nb1, r1, n1 = _chunk(u_n, u1, k, BM)
+        e1 = tl.load(lst_ptr + r1 + jj, mask=jj < n1, other=0)
+        while u < u1:
+            jm1 = jj < n1
+            idx1, xf1 = _chunk_x(e1, jm1, x_ptr, scale, DEP)
+            rn1 = nb1 * BN + cols
+            wm1 = jm1[:, None] & (rn1 < d_out)[None, :]
+            off1 = idx1.to(tl.int64)[:, None] * d_out + rn1[None, :]
+            w_n = tl.load(w_ptr + off1, mask=wm1, other=0.0, eviction_policy="evict_first")
+            w2_n = w_n
+            if GATED:
+                w2_n = tl.load(w2_ptr + off1, mask=wm1, other=0.0, eviction_policy="evict_first")
+            u_nn = u_n + n1
+            nb2, r2, n2 = _chunk(u_nn, u1, k, BM)
+            e2 = tl.load(lst_ptr + r2 + jj, mask=jj < n2, other=0)
+            cm = rn < d_out
             tl.atomic_add(acc_ptr + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cm, sem="relaxed")
-            tl.atomic_add(acc_ptr + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cm, sem="relaxed")
-        else:
-            tl.atomic_add(acc_ptr + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cm, sem="relaxed")
-        u += n
+            if GATED:
+                tl.atomic_add(acc_ptr + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cm,
+                              sem="relaxed")
+            u = u_n
+            u_n = u_nn
+            w = w_n
+            w2 = w2_n
+            xf = xf1
+            rn = rn1
+            nb1 = nb2
+            r1 = r2
+            n1 = n2
+            e1 = e2
+    else:
+        while u < u1:
+            nb, r, n = _chunk(u, u1, k, BM)
+            jm = jj < n
+            idx, xf = _chunk_x(tl.load(lst_ptr + r + jj, mask=jm, other=0), jm, x_ptr, scale, DEP)
+            rn = nb * BN + cols
+            cm = rn < d_out
+            off = idx.to(tl.int64)[:, None] * d_out + rn[None, :]
+            wm = jm[:, None] & cm[None, :]
+            w = tl.load(w_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
+            if GATED:
+                w2 = tl.load(w2_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
+                tl.atomic_add(acc_ptr + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cm, sem="relaxed")
+                tl.atomic_add(acc_ptr + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cm,
+                              sem="relaxed")
+            else:
+                tl.atomic_add(acc_ptr + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cm, sem="relaxed")
+            u += n
 
 
 @triton.jit
@@ -162,7 +221,7 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
                            DEP: tl.constexpr, ADAPTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BMG: tl.constexpr, BNG: tl.constexpr, FB: tl.constexpr = 64,
                            SPIN_LOAD: tl.constexpr = False, STAMP: tl.constexpr = True,
-                           SPIN_LIMIT: tl.constexpr = 1 << 18):
+                           SPIN_LIMIT: tl.constexpr = 1 << 18, PIPE: tl.constexpr = True):
     """Every layer's four gathered GEMVs (and the adapter) in one launch of co-resident programs, a grid barrier
     after each site (and, with DEP, a finish phase and a second barrier): see the module's docstring. Weights are
     stacked per layer, input-major (layers, d_in, d_out); lists are shared by the layers; the sums (aq, ao, ag, ad)
@@ -180,7 +239,7 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
         if DEP:
             s_in = 1.0 / tl.sqrt(tl.load(ss_ptr + lay * 2) / d + eps)
         _units(pid, P, lq_ptr, kq, xin, s_in, wq_ptr + lay * d * nq, wq_ptr, aq_ptr + lay * nq, nq, DEP, False,
-               BM, BN)
+               BM, BN, PIPE)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -191,7 +250,7 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             _finish(pid, P, aq_ptr + lay * nq, nq, yq_ptr + lay * nq, yq_ptr, ss_ptr, False, False, False, FB)
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         _units(pid, P, lo_ptr, ko, yq_ptr + lay * nq, one, wo_ptr + lay * d * d, wo_ptr, ao_ptr + lay * d, d, DEP,
-               False, BM, BN)
+               False, BM, BN, PIPE)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -201,13 +260,13 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
             s_mid = 1.0 / tl.sqrt(tl.load(ss_ptr + lay * 2 + 1) / d + eps)
         _units(pid, P, lg_ptr, kg, yo_ptr + lay * d, s_mid, wg_ptr + lay * d * f, wu_ptr + lay * d * f,
-               ag_ptr + lay * 2 * f, f, DEP, True, BMG, BNG)
+               ag_ptr + lay * 2 * f, f, DEP, True, BMG, BNG, PIPE)
         if ADAPTER == 2:
             _units(pid, P, la_ptr, d, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d, d, DEP,
-                   False, BM, BN)
+                   False, BM, BN, PIPE)
         if ADAPTER == 3:
             _units(pid, P, la_ptr, d // 2, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d,
-                   d, DEP, False, BM, BN)
+                   d, DEP, False, BM, BN, PIPE)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -218,14 +277,14 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             _finish(pid, P, ag_ptr + lay * 2 * f, f, act_ptr + lay * f, act_ptr, ss_ptr, True, False, False, FB)
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         _units(pid, P, ld_ptr, kd, act_ptr + lay * f, one, wd_ptr + lay * f * d, wd_ptr, ad_ptr + lay * d, d, DEP,
-               False, BM, BN)
+               False, BM, BN, PIPE)
         if ADAPTER == 1:
             _units(pid, P, la_ptr, d, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d, d, DEP,
-                   False, BM, BN)
+                   False, BM, BN, PIPE)
         if ADAPTER == 3:
             h = d // 2
             _units(pid, P, la_ptr + h, d - h, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d,
-                   d, DEP, False, BM, BN)
+                   d, DEP, False, BM, BN, PIPE)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -307,7 +366,8 @@ class Persistent:
             self.yd, self.yq, self.yo, self.act, self.ss, self.cnt, self.err, self.stamps, self.L, self.d, self.f,
             self.nq, self.ks["qkv"], self.ks["o"], self.ks["gate_up"], self.ks["down"], self.sh.eps, DEP=self.dep,
             ADAPTER=self.adapter, BM=c["BM"], BN=c["BN"], BMG=c["BMG"], BNG=c["BNG"], num_warps=c["num_warps"],
-            num_stages=1, STAMP=self.yd.is_cuda, SPIN_LOAD=self.spin_load, SPIN_LIMIT=self.spin_limit)
+            num_stages=1, STAMP=self.yd.is_cuda, SPIN_LOAD=self.spin_load, SPIN_LIMIT=self.spin_limit,
+            PIPE=c.get("PIPE", True))
 
     def reference(self) -> dict:
         """The DEP step in PyTorch (fp32 sums, the kernel's roundings): each layer's bf16 outputs."""
@@ -374,18 +434,21 @@ def site_times(stamps: torch.Tensor, layers: int) -> dict:
 
 
 def parse_configs(text: str) -> list[dict]:
-    """'w4x2:64x256:64x128,...' -> warps 4, 2 programs per SM, ungated tiles 64 x 256, gated 64 x 128."""
+    """'w4x2:64x256:64x128,...' -> warps 4, 2 programs per SM, ungated tiles 64 x 256, gated 64 x 128, the next
+    chunk's rows loaded ahead (PIPE); a trailing ':nopipe' turns that off."""
     out = []
     for item in text.split(","):
         try:
-            wp, t, tg = item.split(":")
+            parts = item.split(":")
+            pipe = parts[-1] != "nopipe"
+            wp, t, tg = parts if pipe else parts[:-1]
             w, per = wp[1:].split("x")
             bm, bn = t.split("x")
             bmg, bng = tg.split("x")
             out.append({"num_warps": int(w), "per_sm": int(per), "BM": int(bm), "BN": int(bn), "BMG": int(bmg),
-                        "BNG": int(bng), "name": item})
+                        "BNG": int(bng), "PIPE": pipe, "name": item})
         except ValueError:
-            raise SystemExit(f"bad config {item!r}: want w<warps>x<per SM>:<BM>x<BN>:<BMG>x<BNG>") from None
+            raise SystemExit(f"bad config {item!r}: want w<warps>x<per SM>:<BM>x<BN>:<BMG>x<BNG>[:nopipe]") from None
     return out
 
 
@@ -454,8 +517,9 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--sparsities", default="0.5", help="comma list of nominal sparsities (the 0.8 / 1.2 split)")
     ap.add_argument("--forms", default=",".join(FORMS), help="comma list of: " + ", ".join(FORMS))
-    ap.add_argument("--configs", default="w4x2:64x256:64x128",
-                    help="persistent launch configs, comma list of w<warps>x<programs per SM>:<BM>x<BN>:<BMG>x<BNG>")
+    ap.add_argument("--configs", default="w2x4:64x128:64x64",
+                    help="persistent launch configs, comma list of w<warps>x<programs per SM>:<BM>x<BN>:<BMG>x<BNG>"
+                         "[:nopipe]")
     ap.add_argument("--adapter-site", default="down", choices=[s for s in ADAPTER_SITES if s != "none"])
     ap.add_argument("--spin-load", action="store_true", help="barriers spin on volatile loads, not atomics")
     ap.add_argument("--reps", type=int, default=20)
@@ -514,7 +578,7 @@ def main() -> None:
                                   dep=form.startswith("persist-dep"))
                 step.spin_load = a.spin_load
                 for cfg in parse_configs(a.configs):
-                    step.cfg = {k: v for k, v in cfg.items() if k in ("num_warps", "BM", "BN", "BMG", "BNG")}
+                    step.cfg = {k: v for k, v in cfg.items() if k in ("num_warps", "BM", "BN", "BMG", "BNG", "PIPE")}
                     step.programs = fit_programs(step, cfg["per_sm"])
                     step.cnt.zero_()
                     step.err.zero_()
