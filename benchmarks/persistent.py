@@ -109,61 +109,46 @@ def _chunk_x(e, jm, x_ptr, scale, DEP: tl.constexpr):
 
 @triton.jit
 def _units(pid, P, lst_ptr, k, x_ptr, scale, w_ptr, w2_ptr, acc_ptr, d_out, DEP: tl.constexpr,
-           GATED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PIPE: tl.constexpr = True):
+           GATED: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SEG: tl.constexpr = True,
+           UNROLL: tl.constexpr = 1):
     """This program's share of one gathered GEMV: acc[c] += sum over kept j of x[pos_j] * W^T[pos_j, c] (and the
     up half into acc[d_out + c] when GATED). The work is k rows x ceil(d_out / BN) column blocks, numbered row
-    fastest within a column block; program p takes units [p U / P, (p + 1) U / P), walked BM rows at a time, so
-    every program streams the same bytes to within one row. List entries are (x's bf16 bits << 16) | position;
-    DEP: x is read from x_ptr at the position (times `scale`) instead. PIPE: the next chunk's weight rows are
-    loaded before this one's are summed, and the list two chunks ahead (two weight tiles in flight per program)."""
+    fastest within a column block; program p takes units [p U / P, (p + 1) U / P), so every program streams the
+    same bytes to within one row. List entries are (x's bf16 bits << 16) | position; DEP: x is read from x_ptr at
+    the position (times `scale`) instead. SEG: the rows of one column block are walked UNROLL x BM at a time (the
+    UNROLL chunks' loads issued together, as the dense kernel's STAGES), the products summed elementwise in
+    registers and reduced once, one atomic add per column block the program touches; else one atomic add per
+    BM-row chunk (v33's first form)."""
     n_nb = (d_out + BN - 1) // BN
     total = n_nb.to(tl.int64) * k
     u = pid.to(tl.int64) * total // P
     u1 = (pid.to(tl.int64) + 1) * total // P
     jj = tl.arange(0, BM)
     cols = tl.arange(0, BN)
-    if PIPE:
-        nb, r, n = _chunk(u, u1, k, BM)
-        jm = jj < n
-        idx, xf = _chunk_x(tl.load(lst_ptr + r + jj, mask=jm, other=0), jm, x_ptr, scale, DEP)
-        rn = nb * BN + cols
-        wm = jm[:, None] & (rn < d_out)[None, :]
-        off = idx.to(tl.int64)[:, None] * d_out + rn[None, :]
-        w = tl.load(w_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
-        w2 = w
-        if GATED:
-            w2 = tl.load(w2_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
-        u_n = u + n
-        nb1, r1, n1 = _chunk(u_n, u1, k, BM)
-        e1 = tl.load(lst_ptr + r1 + jj, mask=jj < n1, other=0)
+    if SEG:
         while u < u1:
-            jm1 = jj < n1
-            idx1, xf1 = _chunk_x(e1, jm1, x_ptr, scale, DEP)
-            rn1 = nb1 * BN + cols
-            wm1 = jm1[:, None] & (rn1 < d_out)[None, :]
-            off1 = idx1.to(tl.int64)[:, None] * d_out + rn1[None, :]
-            w_n = tl.load(w_ptr + off1, mask=wm1, other=0.0, eviction_policy="evict_first")
-            w2_n = w_n
-            if GATED:
-                w2_n = tl.load(w2_ptr + off1, mask=wm1, other=0.0, eviction_policy="evict_first")
-            u_nn = u_n + n1
-            nb2, r2, n2 = _chunk(u_nn, u1, k, BM)
-            e2 = tl.load(lst_ptr + r2 + jj, mask=jj < n2, other=0)
+            nb = u // k
+            r0 = (u - nb * k).to(tl.int32)
+            r1 = tl.minimum(k - r0, u1 - u).to(tl.int32) + r0
+            rn = nb * BN + cols
             cm = rn < d_out
-            tl.atomic_add(acc_ptr + rn, tl.sum(w.to(tl.float32) * xf[:, None], 0), mask=cm, sem="relaxed")
+            a1 = tl.zeros([BM, BN], dtype=tl.float32)
+            a2 = a1
+            for r in range(r0, r1, BM * UNROLL):
+                for t in tl.static_range(UNROLL):
+                    jm = (r + t * BM + jj) < r1
+                    idx, xf = _chunk_x(tl.load(lst_ptr + r + t * BM + jj, mask=jm, other=0), jm, x_ptr, scale, DEP)
+                    off = idx.to(tl.int64)[:, None] * d_out + rn[None, :]
+                    wm = jm[:, None] & cm[None, :]
+                    w = tl.load(w_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
+                    a1 += w.to(tl.float32) * xf[:, None]
+                    if GATED:
+                        w2 = tl.load(w2_ptr + off, mask=wm, other=0.0, eviction_policy="evict_first")
+                        a2 += w2.to(tl.float32) * xf[:, None]
+            tl.atomic_add(acc_ptr + rn, tl.sum(a1, 0), mask=cm, sem="relaxed")
             if GATED:
-                tl.atomic_add(acc_ptr + d_out + rn, tl.sum(w2.to(tl.float32) * xf[:, None], 0), mask=cm,
-                              sem="relaxed")
-            u = u_n
-            u_n = u_nn
-            w = w_n
-            w2 = w2_n
-            xf = xf1
-            rn = rn1
-            nb1 = nb2
-            r1 = r2
-            n1 = n2
-            e1 = e2
+                tl.atomic_add(acc_ptr + d_out + rn, tl.sum(a2, 0), mask=cm, sem="relaxed")
+            u += r1 - r0
     else:
         while u < u1:
             nb, r, n = _chunk(u, u1, k, BM)
@@ -221,7 +206,8 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
                            DEP: tl.constexpr, ADAPTER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BMG: tl.constexpr, BNG: tl.constexpr, FB: tl.constexpr = 64,
                            SPIN_LOAD: tl.constexpr = False, STAMP: tl.constexpr = True,
-                           SPIN_LIMIT: tl.constexpr = 1 << 18, PIPE: tl.constexpr = True):
+                           SPIN_LIMIT: tl.constexpr = 1 << 18, SEG: tl.constexpr = True,
+                           UNROLL: tl.constexpr = 1):
     """Every layer's four gathered GEMVs (and the adapter) in one launch of co-resident programs, a grid barrier
     after each site (and, with DEP, a finish phase and a second barrier): see the module's docstring. Weights are
     stacked per layer, input-major (layers, d_in, d_out); lists are shared by the layers; the sums (aq, ao, ag, ad)
@@ -239,7 +225,7 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
         if DEP:
             s_in = 1.0 / tl.sqrt(tl.load(ss_ptr + lay * 2) / d + eps)
         _units(pid, P, lq_ptr, kq, xin, s_in, wq_ptr + lay * d * nq, wq_ptr, aq_ptr + lay * nq, nq, DEP, False,
-               BM, BN, PIPE)
+               BM, BN, SEG, UNROLL)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -250,7 +236,7 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             _finish(pid, P, aq_ptr + lay * nq, nq, yq_ptr + lay * nq, yq_ptr, ss_ptr, False, False, False, FB)
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         _units(pid, P, lo_ptr, ko, yq_ptr + lay * nq, one, wo_ptr + lay * d * d, wo_ptr, ao_ptr + lay * d, d, DEP,
-               False, BM, BN, PIPE)
+               False, BM, BN, SEG, UNROLL)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -260,13 +246,13 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
             s_mid = 1.0 / tl.sqrt(tl.load(ss_ptr + lay * 2 + 1) / d + eps)
         _units(pid, P, lg_ptr, kg, yo_ptr + lay * d, s_mid, wg_ptr + lay * d * f, wu_ptr + lay * d * f,
-               ag_ptr + lay * 2 * f, f, DEP, True, BMG, BNG, PIPE)
+               ag_ptr + lay * 2 * f, f, DEP, True, BMG, BNG, SEG, UNROLL)
         if ADAPTER == 2:
             _units(pid, P, la_ptr, d, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d, d, DEP,
-                   False, BM, BN, PIPE)
+                   False, BM, BN, SEG, UNROLL)
         if ADAPTER == 3:
             _units(pid, P, la_ptr, d // 2, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d,
-                   d, DEP, False, BM, BN, PIPE)
+                   d, DEP, False, BM, BN, SEG, UNROLL)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -277,14 +263,14 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             _finish(pid, P, ag_ptr + lay * 2 * f, f, act_ptr + lay * f, act_ptr, ss_ptr, True, False, False, FB)
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         _units(pid, P, ld_ptr, kd, act_ptr + lay * f, one, wd_ptr + lay * f * d, wd_ptr, ad_ptr + lay * d, d, DEP,
-               False, BM, BN, PIPE)
+               False, BM, BN, SEG, UNROLL)
         if ADAPTER == 1:
             _units(pid, P, la_ptr, d, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d, d, DEP,
-                   False, BM, BN, PIPE)
+                   False, BM, BN, SEG, UNROLL)
         if ADAPTER == 3:
             h = d // 2
             _units(pid, P, la_ptr + h, d - h, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d,
-                   d, DEP, False, BM, BN, PIPE)
+                   d, DEP, False, BM, BN, SEG, UNROLL)
         bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         if STAMP:
             if pid == 0:
@@ -366,8 +352,8 @@ class Persistent:
             self.yd, self.yq, self.yo, self.act, self.ss, self.cnt, self.err, self.stamps, self.L, self.d, self.f,
             self.nq, self.ks["qkv"], self.ks["o"], self.ks["gate_up"], self.ks["down"], self.sh.eps, DEP=self.dep,
             ADAPTER=self.adapter, BM=c["BM"], BN=c["BN"], BMG=c["BMG"], BNG=c["BNG"], num_warps=c["num_warps"],
-            num_stages=1, STAMP=self.yd.is_cuda, SPIN_LOAD=self.spin_load, SPIN_LIMIT=self.spin_limit,
-            PIPE=c.get("PIPE", True))
+            STAMP=self.yd.is_cuda, SPIN_LOAD=self.spin_load, SPIN_LIMIT=self.spin_limit,
+            SEG=c.get("SEG", True), UNROLL=c.get("UNROLL", 1), num_stages=1)
 
     def reference(self) -> dict:
         """The DEP step in PyTorch (fp32 sums, the kernel's roundings): each layer's bf16 outputs."""
@@ -434,21 +420,28 @@ def site_times(stamps: torch.Tensor, layers: int) -> dict:
 
 
 def parse_configs(text: str) -> list[dict]:
-    """'w4x2:64x256:64x128,...' -> warps 4, 2 programs per SM, ungated tiles 64 x 256, gated 64 x 128, the next
-    chunk's rows loaded ahead (PIPE); a trailing ':nopipe' turns that off."""
+    """'w4x2:64x256:64x128:u2,...' -> warps 4, 2 programs per SM, ungated tiles 64 x 256, gated 64 x 128, two chunks'
+    loads issued together (UNROLL, default 1); ':chunk' instead: one atomic add per chunk (SEG off)."""
     out = []
     for item in text.split(","):
         try:
-            parts = item.split(":")
-            pipe = parts[-1] != "nopipe"
-            wp, t, tg = parts if pipe else parts[:-1]
+            wp, t, tg, *opts = item.split(":")
             w, per = wp[1:].split("x")
             bm, bn = t.split("x")
             bmg, bng = tg.split("x")
-            out.append({"num_warps": int(w), "per_sm": int(per), "BM": int(bm), "BN": int(bn), "BMG": int(bmg),
-                        "BNG": int(bng), "PIPE": pipe, "name": item})
+            cfg = {"num_warps": int(w), "per_sm": int(per), "BM": int(bm), "BN": int(bn), "BMG": int(bmg),
+                   "BNG": int(bng), "SEG": True, "UNROLL": 1, "name": item}
+            for o in opts:
+                if o == "chunk":
+                    cfg["SEG"] = False
+                elif o[:1] == "u" and o[1:].isdigit() and int(o[1:]) >= 1:
+                    cfg["UNROLL"] = int(o[1:])
+                else:
+                    raise ValueError(o)
+            out.append(cfg)
         except ValueError:
-            raise SystemExit(f"bad config {item!r}: want w<warps>x<per SM>:<BM>x<BN>:<BMG>x<BNG>[:nopipe]") from None
+            raise SystemExit(f"bad config {item!r}: want w<warps>x<per SM>:<BM>x<BN>:<BMG>x<BNG>[:u<unroll>][:chunk]"
+                             ) from None
     return out
 
 
@@ -511,6 +504,36 @@ def dense_chain_step(sh: Shape, gen):
     return step, L * 2 * (nq * d + d * d + 3 * d * f)
 
 
+def time_config(step: Persistent, cfg: dict, a, ks: dict) -> dict:
+    """One launch config of a persistent form: programs fitted, outputs checked (DEP, with --check), the step
+    timed in a CUDA graph, per-site times from the stamps; returns the row's fields, "us" among them."""
+    from gemv import graph_time_us
+
+    step.programs = fit_programs(step, cfg["per_sm"])
+    step.cnt.zero_()
+    step.err.zero_()
+    extra = {"config": cfg["name"], "programs": step.programs, "k": ks,
+             "adapter_site": a.adapter_site if step.adapter else None, "spin_load": a.spin_load,
+             **{n: step.cfg[n] for n in ("n_regs", "n_spills") if n in step.cfg}}
+    if a.check and step.dep:
+        for t in step.acc.values():
+            t.zero_()
+        step.ss[:, 1] = 0
+        step.ss[1:, 0] = 0
+        step()
+        torch.cuda.synchronize()
+        ref, got = step.reference(), step.outputs()
+        errs = {n: float((got[n].float() - ref[n].float()).abs().max() / ref[n].float().abs().max().clamp_min(1e-6))
+                for n in ref}
+        extra["check_rel_err"] = {n: round(v, 5) for n, v in errs.items()}
+    extra["us"] = graph_time_us([step] * 10, reps=a.reps)
+    torch.cuda.synchronize()
+    if int(step.err.item()):
+        extra["error"] = "a barrier gave up: the programs were not all resident"
+    extra["site_us"] = site_times(step.stamps, step.L)
+    return extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -519,7 +542,7 @@ def main() -> None:
     ap.add_argument("--forms", default=",".join(FORMS), help="comma list of: " + ", ".join(FORMS))
     ap.add_argument("--configs", default="w2x4:64x128:64x64",
                     help="persistent launch configs, comma list of w<warps>x<programs per SM>:<BM>x<BN>:<BMG>x<BNG>"
-                         "[:nopipe]")
+                         "[:u<unroll>][:chunk]")
     ap.add_argument("--adapter-site", default="down", choices=[s for s in ADAPTER_SITES if s != "none"])
     ap.add_argument("--spin-load", action="store_true", help="barriers spin on volatile loads, not atomics")
     ap.add_argument("--reps", type=int, default=20)
@@ -578,30 +601,16 @@ def main() -> None:
                                   dep=form.startswith("persist-dep"))
                 step.spin_load = a.spin_load
                 for cfg in parse_configs(a.configs):
-                    step.cfg = {k: v for k, v in cfg.items() if k in ("num_warps", "BM", "BN", "BMG", "BNG", "PIPE")}
-                    step.programs = fit_programs(step, cfg["per_sm"])
-                    step.cnt.zero_()
-                    step.err.zero_()
-                    extra = {"config": cfg["name"], "programs": step.programs, "k": ks,
-                             "adapter_site": a.adapter_site if step.adapter else None, "spin_load": a.spin_load,
-                             **{n: step.cfg[n] for n in ("n_regs", "n_spills") if n in step.cfg}}
-                    if a.check and step.dep:
-                        for t in step.acc.values():
-                            t.zero_()
-                        step.ss[:, 1] = 0
-                        step.ss[1:, 0] = 0
-                        step()
-                        torch.cuda.synchronize()
-                        ref, got = step.reference(), step.outputs()
-                        errs = {n: float((got[n].float() - ref[n].float()).abs().max()
-                                         / ref[n].float().abs().max().clamp_min(1e-6)) for n in ref}
-                        extra["check_rel_err"] = {n: round(v, 5) for n, v in errs.items()}
-                    us = graph_time_us([step] * 10, reps=a.reps)
-                    torch.cuda.synchronize()
-                    if int(step.err.item()):
-                        extra["error"] = "a barrier gave up: the programs were not all resident"
-                    extra["site_us"] = site_times(step.stamps, sh.layers)
-                    record(f"{form} [{cfg['name']}]", p, us, step.read_bytes(), extra)
+                    step.cfg = {k: v for k, v in cfg.items() if k in ("num_warps", "BM", "BN", "BMG", "BNG", "SEG",
+                                                                       "UNROLL")}
+                    try:
+                        extra = time_config(step, cfg, a, ks)
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile is recorded, not fatal
+                        print(f"  {form} [{cfg['name']}]: failed ({str(e).splitlines()[0][:200]})", flush=True)
+                        res.setdefault("failed", []).append({"form": form, "config": cfg["name"], "sparsity": p,
+                                                             "error": str(e).splitlines()[0][:500]})
+                        continue
+                    record(f"{form} [{cfg['name']}]", p, extra.pop("us"), step.read_bytes(), extra)
                 del step
                 torch.cuda.empty_cache()
     print(f"wrote {a.out}")

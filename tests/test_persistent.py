@@ -30,15 +30,16 @@ def _gen():
     return torch.Generator(device="cuda" if torch.cuda.is_available() else "cpu").manual_seed(3)
 
 
-def _tiles(step, pipe=True):
-    step.cfg = {"BM": 16, "BN": 32, "BMG": 16, "BNG": 32, "num_warps": 2, "PIPE": pipe}  # several blocks and chunks
+def _tiles(step, seg=True):
+    step.cfg = {"BM": 16, "BN": 32, "BMG": 16, "BNG": 32, "num_warps": 2, "SEG": seg,
+                "UNROLL": 2 if seg else 1}  # several column blocks and row chunks
 
 
-@pytest.mark.parametrize("adapter,pipe", [("none", True), ("down", True), ("gu", False), ("split", True),
+@pytest.mark.parametrize("adapter,seg", [("none", True), ("down", True), ("gu", False), ("split", True),
                                           ("split", False)])
-def test_dependent_step_matches_pytorch(P, adapter, pipe):
+def test_dependent_step_matches_pytorch(P, adapter, seg):
     step = P.Persistent(SH, KS, _gen(), adapter=adapter, dep=True)
-    _tiles(step, pipe)
+    _tiles(step, seg)
     for _ in range(2):  # the second step starts from the sums and squares the first one zeroed
         step()
     ref, got = step.reference(), step.outputs()
@@ -48,13 +49,13 @@ def test_dependent_step_matches_pytorch(P, adapter, pipe):
     assert not step.acc["q"].any() and not step.acc["d"].any()  # zeroed by the finish phases
 
 
-@pytest.mark.parametrize("programs,pipe", [(1, True), (3, True), (7, True), (7, False)])
-def test_free_step_sums_each_site_once(P, programs, pipe):
+@pytest.mark.parametrize("programs,seg", [(1, True), (3, True), (7, True), (7, False)])
+def test_free_step_sums_each_site_once(P, programs, seg):
     """Fixed lists carrying x: one step from zeroed sums leaves each layer's sums = x_list @ W^T[positions]. With
     several programs in the interpreter every barrier gives up (the error flag is set), which the numbers do not
     depend on: what is checked is that the programs' shares cover each site's units exactly once."""
     step = P.Persistent(SH, KS, _gen(), adapter="split", dep=False)
-    _tiles(step, pipe)
+    _tiles(step, seg)
     step.programs = programs
     if programs > 1 and not torch.cuda.is_available():
         step.spin_limit = 1
@@ -88,7 +89,11 @@ def test_site_times_and_configs(P):
     stamps = torch.tensor([0, 1000, 3000, 6000, 10000, 11000, 13000, 16000], dtype=torch.int64)  # ns, 2 layers
     assert P.site_times(stamps, 2) == {"qkv": 4.0, "o": 1.0, "gate_up": 2.0, "down": 3.0}
     assert P.parse_configs("w4x2:64x256:64x128")[0] == {"num_warps": 4, "per_sm": 2, "BM": 64, "BN": 256, "BMG": 64,
-                                                        "BNG": 128, "PIPE": True, "name": "w4x2:64x256:64x128"}
-    assert P.parse_configs("w2x4:64x128:64x64:nopipe")[0]["PIPE"] is False
+                                                        "BNG": 128, "SEG": True, "UNROLL": 1,
+                                                        "name": "w4x2:64x256:64x128"}
+    c = P.parse_configs("w2x4:64x128:64x64:u3:chunk")[0]
+    assert (c["SEG"], c["UNROLL"]) == (False, 3)
     with pytest.raises(SystemExit, match="bad config"):
         P.parse_configs("w4:64x256")
+    with pytest.raises(SystemExit, match="bad config"):
+        P.parse_configs("w4x2:64x256:64x128:fast")
