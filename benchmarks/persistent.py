@@ -24,6 +24,10 @@ attention and every select left out of all forms so that only the GEMV work and 
                     output with a PyTorch reference on the GPU; the CPU tests run it in the interpreter with one
                     program.
 
+With `--engine-dense` the dense engine's step is timed too, and `budget` prints what each of issue 5's bars leaves
+for the selects: the engine's step minus its GEMV chain is a rest that sparsity does not shrink (attention, head),
+and a LaRoSA step is at least that rest plus its GEMV bytes at the dense chain's own rate.
+
 `-adapter` forms add the adapter (d x d, input x_mid = o's output) to the down site (`--adapter-site down`) or
 to the gate/up site (`gu`), or half to each (`split`). Every persistent form records, from program 0, a
 %globaltimer stamp after each barrier: the per-site times (median over layers) give the streaming rate per site.
@@ -283,6 +287,46 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
         tl.atomic_xchg(err_ptr, 1)
 
 
+BARS = {0.4: 1.33, 0.5: 1.50, 0.75: 2.20}  # issue 5's LaRoSA bars over the dense engine (LLaMA2-7B shape)
+
+
+def step_bytes(sh: Shape, ks: dict, adapter: bool) -> int:
+    """Weight bytes of one step's sparse GEMVs (bf16): the kept rows at each site, the adapter whole."""
+    d, f = sh.hidden, sh.intermediate
+    nq = (sh.heads + 2 * sh.kv_heads) * sh.head_dim
+    per = ks["qkv"] * nq + ks["o"] * d + 2 * ks["gate_up"] * f + ks["down"] * d + (d * d if adapter else 0)
+    return per * 2 * sh.layers
+
+
+def kept_counts(sh: Shape, p: float) -> dict:
+    """Kept inputs per site at nominal sparsity p with the paper's 0.8 / 1.2 split."""
+    plan = SparsityPlan.from_nominal(p)
+    return {"qkv": plan.k("attn_in", sh.hidden), "o": plan.k("attn_out", sh.hidden),
+            "gate_up": plan.k("mlp_in", sh.hidden), "down": plan.k("mlp_out", sh.intermediate)}
+
+
+def budget(sh: Shape, engine_us: float, chain_us: float, chain_bytes: int, sparsities, bars=None) -> list[dict]:
+    """What each bar leaves for the selects. The dense engine's step is its GEMV chain (`dense-chain`, timed alone)
+    plus a rest that sparsity does not shrink (attention, head, handoffs to them): fixed = engine - chain. A LaRoSA
+    step can be no shorter than that rest plus its GEMV bytes (adapter included) streamed at the dense chain's own
+    rate. The bar's step (engine / bar) minus that ideal is the time left for every select and every loss of
+    streaming rate, per step and per select (four per layer)."""
+    bars = BARS if bars is None else bars
+    fixed = engine_us - chain_us
+    rate = chain_bytes / chain_us  # bytes per us
+    rows = []
+    for p in sparsities:
+        nb = step_bytes(sh, kept_counts(sh, p), adapter=True)
+        ideal = fixed + nb / rate
+        row = {"sparsity": p, "bytes": nb, "ideal_us": round(ideal, 1), "ideal_speedup": round(engine_us / ideal, 3)}
+        if p in bars:
+            bar_us = engine_us / bars[p]
+            row.update(bar=bars[p], bar_us=round(bar_us, 1), left_us=round(bar_us - ideal, 1),
+                       left_per_select_us=round((bar_us - ideal) / (4 * sh.layers), 3))
+        rows.append(row)
+    return rows
+
+
 def _rnd(*size, gen):
     return (torch.randn(*size, device=gen.device, dtype=torch.float32, generator=gen) * 0.02).to(torch.bfloat16)
 
@@ -339,9 +383,7 @@ class Persistent:
 
     def read_bytes(self) -> int:
         """Weight bytes one step streams: the kept rows of each site, the adapter whole."""
-        ks, d, f, nq = self.ks, self.d, self.f, self.nq
-        per = ks["qkv"] * nq + ks["o"] * d + 2 * ks["gate_up"] * f + ks["down"] * d + (d * d if self.adapter else 0)
-        return per * 2 * self.L
+        return step_bytes(self.sh, self.ks, bool(self.adapter))
 
     def __call__(self):
         """One step (one launch); returns Triton's compiled kernel."""
@@ -478,8 +520,7 @@ def chain_step(sh: Shape, ks: dict, gen, adapter: bool):
                                      residual=None if adapter else xm, side=side, pack_x=True)
         return x
 
-    nbytes = L * 2 * (ks["qkv"] * nq + ks["o"] * d + 2 * ks["gate_up"] * f + ks["down"] * d + (d * d if adapter else 0))
-    return step, nbytes
+    return step, step_bytes(sh, ks, adapter)
 
 
 def dense_chain_step(sh: Shape, gen):
@@ -547,6 +588,10 @@ def main() -> None:
     ap.add_argument("--spin-load", action="store_true", help="barriers spin on volatile loads, not atomics")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--check", action="store_true", help="persist-dep outputs against the PyTorch reference")
+    ap.add_argument("--engine-dense", action="store_true",
+                    help="also time the dense engine's step (DecodeEngine, as the tables do) and, with dense-chain, "
+                         "print what each bar leaves for the selects (`budget`)")
+    ap.add_argument("--timed", type=int, default=100, help="engine steps timed (--engine-dense)")
     a = ap.parse_args()
     forms = [s for s in a.forms.split(",") if s]
     if set(forms) - set(FORMS):
@@ -585,9 +630,7 @@ def main() -> None:
             del fn
             torch.cuda.empty_cache()
         for p in [float(s) for s in a.sparsities.split(",") if s]:
-            plan = SparsityPlan.from_nominal(p)
-            ks = {"qkv": plan.k("attn_in", sh.hidden), "o": plan.k("attn_out", sh.hidden),
-                  "gate_up": plan.k("mlp_in", sh.hidden), "down": plan.k("mlp_out", sh.intermediate)}
+            ks = kept_counts(sh, p)
             for form in forms:
                 if form.startswith("chain"):
                     fn, nb = chain_step(sh, ks, gen, form.endswith("adapter"))
@@ -613,6 +656,30 @@ def main() -> None:
                     record(f"{form} [{cfg['name']}]", p, extra.pop("us"), step.read_bytes(), extra)
                 del step
                 torch.cuda.empty_cache()
+    if a.engine_dense:
+        from oracle_step import engine_step_us
+
+        from larosa.shapes import random_base
+
+        us = engine_step_us(random_base(sh, torch.bfloat16, "cuda", 0), a.timed)
+        res["rows"].append({"form": "engine dense", "sparsity": 0.0, "step_us": round(us, 1),
+                            "tok_s": round(1e6 / us, 1)})
+        print(f"  engine dense: {us:.1f} us ({1e6 / us:.1f} tok/s)", flush=True)
+        dc = next((r for r in res["rows"] if r["form"] == "dense-chain"), None)
+        if dc is not None:
+            res["budget"] = budget(sh, us, dc["step_us"], dc["read_bytes"],
+                                   sorted({*(float(s) for s in a.sparsities.split(",") if s), *BARS}))
+            print("\nwhat the bars leave (fixed = engine - dense chain = "
+                  f"{us - dc['step_us']:.0f} us; sparse bytes at the dense chain's {dc['tb_s']:.2f} TB/s)")
+            print("| p | GB (adapter incl.) | ideal step (us) | ideal speed-up | bar | bar step (us) | left per step "
+                  "(us) | per select (us) |")
+            print("|---|---|---|---|---|---|---|---|")
+            for b in res["budget"]:
+                print(f"| {b['sparsity']} | {b['bytes'] / 1e9:.2f} | {b['ideal_us']} | {b['ideal_speedup']:.3f}x | "
+                      f"{b.get('bar', '-')} | {b.get('bar_us', '-')} | {b.get('left_us', '-')} | "
+                      f"{b.get('left_per_select_us', '-')} |")
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {a.out}")
 
 

@@ -97,3 +97,19 @@ def test_site_times_and_configs(P):
         P.parse_configs("w4:64x256")
     with pytest.raises(SystemExit, match="bad config"):
         P.parse_configs("w4x2:64x256:64x128:fast")
+
+
+def test_budget_is_what_the_bar_leaves_beyond_the_ideal_step(P):
+    sh = Shape(hidden=64, intermediate=160, layers=2, heads=2, kv_heads=2, vocab=32)
+    ks = P.kept_counts(sh, 0.5)
+    assert ks == {"qkv": 38, "o": 25, "gate_up": 38, "down": 64}  # 0.6 / 0.4 of 64 and 160 kept, floored (k_for)
+    nb = P.step_bytes(sh, ks, adapter=True)
+    assert nb == 2 * 2 * (38 * 192 + 25 * 64 + 2 * 38 * 160 + 64 * 64 + 64 * 64)
+    engine, chain, chain_bytes = 1000.0, 800.0, 1_600_000  # 2000 bytes per us; a rest of 200 us
+    (row,) = P.budget(sh, engine, chain, chain_bytes, [0.5], bars={0.5: 1.5})
+    ideal = 200.0 + nb / 2000
+    assert row["ideal_us"] == round(ideal, 1) and row["bar_us"] == round(1000 / 1.5, 1)
+    assert row["left_per_select_us"] == round((1000 / 1.5 - ideal) / 8, 3)  # four selects per layer, two layers
+    (row,) = P.budget(sh, engine, chain, chain_bytes, [0.25], bars={0.5: 1.5})
+    assert "bar" not in row and row["ideal_speedup"] == round(1000 / (200.0 + P.step_bytes(
+        sh, P.kept_counts(sh, 0.25), adapter=True) / 2000), 3)
