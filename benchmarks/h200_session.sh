@@ -120,8 +120,9 @@
 #   bash benchmarks/h200_session.sh handoff      # v32: what one launch boundary costs (PDL, stream order) against a
 #                                                # grid barrier and a flag inside one kernel, idle and beside a hog
 #   bash benchmarks/h200_session.sh persistent   # v33: the step's GEMVs (no attention, no selects) in one launch of
-#                                                # co-resident programs with grid barriers, against the chain of launches
-#                                                # (persistent.py; PERSIST_CONFIGS / _SPARSITIES / _ARGS / _TAG) (~4 min)
+#                                                # co-resident programs with grid barriers, against the chain of launches,
+#                                                # and the bars' budget per select, both shapes (persistent.py;
+#                                                # PERSIST_SHAPES / _CONFIGS / _SPARSITIES / _ARGS / _TAG) (~2 min)
 #   bash benchmarks/h200_session.sh selectload   # v32: the selects and one dependent load (DRAM, L2) timed while a hog
 #                                                # kernel streams beside them, by its grid (select_under_load.py)
 #   bash benchmarks/h200_session.sh histtests    # v30: the histogram / loop-search select tests compiled (~1 min)
@@ -245,13 +246,17 @@ for stage in "$@"; do
         2>&1 | grep -v "%|" | tee "$out/decode-gtile-h200-llama2-7b.log" || rc=1 ;;
     handoff)  # v32: one launch boundary (PDL, stream order) against a grid barrier and a flag, idle and beside a hog
       python3 benchmarks/handoff.py --out "$out/handoff-h200.json" 2>&1 | tee "$out/handoff-h200.log" || rc=1 ;;
-    persistent)  # v33: the step's GEMVs in one persistent launch (grid barriers) against the chain of launches
+    persistent)  # v33: the step's GEMVs in one persistent launch (grid barriers) against the chain of launches, and
+      # what the bars leave for the selects (--engine-dense), on each shape of PERSIST_SHAPES
       python3 -m pytest -q -p no:cacheprovider tests/test_persistent.py > "$out/persistent-tests.log" 2>&1 || rc=1
       tail -n 2 "$out/persistent-tests.log"
-      python3 benchmarks/persistent.py --check --sparsities ${PERSIST_SPARSITIES:-0.5} \
-        --configs "${PERSIST_CONFIGS:-w4x2:64x256:64x128,w4x3:32x256:32x128,w2x4:64x128:64x64}" \
-        ${PERSIST_ARGS:-} --out "$out/persistent-h200${PERSIST_TAG:-}.json" 2>&1 \
-        | tee "$out/persistent-h200${PERSIST_TAG:-}.log" || rc=1 ;;
+      for shape in ${PERSIST_SHAPES:-llama2-7b llama3-8b}; do
+        python3 benchmarks/persistent.py --check --shape "$shape" --sparsities ${PERSIST_SPARSITIES:-0.4,0.5,0.75} \
+          --configs "${PERSIST_CONFIGS:-w2x4:64x128:64x64:chunk,w4x3:32x128:32x64}" \
+          ${PERSIST_ARGS:---engine-dense --forms dense-chain,chain-adapter,persist-free-adapter,persist-dep-adapter} \
+          --out "$out/persistent-h200-$shape${PERSIST_TAG:-}.json" 2>&1 | tee "$out/persistent-h200-$shape${PERSIST_TAG:-}.log" \
+          || rc=1
+      done ;;
     selectload)  # v32: the selects and a dependent load timed while a hog kernel streams beside them
       python3 -m pytest -q -p no:cacheprovider tests/test_select_under_load.py > "$out/selectload-tests.log" 2>&1 || rc=1
       tail -n 1 "$out/selectload-tests.log"

@@ -32,7 +32,8 @@ and a LaRoSA step is at least that rest plus its GEMV bytes at the dense chain's
 to the gate/up site (`gu`), or half to each (`split`). Every persistent form records, from program 0, a
 %globaltimer stamp after each barrier: the per-site times (median over layers) give the streaming rate per site.
 
-    PYTHONPATH=src python3 benchmarks/persistent.py --out benchmarks/results/persistent-h200.json
+    PYTHONPATH=src python3 benchmarks/persistent.py --check --engine-dense --sparsities 0.4,0.5,0.75 \
+        --out benchmarks/results/persistent-h200-llama2-7b.json   (bash benchmarks/h200_session.sh persistent)
 """
 
 from __future__ import annotations
@@ -581,7 +582,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama2-7b")
     ap.add_argument("--sparsities", default="0.5", help="comma list of nominal sparsities (the 0.8 / 1.2 split)")
     ap.add_argument("--forms", default=",".join(FORMS), help="comma list of: " + ", ".join(FORMS))
-    ap.add_argument("--configs", default="w2x4:64x128:64x64",
+    ap.add_argument("--configs", default="w2x4:64x128:64x64:chunk",
                     help="persistent launch configs, comma list of w<warps>x<programs per SM>:<BM>x<BN>:<BMG>x<BNG>"
                          "[:u<unroll>][:chunk]")
     ap.add_argument("--adapter-site", default="down", choices=[s for s in ADAPTER_SITES if s != "none"])
