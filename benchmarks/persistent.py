@@ -205,6 +205,24 @@ def _finish(pid, P, acc_ptr, n, y_ptr, res_ptr, ss_ptr, GATED: tl.constexpr, HAS
 
 
 @triton.jit
+def _adapter_rows(pid, P, la_ptr, r0, r1, x_ptr, wa_ptr, acc_ptr, d, DEP: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, SEG: tl.constexpr, UNROLL: tl.constexpr):
+    """Rows r0 .. r1 - 1 of the adapter's GEMV (its list holds every position; x = o's output, unscaled)."""
+    _units(pid, P, la_ptr + r0, r1 - r0, x_ptr, 1.0, wa_ptr, wa_ptr, acc_ptr, d, DEP, False, BM, BN, SEG, UNROLL)
+
+
+@triton.jit
+def _site_end(cnt_ptr, bailed, stamp_ptr, slot, SPIN_LOAD: tl.constexpr, SPIN_LIMIT: tl.constexpr,
+              STAMP: tl.constexpr):
+    """The grid barrier after a site's GEMV; program 0 then stamps %globaltimer into stamp_ptr[slot]."""
+    bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
+    if STAMP:
+        if tl.program_id(0) == 0:
+            tl.store(stamp_ptr + slot, _now())
+    return bailed
+
+
+@triton.jit
 def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_ptr, lo_ptr, lg_ptr, ld_ptr, la_ptr,
                            aq_ptr, ao_ptr, ag_ptr, ad_ptr, yd_ptr, yq_ptr, yo_ptr, act_ptr, ss_ptr, cnt_ptr,
                            err_ptr, stamp_ptr, n_layers, d, f, nq, kq, ko, kg, kd, eps,
@@ -231,10 +249,7 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             s_in = 1.0 / tl.sqrt(tl.load(ss_ptr + lay * 2) / d + eps)
         _units(pid, P, lq_ptr, kq, xin, s_in, wq_ptr + lay * d * nq, wq_ptr, aq_ptr + lay * nq, nq, DEP, False,
                BM, BN, SEG, UNROLL)
-        bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
-        if STAMP:
-            if pid == 0:
-                tl.store(stamp_ptr + lay * 4 + 0, _now())
+        bailed = _site_end(cnt_ptr, bailed, stamp_ptr, lay * 4 + 0, SPIN_LOAD, SPIN_LIMIT, STAMP)
         if DEP:
             if (pid == 0) & (layer > 0):  # the input's sum of squares was read by q/k/v (before the barrier)
                 tl.store(ss_ptr + lay * 2, 0.0)
@@ -242,10 +257,7 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
         _units(pid, P, lo_ptr, ko, yq_ptr + lay * nq, one, wo_ptr + lay * d * d, wo_ptr, ao_ptr + lay * d, d, DEP,
                False, BM, BN, SEG, UNROLL)
-        bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
-        if STAMP:
-            if pid == 0:
-                tl.store(stamp_ptr + lay * 4 + 1, _now())
+        bailed = _site_end(cnt_ptr, bailed, stamp_ptr, lay * 4 + 1, SPIN_LOAD, SPIN_LIMIT, STAMP)
         if DEP:
             _finish(pid, P, ao_ptr + lay * d, d, yo_ptr + lay * d, xin, ss_ptr + lay * 2 + 1, False, True, True, FB)
             bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
@@ -253,15 +265,12 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
         _units(pid, P, lg_ptr, kg, yo_ptr + lay * d, s_mid, wg_ptr + lay * d * f, wu_ptr + lay * d * f,
                ag_ptr + lay * 2 * f, f, DEP, True, BMG, BNG, SEG, UNROLL)
         if ADAPTER == 2:
-            _units(pid, P, la_ptr, d, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d, d, DEP,
-                   False, BM, BN, SEG, UNROLL)
+            _adapter_rows(pid, P, la_ptr, 0, d, yo_ptr + lay * d, wa_ptr + lay * d * d, ad_ptr + lay * d, d, DEP, BM,
+                          BN, SEG, UNROLL)
         if ADAPTER == 3:
-            _units(pid, P, la_ptr, d // 2, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d,
-                   d, DEP, False, BM, BN, SEG, UNROLL)
-        bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
-        if STAMP:
-            if pid == 0:
-                tl.store(stamp_ptr + lay * 4 + 2, _now())
+            _adapter_rows(pid, P, la_ptr, 0, d // 2, yo_ptr + lay * d, wa_ptr + lay * d * d, ad_ptr + lay * d, d, DEP,
+                          BM, BN, SEG, UNROLL)
+        bailed = _site_end(cnt_ptr, bailed, stamp_ptr, lay * 4 + 2, SPIN_LOAD, SPIN_LIMIT, STAMP)
         if DEP:
             if pid == 0:
                 tl.store(ss_ptr + lay * 2 + 1, 0.0)
@@ -270,16 +279,12 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
         _units(pid, P, ld_ptr, kd, act_ptr + lay * f, one, wd_ptr + lay * f * d, wd_ptr, ad_ptr + lay * d, d, DEP,
                False, BM, BN, SEG, UNROLL)
         if ADAPTER == 1:
-            _units(pid, P, la_ptr, d, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d, d, DEP,
-                   False, BM, BN, SEG, UNROLL)
+            _adapter_rows(pid, P, la_ptr, 0, d, yo_ptr + lay * d, wa_ptr + lay * d * d, ad_ptr + lay * d, d, DEP, BM,
+                          BN, SEG, UNROLL)
         if ADAPTER == 3:
-            h = d // 2
-            _units(pid, P, la_ptr + h, d - h, yo_ptr + lay * d, one, wa_ptr + lay * d * d, wa_ptr, ad_ptr + lay * d,
-                   d, DEP, False, BM, BN, SEG, UNROLL)
-        bailed = _grid_sync(cnt_ptr, bailed, SPIN_LOAD, SPIN_LIMIT)
-        if STAMP:
-            if pid == 0:
-                tl.store(stamp_ptr + lay * 4 + 3, _now())
+            _adapter_rows(pid, P, la_ptr, d // 2, d, yo_ptr + lay * d, wa_ptr + lay * d * d, ad_ptr + lay * d, d, DEP,
+                          BM, BN, SEG, UNROLL)
+        bailed = _site_end(cnt_ptr, bailed, stamp_ptr, lay * 4 + 3, SPIN_LOAD, SPIN_LIMIT, STAMP)
         if DEP:
             _finish(pid, P, ad_ptr + lay * d, d, yd_ptr + (lay + 1) * d, yo_ptr + lay * d, ss_ptr + (lay + 1) * 2,
                     False, ADAPTER == 0, True, FB)
