@@ -33,7 +33,11 @@ to the gate/up site (`gu`), or half to each (`split`). Every persistent form rec
 %globaltimer stamp after each barrier: the per-site times (median over layers) give the streaming rate per site.
 
     PYTHONPATH=src python3 benchmarks/persistent.py --check --engine-dense --sparsities 0.4,0.5,0.75 \
-        --out benchmarks/results/persistent-h200-llama2-7b.json   (bash benchmarks/h200_session.sh persistent)
+        --forms dense-chain,chain-adapter,persist-free-adapter,persist-dep-adapter \
+        --configs w2x4:64x128:64x64:chunk,w4x3:32x128:32x64 --shape llama2-7b \
+        --out benchmarks/results/persistent-h200-llama2-7b.json
+
+(`bash benchmarks/h200_session.sh persistent` runs that on both shapes.)
 """
 
 from __future__ import annotations
