@@ -248,7 +248,8 @@ for stage in "$@"; do
       python3 benchmarks/handoff.py --out "$out/handoff-h200.json" 2>&1 | tee "$out/handoff-h200.log" || rc=1 ;;
     persistent)  # v33: the step's GEMVs in one persistent launch (grid barriers) against the chain of launches, and
       # what the bars leave for the selects (--engine-dense), on each shape of PERSIST_SHAPES
-      python3 -m pytest -q -p no:cacheprovider tests/test_persistent.py > "$out/persistent-tests.log" 2>&1 || rc=1
+      python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_persistent.py \
+        > "$out/persistent-tests.log" 2>&1 || rc=1
       tail -n 2 "$out/persistent-tests.log"
       for shape in ${PERSIST_SHAPES:-llama2-7b llama3-8b}; do
         python3 benchmarks/persistent.py --check --shape "$shape" --sparsities ${PERSIST_SPARSITIES:-0.4,0.5,0.75} \
@@ -272,6 +273,7 @@ for stage in "$@"; do
       oracle_runs ;;
     gputests)
       python3 -m pytest -q -m "gpu or not gpu" -p no:cacheprovider tests/test_kernels_gpu.py tests/test_engine_gpu.py \
+        tests/test_persistent.py \
         > "$out/gpu-tests.log" 2>&1 || rc=1
       tail -n 3 "$out/gpu-tests.log" ;;
     gtilelow)

@@ -30,7 +30,8 @@ and a LaRoSA step is at least that rest plus its GEMV bytes at the dense chain's
 
 `-adapter` forms add the adapter (d x d, input x_mid = o's output) to the down site (`--adapter-site down`) or
 to the gate/up site (`gu`), or half to each (`split`). Every persistent form records, from program 0, a
-%globaltimer stamp after each barrier: the per-site times (median over layers) give the streaming rate per site.
+%globaltimer stamp after each site's GEMV barrier (four per layer): the per-site times (median over layers) give
+each site's time; in `persist-dep` they include the finish phase and barrier of the site before.
 
     PYTHONPATH=src python3 benchmarks/persistent.py --check --engine-dense --sparsities 0.4,0.5,0.75 \
         --forms dense-chain,chain-adapter,persist-free-adapter,persist-dep-adapter \
@@ -239,7 +240,8 @@ def persistent_step_kernel(wq_ptr, wo_ptr, wg_ptr, wu_ptr, wd_ptr, wa_ptr, lq_pt
     after each site (and, with DEP, a finish phase and a second barrier): see the module's docstring. Weights are
     stacked per layer, input-major (layers, d_in, d_out); lists are shared by the layers; the sums (aq, ao, ag, ad)
     and outputs (yq, yo, act; yd has n_layers + 1 rows, row 0 the input) are per layer; ss holds (layers + 1) x 2
-    sums of squares (yd's, yo's). Program 0 stamps %globaltimer after every barrier into stamp_ptr."""
+    sums of squares (yd's, yo's). Program 0 stamps %globaltimer after each site's GEMV barrier (4 per layer) into
+    stamp_ptr."""
     pid = tl.program_id(0)
     P = tl.num_programs(0)
     bailed = pid * 0
@@ -390,6 +392,10 @@ class Persistent:
         self.stamps = torch.zeros(L * 4, dtype=torch.int64, device=dev)
         self.programs, self.spin_load, self.spin_limit = 1, False, 1 << 18
         self.cfg = {"BM": 64, "BN": 256, "BMG": 64, "BNG": 128, "num_warps": 4}
+
+    def barriers(self) -> int:
+        """Grid barriers per step (each program adds one to the counter at each)."""
+        return self.L * (8 if self.dep else 4)
 
     def read_bytes(self) -> int:
         """Weight bytes one step streams: the kept rows of each site, the adapter whole."""
@@ -560,9 +566,15 @@ def time_config(step: Persistent, cfg: dict, a, ks: dict) -> dict:
     timed in a CUDA graph, per-site times from the stamps; returns the row's fields, "us" among them."""
     from gemv import graph_time_us
 
-    step.programs = fit_programs(step, cfg["per_sm"])
     step.cnt.zero_()
     step.err.zero_()
+    step.programs = fit_programs(step, cfg["per_sm"])
+    if int(step.err.item()):
+        raise RuntimeError("a barrier gave up with one program per SM")
+    launches = 10 * (2 + 3 + a.reps) + 2  # graph_time_us: 2 warm-up rounds, 3 + reps replays of 10; the fit, the check
+    if launches * step.barriers() * step.programs >= 2 ** 31:
+        raise ValueError(f"--reps {a.reps}: the int32 barrier counter would wrap in one config")
+    step.cnt.zero_()
     extra = {"config": cfg["name"], "programs": step.programs, "k": ks,
              "adapter_site": a.adapter_site if step.adapter else None, "spin_load": a.spin_load,
              **{n: step.cfg[n] for n in ("n_regs", "n_spills") if n in step.cfg}}

@@ -163,6 +163,11 @@ CASES = [
     (pst.persistent_step_kernel, {"DEP": False, "ADAPTER": 1, "BM": 64, "BN": 256, "BMG": 64, "BNG": 128}, 4),
     (pst.persistent_step_kernel, {"DEP": True, "ADAPTER": 3, "BM": 64, "BN": 256, "BMG": 64, "BNG": 128,
                                   "SPIN_LOAD": True}, 4),
+    # the configurations of the committed runs: one atomic add per chunk (SEG off), and one chunk at 4 warps
+    (pst.persistent_step_kernel, {"DEP": True, "ADAPTER": 1, "BM": 64, "BN": 128, "BMG": 64, "BNG": 64,
+                                  "SEG": False}, 2),
+    (pst.persistent_step_kernel, {"DEP": False, "ADAPTER": 1, "BM": 32, "BN": 128, "BMG": 32, "BNG": 64,
+                                  "UNROLL": 2}, 4),
     # v22 (opt-in): the speculative GEMV's select (hinted, the fix list by inline PTX) and GEMV (blocked weights at
     # the default tiles, with the residual; input-major with a side GEMV)
     (tsp.select_spec_kernel, {"BLOCK_D": 4096, "PDL": True, "WINDOW": 7, "ASM": True}, 4),

@@ -1,6 +1,8 @@
 """benchmarks/persistent.py's one-launch step (v33) against PyTorch: in the interpreter (CPU) with one program, and with
 several programs whose barriers give up at once (the interpreter runs programs one after another), which checks the
-even split of each site's rows among programs; compiled on a GPU with every program resident."""
+even split of each site's rows among programs. On a GPU the same tests run compiled, the fixed-list ones with every
+program resident, and (marker `gpu`) the real dataflow with several resident programs, where the barriers order the
+finish phases."""
 
 import sys
 from pathlib import Path
@@ -72,6 +74,21 @@ def test_free_step_sums_each_site_once(P, programs, seg):
         for n, v in want.items():
             torch.testing.assert_close(step.acc[n][i], v, rtol=1e-4, atol=1e-5, msg=f"layer {i} {n}")
     assert int(step.err.item()) == int(programs > 1 and not torch.cuda.is_available())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (co-resident programs)")
+@pytest.mark.parametrize("seg", [True, False])
+def test_dependent_step_with_resident_programs_matches_pytorch(P, seg):
+    step = P.Persistent(SH, KS, _gen(), adapter="split", dep=True)
+    _tiles(step, seg)
+    step.programs = torch.cuda.get_device_properties(0).multi_processor_count  # one per SM: all resident
+    for _ in range(3):
+        step()
+    ref, got = step.reference(), step.outputs()
+    for name in ("yq", "yo", "act", "yd"):
+        torch.testing.assert_close(got[name].float(), ref[name].float(), rtol=2e-2, atol=2e-3, msg=name)
+    assert int(step.err.item()) == 0 and int(step.cnt.item()) == 3 * step.barriers() * step.programs
 
 
 def test_read_bytes_and_bad_input(P):
