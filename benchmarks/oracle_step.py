@@ -48,6 +48,13 @@ from larosa.sparsity import SparsityPlan  # noqa: E402
 FORMS = ("dense", "compact", "compact-adapter", "gather", "gather-adapter", "gather-late", "gather-adapter-late")
 
 
+def kept_counts(sh: Shape, p: float) -> dict:
+    """Kept inputs per site at nominal sparsity p with the paper's 0.8 / 1.2 split."""
+    plan = SparsityPlan.from_nominal(p)
+    return {"qkv": plan.k("attn_in", sh.hidden), "o": plan.k("attn_out", sh.hidden),
+            "gate_up": plan.k("mlp_in", sh.hidden), "down": plan.k("mlp_out", sh.intermediate)}
+
+
 def _rnd(*size, gen):
     return (torch.randn(*size, device=gen.device, dtype=torch.float32, generator=gen) * 0.02).to(torch.bfloat16)
 
@@ -234,10 +241,8 @@ def main() -> None:
     todo = [("dense", 0.0)] if "dense" in forms else []
     todo += [(f, p) for p in sps for f in forms if f != "dense"]
     for form, p in todo:
-        plan = SparsityPlan.from_nominal(p) if p else None
-        ks = ({"qkv": plan.k("attn_in", sh.hidden), "o": plan.k("attn_out", sh.hidden),
-               "gate_up": plan.k("mlp_in", sh.hidden), "down": plan.k("mlp_out", sh.intermediate)} if plan else
-              {"qkv": sh.hidden, "o": sh.hidden, "gate_up": sh.hidden, "down": sh.intermediate})
+        ks = kept_counts(sh, p) if p else {"qkv": sh.hidden, "o": sh.hidden, "gate_up": sh.hidden,
+                                           "down": sh.intermediate}
         step = Step(form, sh, ks, 512, gen)
         with torch.no_grad():
             tl = None

@@ -56,20 +56,16 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from handoff import _now  # noqa: E402  (%globaltimer)
+from oracle_step import _counters, _kept_list, _rnd, engine_step_us, kept_counts  # noqa: E402
+
 from larosa.kernels import triton_gemv  # noqa: E402
-from larosa.shapes import Shape, get_shape  # noqa: E402
-from larosa.sparsity import SparsityPlan  # noqa: E402
+from larosa.shapes import Shape, get_shape, random_base  # noqa: E402
 
 FORMS = ("dense-chain", "chain", "chain-adapter", "persist-free", "persist-free-adapter", "persist-dep",
          "persist-dep-adapter")
 ADAPTER_SITES = {"none": 0, "down": 1, "gu": 2, "split": 3}
 SITES = ("qkv", "o", "gate_up", "down")
-
-
-@triton.jit
-def _now():
-    """%globaltimer (ns) as an int64 scalar (GPU only; the interpreter stamps 0)."""
-    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -310,13 +306,6 @@ def step_bytes(sh: Shape, ks: dict, adapter: bool) -> int:
     return per * 2 * sh.layers
 
 
-def kept_counts(sh: Shape, p: float) -> dict:
-    """Kept inputs per site at nominal sparsity p with the paper's 0.8 / 1.2 split."""
-    plan = SparsityPlan.from_nominal(p)
-    return {"qkv": plan.k("attn_in", sh.hidden), "o": plan.k("attn_out", sh.hidden),
-            "gate_up": plan.k("mlp_in", sh.hidden), "down": plan.k("mlp_out", sh.intermediate)}
-
-
 def budget(sh: Shape, engine_us: float, chain_us: float, chain_bytes: int, sparsities, bars=None) -> list[dict]:
     """What each bar leaves for the selects. The dense engine's step is its GEMV chain (`dense-chain`, timed alone)
     plus a rest that sparsity does not shrink (attention, head, handoffs to them): fixed = engine - chain. A LaRoSA
@@ -337,10 +326,6 @@ def budget(sh: Shape, engine_us: float, chain_us: float, chain_bytes: int, spars
                        left_per_select_us=round((bar_us - ideal) / (4 * sh.layers), 3))
         rows.append(row)
     return rows
-
-
-def _rnd(*size, gen):
-    return (torch.randn(*size, device=gen.device, dtype=torch.float32, generator=gen) * 0.02).to(torch.bfloat16)
 
 
 def packed_list(d_in: int, k: int, gen) -> torch.Tensor:
@@ -505,8 +490,6 @@ def parse_configs(text: str) -> list[dict]:
 
 def chain_step(sh: Shape, ks: dict, gen, adapter: bool):
     """The engine's gathered GEMV launches for one step over every layer, fixed lists (no attention, no select)."""
-    from oracle_step import _counters, _kept_list
-
     d, f, hd, L = sh.hidden, sh.intermediate, sh.head_dim, sh.layers
     nq = (sh.heads + 2 * sh.kv_heads) * hd
     dev = gen.device
@@ -679,10 +662,6 @@ def main() -> None:
                 del step
                 torch.cuda.empty_cache()
     if a.engine_dense:
-        from oracle_step import engine_step_us
-
-        from larosa.shapes import random_base
-
         us = engine_step_us(random_base(sh, torch.bfloat16, "cuda", 0), a.timed)
         res["rows"].append({"form": "engine dense", "sparsity": 0.0, "step_us": round(us, 1),
                             "tok_s": round(1e6 / us, 1)})
